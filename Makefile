@@ -1,0 +1,31 @@
+# planforge: `make engine MODEL=resnet18` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= resnet18
+PRECISION ?= fp32
+OUT ?=
+ARGS ?=
+
+.PHONY: engine test venv zoo clean
+
+# torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+engine: venv
+	$(BIN)/planforge build $(MODEL) --precision $(PRECISION) $(if $(OUT),-o $(OUT)) $(ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q -n 2
+
+zoo: venv
+	$(BIN)/planforge zoo
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,270 @@
+"""``planforge build``: MODEL -> export -> parity -> passes per target -> bundle.
+
+The bundle is staged and renamed into place with the manifest written last (see
+``engines.bundle``). An existing bundle built from the same request is reused; one built from
+another request is replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from engines import __version__
+from engines.bundle import MANIFEST, SCHEMA_VERSION, StagedBundle, read_manifest
+from engines.trt import tensorrt_status
+from exporter.errors import BuildError, BundleError, UsageError
+from exporter.spec import InputSpec, OutputSpec
+from passes import TARGETS, PassManager, pipeline
+from passes.verify import run_graph
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+SUPPORTED_PRECISIONS = ("fp32",)
+GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # optimized graph vs exported graph, FP32
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    model: str
+    out: Path | None = None
+    inputs: tuple[str, ...] = ()
+    precision: str = "fp32"
+    force: bool = False
+    opset: int = 18
+    exporter: str = "auto"
+    parity_atol: float = 1e-4
+    parity_rtol: float = 1e-3
+    verify_passes: bool = True
+    build_root: Path = Path("build")
+
+    def key(self, source_sha256: str, spec: InputSpec) -> str:
+        """What makes two builds the same: reuse a bundle only when this matches."""
+        fields = {"model": self.model, "source_sha256": source_sha256, "inputs": str(spec), "precision": self.precision,
+                  "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
+                  "planforge": __version__, "schema": SCHEMA_VERSION}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+    reused: bool
+    seconds: float
+
+
+def default_out(name: str, precision: str, root: Path = Path("build")) -> Path:
+    return Path(root) / (name if precision == "fp32" else f"{name}-{precision}")
+
+
+def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage: None) -> BuildResult:
+    """Run the whole pipeline for ``request``; raise a ``PlanforgeError`` subclass on bad input."""
+    start = time.perf_counter()
+    if request.precision not in PRECISIONS:
+        raise UsageError(f"precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if request.precision not in SUPPORTED_PRECISIONS:
+        raise UsageError(f"precision {request.precision} is not yet supported; build with --precision fp32 for now")
+    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch; keep `engines` import light
+
+    on_stage("resolve")
+    model = resolve(request.model, request.build_root / ".cache")
+    spec = model.input_spec.override(request.inputs)
+    out = Path(request.out) if request.out else default_out(model.name, request.precision, request.build_root)
+    key = request.key(model.source_sha256, spec)
+    if (reused := _existing(out, key, request.force)) is not None:
+        logger.info("%s is up to date (same model, inputs and options); reusing it. --force rebuilds", out)
+        return BuildResult(out, reused, True, time.perf_counter() - start)
+    with StagedBundle(out, replace=out.exists()) as stage:
+        manifest = _build_into(stage.path, request, model, spec, key, on_stage)
+        on_stage("write")
+        manifest = stage.commit(manifest, _roles(stage.path))
+    return BuildResult(out, manifest, False, time.perf_counter() - start)
+
+
+def _existing(out: Path, key: str, force: bool) -> dict | None:
+    if not out.exists():
+        return None
+    if force:
+        return None
+    if not (out / MANIFEST).exists():
+        raise BuildError(f"{out} exists but is not a bundle (no {MANIFEST}); remove it, choose -o, or pass --force")
+    try:
+        manifest = read_manifest(out)
+    except BundleError as exc:
+        raise BuildError(f"{out} holds an unreadable bundle ({exc}); pass --force to rebuild it") from exc
+    if manifest.get("build_key") != key:
+        raise BuildError(
+            f"{out} already holds a bundle built from a different model, input spec or options; "
+            "pass --force to replace it, or -o to build elsewhere"
+        )
+    return manifest
+
+
+def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: str, on_stage) -> dict:
+    exported = root / "model.onnx"
+    export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage)
+    graph = onnx.load(str(exported))
+    verify = _golden_feeds(golden) if request.verify_passes else []
+    passes, graphs = {}, {}
+    for target in TARGETS:
+        on_stage(f"passes ({target})")
+        manager = PassManager(pipeline(target, request.precision), verify_feeds=verify)
+        optimized, records = manager.run(graph)
+        name = f"model.{target}.onnx"
+        onnx.save_model(optimized, str(root / name))
+        passes[target] = [r.to_json() for r in records]
+        graphs[name] = _compare_graph(root / name, golden)
+    on_stage("tensorrt")
+    trt_ok, trt_reason = tensorrt_status()
+    trt_skipped = None if trt_ok else trt_reason
+    if trt_ok:
+        trt_skipped = "TensorRT is present, but engine building arrives with the TensorRT build issue"
+    report = {"parity": parity, "graphs": graphs}
+    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "planforge_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "build_key": key,
+        "model": {"name": model.name, "kind": model.kind, "source": model.source,
+                  "source_sha256": model.source_sha256, "task": model.task},
+        "inputs": spec.to_json(),
+        "outputs": [o.to_json() for o in _output_specs(graph)],
+        "profiles": [_profile(spec)] if spec.is_dynamic else [],
+        "precision": request.precision,
+        "unquantized_nodes": [],
+        "calibration": None,
+        "export": export_info,
+        "passes": passes,
+        "backends": {
+            "ort": {"graph": "model.ort.onnx", "precision": request.precision, "providers": ["CPUExecutionProvider"]},
+            "trt": {"graph": "model.trt.onnx", "plan": None, "precision": request.precision, "skipped": trt_skipped},
+        },
+        "environment": _environment(trt_ok, trt_reason),
+        "accuracy": {
+            "parity_ok": parity["ok"] if parity else None,
+            "parity_worst": parity["worst"] if parity else None,
+            "graphs": {name: g["worst"] for name, g in graphs.items()},
+        },
+    }
+
+
+def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exported: Path, on_stage):
+    """model.onnx and golden.npz: exported and parity-checked, or copied from a .onnx MODEL."""
+    if model.module is not None:
+        from exporter.export import export_onnx  # noqa: PLC0415
+        from exporter.parity import check_parity  # noqa: PLC0415
+
+        on_stage("export")
+        result = export_onnx(model.module, spec, model.output_names, exported, request.opset, request.exporter)
+        on_stage("parity")
+        report = check_parity(model.module, exported, spec, request.parity_atol, request.parity_rtol)
+        np.savez(root / "golden.npz", **report.golden)
+        info = {"exporter": result.exporter, "fallback_reason": result.fallback_reason, "opset": result.opset,
+                "seconds": round(result.seconds, 3), "external_data": result.external_data, "reference": "pytorch"}
+        for point, errs in report.points.items():
+            logger.info("parity at %s: %s", point, ", ".join(f"{n} max_abs={e.max_abs:.2g}" for n, e in errs.items()))
+        return info, report.to_json(), _load_golden(root / "golden.npz")
+    from exporter.export import save_checked  # noqa: PLC0415
+    from exporter.resolve import load_onnx  # noqa: PLC0415
+
+    on_stage("load")
+    source = load_onnx(model.onnx_path)
+    external = save_checked(source, exported)
+    golden = {}
+    for point in ("min", "max") if spec.is_dynamic else ("opt",):
+        feeds = spec.random_feeds(point, seed=0)
+        try:
+            outputs = run_graph(source, feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT's own types
+            raise UsageError(
+                f"{model.onnx_path} does not run under ONNX Runtime at the {point} shapes "
+                f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0][:300]}. "
+                "Pass --input with the model's real ranges"
+            ) from exc
+        golden.update({f"{point}/in/{k}": v for k, v in feeds.items()})
+        golden.update({f"{point}/out/{k}": v for k, v in outputs.items()})
+    np.savez(root / "golden.npz", **golden)
+    info = {"exporter": None, "fallback_reason": None, "opset": _opset(source), "seconds": 0.0,
+            "external_data": external, "reference": "onnxruntime"}
+    return info, None, golden
+
+
+def _load_golden(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _golden_feeds(golden: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    points = sorted({k.split("/", 1)[0] for k in golden})
+    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in points]
+
+
+def _compare_graph(path: Path, golden: dict[str, np.ndarray]) -> dict:
+    """The optimized graph against the reference outputs in golden.npz, ORT optimizations on."""
+    from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
+
+    from passes.verify import session  # noqa: PLC0415
+
+    sess = session(path, optimize=True)
+    names = [o.name for o in sess.get_outputs()]
+    points = {}
+    for feeds, point in zip(_golden_feeds(golden), sorted({k.split("/", 1)[0] for k in golden})):
+        actual = dict(zip(names, sess.run(names, feeds)))
+        points[point] = {n: compare(actual[n], golden[f"{point}/out/{n}"], GRAPH_ATOL, GRAPH_RTOL).to_json()
+                         for n in names}
+    worst = {n: max(p[n]["max_abs"] for p in points.values()) for n in names}
+    ok = all(e["ok"] for p in points.values() for e in p.values())
+    if not ok:
+        raise BuildError(f"{path.name} differs from the reference beyond atol={GRAPH_ATOL} rtol={GRAPH_RTOL}: {worst}")
+    return {"points": points, "worst": worst, "ok": ok}
+
+
+def _output_specs(model: onnx.ModelProto) -> list[OutputSpec]:
+    from exporter.resolve import ONNX_DTYPES  # noqa: PLC0415
+
+    specs = []
+    for out in model.graph.output:
+        ttype = out.type.tensor_type
+        shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in ttype.shape.dim)
+        specs.append(OutputSpec(out.name, ONNX_DTYPES.get(ttype.elem_type, str(ttype.elem_type)), shape))
+    return specs
+
+
+def _profile(spec: InputSpec) -> dict:
+    return {"name": "default", **{p: {k: list(v) for k, v in spec.shapes(p).items()} for p in ("min", "opt", "max")}}
+
+
+def _opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _roles(root: Path) -> dict[str, str]:
+    roles = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onnx": "ort-graph",
+             "golden.npz": "golden", "report.json": "report", "model.onnx.data": "external-data"}
+    return {p.name: roles.get(p.name, "other") for p in root.iterdir()}
+
+
+def _environment(trt_ok: bool, trt_reason: str) -> dict:
+    import onnxruntime  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+        "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "ort_providers": onnxruntime.get_available_providers(),
+        "tensorrt": trt_reason if trt_ok else None, "tensorrt_status": trt_reason,
+        "cuda": torch.version.cuda, "gpu": None, "compute_capability": None, "hardware_compatibility_level": None,
+    }

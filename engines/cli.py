@@ -1,0 +1,153 @@
+"""The ``planforge`` command line: parses options and calls the library. No logic lives here.
+
+Errors a user can fix print one line and exit with the error class's code; ``-v`` adds
+tracebacks and debug logging. Ctrl-C exits 130 and leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from exporter.errors import PlanforgeError
+
+logger = logging.getLogger("planforge")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, rich_tracebacks=verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    for noisy in ("onnxscript", "onnx_ir", "torch", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """planforge: PyTorch -> ONNX -> graph passes -> TensorRT / ONNX Runtime bundles."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose)
+
+
+_input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
+                             help='Override an input, e.g. "x:float32:[batch=1..32@8,3,224,224]".')
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [build/<model>[-<precision>]].")
+@_input_option
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+@click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
+              help="Check numbers under ONNX Runtime after every pass.")
+def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes):
+    """Export MODEL, run the passes and write a bundle."""
+    from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
+    from engines.present import build_summary  # noqa: PLC0415
+
+    request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
+                           verify_passes)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("build", total=None)
+        result = run_build(request, on_stage=lambda stage: progress.update(task, description=stage))
+    build_summary(console, result.out, result.manifest, result.reused, result.seconds)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the .onnx file.")
+@_input_option
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
+    """Export MODEL to ONNX and check parity with PyTorch (no passes, no bundle)."""
+    from engines.commands import export_model  # noqa: PLC0415
+
+    report = export_model(model, out, tuple(inputs), opset, exporter, parity_atol, parity_rtol)
+    console.print(f"wrote {out} ({report})")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path):
+    """Describe a bundle directory or an .onnx file."""
+    from engines.commands import inspect_path  # noqa: PLC0415
+
+    inspect_path(console, path)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Feed an input from a .npy file.")
+@click.option("--random", "random_point", type=click.Choice(["min", "opt", "max"]),
+              help="Feed seeded random inputs at this shape point instead of files.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True)
+def run(bundle, inputs, random_point, backend):
+    """Run one inference on BUNDLE and print output summaries."""
+    from engines.commands import run_bundle  # noqa: PLC0415
+    from engines.present import output_summary  # noqa: PLC0415
+
+    used, outputs = run_bundle(bundle, inputs, random_point, backend)
+    output_summary(console, used, outputs)
+
+
+@cli.command()
+def zoo():
+    """List the zoo models and their inputs."""
+    from engines.present import zoo_table  # noqa: PLC0415
+    from exporter.zoo import ENTRIES  # noqa: PLC0415
+
+    zoo_table(console, ENTRIES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="planforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("interrupted: nothing was written")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except PlanforgeError as exc:
+        if verbose:
+            logger.exception("error")
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
+        if verbose:
+            logger.exception("internal error")
+        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                          markup=False, highlight=False)
+        return 70
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,61 @@
+"""Local Hugging Face model directories (``config.json`` plus weights), offline only.
+
+Needs the optional ``transformers`` package (``pip install 'planforge[hf]'``). Nothing is ever
+downloaded: hub access is switched off before ``transformers`` is imported, and weights load
+with ``local_files_only=True`` (safetensors, or torch checkpoints through transformers'
+``weights_only`` loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from exporter.errors import ExportError, UsageError
+from exporter.spec import InputSpec
+
+
+class EncoderOutputs(torch.nn.Module):
+    """Calls a Hugging Face encoder with (input_ids, attention_mask) and returns plain tensors."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
+
+
+def resolve_hf_dir(path: Path):
+    from exporter.resolve import ResolvedModel, sha256_file  # noqa: PLC0415 - avoid an import cycle
+
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(
+            f"{path} is a Hugging Face model directory, but transformers is not installed; "
+            "install the optional extra: pip install 'planforge[hf]'"
+        ) from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"transformers could not load {path}: {type(exc).__name__}: {exc}") from exc
+    vocab = int(getattr(config, "vocab_size", 30522))
+    max_len = min(int(getattr(config, "max_position_embeddings", 512)), 128)
+    spec = InputSpec.parse([
+        f"input_ids:int64:[batch=1..8@2,seq=1..{max_len}@16]:0..{vocab}",
+        "attention_mask:int64:[batch,seq]:1..2",
+    ])
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        sha256_file(file, digest)
+    return ResolvedModel(path.name, "hf", str(path), spec, ("last_hidden_state",), digest.hexdigest(),
+                         "embedding", EncoderOutputs(model).eval())

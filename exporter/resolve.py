@@ -1,0 +1,225 @@
+"""Turn a MODEL string into something the pipeline can build.
+
+Forms, tried in this order:
+- ``path/to/model.onnx``: an exported graph; export and parity are skipped.
+- ``path/to/file.py:factory``: ``factory()`` returns ``(module, spec)``, where spec is an
+  ``InputSpec``, a list of input-spec strings, or example inputs (a tuple or a dict of tensors:
+  every dim fixed); an optional third item names the outputs.
+- a directory holding ``config.json``: a local Hugging Face model (needs ``transformers``).
+- a zoo name (``planforge zoo`` lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+
+from exporter.errors import ExportError, UsageError
+from exporter.spec import Dim, InputSpec, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32",
+               3: "int8", 2: "uint8", 9: "bool"}
+DEFAULT_ONNX_RANGE = (1, 4, 16)  # min, opt, max for a symbolic dim of a .onnx MODEL without --input
+
+
+@dataclasses.dataclass
+class ResolvedModel:
+    name: str
+    kind: str  # zoo | python | onnx | hf
+    source: str
+    input_spec: InputSpec
+    output_names: tuple[str, ...]
+    source_sha256: str
+    task: str | None = None
+    module: torch.nn.Module | None = None
+    onnx_path: Path | None = None
+
+
+def sha256_file(path: Path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def resolve(model: str, cache_dir: Path) -> ResolvedModel:
+    """Resolve ``model`` (see the module docstring); raise ``UsageError``/``ExportError`` with advice."""
+    path_part = model.rsplit(":", 1)[0] if model.count(":") == 1 and ".py:" in model else model
+    if model.endswith(".onnx"):
+        return _resolve_onnx(Path(model))
+    if ".py:" in model or model.endswith(".py"):
+        return _resolve_python(model)
+    if Path(path_part).is_dir():
+        from exporter.hf import resolve_hf_dir  # noqa: PLC0415 - optional dependency
+
+        return resolve_hf_dir(Path(path_part))
+    return _resolve_zoo(model, cache_dir)
+
+
+def _resolve_zoo(name: str, cache_dir: Path) -> ResolvedModel:
+    from exporter import zoo  # noqa: PLC0415
+
+    entry = zoo.BY_NAME.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, list(zoo.BY_NAME), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        looks_like_path = "/" in name or name.endswith((".py", ".onnx"))
+        raise UsageError(
+            f"unknown model {name!r}: {hint}expected a zoo name ({', '.join(zoo.BY_NAME)}), "
+            "path/to/file.py:factory, path/to/model.onnx or a Hugging Face model directory"
+            + ("; that path does not exist" if looks_like_path else "")
+        )
+    digest = hashlib.sha256(name.encode())
+    for source in sorted(Path(zoo.__file__).parent.glob("*.py")):  # the zoo's model definitions
+        sha256_file(source, digest)
+    module = entry.build(cache_dir)
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return ResolvedModel(name, "zoo", name, entry.input_spec, entry.outputs, digest.hexdigest(), entry.task, module)
+
+
+def _resolve_python(model: str) -> ResolvedModel:
+    file_part, _, factory_name = model.rpartition(":") if ".py:" in model else (model, "", "")
+    path = Path(file_part)
+    if not path.is_file():
+        raise UsageError(f"model file {path} does not exist; expected path/to/file.py:factory")
+    module_name = f"planforge_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    user = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = user
+    try:
+        spec.loader.exec_module(user)
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        raise ExportError(f"importing {path} raised {type(exc).__name__}: {exc}; fix the file and retry") from exc
+    candidates = [n for n, v in vars(user).items() if callable(v) and not n.startswith("_")
+                  and getattr(v, "__module__", None) == module_name and not inspect.isclass(v)]
+    factory = getattr(user, factory_name, None) if factory_name else None
+    if factory is None or not callable(factory):
+        found = f"no function {factory_name!r}" if factory_name else "no factory named"
+        raise UsageError(
+            f"{path}: {found}; expected path/to/file.py:factory where factory() returns (module, input_spec). "
+            f"Functions in the file: {', '.join(candidates) or 'none'}"
+        )
+    try:
+        result = factory()
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"factory {path}:{factory_name}() raised {type(exc).__name__}: {exc}") from exc
+    module, input_spec, outputs = _unpack_factory_result(result, f"{path}:{factory_name}")
+    return ResolvedModel(path.stem, "python", model, input_spec, outputs,
+                         sha256_file(path).hexdigest(), None, module.eval())
+
+
+def _unpack_factory_result(result, where: str):
+    if not isinstance(result, tuple) or len(result) not in (2, 3) or not isinstance(result[0], torch.nn.Module):
+        raise ExportError(
+            f"{where}() returned {type(result).__name__}; expected (torch.nn.Module, input_spec) "
+            "or (module, input_spec, output_names)"
+        )
+    module, spec = result[0], result[1]
+    outputs = tuple(result[2]) if len(result) == 3 else ()
+    if isinstance(spec, InputSpec):
+        return module, spec, outputs
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
+        return module, InputSpec.parse(spec), outputs
+    if isinstance(spec, torch.Tensor):
+        spec = (spec,)
+    if isinstance(spec, (tuple, list)) and spec and all(isinstance(t, torch.Tensor) for t in spec):
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+        names = [p.name for p in params][: len(spec)]
+        names += [f"input_{i}" for i in range(len(names), len(spec))]
+        spec = dict(zip(names, spec))
+    if isinstance(spec, dict) and all(isinstance(t, torch.Tensor) for t in spec.values()):
+        tensors = tuple(
+            TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(Dim.fixed(s) for s in t.shape))
+            for name, t in spec.items()
+        )
+        return module, InputSpec(tensors), outputs
+    raise ExportError(f"{where}(): the second item must be an InputSpec, spec strings or example tensors")
+
+
+def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
+    """Refuse external-data locations that leave the model's directory (absolute, ``..``, links out)."""
+    base = model_path.resolve().parent
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(base):
+            raise ExportError(
+                f"{model_path}: tensor {tensor.name!r} points its external data at {location!r}, outside "
+                "the model's directory; refusing to read it. Keep .data files beside the .onnx file"
+            )
+        if not target.is_file():
+            raise ExportError(f"{model_path}: external data file {location!r} for tensor {tensor.name!r} is missing")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from onnx.external_data_helper._get_all_tensors(model)
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file someone else may have written: safe external data, clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise ExportError(
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); "
+            "re-export it or check the file was copied completely"
+        ) from exc
+    check_external_data(model, path)
+    onnx.load_external_data_for_model(model, str(path.resolve().parent))
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else str(path), full_check=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"{path} fails onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
+    return model
+
+
+def spec_from_onnx(model: onnx.ModelProto) -> InputSpec:
+    """Input spec from graph inputs: named dims get ranges DEFAULT_ONNX_RANGE, to be refined by --input."""
+    initializers = {i.name for i in model.graph.initializer}
+    tensors = []
+    for inp in (i for i in model.graph.input if i.name not in initializers):
+        ttype = inp.type.tensor_type
+        dtype = ONNX_DTYPES.get(ttype.elem_type)
+        if dtype is None:
+            raise ExportError(f"input {inp.name!r} has ONNX element type {ttype.elem_type}, which planforge does not feed")
+        dims = []
+        for axis, d in enumerate(ttype.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(Dim.fixed(d.dim_value))
+            else:
+                name = d.dim_param if d.dim_param.isidentifier() else f"{inp.name}_dim{axis}".replace(".", "_")
+                dims.append(Dim(name, DEFAULT_ONNX_RANGE[0], DEFAULT_ONNX_RANGE[1], DEFAULT_ONNX_RANGE[2]))
+        tensors.append(TensorSpec(inp.name, dtype, tuple(dims)))
+    return InputSpec(tuple(tensors))
+
+
+def _resolve_onnx(path: Path) -> ResolvedModel:
+    model = load_onnx(path)
+    spec = spec_from_onnx(model)
+    if spec.is_dynamic:
+        logger.warning(
+            "%s has symbolic dims %s; assuming %d..%d@%d for each. Pass --input to give the real ranges",
+            path.name, ", ".join(spec.symbols()), DEFAULT_ONNX_RANGE[0], DEFAULT_ONNX_RANGE[2], DEFAULT_ONNX_RANGE[1],
+        )
+    outputs = tuple(o.name for o in model.graph.output)
+    return ResolvedModel(path.stem, "onnx", str(path), spec, outputs, sha256_file(path).hexdigest(), onnx_path=path)

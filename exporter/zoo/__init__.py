@@ -1,0 +1,103 @@
+"""The model zoo: named models with their input specs, for demos, tests and benchmarks.
+
+Weights are seeded random (reproducible across runs) except ``digits_cnn``, which is trained
+at first use. ``ENTRIES`` is the one list; ``planforge zoo`` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from exporter.spec import InputSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    task: str  # classification | embedding | generation
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    factory: Callable[[Path], torch.nn.Module]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.parse(self.inputs)
+
+    def build(self, cache_dir: Path, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return self.factory(Path(cache_dir)).eval()
+
+
+def _resnet18(_: Path):
+    from exporter.zoo.cnn import ResNet18, randomize_norms  # noqa: PLC0415
+
+    return randomize_norms(ResNet18(), seed=1)
+
+
+def _mobilenet_v2(_: Path):
+    from exporter.zoo.cnn import MobileNetV2, randomize_norms  # noqa: PLC0415
+
+    return randomize_norms(MobileNetV2(), seed=2)
+
+
+def _mlp(_: Path):
+    from exporter.zoo.cnn import MLP  # noqa: PLC0415
+
+    return MLP()
+
+
+def _vit_tiny(_: Path):
+    from exporter.zoo.attention import ViT  # noqa: PLC0415
+
+    return ViT()
+
+
+def _bert_tiny(_: Path):
+    from exporter.zoo.attention import Bert  # noqa: PLC0415
+
+    return Bert()
+
+
+def _gpt_tiny(_: Path):
+    from exporter.zoo.attention import GPT  # noqa: PLC0415
+
+    return GPT()
+
+
+def _digits_cnn(cache_dir: Path):
+    from exporter.zoo.digits import load_or_train  # noqa: PLC0415
+
+    return load_or_train(cache_dir)
+
+
+_GPT_LAYERS, _GPT_HEADS, _GPT_HEAD_DIM = 2, 4, 32
+_GPT_PAST = tuple(
+    f"past_{kind}_{i}:float32:[batch,{_GPT_HEADS},past=1..192@32,{_GPT_HEAD_DIM}]"
+    for i in range(_GPT_LAYERS) for kind in ("key", "value")
+)
+_GPT_PRESENT = tuple(f"present_{kind}_{i}" for i in range(_GPT_LAYERS) for kind in ("key", "value"))
+
+ENTRIES: tuple[ZooEntry, ...] = (
+    ZooEntry("mlp", "3-layer MLP with GELU, 64 -> 10", "classification",
+             ("x:float32:[batch=1..64@8,64]",), ("logits",), _mlp),
+    ZooEntry("resnet18", "ResNet-18, 11.7M parameters, ImageNet head", "classification",
+             ("x:float32:[batch=1..32@8,3,224,224]",), ("logits",), _resnet18),
+    ZooEntry("mobilenet_v2", "MobileNetV2 1.0, depthwise separable CNN, 3.5M parameters", "classification",
+             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _mobilenet_v2),
+    ZooEntry("vit_tiny", "ViT-Ti/16, 12 layers, 192 wide, 5.7M parameters", "classification",
+             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _vit_tiny),
+    ZooEntry("bert_tiny", "BERT-tiny encoder, 2 layers, 128 wide, attention mask", "embedding",
+             ("input_ids:int64:[batch=1..16@4,seq=1..128@32]:0..30522", "attention_mask:int64:[batch,seq]:0..2"),
+             ("last_hidden_state", "pooler_output"), _bert_tiny),
+    ZooEntry("gpt_tiny", "GPT-style decoder, 2 layers, KV cache in and out", "generation",
+             ("input_ids:int64:[batch=1..8@2,seq=1..64@8]:0..1024", *_GPT_PAST), ("logits", *_GPT_PRESENT), _gpt_tiny),
+    ZooEntry("digits_cnn", "small CNN trained at first use on scikit-learn digits (8x8)", "classification",
+             ("x:float32:[batch=1..64@16,1,8,8]:0..1",), ("logits",), _digits_cnn),
+)
+
+BY_NAME = {e.name: e for e in ENTRIES}

@@ -1,0 +1,128 @@
+"""The pass framework: ``Pass``, ``PassResult`` and the ``PassManager`` that runs a pipeline.
+
+A pass rewrites an onnx-graphsurgeon graph in place and returns what it did. It declares the
+passes that must run before it (``requires``); the manager refuses a pipeline that breaks
+that order. With ``verify_feeds`` the manager runs the graph under ONNX Runtime CPU after every
+pass that changed it and stops, naming the pass and the output, when the numbers moved.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from typing import ClassVar, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from exporter.errors import PassError
+from passes.verify import run_graph, worst_difference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    changed: bool
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+class Pass:
+    """Base class: subclasses implement ``run(graph) -> PassResult``."""
+
+    requires: ClassVar[tuple[type["Pass"], ...]] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def run(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    changed: bool
+    stats: dict
+    seconds: float
+    nodes_before: dict[str, int]
+    nodes_after: dict[str, int]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def op_counts(graph: gs.Graph) -> dict[str, int]:
+    return dict(sorted(collections.Counter(n.op for n in graph.nodes).items()))
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export keeping the source's IR version and opsets (gs would write onnx 1.23's IR 14)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = like.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    model.producer_name, model.producer_version = like.producer_name, like.producer_version
+    return model
+
+
+class PassManager:
+    """Runs passes in order; checks ``requires``; optionally verifies numbers after each pass."""
+
+    def __init__(self, passes: Sequence[Pass], verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
+                 atol: float = 1e-5, rtol: float = 1e-4):
+        seen: set[type[Pass]] = set()
+        for p in passes:
+            missing = [r.__name__ for r in p.requires if r not in seen]
+            if missing:
+                raise PassError(
+                    f"pipeline order: {p.name} requires {', '.join(missing)} to run before it; "
+                    "fix the pipeline tuple in passes/__init__.py"
+                )
+            seen.add(type(p))
+        self.passes = tuple(passes)
+        self.verify_feeds = list(verify_feeds or [])
+        self.atol, self.rtol = atol, rtol
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
+        graph = gs.import_onnx(model)
+        reference = [run_graph(model, f) for f in self.verify_feeds]
+        records = []
+        for p in self.passes:
+            before = op_counts(graph)
+            start = time.perf_counter()
+            try:
+                result = p.run(graph)
+            except PassError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
+                raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - start
+            record = PassRecord(p.name, result.changed, result.stats, seconds, before, op_counts(graph))
+            records.append(record)
+            logger.info("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
+                        sum(before.values()), sum(record.nodes_after.values()))
+            if result.changed and self.verify_feeds:
+                self._verify(p, to_model(graph, model), reference)
+        return to_model(graph, model), records
+
+    def _verify(self, p: Pass, candidate: onnx.ModelProto, reference: list[dict[str, np.ndarray]]) -> None:
+        for feeds, expected in zip(self.verify_feeds, reference):
+            try:
+                actual = run_graph(candidate, feeds)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+                raise PassError(f"after pass {p.name} the graph no longer runs under ONNX Runtime: {exc}") from exc
+            name, err = worst_difference(actual, expected, self.atol, self.rtol)
+            if name is not None:
+                shapes = {k: list(v.shape) for k, v in feeds.items()}
+                raise PassError(
+                    f"pass {p.name} changed output {name!r} by {err:.3g} (atol={self.atol:g}, rtol={self.rtol:g}) "
+                    f"at input shapes {shapes}; this is a bug in the pass: disable it or report it"
+                )

@@ -1,0 +1,42 @@
+"""Constant folding with onnx-graphsurgeon, strictly.
+
+graphsurgeon evaluates every subgraph whose inputs are all constants with ONNX Runtime and
+replaces it by its value. Two changes from its defaults: ``error_ok=False`` (a failure is an
+error naming the cause, not a warning and an unchanged graph) and a size threshold, so that a
+constant-producing node with a huge output (an ``Expand`` to activations' size, say) is not
+materialized as a weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_graphsurgeon as gs
+
+from exporter.errors import PassError
+from passes.base import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+SIZE_THRESHOLD = 16 << 20  # bytes: outputs larger than this stay computed at run time
+
+
+class FoldConstants(Pass):
+    """Replaces subgraphs of constants with their computed values."""
+
+    def __init__(self, size_threshold: int = SIZE_THRESHOLD):
+        self.size_threshold = size_threshold
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        before = len(graph.nodes)
+        try:
+            graph.toposort()
+            graph.fold_constants(error_ok=False, size_threshold=self.size_threshold,
+                                 flatten_subgraphs=False).cleanup()
+        except Exception as exc:  # noqa: BLE001 - graphsurgeon re-raises ORT's and its own errors
+            raise PassError(
+                f"constant folding failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+                "Run with -v to see the node; disable folding with --skip-pass FoldConstants to build anyway"
+            ) from exc
+        folded = before - len(graph.nodes)
+        return PassResult(changed=folded > 0, stats={"folded": folded} if folded else {})

@@ -1,0 +1,38 @@
+"""Run a graph under ONNX Runtime CPU exactly as written (graph optimizations off) and compare."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def session(model: onnx.ModelProto | str, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_graph(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+def worst_difference(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                     atol: float, rtol: float) -> tuple[str | None, float]:
+    """The first output outside ``atol + rtol*|expected|`` and its max abs error, or (None, 0)."""
+    for name, exp in expected.items():
+        act = actual.get(name)
+        if act is None or act.shape != exp.shape:
+            return name, float("inf")
+        a, e = act.astype(np.float64), exp.astype(np.float64)
+        if not np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True):
+            diff = np.abs(a - e)
+            return name, float(np.nanmax(diff)) if diff.size else float("inf")
+    return None, 0.0
