@@ -18,8 +18,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from exporter.errors import PlanforgeError
 
 logger = logging.getLogger("planforge")
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
+console = Console() if sys.stdout.isatty() else Console(width=200)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     except PlanforgeError as exc:
         if verbose:
             logger.exception("error")
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
         if verbose:
             logger.exception("internal error")
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
-                          markup=False, highlight=False)
+                          markup=False, highlight=False, soft_wrap=True)
         return 70
     return 0
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+
+def _row(table: Table, *cells) -> None:
+    """Add a row of plain text: spec strings like [batch=1..8] are not rich markup."""
+    table.add_row(*(escape(str(c)) for c in cells))
 
 
 def human_size(size: int) -> str:
@@ -24,7 +30,7 @@ def build_summary(console: Console, out: Path, manifest: dict, reused: bool, sec
     table.add_column("size", justify="right")
     table.add_column("sha256")
     for name, art in manifest["artifacts"].items():
-        table.add_row(name, art["role"], human_size(art["size"]), art["sha256"][:12])
+        _row(table, name, art["role"], human_size(art["size"]), art["sha256"][:12])
     console.print(table)
     backends = manifest["backends"]
     available = ["ort-cpu"] + (["trt"] if backends["trt"].get("plan") else [])
@@ -34,21 +40,21 @@ def build_summary(console: Console, out: Path, manifest: dict, reused: bool, sec
     if worst is not None:
         console.print(f"parity PyTorch vs ONNX Runtime: max abs error {worst:.2g} (ok)")
     if backends["trt"].get("skipped"):
-        console.print(f"TensorRT skipped: {backends['trt']['skipped']}")
+        console.print(f"TensorRT skipped: {escape(backends['trt']['skipped'])}")
 
 
 def inspect_bundle(console: Console, path: Path, manifest: dict) -> None:
     model = manifest["model"]
-    console.print(f"[bold]{path}[/bold]: {model['name']} ({model['kind']}: {model['source']}), "
+    console.print(f"[bold]{escape(str(path))}[/bold]: {model['name']} ({model['kind']}: {escape(model['source'])}), "
                   f"precision {manifest['precision']}, schema {manifest['schema_version']}, "
                   f"planforge {manifest['planforge_version']}")
     io = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io.add_column(col)
     for item in manifest["inputs"]:
-        io.add_row("in", item["name"], item["dtype"], item["text"].split(":", 2)[2])
+        _row(io, "in", item["name"], item["dtype"], item["text"].split(":", 2)[2])
     for item in manifest["outputs"]:
-        io.add_row("out", item["name"], item["dtype"], str(item["shape"]))
+        _row(io, "out", item["name"], item["dtype"], str(item["shape"]))
     console.print(io)
     for target, records in manifest.get("passes", {}).items():
         console.print(pass_table(f"passes ({target})", records))
@@ -60,19 +66,19 @@ def pass_table(title: str, records: list[dict]) -> Table:
     for col in ("pass", "changed", "nodes before", "nodes after", "ms", "stats"):
         table.add_column(col)
     for r in records:
-        table.add_row(r["name"], "yes" if r["changed"] else "", str(sum(r["nodes_before"].values())),
+        _row(table, r["name"], "yes" if r["changed"] else "", str(sum(r["nodes_before"].values())),
                       str(sum(r["nodes_after"].values())), f"{1000 * r['seconds']:.0f}", str(r["stats"] or ""))
     return table
 
 
 def inspect_onnx(console: Console, path: Path, inputs: list, outputs: list, ops: dict[str, int]) -> None:
-    console.print(f"[bold]{path}[/bold]: {sum(ops.values())} nodes")
+    console.print(f"[bold]{escape(str(path))}[/bold]: {sum(ops.values())} nodes")
     table = Table()
     for col in ("", "name", "dtype", "shape"):
         table.add_column(col)
     for kind, items in (("in", inputs), ("out", outputs)):
         for name, dtype, shape in items:
-            table.add_row(kind, name, dtype, str(shape))
+            _row(table, kind, name, dtype, str(shape))
     console.print(table)
     console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
 
@@ -82,7 +88,7 @@ def zoo_table(console: Console, entries) -> None:
     for col in ("name", "task", "inputs", "description"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.name, e.task, "\n".join(e.inputs), e.description)
+        _row(table, e.name, e.task, "\n".join(e.inputs), e.description)
     console.print(table)
 
 
@@ -92,5 +98,5 @@ def output_summary(console: Console, backend: str, outputs: dict[str, np.ndarray
         table.add_column(col)
     for name, value in outputs.items():
         v = value.astype(np.float64) if value.size else np.zeros(1)
-        table.add_row(name, str(value.dtype), str(list(value.shape)), f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}")
+        _row(table, name, str(value.dtype), str(list(value.shape)), f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}")
     console.print(table)

@@ -43,6 +43,8 @@ def resolve_hf_dir(path: Path):
             f"{path} is a Hugging Face model directory, but transformers is not installed; "
             "install the optional extra: pip install 'planforge[hf]'"
         ) from exc
+    transformers.utils.logging.disable_progress_bar()  # only the CLI draws progress
+    transformers.utils.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()

@@ -225,7 +225,14 @@ class InputSpec:
                 )
             known.update({d.name: d for d in tensor.dims if d.is_dynamic})
             replaced[tensor.name] = tensor
-        return InputSpec(tuple(replaced.get(t.name, t) for t in self.tensors))
+        # A dim redefined by one override applies to every input that shares its name.
+        redefined = {d.name: d for t in replaced.values() for d in t.dims if d.is_dynamic}
+        tensors = []
+        for t in self.tensors:
+            if t.name not in replaced:
+                t = dataclasses.replace(t, dims=tuple(redefined.get(d.name, d) if d.is_dynamic else d for d in t.dims))
+            tensors.append(replaced.get(t.name, t))
+        return InputSpec(tuple(tensors))
 
     def to_json(self) -> list[dict]:
         return [

@@ -1,0 +1,57 @@
+"""Helpers shared by the tests: tiny inline ONNX graphs and running them under ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from passes.base import PassManager
+from passes.verify import run_graph
+
+OPSET = 18
+IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.ModelProto:
+    """inputs/outputs: (name, numpy dtype, shape) triples; shape entries may be dim names."""
+    def info(name, dtype, shape):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
+
+    graph = helper.make_graph(list(nodes), "test", [info(*i) for i in inputs], [info(*o) for o in outputs],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in dict(initializers).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def run_pass(pass_obj, model: onnx.ModelProto):
+    """Run one pass directly on a graphsurgeon graph; return (result, new model)."""
+    from passes.base import to_model
+
+    graph = gs.import_onnx(model)
+    result = pass_obj.run(graph)
+    return result, to_model(graph, model)
+
+
+def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict,
+                        atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Outputs of both graphs under ONNX Runtime CPU, graph optimizations off, must match."""
+    onnx.checker.check_model(rewritten, full_check=True)
+    expected, actual = run_graph(original, feeds), run_graph(rewritten, feeds)
+    assert list(actual) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], atol=atol, rtol=rtol, err_msg=name)
+
+
+def seeded(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+__all__ = ["TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]

@@ -1,0 +1,65 @@
+"""Atomic bundle writing and distrustful reading."""
+
+import json
+
+import pytest
+
+from engines.bundle import SCHEMA_VERSION, StagedBundle, read_manifest, verified_path
+from exporter.errors import BundleError
+
+
+def _stage(out, replace=False, content=b"weights"):
+    with StagedBundle(out, replace=replace) as stage:
+        (stage.path / "model.ort.onnx").write_bytes(content)
+        return stage.commit({"schema_version": SCHEMA_VERSION}, {"model.ort.onnx": "ort-graph"})
+
+
+def test_commit_hashes_artifacts_writes_the_manifest_and_renames_into_place(tmp_path):
+    manifest = _stage(tmp_path / "b")
+    art = manifest["artifacts"]["model.ort.onnx"]
+    assert art["size"] == 7 and len(art["sha256"]) == 64 and art["role"] == "ort-graph"
+    assert read_manifest(tmp_path / "b") == manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no staging left behind
+
+
+def test_an_error_inside_the_block_leaves_nothing_behind(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with StagedBundle(tmp_path / "b") as stage:
+            (stage.path / "model.onnx").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_swaps_the_old_bundle_for_the_new(tmp_path):
+    _stage(tmp_path / "b", content=b"old")
+    _stage(tmp_path / "b", replace=True, content=b"new!")
+    assert (tmp_path / "b" / "model.ort.onnx").read_bytes() == b"new!"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "no manifest.json"),
+    ("{not json", "not valid JSON"),
+    (json.dumps({"artifacts": {}}), "no integer schema_version"),
+    (json.dumps({"schema_version": SCHEMA_VERSION + 1, "artifacts": {}}), "upgrade planforge"),
+    (json.dumps({"schema_version": 1, "artifacts": {"../etc/passwd": {}}}), "not a plain file name"),
+])
+def test_read_manifest_refuses_broken_bundles_with_advice(tmp_path, manifest, message):
+    (tmp_path / "b").mkdir()
+    if manifest is not None:
+        (tmp_path / "b" / "manifest.json").write_text(manifest)
+    with pytest.raises(BundleError, match=message):
+        read_manifest(tmp_path / "b")
+
+
+def test_verified_path_refuses_edited_truncated_and_missing_artifacts(tmp_path):
+    manifest = _stage(tmp_path / "b", content=b"weights")
+    assert verified_path(tmp_path / "b", manifest, "model.ort.onnx").read_bytes() == b"weights"
+    (tmp_path / "b" / "model.ort.onnx").write_bytes(b"weightz")
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        verified_path(tmp_path / "b", manifest, "model.ort.onnx")
+    (tmp_path / "b" / "model.ort.onnx").unlink()
+    with pytest.raises(BundleError, match="is missing"):
+        verified_path(tmp_path / "b", manifest, "model.ort.onnx")
+    with pytest.raises(BundleError, match="does not list"):
+        verified_path(tmp_path / "b", manifest, "model.plan")

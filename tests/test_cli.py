@@ -1,0 +1,139 @@
+"""The CLI: every bad input is one clear line, a non-zero exit, no traceback unless -v."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from engines.bundle import read_manifest
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+BAD_MODELS = """
+    import torch
+
+    @torch.library.custom_op("planforge_cli_test::mystery", mutates_args=())
+    def mystery(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @mystery.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            return mystery(x) * 2
+
+    def unexportable():
+        return Unexportable(), ["x:float32:[batch=1..4@2,3]"]
+
+    def raises():
+        raise RuntimeError("checkpoint corrupted")
+"""
+
+
+@pytest.fixture()
+def bad_models(in_tmp):
+    path = in_tmp / "bad_models.py"
+    path.write_text(textwrap.dedent(BAD_MODELS))
+    return path
+
+
+def test_zoo_lists_every_model_with_its_inputs(run_cli):
+    code, out, _ = run_cli("zoo")
+    assert code == 0
+    for name in ("mlp", "resnet18", "mobilenet_v2", "vit_tiny", "bert_tiny", "gpt_tiny", "digits_cnn"):
+        assert name in out
+    assert "past=1..192@32" in out
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (("build", "resnet81"), 2, "did you mean resnet18"),
+    (("build", "bad_models.py:nothing"), 2, "no function 'nothing'"),
+    (("build", "bad_models.py:raises"), 3, "raises() raised RuntimeError: checkpoint corrupted"),
+    (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
+    (("build", "mlp", "--precision", "fp16"), 2, "fp16 is not yet supported"),
+    (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
+    (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
+])
+def test_bad_input_is_one_line_and_a_nonzero_exit(run_cli, bad_models, args, code, message):
+    got, _, err = run_cli(*args)
+    assert got == code
+    assert message in _one_error_line(err)
+    assert not (bad_models.parent / "build" / "bad_models").exists()
+
+
+def test_corrupt_onnx_model(run_cli, in_tmp):
+    (in_tmp / "broken.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    code, _, err = run_cli("build", "broken.onnx")
+    assert code == 3 and "broken.onnx" in _one_error_line(err)
+
+
+def test_verbose_shows_the_traceback(run_cli, in_tmp):
+    code, _, err = run_cli("-v", "build", "resnet81")
+    assert code == 2 and "Traceback" in err
+
+
+def test_existing_bundle_is_reused_refused_or_replaced_with_force(run_cli, in_tmp):
+    code, out, err = run_cli("build", "mlp")
+    assert code == 0 and "TensorRT skipped" in out and "model.ort.onnx" in out
+    created = read_manifest(in_tmp / "build" / "mlp")["created"]
+    code, out, _ = run_cli("build", "mlp")
+    assert code == 0 and "(reused)" in out
+    code, _, err = run_cli("build", "mlp", "--input", "x:float32:[batch=1..8@4,64]")
+    assert code == 7 and "pass --force" in _one_error_line(err)
+    code, _, _ = run_cli("build", "mlp", "--input", "x:float32:[batch=1..8@4,64]", "--force")
+    manifest = read_manifest(in_tmp / "build" / "mlp")
+    assert code == 0 and manifest["inputs"][0]["text"] == "x:float32:[batch=1..8@4,64]"
+    assert manifest["created"] >= created
+    (in_tmp / "build" / "other").mkdir()
+    (in_tmp / "build" / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli("build", "mlp", "-o", "build/other")
+    assert code == 7 and "is not a bundle" in _one_error_line(err)
+    assert (in_tmp / "build" / "other" / "notes.txt").exists()
+
+
+def test_export_inspect_and_run(run_cli, in_tmp):
+    code, out, _ = run_cli("export", "mlp", "-o", "mlp.onnx", "--input", "x:float32:[batch=1..4@2,64]")
+    assert code == 0 and "parity max abs error" in out
+    assert onnx.load("mlp.onnx").graph.input[0].name == "x"
+    code, out, _ = run_cli("inspect", "mlp.onnx")
+    assert code == 0 and "Gemm" in out
+    code, _, _ = run_cli("build", "mlp.onnx", "-o", "b", "--input", "x:float32:[batch=1..4@2,64]")
+    assert code == 0
+    manifest = read_manifest(in_tmp / "b")
+    assert manifest["model"]["kind"] == "onnx" and manifest["export"]["reference"] == "onnxruntime"
+    code, out, _ = run_cli("inspect", "b")
+    assert code == 0 and "passes (ort)" in out
+    np.save("x.npy", np.ones((3, 64), np.float32))
+    code, out, _ = run_cli("run", "b", "--input", "x=x.npy")
+    assert code == 0 and "[3, 10]" in out and "ort-cpu" in out
+    code, _, err = run_cli("run", "b", "--input", "x=missing.npy")
+    assert code == 10 and "cannot read missing.npy" in _one_error_line(err)
+
+
+def test_ctrl_c_mid_build_leaves_no_partial_bundle(in_tmp):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "engines.cli", "build", "resnet18", "-o", "out/r18"],
+                            cwd=in_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((in_tmp / "out").glob(".r18.partial-*/*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: nothing was written" in err and "Traceback" not in err
+    assert list((in_tmp / "out").iterdir()) == []
