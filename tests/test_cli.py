@@ -126,8 +126,10 @@ def test_export_inspect_and_run(run_cli, in_tmp):
 
 def test_ctrl_c_mid_build_leaves_no_partial_bundle(in_tmp):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A background job (CI may be one) inherits SIGINT ignored; a terminal user's Ctrl-C is not.
     proc = subprocess.Popen([sys.executable, "-m", "engines.cli", "build", "resnet18", "-o", "out/r18"],
-                            cwd=in_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=in_tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((in_tmp / "out").glob(".r18.partial-*/*")) and time.monotonic() < deadline:
         time.sleep(0.05)
