@@ -1,34 +1,62 @@
 """ONNX -> ONNX graph passes. Imports onnx, onnx-graphsurgeon and onnxruntime; never torch.
 
-``PIPELINES`` is the one reviewed order of passes per (target, precision). A pass that needs
-another first declares it in ``requires``; the ``PassManager`` enforces it.
+``PIPELINES`` is the one reviewed order of passes per (target, precision). A nested tuple is a
+fixed-point group: its passes feed each other, so it runs until a round changes nothing. A pass
+that needs another first declares it in ``requires``; the ``PassManager`` enforces it.
 """
 
 from __future__ import annotations
 
-from passes.base import Pass, PassManager, PassRecord, PassResult
+import inspect
+
+from passes.base import FixedPoint, Pass, PassManager, PassRecord, PassResult
 from passes.cleanup import Cleanup
+from passes.deduplicate_constants import DeduplicateConstants
+from passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from passes.fold_constants import FoldConstants
+from passes.fuse_conv_bn import FuseConvBatchNorm
+from passes.fuse_gelu import FuseGelu
+from passes.fuse_layer_norm import FuseLayerNorm
+from passes.fuse_linear_affine import FuseLinearAffine
+from passes.fuse_matmul_add import FuseMatMulAdd
+from passes.fuse_rms_norm import FuseRmsNorm
 from passes.infer_shapes import InferShapes
+from passes.merge_reshapes import MergeReshapes
+from passes.merge_transposes import MergeTransposes
+from passes.remove_noops import RemoveNoOps
 
 TARGETS = ("trt", "ort")
 
-PIPELINES: dict[tuple[str, str], tuple[type[Pass], ...]] = {
-    ("trt", "fp32"): (InferShapes, FoldConstants, Cleanup),
-    ("ort", "fp32"): (InferShapes, FoldConstants, Cleanup),
+SIMPLIFY = (InferShapes, FoldConstants, Cleanup, RemoveNoOps, MergeTransposes, MergeReshapes,
+            DeduplicateConstants, EliminateCommonSubexpressions)
+FUSE = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerNorm, FuseRmsNorm)
+
+PIPELINES: dict[tuple[str, str], tuple] = {
+    ("trt", "fp32"): (SIMPLIFY, FUSE, SIMPLIFY),
+    ("ort", "fp32"): (SIMPLIFY, FUSE, SIMPLIFY),
 }
 
 
-def pipeline(target: str, precision: str) -> list[Pass]:
-    """Fresh pass instances for ``target`` and ``precision``."""
+def pipeline(target: str, precision: str) -> list:
+    """Fresh pass instances (and fixed-point groups) for ``target`` and ``precision``."""
     from exporter.errors import UsageError  # noqa: PLC0415
 
     key = (target, precision)
     if key not in PIPELINES:
         supported = ", ".join(f"{t}/{p}" for t, p in PIPELINES)
         raise UsageError(f"no pass pipeline for target {target!r} at precision {precision!r}; supported: {supported}")
-    return [cls() for cls in PIPELINES[key]]
+    return [_instantiate(step, target) for step in PIPELINES[key]]
 
 
-__all__ = ["PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
-           "Cleanup", "FoldConstants", "InferShapes"]
+def _instantiate(step, target: str):
+    """A class becomes an instance (given ``target`` if it takes one); a tuple, a FixedPoint group."""
+    if isinstance(step, tuple):
+        return FixedPoint([_instantiate(s, target) for s in step])
+    takes_target = "target" in inspect.signature(step.__init__).parameters
+    return step(target=target) if takes_target else step()
+
+
+__all__ = ["FixedPoint", "PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
+           "Cleanup", "DeduplicateConstants", "EliminateCommonSubexpressions", "FoldConstants", "FuseConvBatchNorm",
+           "FuseGelu", "FuseLayerNorm", "FuseLinearAffine", "FuseMatMulAdd", "FuseRmsNorm", "InferShapes",
+           "MergeReshapes", "MergeTransposes", "RemoveNoOps"]

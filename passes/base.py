@@ -69,17 +69,38 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
+    known = {o.domain for o in like.opset_import} | {"ai.onnx"}
+    for domain in sorted({n.domain for n in model.graph.node} - known):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # contrib ops a pass added
     model.producer_name, model.producer_version = like.producer_name, like.producer_version
     return model
+
+
+class FixedPoint:
+    """A group of passes that feed each other: run in order, again, until a round changes nothing."""
+
+    def __init__(self, passes: Sequence[Pass], max_rounds: int = 8):
+        self.passes = tuple(passes)
+        self.max_rounds = max_rounds
+
+    def __repr__(self) -> str:
+        return f"FixedPoint({list(self.passes)!r})"
+
+
+Step = Pass | FixedPoint
+
+
+def flatten(steps: Sequence[Step]) -> list[Pass]:
+    return [p for s in steps for p in (s.passes if isinstance(s, FixedPoint) else (s,))]
 
 
 class PassManager:
     """Runs passes in order; checks ``requires``; optionally verifies numbers after each pass."""
 
-    def __init__(self, passes: Sequence[Pass], verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
+    def __init__(self, passes: Sequence[Step], verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
                  atol: float = 1e-5, rtol: float = 1e-4):
         seen: set[type[Pass]] = set()
-        for p in passes:
+        for p in flatten(passes):
             missing = [r.__name__ for r in p.requires if r not in seen]
             if missing:
                 raise PassError(
@@ -94,24 +115,34 @@ class PassManager:
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
         graph = gs.import_onnx(model)
         reference = [run_graph(model, f) for f in self.verify_feeds]
-        records = []
-        for p in self.passes:
-            before = op_counts(graph)
-            start = time.perf_counter()
-            try:
-                result = p.run(graph)
-            except PassError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
-                raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
-            seconds = time.perf_counter() - start
-            record = PassRecord(p.name, result.changed, result.stats, seconds, before, op_counts(graph))
-            records.append(record)
-            logger.info("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
-                        sum(before.values()), sum(record.nodes_after.values()))
-            if result.changed and self.verify_feeds:
-                self._verify(p, to_model(graph, model), reference)
+        records: list[PassRecord] = []
+        for step in self.passes:
+            if isinstance(step, FixedPoint):
+                for _ in range(step.max_rounds):
+                    if not any([self._run_one(p, graph, model, reference, records) for p in step.passes]):
+                        break
+            else:
+                self._run_one(step, graph, model, reference, records)
         return to_model(graph, model), records
+
+    def _run_one(self, p: Pass, graph: gs.Graph, model: onnx.ModelProto, reference, records: list) -> bool:
+        before = op_counts(graph)
+        start = time.perf_counter()
+        try:
+            result = p.run(graph)
+        except PassError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
+            raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        record = PassRecord(p.name, result.changed, result.stats, seconds, before, op_counts(graph))
+        records.append(record)
+        log = logger.info if result.changed else logger.debug
+        log("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
+            sum(before.values()), sum(record.nodes_after.values()))
+        if result.changed and self.verify_feeds:
+            self._verify(p, to_model(graph, model), reference)
+        return result.changed
 
     def _verify(self, p: Pass, candidate: onnx.ModelProto, reference: list[dict[str, np.ndarray]]) -> None:
         for feeds, expected in zip(self.verify_feeds, reference):

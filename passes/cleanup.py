@@ -1,5 +1,6 @@
 """Remove nodes that compute nothing at inference time: ``Identity``, inference ``Dropout``,
-and nodes and initializers no graph output depends on.
+and nodes and initializers no graph output depends on. Unused graph inputs are kept: removing
+one would change the model's signature, which the input spec and the runtime rely on.
 
 An Identity's consumers read its input instead. When the Identity produces a graph output,
 the producer of its input writes the graph output directly, so output names never change.
@@ -12,6 +13,7 @@ import logging
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
+from passes.graph_utils import bypass
 
 logger = logging.getLogger(__name__)
 
@@ -31,33 +33,14 @@ def _is_passthrough(node: gs.Node) -> str | None:
 
 
 class Cleanup(Pass):
-    """Replaces Identity(x) and inference Dropout(x) with x; drops dead nodes."""
+    """Replaces Identity(x) and inference Dropout(x) with x; drops dead nodes and initializers."""
 
     def run(self, graph: gs.Graph) -> PassResult:
         removed = 0
-        graph_outputs = {id(t) for t in graph.outputs}  # gs tensors are unhashable
-        graph_inputs = {id(t) for t in graph.inputs}
         for node in [n for n in graph.nodes if n.op in ("Identity", "Dropout")]:
-            if reason := _is_passthrough(node):
+            if reason := _is_passthrough(node) or bypass(node, graph):
                 logger.debug("keep %s: %s", node.name, reason)
                 continue
-            src, dst = node.inputs[0], node.outputs[0]
-            if id(dst) in graph_outputs:
-                if id(src) in graph_outputs or id(src) in graph_inputs or not src.inputs:
-                    logger.debug("keep %s: it copies a graph input, constant or output to an output", node.name)
-                    continue
-                for consumer in list(src.outputs):
-                    if consumer is not node:
-                        consumer.inputs[consumer.inputs.index(src)] = dst
-                producer = src.inputs[0]
-                producer.outputs[producer.outputs.index(src)] = dst
-            else:
-                for consumer in list(dst.outputs):
-                    for i, t in enumerate(consumer.inputs):
-                        if t is dst:
-                            consumer.inputs[i] = src
-            node.inputs.clear()
-            node.outputs.clear()
             removed += 1
         before = len(graph.nodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
