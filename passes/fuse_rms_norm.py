@@ -2,7 +2,8 @@
 
     y = x / Sqrt(ReduceMean(x^2, axes=-1) + eps) * w        (or x * Reciprocal(Sqrt(...)) * w)
 
-Target ``ort``: ONNX Runtime's contrib ``com.microsoft.SimplifiedLayerNormalization`` at any opset.
+Target ``ort``: ONNX Runtime's ``SimplifiedLayerNormalization`` at any opset (ONNX Runtime registers
+this internal op in the default ONNX domain, not ``com.microsoft``; other runtimes reject it).
 Target ``trt``: the standard ``RMSNormalization`` when the graph's opset is at least 23; below
 that the subgraph stays (TensorRT fuses normalization patterns itself).
 """
@@ -48,8 +49,8 @@ class FuseRmsNorm(Pass):
             if self.target == "trt":
                 graph.layer(op="RMSNormalization", name=f"{node.name}_rmsnorm", inputs=inputs, outputs=[end], attrs=attrs)
             else:
-                graph.nodes.append(gs.Node("SimplifiedLayerNormalization", f"{node.name}_rmsnorm", attrs=attrs,
-                                           inputs=inputs, outputs=[end], domain="com.microsoft"))
+                graph.layer(op="SimplifiedLayerNormalization", name=f"{node.name}_rmsnorm", attrs=attrs,
+                            inputs=inputs, outputs=[end])
             fused += 1
         if fused:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -43,7 +43,10 @@ def run_pass(pass_obj, model: onnx.ModelProto):
 def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: dict,
                         atol: float = 1e-5, rtol: float = 1e-4) -> None:
     """Outputs of both graphs under ONNX Runtime CPU, graph optimizations off, must match."""
-    onnx.checker.check_model(rewritten, full_check=True)
+    if all(onnx.defs.has(n.op_type, n.domain) for n in rewritten.graph.node):
+        onnx.checker.check_model(rewritten, full_check=True)
+    # else: ONNX Runtime-only ops (contrib fusions for the ort target) have no ONNX schema; running
+    # the graph under ONNX Runtime below is the check.
     expected, actual = run_graph(original, feeds), run_graph(rewritten, feeds)
     assert list(actual) == list(expected)
     for name in expected:
