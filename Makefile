@@ -7,7 +7,7 @@ PRECISION ?= fp32
 OUT ?=
 ARGS ?=
 
-.PHONY: engine test venv zoo clean
+.PHONY: engine test corpus venv zoo clean
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +23,10 @@ engine: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2
+
+# Counts for the peer corpus (ONNX's backend cases through both pipelines); also part of `make test`.
+corpus: venv
+	$(BIN)/python tests/corpus.py 2>/dev/null | grep -v '^\[W\]'
 
 zoo: venv
 	$(BIN)/planforge zoo

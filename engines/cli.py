@@ -87,6 +87,23 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
 
 
 @cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the optimized graph.")
+@click.option("--target", type=click.Choice(["trt", "ort"]), required=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@_input_option
+@click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
+              help="Check numbers under ONNX Runtime after every pass.")
+def optimize(source, out, target, precision, inputs, verify_passes):
+    """Run the pass pipeline for one target on an .onnx file."""
+    from engines.commands import optimize_model  # noqa: PLC0415
+    from engines.present import optimize_summary  # noqa: PLC0415
+
+    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes)
+    optimize_summary(console, out, records, worst)
+
+
+@cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path):
     """Describe a bundle directory or an .onnx file."""

@@ -40,6 +40,46 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
     return f"{result.exporter} exporter, opset {result.opset}, parity max abs error {worst:.2g}"
 
 
+def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
+                   verify: bool) -> tuple[list[dict], dict[str, float]]:
+    """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
+    import os  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import onnx  # noqa: PLC0415
+
+    from exporter.errors import PassError  # noqa: PLC0415
+    from exporter.parity import compare  # noqa: PLC0415
+    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
+    from passes import PassManager, pipeline  # noqa: PLC0415
+    from passes.verify import run_graph  # noqa: PLC0415
+
+    model = load_onnx(source)
+    spec = spec_from_onnx(model).override(inputs)
+    points = ("min", "max") if spec.is_dynamic else ("opt",)
+    feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+    optimized, records = PassManager(pipeline(target, precision), verify_feeds=feeds if verify else None).run(model)
+    worst: dict[str, float] = {}
+    for f in feeds:
+        expected, actual = run_graph(model, f), run_graph(optimized, f)
+        for name, exp in expected.items():
+            err = compare(actual[name], exp, 1e-4, 1e-3)
+            if not err.ok:
+                raise PassError(f"the optimized graph differs from {source} on output {name!r} by {err.max_abs:.3g}")
+            worst[name] = max(worst.get(name, 0.0), err.max_abs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        onnx.save_model(optimized, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return [r.to_json() for r in records], worst
+
+
 def inspect_path(console, path: Path) -> None:
     from engines.present import inspect_bundle, inspect_onnx  # noqa: PLC0415
 

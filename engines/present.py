@@ -57,7 +57,10 @@ def inspect_bundle(console: Console, path: Path, manifest: dict) -> None:
         _row(io, "out", item["name"], item["dtype"], str(item["shape"]))
     console.print(io)
     for target, records in manifest.get("passes", {}).items():
-        console.print(pass_table(f"passes ({target})", records))
+        console.print(pass_table(f"passes ({target})", [r for r in records if r["changed"]]))
+        if records:
+            console.print(op_diff_table(f"ops before/after ({target})", records[0]["nodes_before"],
+                                        records[-1]["nodes_after"]))
     build_summary(console, path, manifest, reused=True, seconds=0.0)
 
 
@@ -69,6 +72,26 @@ def pass_table(title: str, records: list[dict]) -> Table:
         _row(table, r["name"], "yes" if r["changed"] else "", str(sum(r["nodes_before"].values())),
                       str(sum(r["nodes_after"].values())), f"{1000 * r['seconds']:.0f}", str(r["stats"] or ""))
     return table
+
+
+def op_diff_table(title: str, before: dict[str, int], after: dict[str, int]) -> Table:
+    """Node count per op type before and after a pipeline, changed rows first."""
+    table = Table(title=title)
+    for col in ("op", "before", "after"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    rows = sorted(set(before) | set(after), key=lambda op: (before.get(op, 0) == after.get(op, 0), op))
+    for op in rows:
+        _row(table, op, before.get(op, 0), after.get(op, 0))
+    _row(table, "total", sum(before.values()), sum(after.values()))
+    return table
+
+
+def optimize_summary(console: Console, out: Path, records: list[dict], worst: dict[str, float]) -> None:
+    console.print(pass_table("passes", [r for r in records if r["changed"]]))
+    if records:
+        console.print(op_diff_table("ops before/after", records[0]["nodes_before"], records[-1]["nodes_after"]))
+    console.print(f"wrote {escape(str(out))}; max abs difference from the input graph: "
+                  + ", ".join(f"{n} {v:.2g}" for n, v in worst.items()))
 
 
 def inspect_onnx(console: Console, path: Path, inputs: list, outputs: list, ops: dict[str, int]) -> None:

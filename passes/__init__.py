@@ -14,6 +14,7 @@ from passes.cleanup import Cleanup
 from passes.deduplicate_constants import DeduplicateConstants
 from passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from passes.fold_constants import FoldConstants
+from passes.fold_shapes import FoldShapes
 from passes.fuse_conv_bn import FuseConvBatchNorm
 from passes.fuse_gelu import FuseGelu
 from passes.fuse_layer_norm import FuseLayerNorm
@@ -27,7 +28,7 @@ from passes.remove_noops import RemoveNoOps
 
 TARGETS = ("trt", "ort")
 
-SIMPLIFY = (InferShapes, FoldConstants, Cleanup, RemoveNoOps, MergeTransposes, MergeReshapes,
+SIMPLIFY = (InferShapes, FoldShapes, FoldConstants, Cleanup, RemoveNoOps, MergeTransposes, MergeReshapes,
             DeduplicateConstants, EliminateCommonSubexpressions)
 FUSE = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerNorm, FuseRmsNorm)
 
@@ -57,6 +58,6 @@ def _instantiate(step, target: str):
 
 
 __all__ = ["FixedPoint", "PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
-           "Cleanup", "DeduplicateConstants", "EliminateCommonSubexpressions", "FoldConstants", "FuseConvBatchNorm",
+           "Cleanup", "DeduplicateConstants", "EliminateCommonSubexpressions", "FoldConstants", "FoldShapes", "FuseConvBatchNorm",
            "FuseGelu", "FuseLayerNorm", "FuseLinearAffine", "FuseMatMulAdd", "FuseRmsNorm", "InferShapes",
            "MergeReshapes", "MergeTransposes", "RemoveNoOps"]

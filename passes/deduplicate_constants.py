@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def constant_key(tensor: gs.Constant) -> tuple:
-    values = np.ascontiguousarray(tensor.values)
+    values = np.asarray(tensor.values)  # not ascontiguousarray: it makes 0-d arrays 1-d, so a scalar would equal [x]
     return values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).hexdigest()
 
 

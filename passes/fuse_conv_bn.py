@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import constant_value, producer, single_consumer
+from passes.graph_utils import constant_value, fresh_name, producer, single_consumer
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class FuseConvBatchNorm(Pass):
             if reason := self._cannot_fuse(conv, bn, graph):
                 logger.debug("skip %s: %s", bn.name, reason)
                 continue
-            self._fold(conv, bn)
+            self._fold(conv, bn, graph)
             fused += 1
         if fused:
             graph.cleanup().toposort()
@@ -59,7 +59,7 @@ class FuseConvBatchNorm(Pass):
         return None
 
     @staticmethod
-    def _fold(conv: gs.Node, bn: gs.Node) -> None:
+    def _fold(conv: gs.Node, bn: gs.Node, graph: gs.Graph) -> None:
         weight = constant_value(conv.inputs[1])
         gamma, beta, mean, var = (constant_value(t).astype(np.float64) for t in bn.inputs[1:5])
         has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
@@ -71,7 +71,7 @@ class FuseConvBatchNorm(Pass):
         bn.inputs.clear()
         bn.outputs.clear()
         conv.inputs.clear()  # graphsurgeon's node lists keep tensor links in sync; no slice assignment
-        conv.inputs.extend([x, gs.Constant(f"{conv.name}_W_bnfold", new_weight),
-                            gs.Constant(f"{conv.name}_B_bnfold", new_bias)])
+        conv.inputs.extend([x, gs.Constant(fresh_name(graph, f"{conv.name or 'conv'}_W_bnfold"), new_weight),
+                            gs.Constant(fresh_name(graph, f"{conv.name or 'conv'}_B_bnfold"), new_bias)])
         conv.outputs.clear()
         conv.outputs.append(y)

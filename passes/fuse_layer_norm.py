@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import producer
+from passes.graph_utils import fresh_name, producer
 from passes.infer_shapes import InferShapes
 from passes.norm_match import affine_tail, reduce_axes, rsqrt_of_mean_plus_eps, squared, trailing_axis
 
@@ -42,7 +42,7 @@ class FuseLayerNorm(Pass):
             bias = np.broadcast_to(beta if beta is not None else 0.0, (width,)).astype(dtype)
             end.inputs[0].outputs.clear()
             graph.layer(op="LayerNormalization", name=f"{div.name}_layernorm", outputs=[end],
-                        inputs=[x, gs.Constant(f"{div.name}_ln_scale", scale), gs.Constant(f"{div.name}_ln_bias", bias)],
+                        inputs=[x, gs.Constant(fresh_name(graph, "ln_scale"), scale), gs.Constant(fresh_name(graph, "ln_bias"), bias)],
                         attrs={"axis": axis, "epsilon": eps})
             fused += 1
         if fused:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import constant_value, producer, single_consumer
+from passes.graph_utils import constant_value, fresh_name, producer, single_consumer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class FuseLinearAffine(Pass):
             if isinstance(match, str):
                 logger.debug("skip %s: %s", node.name, match)
                 continue
-            self._fold(linear, node, *match)
+            self._fold(graph, linear, node, *match)
             fused += 1
         if fused:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -83,7 +83,7 @@ class FuseLinearAffine(Pass):
         return weight, bias, vector
 
     @staticmethod
-    def _fold(linear: gs.Node, node: gs.Node, weight, bias, vector) -> None:
+    def _fold(graph: gs.Graph, linear: gs.Node, node: gs.Node, weight, bias, vector) -> None:
         dtype = weight.dtype
         channels = vector.shape[0]
         b = np.zeros(channels) if bias is None else np.broadcast_to(bias.reshape(-1), (channels,)).astype(np.float64)
@@ -104,6 +104,7 @@ class FuseLinearAffine(Pass):
         for n in (linear, node):
             n.inputs.clear()
             n.outputs.clear()
-        linear.inputs.extend([x, gs.Constant(f"{linear.name}_W_affine", w.astype(dtype)),
-                              gs.Constant(f"{linear.name}_B_affine", b.astype(dtype))])
+        base = linear.name or linear.op.lower()
+        linear.inputs.extend([x, gs.Constant(fresh_name(graph, f"{base}_W_affine"), w.astype(dtype)),
+                              gs.Constant(fresh_name(graph, f"{base}_B_affine"), b.astype(dtype))])
         linear.outputs.append(y)

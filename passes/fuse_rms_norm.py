@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import producer
+from passes.graph_utils import fresh_name, producer
 from passes.infer_shapes import InferShapes
 from passes.norm_match import affine_tail, reduce_axes, rsqrt_of_mean_plus_eps, squared, trailing_axis
 
@@ -44,7 +44,7 @@ class FuseRmsNorm(Pass):
             x, eps, end, gamma, width = match
             scale = np.broadcast_to(gamma if gamma is not None else 1.0, (width,)).astype(x.dtype or np.float32)
             end.inputs[0].outputs.clear()
-            inputs = [x, gs.Constant(f"{node.name}_rms_scale", scale)]
+            inputs = [x, gs.Constant(fresh_name(graph, "rms_scale"), scale)]
             attrs = {"axis": -1, "epsilon": eps}
             if self.target == "trt":
                 graph.layer(op="RMSNormalization", name=f"{node.name}_rmsnorm", inputs=inputs, outputs=[end], attrs=attrs)

@@ -71,3 +71,13 @@ def replace_uses(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph) -> bool:
 def int_list(tensor: gs.Tensor | None) -> list[int] | None:
     value = constant_value(tensor)
     return None if value is None or value.dtype.kind not in "iu" else [int(v) for v in value.reshape(-1)]
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor name not yet used in ``graph`` (node names may be empty or repeated)."""
+    taken = graph.tensors()
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name

@@ -162,3 +162,13 @@ def test_fixed_point_group_repeats_until_nothing_changes():
     assert ops(out) == ["Relu"]
     assert sum(r.changed for r in records) >= 3 and not any(r.changed for r in records[-4:])
     assert_same_outputs(model, out, X)
+
+
+def test_deduplicate_keeps_a_scalar_and_a_one_element_vector_apart():
+    # Found by the peer corpus (test_affine_grid_*_expanded): Slice needs 1-D starts.
+    nodes = [helper.make_node("Slice", ["x", "starts", "ends"], ["s"]), helper.make_node("Add", ["s", "one"], ["y"])]
+    inits = {"starts": np.array([1], np.int64), "ends": np.array([3], np.int64), "one": np.array(1, np.int64)}
+    model = make_model(nodes, [("x", np.int64, [4])], [("y", np.int64, [2])], inits)
+    result, out = run_pass(DeduplicateConstants(), model)
+    assert not result.changed and len(out.graph.initializer) == 3
+    assert_same_outputs(model, out, {"x": np.arange(4, dtype=np.int64)})
