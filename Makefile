@@ -7,7 +7,7 @@ PRECISION ?= fp32
 OUT ?=
 ARGS ?=
 
-.PHONY: engine test corpus venv zoo clean
+.PHONY: engine test corpus bench venv zoo clean
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,10 @@ test: venv
 # Counts for the peer corpus (ONNX's backend cases through both pipelines); also part of `make test`.
 corpus: venv
 	$(BIN)/python tests/corpus.py 2>/dev/null | grep -v '^\[W\]'
+
+# Pass benchmark on ONNX Runtime CPU for every zoo model (or MODELS="mlp bert_tiny").
+bench: venv
+	$(BIN)/planforge bench $(MODELS)
 
 zoo: venv
 	$(BIN)/planforge zoo

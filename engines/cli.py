@@ -128,6 +128,28 @@ def run(bundle, inputs, random_point, backend):
 
 
 @cli.command()
+@click.argument("models", nargs=-1)
+@click.option("--target", "targets", multiple=True, type=click.Choice(["trt", "ort"]), default=("ort", "trt"),
+              show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per graph.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/bench-passes.json"), show_default=True)
+def bench(models, targets, threads, runs, out):
+    """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model."""
+    from engines.bench import bench_zoo, write_json  # noqa: PLC0415
+    from engines.present import bench_table  # noqa: PLC0415
+    from exporter.zoo import BY_NAME  # noqa: PLC0415
+
+    unknown = [m for m in models if m not in BY_NAME]
+    if unknown:
+        raise click.BadParameter(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
+    results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)
+    write_json(results, out)
+    bench_table(console, results)
+    console.print(f"wrote {out}")
+
+
+@cli.command()
 def zoo():
     """List the zoo models and their inputs."""
     from engines.present import zoo_table  # noqa: PLC0415

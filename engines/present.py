@@ -123,3 +123,13 @@ def output_summary(console: Console, backend: str, outputs: dict[str, np.ndarray
         v = value.astype(np.float64) if value.size else np.zeros(1)
         _row(table, name, str(value.dtype), str(list(value.shape)), f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}")
     console.print(table)
+
+
+def bench_table(console: Console, results) -> None:
+    table = Table(title="passes on ONNX Runtime CPU (ORT graph optimizations on in both; opt shapes)")
+    for col in ("model", "target", "nodes", "pass s", "exported ms", "optimized ms", "speedup"):
+        table.add_column(col, justify="left" if col in ("model", "target") else "right")
+    for r in results:
+        _row(table, r.model, r.target, f"{r.nodes_before} -> {r.nodes_after}", f"{r.pass_seconds:.2f}",
+             f"{r.exported_ms:.2f}", f"{r.optimized_ms:.2f}", f"{r.speedup:.2f}x")
+    console.print(table)

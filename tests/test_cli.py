@@ -139,3 +139,31 @@ def test_ctrl_c_mid_build_leaves_no_partial_bundle(in_tmp):
     assert proc.returncode == 130, err
     assert "interrupted: nothing was written" in err and "Traceback" not in err
     assert list((in_tmp / "out").iterdir()) == []
+
+
+def test_bench_writes_one_result_per_model_and_target(run_cli, in_tmp):
+    import json
+
+    code, out, _ = run_cli("bench", "mlp", "--runs", "2", "-o", "b.json")
+    assert code == 0 and "optimized ms" in out
+    rows = json.loads((in_tmp / "b.json").read_text())["results"]
+    assert [(r["model"], r["target"]) for r in rows] == [("mlp", "ort"), ("mlp", "trt")]
+    for r in rows:
+        assert r["nodes_after"] <= r["nodes_before"] and r["exported_ms"] > 0 and r["optimized_ms"] > 0
+    code, _, err = run_cli("bench", "nosuchmodel")
+    assert code == 2 and "not zoo models" in err
+
+
+def test_optimize_writes_a_graph_that_matches_its_input(run_cli, in_tmp):
+    code, _, _ = run_cli("export", "mlp", "-o", "mlp.onnx")
+    assert code == 0
+    code, out, _ = run_cli("optimize", "mlp.onnx", "-o", "mlp.ort.onnx", "--target", "ort",
+                           "--input", "x:float32:[batch=1..4@2,64]")
+    assert code == 0 and "ops before/after" in out and "max abs difference" in out
+    optimized = onnx.load("mlp.ort.onnx")
+    assert [n.op_type for n in optimized.graph.node].count("Gelu") == 2
+    from passes.verify import run_graph
+
+    x = {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_graph(optimized, x)["logits"], run_graph(onnx.load("mlp.onnx"), x)["logits"],
+                               atol=1e-5, rtol=1e-4)

@@ -1,0 +1,105 @@
+"""``planforge bench``: what the passes buy on ONNX Runtime CPU, per zoo model.
+
+For each model: export (dynamo, opset 18), run the pipeline for the target, then time the
+exported and the optimized graph with the same session options (ONNX Runtime's own graph
+optimizations on in both, the same thread count) at the input spec's opt shapes: warm-up runs,
+then the median and p90 of timed runs. Speed targets live here, never in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassBench:
+    model: str
+    target: str
+    nodes_before: int
+    nodes_after: int
+    pass_seconds: float
+    exported_ms: float
+    optimized_ms: float
+    exported_p90_ms: float
+    optimized_p90_ms: float
+    shapes: dict
+
+    @property
+    def speedup(self) -> float:
+        return self.exported_ms / self.optimized_ms if self.optimized_ms else float("nan")
+
+
+def time_session(path: Path, feeds: dict[str, np.ndarray], threads: int, warmup: int, runs: int) -> list[float]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def bench_passes(name: str, target: str = "ort", threads: int = 2, warmup: int = 3, runs: int = 20,
+                 cache_dir: Path = Path("build/.cache")) -> PassBench:
+    from exporter.export import export_onnx  # noqa: PLC0415
+    from exporter.resolve import resolve  # noqa: PLC0415
+    from passes import PassManager, pipeline  # noqa: PLC0415
+
+    model = resolve(name, cache_dir)
+    feeds = model.input_spec.random_feeds("opt", seed=0)
+    with tempfile.TemporaryDirectory(prefix="planforge-bench-") as tmp:
+        exported = Path(tmp) / "model.onnx"
+        export_onnx(model.module, model.input_spec, model.output_names, exported)
+        graph = onnx.load(str(exported))
+        start = time.perf_counter()
+        optimized, _ = PassManager(pipeline(target, "fp32")).run(graph)
+        pass_seconds = time.perf_counter() - start
+        optimized_path = Path(tmp) / "model.opt.onnx"
+        onnx.save_model(optimized, str(optimized_path))
+        base, opt = [], []
+        for _ in range(2):  # interleave, so drift in machine load hits both alike
+            base += time_session(exported, feeds, threads, warmup, runs // 2)
+            opt += time_session(optimized_path, feeds, threads, warmup, runs // 2)
+    p90 = lambda xs: float(np.percentile(xs, 90))  # noqa: E731
+    return PassBench(name, target, len(graph.graph.node), len(optimized.graph.node), pass_seconds,
+                     statistics.median(base), statistics.median(opt), p90(base), p90(opt),
+                     {k: list(v.shape) for k, v in feeds.items()})
+
+
+def bench_zoo(names: list[str], targets: list[str], threads: int, runs: int,
+              on_result: Callable[[PassBench], None] = lambda r: None) -> list[PassBench]:
+    results = []
+    for name in names:
+        for target in targets:
+            result = bench_passes(name, target, threads=threads, runs=runs)
+            logger.info("%s/%s: %d -> %d nodes, %.1f -> %.1f ms", name, target, result.nodes_before,
+                        result.nodes_after, result.exported_ms, result.optimized_ms)
+            on_result(result)
+            results.append(result)
+    return results
+
+
+def write_json(results: list[PassBench], path: Path) -> None:
+    rows = [dict(dataclasses.asdict(r), speedup=round(r.speedup, 3)) for r in results]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "passes", "results": rows}, indent=2) + "\n")
