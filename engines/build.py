@@ -31,7 +31,7 @@ from passes.verify import run_graph
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SUPPORTED_PRECISIONS = ("fp32",)
+SUPPORTED_PRECISIONS = ("fp32", "fp16")
 GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # optimized graph vs exported graph, FP32
 
 
@@ -48,11 +48,13 @@ class BuildRequest:
     parity_rtol: float = 1e-3
     verify_passes: bool = True
     build_root: Path = Path("build")
+    keep_fp32: tuple[str, ...] = ()
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
         fields = {"model": self.model, "source_sha256": source_sha256, "inputs": str(spec), "precision": self.precision,
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
+                  "keep_fp32": sorted(self.keep_fp32),
                   "planforge": __version__, "schema": SCHEMA_VERSION}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -75,7 +77,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if request.precision not in PRECISIONS:
         raise UsageError(f"precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
     if request.precision not in SUPPORTED_PRECISIONS:
-        raise UsageError(f"precision {request.precision} is not yet supported; build with --precision fp32 for now")
+        raise UsageError(f"precision {request.precision} is not yet supported; build with --precision "
+                         f"{' or '.join(SUPPORTED_PRECISIONS)} for now")
     from exporter.resolve import resolve  # noqa: PLC0415 - imports torch; keep `engines` import light
 
     on_stage("resolve")
@@ -117,15 +120,20 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
     export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage)
     graph = onnx.load(str(exported))
     verify = _golden_feeds(golden) if request.verify_passes else []
-    passes, graphs = {}, {}
+    passes, graphs, unquantized = {}, {}, []
+    precisions = target_precisions(request.precision)
     for target in TARGETS:
         on_stage(f"passes ({target})")
-        manager = PassManager(pipeline(target, request.precision), verify_feeds=verify)
-        optimized, records = manager.run(graph)
+        steps = pipeline(target, precisions[target], keep=request.keep_fp32)
+        optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
         name = f"model.{target}.onnx"
         onnx.save_model(optimized, str(root / name))
         passes[target] = [r.to_json() for r in records]
-        graphs[name] = _compare_graph(root / name, golden)
+        graphs[name] = _compare_graph(root / name, golden, precisions[target])
+        if precisions[target] == "fp16":
+            from passes.convert_fp16 import fp32_nodes  # noqa: PLC0415
+
+            unquantized = fp32_nodes(optimized, request.keep_fp32)
     on_stage("tensorrt")
     trt_ok, trt_reason = tensorrt_status()
     trt_skipped = None if trt_ok else trt_reason
@@ -144,13 +152,13 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
         "outputs": [o.to_json() for o in _output_specs(graph)],
         "profiles": [_profile(spec)] if spec.is_dynamic else [],
         "precision": request.precision,
-        "unquantized_nodes": [],
+        "unquantized_nodes": unquantized,
         "calibration": None,
         "export": export_info,
         "passes": passes,
         "backends": {
-            "ort": {"graph": "model.ort.onnx", "precision": request.precision, "providers": ["CPUExecutionProvider"]},
-            "trt": {"graph": "model.trt.onnx", "plan": None, "precision": request.precision, "skipped": trt_skipped},
+            "ort": {"graph": "model.ort.onnx", "precision": precisions["ort"], "providers": ["CPUExecutionProvider"]},
+            "trt": {"graph": "model.trt.onnx", "plan": None, "precision": precisions["trt"], "skipped": trt_skipped},
         },
         "environment": _environment(trt_ok, trt_reason),
         "accuracy": {
@@ -202,6 +210,18 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
     return info, None, golden
 
 
+def target_precisions(precision: str) -> dict[str, str]:
+    """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels)."""
+    return {"trt": precision, "ort": "fp32" if precision == "fp16" else precision}
+
+
+def graph_tolerance(precision: str, reference: np.ndarray) -> tuple[float, float]:
+    """(atol, rtol) an optimized graph of this precision may differ from the reference by."""
+    if precision == "fp16":  # the budget stated in passes/convert_fp16.py
+        return 2e-2 * float(np.abs(reference).max(initial=0.0)) + 1e-3, 0.0
+    return GRAPH_ATOL, GRAPH_RTOL
+
+
 def _load_golden(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
@@ -212,7 +232,7 @@ def _golden_feeds(golden: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in points]
 
 
-def _compare_graph(path: Path, golden: dict[str, np.ndarray]) -> dict:
+def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) -> dict:
     """The optimized graph against the reference outputs in golden.npz, ORT optimizations on."""
     from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
 
@@ -223,13 +243,14 @@ def _compare_graph(path: Path, golden: dict[str, np.ndarray]) -> dict:
     points = {}
     for feeds, point in zip(_golden_feeds(golden), sorted({k.split("/", 1)[0] for k in golden})):
         actual = dict(zip(names, sess.run(names, feeds)))
-        points[point] = {n: compare(actual[n], golden[f"{point}/out/{n}"], GRAPH_ATOL, GRAPH_RTOL).to_json()
-                         for n in names}
+        points[point] = {n: compare(actual[n], golden[f"{point}/out/{n}"],
+                                    *graph_tolerance(precision, golden[f"{point}/out/{n}"])).to_json() for n in names}
     worst = {n: max(p[n]["max_abs"] for p in points.values()) for n in names}
     ok = all(e["ok"] for p in points.values() for e in p.values())
     if not ok:
-        raise BuildError(f"{path.name} differs from the reference beyond atol={GRAPH_ATOL} rtol={GRAPH_RTOL}: {worst}")
-    return {"points": points, "worst": worst, "ok": ok}
+        raise BuildError(f"{path.name} ({precision}) differs from the reference beyond its budget: max abs "
+                         f"errors {worst}; keep sensitive nodes in FP32 with --keep-fp32 NAME_OR_OP")
+    return {"points": points, "worst": worst, "ok": ok, "precision": precision}
 
 
 def _output_specs(model: onnx.ModelProto) -> list[OutputSpec]:

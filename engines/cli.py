@@ -56,13 +56,14 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
-def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes):
+@click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
+def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32):
     """Export MODEL, run the passes and write a bundle."""
     from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
     from engines.present import build_summary  # noqa: PLC0415
 
     request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
-                           verify_passes)
+                           verify_passes, keep_fp32=tuple(keep_fp32))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("build", total=None)
@@ -94,12 +95,13 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
 @_input_option
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
-def optimize(source, out, target, precision, inputs, verify_passes):
+@click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
+def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32):
     """Run the pass pipeline for one target on an .onnx file."""
     from engines.commands import optimize_model  # noqa: PLC0415
     from engines.present import optimize_summary  # noqa: PLC0415
 
-    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes)
+    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32))
     optimize_summary(console, out, records, worst)
 
 

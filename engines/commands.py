@@ -41,7 +41,7 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
 
 
 def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
-                   verify: bool) -> tuple[list[dict], dict[str, float]]:
+                   verify: bool, keep_fp32: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
     """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
     import os  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
@@ -50,6 +50,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
 
     from exporter.errors import PassError  # noqa: PLC0415
     from exporter.parity import compare  # noqa: PLC0415
+    from engines.build import graph_tolerance  # noqa: PLC0415
     from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
     from passes import PassManager, pipeline  # noqa: PLC0415
     from passes.verify import run_graph  # noqa: PLC0415
@@ -58,12 +59,13 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     spec = spec_from_onnx(model).override(inputs)
     points = ("min", "max") if spec.is_dynamic else ("opt",)
     feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
-    optimized, records = PassManager(pipeline(target, precision), verify_feeds=feeds if verify else None).run(model)
+    steps = pipeline(target, precision, keep=keep_fp32)
+    optimized, records = PassManager(steps, verify_feeds=feeds if verify else None).run(model)
     worst: dict[str, float] = {}
     for f in feeds:
         expected, actual = run_graph(model, f), run_graph(optimized, f)
         for name, exp in expected.items():
-            err = compare(actual[name], exp, 1e-4, 1e-3)
+            err = compare(actual[name], exp, *graph_tolerance(precision, exp))
             if not err.ok:
                 raise PassError(f"the optimized graph differs from {source} on output {name!r} by {err.max_abs:.3g}")
             worst[name] = max(worst.get(name, 0.0), err.max_abs)

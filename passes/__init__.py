@@ -11,6 +11,7 @@ import inspect
 
 from passes.base import FixedPoint, Pass, PassManager, PassRecord, PassResult
 from passes.cleanup import Cleanup
+from passes.convert_fp16 import ConvertToFp16
 from passes.deduplicate_constants import DeduplicateConstants
 from passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
 from passes.fold_constants import FoldConstants
@@ -35,29 +36,34 @@ FUSE = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerN
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE, SIMPLIFY),
     ("ort", "fp32"): (SIMPLIFY, FUSE, SIMPLIFY),
+    # FP16 only for TensorRT: ONNX Runtime's CPU fallback keeps FP32 (its FP16 kernels are slower).
+    ("trt", "fp16"): (SIMPLIFY, FUSE, SIMPLIFY, InferShapes, ConvertToFp16),
 }
 
 
-def pipeline(target: str, precision: str) -> list:
-    """Fresh pass instances (and fixed-point groups) for ``target`` and ``precision``."""
+def pipeline(target: str, precision: str, **options) -> list:
+    """Fresh pass instances (and fixed-point groups) for ``target`` and ``precision``.
+
+    ``options`` go to the passes whose constructor takes them (``keep=`` for ConvertToFp16).
+    """
     from exporter.errors import UsageError  # noqa: PLC0415
 
     key = (target, precision)
     if key not in PIPELINES:
         supported = ", ".join(f"{t}/{p}" for t, p in PIPELINES)
         raise UsageError(f"no pass pipeline for target {target!r} at precision {precision!r}; supported: {supported}")
-    return [_instantiate(step, target) for step in PIPELINES[key]]
+    return [_instantiate(step, dict(options, target=target)) for step in PIPELINES[key]]
 
 
-def _instantiate(step, target: str):
-    """A class becomes an instance (given ``target`` if it takes one); a tuple, a FixedPoint group."""
+def _instantiate(step, options: dict):
+    """A class becomes an instance (given the options it takes); a tuple, a FixedPoint group."""
     if isinstance(step, tuple):
-        return FixedPoint([_instantiate(s, target) for s in step])
-    takes_target = "target" in inspect.signature(step.__init__).parameters
-    return step(target=target) if takes_target else step()
+        return FixedPoint([_instantiate(s, options) for s in step])
+    params = inspect.signature(step.__init__).parameters
+    return step(**{k: v for k, v in options.items() if k in params})
 
 
-__all__ = ["FixedPoint", "PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
+__all__ = ["ConvertToFp16", "FixedPoint", "PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
            "Cleanup", "DeduplicateConstants", "EliminateCommonSubexpressions", "FoldConstants", "FoldShapes", "FuseConvBatchNorm",
            "FuseGelu", "FuseLayerNorm", "FuseLinearAffine", "FuseMatMulAdd", "FuseRmsNorm", "InferShapes",
            "MergeReshapes", "MergeTransposes", "RemoveNoOps"]

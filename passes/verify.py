@@ -25,9 +25,10 @@ def run_graph(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dic
 
 
 def worst_difference(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray],
-                     atol: float, rtol: float) -> tuple[str | None, float]:
+                     tolerances: dict[str, tuple[float, float]]) -> tuple[str | None, float]:
     """The first output outside ``atol + rtol*|expected|`` and its max abs error, or (None, 0)."""
     for name, exp in expected.items():
+        atol, rtol = tolerances[name]
         act = actual.get(name)
         if act is None or act.shape != exp.shape:
             return name, float("inf")

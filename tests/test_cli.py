@@ -64,7 +64,7 @@ def test_zoo_lists_every_model_with_its_inputs(run_cli):
     (("build", "bad_models.py:nothing"), 2, "no function 'nothing'"),
     (("build", "bad_models.py:raises"), 3, "raises() raised RuntimeError: checkpoint corrupted"),
     (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
-    (("build", "mlp", "--precision", "fp16"), 2, "fp16 is not yet supported"),
+    (("build", "mlp", "--precision", "int8"), 2, "int8 is not yet supported"),
     (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
     (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
 ])
@@ -167,3 +167,20 @@ def test_optimize_writes_a_graph_that_matches_its_input(run_cli, in_tmp):
     x = {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
     np.testing.assert_allclose(run_graph(optimized, x)["logits"], run_graph(onnx.load("mlp.onnx"), x)["logits"],
                                atol=1e-5, rtol=1e-4)
+
+
+def test_fp16_build_has_an_fp16_tensorrt_graph_and_an_fp32_cpu_fallback(run_cli, in_tmp):
+    code, out, _ = run_cli("build", "bert_tiny", "--precision", "fp16", "--keep-fp32", "Tanh",
+                           "--input", "input_ids:int64:[batch=1..2@2,seq=1..16@8]:0..30522")
+    assert code == 0 and "build/bert_tiny-fp16" in out
+    manifest = read_manifest(in_tmp / "build" / "bert_tiny-fp16")
+    assert manifest["precision"] == "fp16"
+    assert manifest["backends"]["trt"]["precision"] == "fp16" and manifest["backends"]["ort"]["precision"] == "fp32"
+    kept = {n["op"] for n in manifest["unquantized_nodes"]}
+    assert {"LayerNormalization", "Softmax", "Tanh"} <= kept
+    trt_graph = onnx.load(str(in_tmp / "build" / "bert_tiny-fp16" / "model.trt.onnx"))
+    half = [i for i in trt_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(np.prod(i.dims) for i in half) > 4_000_000  # the embeddings and weights
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in trt_graph.graph.output)
+    report = manifest["accuracy"]["graphs"]
+    assert report["model.trt.onnx"]["last_hidden_state"] > report["model.ort.onnx"]["last_hidden_state"]

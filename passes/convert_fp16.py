@@ -1,0 +1,205 @@
+"""FP16 for the ``trt`` target: FP16 weights and compute, FP32 kept where FP16 overflows or loses
+accuracy, graph inputs and outputs keep their types.
+
+TensorRT 11 builds strongly typed networks, so the ONNX graph alone decides precision.
+
+Written here rather than wrapping ``onnxconverter_common.float16`` (what Polygraphy's
+``--fp-to-fp16`` uses): version 1.16 produced graphs ONNX Runtime rejects on two of the six zoo
+models (``bert_tiny``, ``gpt_tiny``: "Type (tensor(float16)) of output arg ... does not match
+expected type (tensor(float))" at a Cast of the attention mask and at consumers of FP32 graph
+inputs), with or without the graph's value_info. ModelOpt AutoCast needs the nvidia-modelopt
+stack. The rules here are few and explicit:
+
+- A node computes in FP32 when its op is in ``KEEP_FP32_OPS`` (normalizations and reductions,
+  the softmax and its input, exp/pow/sqrt/reciprocal, ranges and cumulative sums), when its
+  op type or name is in the user's keep list, or when it holds a subgraph. Every other node that
+  reads or writes float tensors computes in FP16.
+- FP32 initializers read only by FP16 nodes are stored as FP16, clipped to +-65504 (a -1e9
+  attention mask becomes -65504: still zero after softmax). Float ``Cast`` and ``Constant`` nodes
+  in FP16 regions produce FP16.
+- A ``Cast`` is inserted, once per tensor and direction, wherever a tensor crosses between the
+  two precisions; graph inputs stay FP32 (cast on entry) and graph outputs stay FP32 (cast on exit,
+  under the original name).
+- Inputs that the ONNX spec fixes as float32 (``Resize`` scales) are left alone.
+
+Budget (checked by the pass manager's verification and by the build): each output within
+``max abs error <= 2e-2 * max|FP32 output| + 1e-3`` of the FP32 graph under ONNX Runtime CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.base import Pass, PassResult
+from passes.graph_utils import fresh_name
+from passes.infer_shapes import InferShapes
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
+KEEP_FP32_OPS = frozenset({
+    "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "GroupNormalization",
+    "InstanceNormalization", "LpNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1",
+    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "Softmax", "LogSoftmax", "Exp", "Pow",
+    "Sqrt", "Reciprocal", "Range", "CumSum", "Einsum",
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Multinomial",
+})
+FIXED_FLOAT32_INPUTS = {"Resize": {2}, "Upsample": {1}}
+
+
+def _is_float32(tensor: gs.Tensor) -> bool:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values).dtype == F32
+    return tensor.dtype is not None and np.dtype(tensor.dtype) == F32
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    dtype = np.asarray(tensor.values).dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    return dtype is not None and np.dtype(dtype) in (F32, F16)
+
+
+def _float_tensors(node: gs.Node) -> bool:
+    """Does the node compute on floats (and is not a boundary Cast from FP16 back to FP32)?
+
+    FP16 tensors count too, so a second run sees the nodes it converted as FP16 nodes.
+    """
+    if node.op == "Cast" and node.attrs.get("to") == 1:
+        src = node.inputs[0]
+        return not (src.dtype is not None and np.dtype(src.dtype) == F16)
+    return any(_is_float(t) for t in list(node.inputs) + list(node.outputs) if t.name)
+
+
+class ConvertToFp16(Pass):
+    """Replaces FP32 compute with FP16 except where FP32 is kept (see the module docstring)."""
+
+    requires = (InferShapes,)
+
+    def __init__(self, keep: tuple[str, ...] = ()):
+        self.keep = frozenset(keep)
+
+    @staticmethod
+    def budget(expected: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+        return {n: (2e-2 * float(np.abs(v).max(initial=0.0)) + 1e-3, 0.0) for n, v in expected.items()}
+
+    def _keeps_fp32(self, node: gs.Node) -> str | None:
+        if node.op in KEEP_FP32_OPS:
+            return "op kept in FP32"
+        if node.op in self.keep or node.name in self.keep:
+            return "named in the keep list"
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return "holds a subgraph"
+        return None
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        half = {id(n) for n in graph.nodes if _float_tensors(n) and not self._keeps_fp32(n)}
+        retyped, produced_half = self._retype_outputs(graph, half)
+        casts = self._insert_casts(graph, half, produced_half)
+        weights = self._convert_initializers(graph, half)
+        if not (retyped or casts or weights):
+            return PassResult(False)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        kept = sum(1 for n in graph.nodes if _float_tensors(n) and self._keeps_fp32(n))
+        return PassResult(True, {"fp16_nodes": len(half), "fp32_nodes": kept, "casts": casts, "weights": weights})
+
+    def _retype_outputs(self, graph: gs.Graph, half: set[int]) -> tuple[int, set[int]]:
+        """FP16 nodes write FP16: output dtypes, Cast targets and Constant values change."""
+        produced, retyped = set(), 0
+        for node in (n for n in graph.nodes if id(n) in half):
+            if node.op == "Cast" and node.attrs.get("to") == 1:
+                node.attrs["to"] = 10
+            if node.op in ("Constant", "ConstantOfShape") and "value" in node.attrs:
+                value = node.attrs["value"]
+                if np.asarray(value.values).dtype == F32:
+                    node.attrs["value"] = gs.Constant(value.name, _to_half(value.values))
+            for out in node.outputs:
+                if out.dtype is not None and np.dtype(out.dtype) == F32:
+                    out.dtype = F16
+                    retyped += 1
+                if out.dtype is not None and np.dtype(out.dtype) == F16:
+                    produced.add(id(out))
+        return retyped, produced
+
+    def _insert_casts(self, graph: gs.Graph, half: set[int], produced_half: set[int]) -> int:
+        casts: dict[tuple[int, int], gs.Variable] = {}
+        count = 0
+
+        def cast(tensor: gs.Tensor, to: int) -> gs.Variable:
+            nonlocal count
+            key = (id(tensor), to)
+            if key not in casts:
+                out = gs.Variable(fresh_name(graph, f"{tensor.name}_to_{'fp16' if to == 10 else 'fp32'}"),
+                                  dtype=F16 if to == 10 else F32, shape=tensor.shape)
+                graph.nodes.append(gs.Node("Cast", fresh_name(graph, f"{tensor.name}_cast"), {"to": to},
+                                           inputs=[tensor], outputs=[out]))
+                casts[key] = out
+                count += 1
+            return casts[key]
+
+        for node in list(graph.nodes):
+            if node.op == "Cast":
+                continue  # a Cast reads any type
+            fixed = FIXED_FLOAT32_INPUTS.get(node.op, set())
+            for i, tensor in enumerate(list(node.inputs)):
+                if isinstance(tensor, gs.Constant) or not tensor.name or i in fixed:
+                    continue
+                is_half = id(tensor) in produced_half
+                is_float = is_half or _is_float32(tensor)
+                if not is_float:
+                    continue
+                if id(node) in half and not is_half:
+                    node.inputs[i] = cast(tensor, 10)
+                elif id(node) not in half and is_half:
+                    node.inputs[i] = cast(tensor, 1)
+        for i, out in enumerate(list(graph.outputs)):
+            if id(out) in produced_half:
+                inner = gs.Variable(fresh_name(graph, f"{out.name}_fp16"), dtype=F16, shape=out.shape)
+                writer = out.inputs[0]
+                writer.outputs[[k for k, t in enumerate(writer.outputs) if t is out][0]] = inner
+                for consumer in list(out.outputs):
+                    consumer.inputs[[k for k, t in enumerate(consumer.inputs) if t is out][0]] = inner
+                out.dtype = F32
+                graph.nodes.append(gs.Node("Cast", fresh_name(graph, f"{out.name}_cast"), {"to": 1},
+                                           inputs=[inner], outputs=[out]))
+                count += 1
+        return count
+
+    def _convert_initializers(self, graph: gs.Graph, half: set[int]) -> int:
+        """FP32 constants read only by FP16 nodes become FP16 (one copy per constant)."""
+        converted: dict[int, gs.Constant] = {}
+        clipped = 0
+        for node in (n for n in graph.nodes if id(n) in half):
+            fixed = FIXED_FLOAT32_INPUTS.get(node.op, set())
+            for i, tensor in enumerate(list(node.inputs)):
+                if not isinstance(tensor, gs.Constant) or i in fixed or not _is_float32(tensor):
+                    continue
+                if id(tensor) not in converted:
+                    values = np.asarray(tensor.values)
+                    clipped += int(np.count_nonzero(np.abs(values) > FP16_MAX))
+                    readers_all_half = all(id(r) in half for r in tensor.outputs)
+                    name = tensor.name if readers_all_half else fresh_name(graph, f"{tensor.name}_fp16")
+                    new = gs.Constant(name, _to_half(values))
+                    if readers_all_half:
+                        tensor.values = new.values
+                        new = tensor
+                    converted[id(tensor)] = new
+                node.inputs[i] = converted[id(tensor)]
+        if clipped:
+            logger.info("ConvertToFp16: %d weight values clipped to +-%g", clipped, FP16_MAX)
+        return len(converted)
+
+
+def fp32_nodes(model, keep: tuple[str, ...] = ()) -> list[dict]:
+    """The float nodes of a converted ModelProto that compute in FP32, with the reason (for the manifest)."""
+    graph = gs.import_onnx(model)
+    rule = ConvertToFp16(keep)
+    return [{"name": n.name, "op": n.op, "reason": rule._keeps_fp32(n)}
+            for n in graph.nodes if rule._keeps_fp32(n) and _float_tensors(n)]
+
+
+def _to_half(values) -> np.ndarray:
+    return np.asarray(np.clip(np.asarray(values), -FP16_MAX, FP16_MAX), dtype=np.float16)  # 0-d stays an array
+

@@ -1,0 +1,79 @@
+import numpy as np
+import onnx
+from helpers import helper, make_model, ops, run_pass, seeded
+
+from passes.convert_fp16 import ConvertToFp16
+from passes.infer_shapes import InferShapes
+from passes.verify import run_graph
+
+F32 = np.float32
+
+
+def _block():
+    """x -> MatMul(W) -> Add(b) -> Softmax -> Mul(mask) -> y; mask is -1e9 where masked."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Add", ["a", "mask"], ["am"]), helper.make_node("Softmax", ["am"], ["s"]),
+             helper.make_node("Mul", ["s", "scale"], ["y"])]
+    mask = np.where(np.arange(8) < 6, 0.0, -1e9).astype(F32)
+    inits = {"W": seeded((16, 8), 1), "b": seeded((8,), 2), "mask": mask, "scale": np.array(3.0, F32)}
+    model = make_model(nodes, [("x", F32, ["n", 16])], [("y", F32, ["n", 8])], inits)
+    return run_pass(InferShapes(), model)[1]
+
+
+X = {"x": seeded((5, 16), 3)}
+
+
+def _within_budget(model, out, feeds):
+    expected, actual = run_graph(model, feeds), run_graph(out, feeds)
+    for name, exp in expected.items():
+        assert actual[name].dtype == exp.dtype  # graph outputs keep their type
+        budget = ConvertToFp16.budget({name: exp})[name][0]
+        assert np.abs(actual[name].astype(np.float64) - exp).max() <= budget
+
+
+def test_fp16_converts_weights_and_compute_keeps_softmax_and_io_in_fp32():
+    model = _block()
+    result, out = run_pass(ConvertToFp16(), model)
+    assert result.changed and result.stats["fp32_nodes"] == 1
+    types = {i.name: i.data_type for i in out.graph.initializer}
+    assert types["W"] == types["b"] == types["scale"] == onnx.TensorProto.FLOAT16
+    assert out.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert out.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert ops(out).count("Cast") == 4  # x in, softmax in, softmax out, y out
+    softmax = next(n for n in out.graph.node if n.op_type == "Softmax")
+    cast_in = next(n for n in out.graph.node if softmax.input[0] in n.output)
+    assert cast_in.op_type == "Cast" and cast_in.attribute[0].i == onnx.TensorProto.FLOAT
+    assert np.abs(onnx.numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == "mask"))).max() == 65504
+    _within_budget(model, out, X)
+
+
+def test_fp16_keeps_user_named_op_types_and_nodes_in_fp32():
+    model = _block()
+    _, out = run_pass(ConvertToFp16(keep=("MatMul",)), model)
+    matmul = next(n for n in out.graph.node if n.op_type == "MatMul")
+    weight = next(i for i in out.graph.initializer if i.name == matmul.input[1])
+    assert weight.data_type == onnx.TensorProto.FLOAT and matmul.input[0] == "x"
+    _within_budget(model, out, X)
+
+
+def test_fp16_does_not_fire_on_graphs_without_float_tensors_and_is_idempotent():
+    nodes = [helper.make_node("Add", ["i", "one"], ["y"])]
+    ints = make_model(nodes, [("i", np.int64, [3])], [("y", np.int64, [3])], {"one": np.array(1, np.int64)})
+    result, out = run_pass(ConvertToFp16(), ints)
+    assert not result.changed and ops(out) == ["Add"]
+    _, once = run_pass(ConvertToFp16(), _block())
+    again, twice = run_pass(ConvertToFp16(), run_pass(InferShapes(), once)[1])
+    assert not again.changed and ops(twice) == ops(once)
+    np.testing.assert_array_equal(run_graph(once, X)["y"], run_graph(twice, X)["y"])
+
+
+def test_fp16_casts_a_float_cast_of_an_integer_input_to_half():
+    nodes = [helper.make_node("Cast", ["mask"], ["mf"], to=1), helper.make_node("Mul", ["x", "mf"], ["y"])]
+    model = make_model(nodes, [("x", F32, [2, 4]), ("mask", np.int64, [2, 4])], [("y", F32, [2, 4])])
+    model = run_pass(InferShapes(), model)[1]
+    result, out = run_pass(ConvertToFp16(), model)
+    assert result.changed
+    first = next(n for n in out.graph.node if n.input[0] == "mask")
+    assert first.attribute[0].i == onnx.TensorProto.FLOAT16
+    feeds = {"x": seeded((2, 4)), "mask": np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.int64)}
+    _within_budget(model, out, feeds)
