@@ -32,6 +32,28 @@ def _graphs(graph: gs.Graph):
                 yield from _graphs(value)
 
 
+def _failing_node(graph: gs.Graph) -> gs.Node | None:
+    """The first node with only constant inputs that ONNX Runtime cannot evaluate on its own.
+
+    graphsurgeon evaluates the whole constant subgraph in one session, so its error may not
+    say which node failed; this runs each candidate alone (only after a failure).
+    """
+    from passes.verify import session  # noqa: PLC0415
+
+    for node in graph.nodes:
+        if not node.inputs or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        single = gs.Graph(nodes=[node.copy()], inputs=[], outputs=[], opset=graph.opset)
+        single.nodes[0].outputs = [gs.Variable(o.name, dtype=o.dtype) for o in node.outputs]
+        single.outputs = list(single.nodes[0].outputs)
+        single.ir_version = graph.ir_version or 10
+        try:
+            session(gs.export_onnx(single, do_type_check=False)).run(None, {})
+        except Exception:  # noqa: BLE001 - this is the node we are looking for
+            return node
+    return None
+
+
 class FoldConstants(Pass):
     """Replaces subgraphs of constants with their computed values."""
 
@@ -55,9 +77,11 @@ class FoldConstants(Pass):
             graph.fold_constants(error_ok=False, size_threshold=self.size_threshold, fold_shapes=False,
                                  flatten_subgraphs=False).cleanup()
         except Exception as exc:  # noqa: BLE001 - graphsurgeon re-raises ORT's and its own errors
+            culprit = _failing_node(graph)
+            where = f"node {culprit.name or '(unnamed)'} ({culprit.op})" if culprit else "a constant subgraph"
             raise PassError(
-                f"constant folding failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-                "Run with -v to see the node; disable folding with --skip-pass FoldConstants to build anyway"
+                f"constant folding failed at {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
+                "The graph computes something invalid from constants; fix the model that produced it"
             ) from exc
         folded = before - len(graph.nodes)
         return PassResult(changed=folded > 0, stats={"folded": folded} if folded else {})

@@ -81,3 +81,37 @@ def test_a_local_hugging_face_directory_builds_offline_and_matches_pytorch(build
         feeds = {"input_ids": golden["max/in/input_ids"], "attention_mask": golden["max/in/attention_mask"]}
         np.testing.assert_allclose(engine.infer(feeds)["last_hidden_state"], golden["max/out/last_hidden_state"],
                                    atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_a_graph_with_batchnorm_is_folded_and_still_matches_pytorch(build_root, tmp_path):
+    """A TorchScript export without constant folding keeps every BatchNormalization (as graphs
+    from older exporters do); the passes must fold them and keep PyTorch's numbers."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    module = BY_NAME["resnet18"].build(build_root / ".cache")
+    path = tmp_path / "resnet18_bn.onnx"
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(path), dynamo=False, do_constant_folding=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}}, opset_version=17)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("BatchNormalization") == 20
+    out = build_root / "resnet18_bn"
+    result = build(BuildRequest(str(path), out=out, inputs=("x:float32:[batch=1..4@2,3,64,64]",),
+                                build_root=build_root))
+    for target in ("trt", "ort"):
+        graph_ops = [n.op_type for n in onnx.load(str(out / f"model.{target}.onnx")).graph.node]
+        assert "BatchNormalization" not in graph_ops and graph_ops.count("Conv") == 20
+        fused = [r for r in result.manifest["passes"][target] if r["name"] == "FuseConvBatchNorm" and r["changed"]]
+        assert fused[0]["stats"] == {"fused": 20}
+    with runtime.load(out) as engine, torch.no_grad():
+        for batch in (1, 3):
+            xb = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32))
+            np.testing.assert_allclose(engine.infer({"x": xb.numpy()})["logits"], module(xb).numpy(),
+                                       atol=1e-4, rtol=1e-3)
