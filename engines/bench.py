@@ -15,13 +15,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
+
+ROUNDS = 5  # alternating rounds of timed runs per graph
 
 
 @dataclasses.dataclass
@@ -59,44 +60,44 @@ def time_session(path: Path, feeds: dict[str, np.ndarray], threads: int, warmup:
     return times
 
 
-def bench_passes(name: str, target: str = "ort", threads: int = 2, warmup: int = 3, runs: int = 20,
-                 cache_dir: Path = Path("build/.cache")) -> PassBench:
+def bench_model(name: str, targets: list[str], threads: int = 2, warmup: int = 2, runs: int = 30,
+                cache_dir: Path = Path("build/.cache")) -> list[PassBench]:
+    """Export ``name`` once, then time the exported graph against each target's optimized graph."""
     from exporter.export import export_onnx  # noqa: PLC0415
     from exporter.resolve import resolve  # noqa: PLC0415
     from passes import PassManager, pipeline  # noqa: PLC0415
 
     model = resolve(name, cache_dir)
     feeds = model.input_spec.random_feeds("opt", seed=0)
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    results = []
     with tempfile.TemporaryDirectory(prefix="planforge-bench-") as tmp:
         exported = Path(tmp) / "model.onnx"
         export_onnx(model.module, model.input_spec, model.output_names, exported)
         graph = onnx.load(str(exported))
-        start = time.perf_counter()
-        optimized, _ = PassManager(pipeline(target, "fp32")).run(graph)
-        pass_seconds = time.perf_counter() - start
-        optimized_path = Path(tmp) / "model.opt.onnx"
-        onnx.save_model(optimized, str(optimized_path))
-        base, opt = [], []
-        for _ in range(2):  # interleave, so drift in machine load hits both alike
-            base += time_session(exported, feeds, threads, warmup, runs // 2)
-            opt += time_session(optimized_path, feeds, threads, warmup, runs // 2)
-    p90 = lambda xs: float(np.percentile(xs, 90))  # noqa: E731
-    return PassBench(name, target, len(graph.graph.node), len(optimized.graph.node), pass_seconds,
-                     statistics.median(base), statistics.median(opt), p90(base), p90(opt),
-                     {k: list(v.shape) for k, v in feeds.items()})
-
-
-def bench_zoo(names: list[str], targets: list[str], threads: int, runs: int,
-              on_result: Callable[[PassBench], None] = lambda r: None) -> list[PassBench]:
-    results = []
-    for name in names:
         for target in targets:
-            result = bench_passes(name, target, threads=threads, runs=runs)
-            logger.info("%s/%s: %d -> %d nodes, %.1f -> %.1f ms", name, target, result.nodes_before,
-                        result.nodes_after, result.exported_ms, result.optimized_ms)
-            on_result(result)
-            results.append(result)
+            start = time.perf_counter()
+            optimized, _ = PassManager(pipeline(target, "fp32")).run(graph)
+            pass_seconds = time.perf_counter() - start
+            optimized_path = Path(tmp) / f"model.{target}.onnx"
+            onnx.save_model(optimized, str(optimized_path))
+            base, opt = [], []
+            for _ in range(ROUNDS):  # interleave, so drift in machine load hits both alike
+                base += time_session(exported, feeds, threads, warmup, max(1, runs // ROUNDS))
+                opt += time_session(optimized_path, feeds, threads, warmup, max(1, runs // ROUNDS))
+            results.append(PassBench(name, target, len(graph.graph.node), len(optimized.graph.node), pass_seconds,
+                                     statistics.median(base), statistics.median(opt), _p90(base), _p90(opt), shapes))
+            logger.info("%s/%s: %d -> %d nodes, %.2f -> %.2f ms", name, target, results[-1].nodes_before,
+                        results[-1].nodes_after, results[-1].exported_ms, results[-1].optimized_ms)
     return results
+
+
+def _p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+def bench_zoo(names: list[str], targets: list[str], threads: int, runs: int) -> list[PassBench]:
+    return [r for name in names for r in bench_model(name, targets, threads=threads, runs=runs)]
 
 
 def write_json(results: list[PassBench], path: Path) -> None:

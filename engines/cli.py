@@ -134,7 +134,7 @@ def run(bundle, inputs, random_point, backend):
 @click.option("--target", "targets", multiple=True, type=click.Choice(["trt", "ort"]), default=("ort", "trt"),
               show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per graph.")
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per graph.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/bench-passes.json"), show_default=True)
 def bench(models, targets, threads, runs, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model."""

@@ -169,7 +169,19 @@ def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
 
 
 def _all_tensors(model: onnx.ModelProto):
-    yield from onnx.external_data_helper._get_all_tensors(model)
+    """Initializers and tensor attributes, subgraphs included (what may point at external data)."""
+    def walk(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from walk(attr.g)
+                for sub in attr.graphs:
+                    yield from walk(sub)
+    yield from walk(model.graph)
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
