@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 MODEL ?= resnet18
 PRECISION ?= fp32
 OUT ?=
+CALIB ?=
 ARGS ?=
 
 .PHONY: engine test corpus bench venv zoo clean
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 engine: venv
-	$(BIN)/planforge build $(MODEL) --precision $(PRECISION) $(if $(OUT),-o $(OUT)) $(ARGS)
+	$(BIN)/planforge build $(MODEL) --precision $(PRECISION) $(if $(OUT),-o $(OUT)) $(if $(CALIB),--calib $(CALIB)) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2

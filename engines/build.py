@@ -31,7 +31,7 @@ from passes.verify import run_graph
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SUPPORTED_PRECISIONS = ("fp32", "fp16")
+SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
 GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # optimized graph vs exported graph, FP32
 
 
@@ -49,12 +49,17 @@ class BuildRequest:
     verify_passes: bool = True
     build_root: Path = Path("build")
     keep_fp32: tuple[str, ...] = ()
+    calib: str | None = None
+    calib_method: str = "max"
+    allow_random_calibration: bool = False
+    budget: str | None = None
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
         fields = {"model": self.model, "source_sha256": source_sha256, "inputs": str(spec), "precision": self.precision,
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
-                  "keep_fp32": sorted(self.keep_fp32),
+                  "keep_fp32": sorted(self.keep_fp32), "calib": self.calib, "calib_method": self.calib_method,
+                  "random_calibration": self.allow_random_calibration, "budget": self.budget,
                   "planforge": __version__, "schema": SCHEMA_VERSION}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -89,8 +94,10 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if (reused := _existing(out, key, request.force)) is not None:
         logger.info("%s is up to date (same model, inputs and options); reusing it. --force rebuilds", out)
         return BuildResult(out, reused, True, time.perf_counter() - start)
+    old_cache = out / "calibration.json"
     with StagedBundle(out, replace=out.exists()) as stage:
-        manifest = _build_into(stage.path, request, model, spec, key, on_stage)
+        manifest = _build_into(stage.path, request, model, spec, key, on_stage,
+                               old_cache if old_cache.is_file() else None)
         on_stage("write")
         manifest = stage.commit(manifest, _roles(stage.path))
     return BuildResult(out, manifest, False, time.perf_counter() - start)
@@ -115,17 +122,23 @@ def _existing(out: Path, key: str, force: bool) -> dict | None:
     return manifest
 
 
-def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: str, on_stage) -> dict:
+def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: str, on_stage,
+                calib_cache: Path | None = None) -> dict:
     exported = root / "model.onnx"
     export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage)
     graph = onnx.load(str(exported))
     verify = _golden_feeds(golden) if request.verify_passes else []
     passes, graphs, unquantized = {}, {}, []
     precisions = target_precisions(request.precision)
+    int8 = _Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None
     for target in TARGETS:
         on_stage(f"passes ({target})")
-        steps = pipeline(target, precisions[target], keep=request.keep_fp32)
+        steps = pipeline(target, "fp32" if int8 else precisions[target], keep=request.keep_fp32)
         optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
+        if int8 is not None:
+            on_stage(f"int8 ({target})")
+            optimized = int8.quantize(target, optimized)
+            unquantized += int8.results[target].kept_float
         name = f"model.{target}.onnx"
         onnx.save_model(optimized, str(root / name))
         passes[target] = [r.to_json() for r in records]
@@ -153,7 +166,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
         "profiles": [_profile(spec)] if spec.is_dynamic else [],
         "precision": request.precision,
         "unquantized_nodes": unquantized,
-        "calibration": None,
+        "calibration": int8.manifest_entry() if int8 else None,
         "export": export_info,
         "passes": passes,
         "backends": {
@@ -165,6 +178,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
             "parity_ok": parity["ok"] if parity else None,
             "parity_worst": parity["worst"] if parity else None,
             "graphs": {name: g["worst"] for name, g in graphs.items()},
+            "int8": {t: r.to_json() for t, r in int8.results.items()} if int8 else None,
         },
     }
 
@@ -210,15 +224,52 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
     return info, None, golden
 
 
+class _Int8Stage:
+    """Calibration data, ranges (cached in calibration.json) and budgeted quantization per target."""
+
+    def __init__(self, root: Path, request: BuildRequest, model, spec: InputSpec, cache: Path | None):
+        from engines.calibration_data import load_calibration  # noqa: PLC0415
+        from engines.int8 import Budget  # noqa: PLC0415
+        from exporter.zoo import BY_NAME  # noqa: PLC0415
+        from passes.calibration import data_sha256  # noqa: PLC0415
+
+        entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
+        self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
+        self.data_hash = data_sha256(self.data.calibration)
+        self.budget = Budget.parse(request.budget, model.task)
+        self.root, self.method, self.cache = root, request.calib_method, cache
+        self.ranges: dict[str, dict] = {}
+        self.results: dict = {}
+        self.reused: dict[str, bool] = {}
+
+    def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
+        from engines.int8 import quantize_target, ranges_for  # noqa: PLC0415
+        from passes.calibration import save_ranges  # noqa: PLC0415
+
+        ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
+                                                             self.data_hash, self.cache)
+        self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in ranges.items()}}
+        save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
+        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget)
+        return self.results[target].model
+
+    def manifest_entry(self) -> dict:
+        return {"method": self.method, "source": self.data.source, "samples": self.data.samples,
+                "evaluation_batches": len(self.data.evaluation), "data_sha256": self.data_hash,
+                "file": "calibration.json", "reused": self.reused, "budget": str(self.budget)}
+
+
 def target_precisions(precision: str) -> dict[str, str]:
     """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels)."""
     return {"trt": precision, "ort": "fp32" if precision == "fp16" else precision}
 
 
-def graph_tolerance(precision: str, reference: np.ndarray) -> tuple[float, float]:
+def graph_tolerance(precision: str, reference: np.ndarray) -> tuple[float | None, float]:
     """(atol, rtol) an optimized graph of this precision may differ from the reference by."""
     if precision == "fp16":  # the budget stated in passes/convert_fp16.py
         return 2e-2 * float(np.abs(reference).max(initial=0.0)) + 1e-3, 0.0
+    if precision == "int8":  # recorded, not enforced here: the INT8 budget metric decides (engines/int8.py)
+        return None, 0.0
     return GRAPH_ATOL, GRAPH_RTOL
 
 
@@ -274,6 +325,7 @@ def _opset(model: onnx.ModelProto) -> int | None:
 
 def _roles(root: Path) -> dict[str, str]:
     roles = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onnx": "ort-graph",
+             "calibration.json": "calibration",
              "golden.npz": "golden", "report.json": "report", "model.onnx.data": "external-data"}
     return {p.name: roles.get(p.name, "other") for p in root.iterdir()}
 

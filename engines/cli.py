@@ -57,13 +57,22 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
-def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32):
+@click.option("--calib", metavar="SOURCE", help="INT8 calibration data: a directory of .npz/.npy batches or "
+              "module:function (zoo models bring their own).")
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True)
+@click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
+@click.option("--budget", metavar="METRIC=VALUE", help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 "
+              "[default by task].")
+def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
+          calib, calib_method, allow_random_calibration, budget):
     """Export MODEL, run the passes and write a bundle."""
     from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
     from engines.present import build_summary  # noqa: PLC0415
 
     request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
-                           verify_passes, keep_fp32=tuple(keep_fp32))
+                           verify_passes, keep_fp32=tuple(keep_fp32), calib=calib, calib_method=calib_method,
+                           allow_random_calibration=allow_random_calibration, budget=budget)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("build", total=None)

@@ -39,6 +39,11 @@ def build_summary(console: Console, out: Path, manifest: dict, reused: bool, sec
     console.print(f"backends available: {', '.join(available)}")
     if worst is not None:
         console.print(f"parity PyTorch vs ONNX Runtime: max abs error {worst:.2g} (ok)")
+    for target, report in (manifest["accuracy"].get("int8") or {}).items():
+        kept = len(report["kept_float"])
+        console.print(f"INT8 {target}: budget {report['budget']} {'met' if report['met'] else 'NOT met'} "
+                      f"({report['final']:.4f}; all-INT8 {report['full_int8']:.4f}; "
+                      f"{kept} of {report['candidates']} layers kept in float)")
     if backends["trt"].get("skipped"):
         console.print(f"TensorRT skipped: {escape(backends['trt']['skipped'])}")
 

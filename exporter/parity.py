@@ -34,7 +34,8 @@ class OutputError:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok}
 
 
-def compare(actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputError:
+def compare(actual: np.ndarray, expected: np.ndarray, atol: float | None, rtol: float) -> OutputError:
+    """Errors of ``actual`` against ``expected``; ``atol=None`` records them without a pass/fail bound."""
     if actual.shape != expected.shape:
         return OutputError(float("inf"), float("inf"), False)
     if expected.dtype.kind not in "fc":
@@ -49,7 +50,7 @@ def compare(actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) 
     max_abs = float(diff.max()) if diff.size else 0.0
     big = ref >= REL_FLOOR
     max_rel = float((diff[big] / ref[big]).max()) if big.any() else 0.0
-    ok = nan_ok and bool(np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True))
+    ok = nan_ok and (atol is None or bool(np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True)))
     return OutputError(max_abs, max_rel, ok)
 
 

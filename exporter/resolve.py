@@ -85,8 +85,9 @@ def _resolve_zoo(name: str, cache_dir: Path) -> ResolvedModel:
     for source in sorted(Path(zoo.__file__).parent.glob("*.py")):  # the zoo's model definitions
         sha256_file(source, digest)
     module = entry.build(cache_dir)
-    for tensor in module.state_dict().values():
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    if entry.trained:  # seeded weights follow from the source hashed above; trained ones do not
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
     return ResolvedModel(name, "zoo", name, entry.input_spec, entry.outputs, digest.hexdigest(), entry.task, module)
 
 

@@ -41,6 +41,9 @@ BAD_MODELS = """
 
     def raises():
         raise RuntimeError("checkpoint corrupted")
+
+    def plain():
+        return torch.nn.Linear(3, 2), ["x:float32:[batch=1..4@2,3]"]
 """
 
 
@@ -64,7 +67,9 @@ def test_zoo_lists_every_model_with_its_inputs(run_cli):
     (("build", "bad_models.py:nothing"), 2, "no function 'nothing'"),
     (("build", "bad_models.py:raises"), 3, "raises() raised RuntimeError: checkpoint corrupted"),
     (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
-    (("build", "mlp", "--precision", "int8"), 2, "int8 is not yet supported"),
+    (("build", "bad_models.py:plain", "--precision", "int8"), 6, "INT8 needs calibration data"),
+    (("build", "bad_models.py:plain", "--precision", "int8", "--calib", "nowhere"), 6, "neither a directory"),
+    (("build", "mlp", "--precision", "int8", "--budget", "top5=0.9"), 2, "expected top1=0.99"),
     (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
     (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
 ])

@@ -115,3 +115,39 @@ def test_a_graph_with_batchnorm_is_folded_and_still_matches_pytorch(build_root, 
             xb = torch.from_numpy(np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32))
             np.testing.assert_allclose(engine.infer({"x": xb.numpy()})["logits"], module(xb).numpy(),
                                        atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, caplog):
+    import json
+    import logging
+
+    import onnx
+
+    from exporter.zoo import digits
+    from passes.verify import session
+
+    out = build_root / "digits-int8"
+    result = build(BuildRequest("digits_cnn", out=out, precision="int8", build_root=build_root))
+    manifest = result.manifest
+    assert manifest["precision"] == "int8" and manifest["calibration"]["source"].startswith("zoo:digits_cnn")
+    assert manifest["calibration"]["reused"] == {"trt": False, "ort": False}
+    assert all(r["met"] for r in manifest["accuracy"]["int8"].values())
+    images, labels = digits.digits_split("test")
+    fp32 = digits.accuracy(BY_NAME["digits_cnn"].build(build_root / ".cache"), "test")
+    for target in ("trt", "ort"):
+        graph = onnx.load(str(out / f"model.{target}.onnx"))
+        assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) >= 4
+        logits = session(graph, optimize=True).run(None, {"x": images})[0]
+        assert (logits.argmax(1) == labels).mean() >= fp32 - 0.01, target
+    with runtime.load(out) as engine:
+        assert (engine.infer({"x": images[:64]})["logits"].argmax(1) == labels[:64]).mean() >= 0.95
+    ranges = json.loads((out / "calibration.json").read_text())["targets"]["trt"]["ranges"]
+    assert ranges["x"][0] >= 0.0 and ranges["x"][1] <= 1.0  # pixel range of the real images
+    with caplog.at_level(logging.INFO):
+        again = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root))
+    assert again.manifest["calibration"]["reused"] == {"trt": True, "ort": True}
+    assert "reusing calibration ranges" in caplog.text
+    other = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, calib_method="entropy",
+                               build_root=build_root))
+    assert other.manifest["calibration"]["reused"] == {"trt": False, "ort": False}

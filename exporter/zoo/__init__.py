@@ -23,6 +23,14 @@ class ZooEntry:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     factory: Callable[[Path], torch.nn.Module]
+    calibration: str | None = None  # name of the function in exporter.zoo.calibration
+    trained: bool = False  # weights come from training (their bytes identify the model), not from the seed
+
+    def calibration_data(self, module: torch.nn.Module) -> tuple[list[dict], list[dict]]:
+        """(calibration batches, held-out evaluation batches) for INT8 builds."""
+        from exporter.zoo import calibration  # noqa: PLC0415
+
+        return getattr(calibration, self.calibration)(module)
 
     @property
     def input_spec(self) -> InputSpec:
@@ -34,15 +42,15 @@ class ZooEntry:
 
 
 def _resnet18(_: Path):
-    from exporter.zoo.cnn import ResNet18, randomize_norms  # noqa: PLC0415
+    from exporter.zoo.cnn import ResNet18, init_like_trained  # noqa: PLC0415
 
-    return randomize_norms(ResNet18(), seed=1)
+    return init_like_trained(ResNet18(), seed=1)
 
 
 def _mobilenet_v2(_: Path):
-    from exporter.zoo.cnn import MobileNetV2, randomize_norms  # noqa: PLC0415
+    from exporter.zoo.cnn import MobileNetV2, init_like_trained  # noqa: PLC0415
 
-    return randomize_norms(MobileNetV2(), seed=2)
+    return init_like_trained(MobileNetV2(), seed=2)
 
 
 def _mlp(_: Path):
@@ -84,20 +92,20 @@ _GPT_PRESENT = tuple(f"present_{kind}_{i}" for i in range(_GPT_LAYERS) for kind 
 
 ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry("mlp", "3-layer MLP with GELU, 64 -> 10", "classification",
-             ("x:float32:[batch=1..64@8,64]",), ("logits",), _mlp),
+             ("x:float32:[batch=1..64@8,64]",), ("logits",), _mlp, "features"),
     ZooEntry("resnet18", "ResNet-18, 11.7M parameters, ImageNet head", "classification",
-             ("x:float32:[batch=1..32@8,3,224,224]",), ("logits",), _resnet18),
+             ("x:float32:[batch=1..32@8,3,224,224]",), ("logits",), _resnet18, "images"),
     ZooEntry("mobilenet_v2", "MobileNetV2 1.0, depthwise separable CNN, 3.5M parameters", "classification",
-             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _mobilenet_v2),
+             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _mobilenet_v2, "images"),
     ZooEntry("vit_tiny", "ViT-Ti/16, 12 layers, 192 wide, 5.7M parameters", "classification",
-             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _vit_tiny),
+             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _vit_tiny, "images"),
     ZooEntry("bert_tiny", "BERT-tiny encoder, 2 layers, 128 wide, attention mask", "embedding",
              ("input_ids:int64:[batch=1..16@4,seq=1..128@32]:0..30522", "attention_mask:int64:[batch,seq]:0..2"),
-             ("last_hidden_state", "pooler_output"), _bert_tiny),
+             ("last_hidden_state", "pooler_output"), _bert_tiny, "bert_sentences"),
     ZooEntry("gpt_tiny", "GPT-style decoder, 2 layers, KV cache in and out", "generation",
-             ("input_ids:int64:[batch=1..8@2,seq=1..64@8]:0..1024", *_GPT_PAST), ("logits", *_GPT_PRESENT), _gpt_tiny),
+             ("input_ids:int64:[batch=1..8@2,seq=1..64@8]:0..1024", *_GPT_PAST), ("logits", *_GPT_PRESENT), _gpt_tiny, "gpt_sentences"),
     ZooEntry("digits_cnn", "small CNN trained at first use on scikit-learn digits (8x8)", "classification",
-             ("x:float32:[batch=1..64@16,1,8,8]:0..1",), ("logits",), _digits_cnn),
+             ("x:float32:[batch=1..64@16,1,8,8]:0..1",), ("logits",), _digits_cnn, "digits", trained=True),
 )
 
 BY_NAME = {e.name: e for e in ENTRIES}

@@ -1,8 +1,11 @@
 """Convolutional zoo models written here (torchvision's PyPI wheels are CUDA builds that do not
 import next to CPU torch): a real ResNet-18, a MobileNetV2, and a small MLP.
 
-BatchNorm running statistics and affine parameters are drawn from a seeded generator instead of
-left at their identity defaults, so a pass that folds them is checked against real numbers.
+Seeded random weights are initialized the way trained networks look to an exporter: Kaiming
+convolutions, random BatchNorm affine parameters, and BatchNorm running statistics estimated on
+synthetic images. Without that, a random ResNet's output hardly depends on its input (one class
+wins for every image), which would make accuracy budgets meaningless; and identity BatchNorms would
+let a folding pass go unchecked by real numbers.
 """
 
 from __future__ import annotations
@@ -11,17 +14,31 @@ import torch
 from torch import nn
 
 
-def randomize_norms(module: nn.Module, seed: int) -> nn.Module:
-    """Give every BatchNorm seeded, non-trivial statistics and affine parameters."""
+def init_like_trained(module: nn.Module, seed: int, image_size: int = 224) -> nn.Module:
+    """Kaiming convs, small zero-bias classifier, random BN affine, BN statistics from synthetic images."""
+    from exporter.zoo.calibration import images  # noqa: PLC0415
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
-            n = bn.num_features
-            bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            bn.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-            bn.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
-            bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return module
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_out) ** 0.5)
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.01)
+                m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches below
+        module.train()
+        for batch in images(None, count=32, batch=8, size=image_size, seed=seed + 1000, split=False):
+            module(torch.from_numpy(batch["x"]))
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.1
+    return module.eval()
 
 
 class BasicBlock(nn.Module):

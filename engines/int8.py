@@ -1,0 +1,164 @@
+"""INT8 with an accuracy budget: quantize, measure, and keep the most sensitive layers in float.
+
+1. Quantize every candidate layer (``passes.quantize_trt.candidates``: Conv, ConvTranspose, Gemm,
+   MatMul, including attention's activation-activation MatMuls, Gather embeddings, residual
+   Adds) and measure the budget's metric against the FP32 graph on held-out batches, under ONNX
+   Runtime CPU with its graph optimizations on (as the bundle will run).
+2. If the budget fails: quantize each candidate alone to measure its sensitivity, then leave
+   candidates in float, most sensitive first, until the budget holds. What stays in float is
+   decided here by measurement for every model, embeddings and attention included.
+
+Budgets: ``top1=0.99`` (top-1 agreement with FP32 on the first output, the default for
+classifiers), ``cosine=0.99`` (mean per-sample cosine similarity over all outputs, the default
+for embeddings and generation), ``relerr=0.05`` (max |INT8 - FP32| / max |FP32| per output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from exporter.errors import BuildError, UsageError
+from passes import InferShapes, PassManager
+from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_trt import QuantizeForTensorRT, candidates
+from passes.verify import session
+
+logger = logging.getLogger(__name__)
+
+QUANTIZERS = {"trt": QuantizeForTensorRT, "ort": QuantizeForOnnxRuntime}
+DEFAULT_BUDGETS = {"classification": "top1=0.99", "embedding": "cosine=0.99", "generation": "cosine=0.99"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    metric: str  # top1 | cosine | relerr
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str | None, task: str | None) -> "Budget":
+        text = text or DEFAULT_BUDGETS.get(task or "", "relerr=0.05")
+        metric, _, value = text.partition("=")
+        if metric not in ("top1", "cosine", "relerr") or not value:
+            raise UsageError(f"budget {text!r}: expected top1=0.99, cosine=0.99 or relerr=0.05")
+        try:
+            return cls(metric, float(value))
+        except ValueError as exc:
+            raise UsageError(f"budget {text!r}: {value!r} is not a number") from exc
+
+    def met(self, value: float) -> bool:
+        return value <= self.threshold if self.metric == "relerr" else value >= self.threshold
+
+    def loss(self, value: float) -> float:
+        """Larger is worse, for ordering sensitivities."""
+        return value if self.metric == "relerr" else 1.0 - value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}"
+
+
+def metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    """The budget's metric over batches (each a list of outputs in graph order)."""
+    if budget.metric == "top1":
+        agree = [np.argmax(a[0], -1) == np.argmax(r[0], -1) for r, a in zip(reference, actual)]
+        return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
+    if budget.metric == "cosine":
+        cos = []
+        for r, a in zip(reference, actual):
+            floats = [(x, y) for x, y in zip(r, a) if x.dtype.kind == "f"]
+            rr = np.concatenate([x.reshape(x.shape[0], -1) for x, _ in floats], axis=1).astype(np.float64)
+            aa = np.concatenate([y.reshape(y.shape[0], -1) for _, y in floats], axis=1).astype(np.float64)
+            denom = np.linalg.norm(rr, axis=1) * np.linalg.norm(aa, axis=1)
+            cos.append(np.where(denom > 0, (rr * aa).sum(axis=1) / np.maximum(denom, 1e-30), 1.0))
+        return float(np.concatenate(cos).mean())
+    worst = 0.0
+    for r, a in zip(reference, actual):
+        for x, y in zip(r, a):
+            scale = float(np.abs(x).max(initial=0.0)) or 1.0
+            worst = max(worst, float(np.abs(x.astype(np.float64) - y).max(initial=0.0)) / scale)
+    return worst
+
+
+def _run(model: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
+    sess = session(model, optimize=True)
+    names = [o.name for o in sess.get_outputs()]
+    return [sess.run(names, b) for b in batches]
+
+
+@dataclasses.dataclass
+class Int8Result:
+    model: onnx.ModelProto
+    budget: Budget
+    full_int8: float
+    final: float
+    kept_float: list[dict]
+    sensitivity: dict[str, float]
+    candidates: int
+
+    def to_json(self) -> dict:
+        return {"budget": str(self.budget), "met": self.budget.met(self.final), "full_int8": self.full_int8,
+                "final": self.final, "candidates": self.candidates, "kept_float": self.kept_float,
+                "sensitivity": self.sensitivity}
+
+
+def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
+                    on_step: Callable[[str], None] = lambda s: None) -> Int8Result:
+    """Quantize ``fp32`` for ``target`` and fall back to float per layer until ``budget`` holds."""
+    reference = _run(fp32, evaluation)
+    graph = gs.import_onnx(fp32)
+    ops = {n.name: n.op for n in candidates(graph)}
+
+    def quantize(exclude: tuple[str, ...]) -> onnx.ModelProto:
+        quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude)
+        return PassManager([InferShapes(), quantizer]).run(fp32)[0]
+
+    def evaluate(exclude: tuple[str, ...]) -> tuple[onnx.ModelProto, float]:
+        model = quantize(exclude)
+        return model, metric(budget, reference, _run(model, evaluation))
+
+    model, full = evaluate(())
+    logger.info("INT8 %s: all %d layers quantized: %s = %.4f (budget %s)", target, len(ops), budget.metric, full, budget)
+    if budget.met(full):
+        return Int8Result(model, budget, full, full, [], {}, len(ops))
+    on_step(f"sensitivity ({target})")
+    sensitivity = {}
+    for name in ops:
+        _, value = evaluate(tuple(n for n in ops if n != name))
+        sensitivity[name] = value
+        logger.debug("sensitivity %s: %s alone quantized -> %.4f", target, name, value)
+    order = sorted(ops, key=lambda n: budget.loss(sensitivity[n]), reverse=True)
+    excluded: list[str] = []
+    value = full
+    for name in order:
+        excluded.append(name)
+        model, value = evaluate(tuple(excluded))
+        if budget.met(value):
+            break
+    if not budget.met(value):
+        raise BuildError(f"INT8 ({target}) cannot meet the budget {budget} even with every layer in float "
+                         f"({budget.metric} = {value:.4f}); loosen --budget or build FP16/FP32")
+    kept = [{"name": n, "op": ops[n], "target": target,
+             "reason": f"sensitivity: quantized alone, {budget.metric} = {sensitivity[n]:.4f}"} for n in excluded]
+    logger.info("INT8 %s: %d of %d layers kept in float; %s = %.4f", target, len(excluded), len(ops), budget.metric, value)
+    return Int8Result(model, budget, full, value, kept, sensitivity, len(ops))
+
+
+def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: str, data_hash: str,
+               cache: Path | None) -> tuple[dict, str, bool]:
+    """(ranges, graph sha256, reused): from ``cache`` when graph, data and method match, else calibrated."""
+    from passes.calibration import calibrate, graph_sha256, load_ranges  # noqa: PLC0415
+
+    graph_hash = graph_sha256(fp32)
+    if cache is not None and cache.is_file():
+        cached = load_ranges(cache, target, graph_hash, data_hash, method)
+        if cached is not None:
+            logger.info("INT8 %s: reusing calibration ranges from %s (graph and data unchanged)", target, cache)
+            return cached, graph_hash, True
+        logger.info("INT8 %s: %s does not match this graph, data and method; calibrating again", target, cache)
+    return calibrate(fp32, batches, method), graph_hash, False

@@ -1,0 +1,265 @@
+"""INT8: Q/DQ rules for both targets against a NumPy reference, calibration, cache, bad data, budget."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import helper, make_model, ops, run_pass, seeded
+
+from engines.calibration_data import load_calibration
+from engines.int8 import Budget, quantize_target
+from exporter.errors import CalibrationError
+from exporter.spec import InputSpec
+from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, mse_range, save_ranges
+from passes.infer_shapes import InferShapes
+from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_trt import QuantizeForTensorRT
+from passes.verify import run_graph
+
+F32 = np.float32
+
+
+def fake_quant(x, scale, axis=None):
+    """q = round_half_even(clip(x / s, -128, 127)) * s, the reference for symmetric INT8."""
+    shape = [1] * x.ndim
+    if axis is not None:
+        shape[axis] = -1
+    s = np.asarray(scale, F32).reshape(shape)
+    return np.clip(np.round(x / s), -128, 127) * s
+
+
+def _init(model, name):
+    return onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def _dq_of(model, consumer_op):
+    """(int8 weight, scale, zero point, axis) of the DequantizeLinear feeding ``consumer_op``'s weight."""
+    node = next(n for n in model.graph.node if n.op_type == consumer_op)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[1])
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), None)
+    return _init(model, dq.input[0]), _init(model, dq.input[1]), _init(model, dq.input[2]), axis
+
+
+def _linear(op, **attrs):
+    if op == "Conv":
+        w, x_shape, y_shape = seeded((4, 3, 3, 3), 1) * np.array([1, 10, 0.1, 3], F32)[:, None, None, None], [2, 3, 6, 6], [2, 4, 4, 4]
+    elif op == "Gemm":
+        w = seeded((5, 6), 1) if attrs.get("transB") else seeded((6, 5), 1)
+        x_shape, y_shape = [3, 6], [3, 5]
+    else:
+        w, x_shape, y_shape = seeded((6, 5), 1), [3, 6], [3, 5]
+    model = make_model([helper.make_node(op, ["x", "W"], ["y"], name=op.lower(), **attrs)], [("x", F32, x_shape)],
+                       [("y", F32, y_shape)], {"W": w})
+    return run_pass(InferShapes(), model)[1], w, x_shape
+
+
+@pytest.mark.parametrize("op, attrs, axis", [("Conv", {}, 0), ("Gemm", {"transB": 1}, 0), ("Gemm", {}, 1),
+                                             ("MatMul", {}, 1)])
+def test_trt_weights_are_int8_per_channel_on_the_output_axis_and_match_numpy(op, attrs, axis):
+    model, w, x_shape = _linear(op, **attrs)
+    x = seeded(x_shape, 2) * 2
+    ranges = {"x": (float(x.min()), float(x.max()))}
+    result, out = run_pass(QuantizeForTensorRT(ranges=ranges), model)
+    assert result.stats == {"nodes": 1, "weights": 1, "activations": 1}
+    q, scale, zero, got_axis = _dq_of(out, op)
+    assert got_axis == axis and q.dtype == np.int8 and not zero.any() and zero.dtype == np.int8
+    channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    np.testing.assert_allclose(scale, np.abs(channels).max(1) / 127, rtol=1e-6)
+    np.testing.assert_array_equal(q, np.clip(np.round(w / scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])), -128, 127))
+    # the whole graph under ONNX Runtime equals the NumPy reference of fake-quantized x and W
+    x_scale = max(abs(ranges["x"][0]), abs(ranges["x"][1])) / 127
+    xq, wq = fake_quant(x, x_scale), fake_quant(w, scale, axis)
+    reference = run_graph(model, {"x": xq.astype(F32)}) if op == "Conv" else None
+    if op == "Conv":
+        ref_model = model.__class__()
+        ref_model.CopyFrom(model)
+        ref_model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(wq.astype(F32), "W"))
+        reference = run_graph(ref_model, {"x": xq.astype(F32)})["y"]
+    elif op == "Gemm" and attrs.get("transB"):
+        reference = xq @ wq.T
+    else:
+        reference = xq @ wq
+    np.testing.assert_allclose(run_graph(out, {"x": x})["y"], reference, atol=1e-5, rtol=1e-5)
+    assert not run_pass(QuantizeForTensorRT(ranges=ranges), out)[0].changed  # idempotent
+
+
+def qdq_reference(original, quantized, feeds):
+    """The original float graph run on inputs and weights passed through the Q/DQ pairs found in
+    ``quantized`` (NumPy: q = clip(round(x / s) + zp, qmin, qmax), x' = (q - zp) * s)."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    reference = onnx.ModelProto()
+    reference.CopyFrom(original)
+    feeds = dict(feeds)
+    originals = {n.name: n for n in original.graph.node}
+    readers = {t: (n.name, i) for n in quantized.graph.node for i, t in enumerate(n.input)}
+    for node in quantized.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in feeds:
+            scale, zp = inits[node.input[1]], inits[node.input[2]]
+            info = np.iinfo(zp.dtype)
+            q = np.clip(np.round(feeds[node.input[0]] / scale) + zp.astype(np.int64), info.min, info.max)
+            feeds[node.input[0]] = ((q - zp.astype(np.int64)) * scale).astype(F32)
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].dtype == np.int8:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            q, scale = inits[node.input[0]].astype(F32), inits[node.input[1]]
+            shape = [-1 if i == axis else 1 for i in range(q.ndim)] if axis is not None else []
+            weight = q * (scale.reshape(shape) if shape else scale)
+            consumer, index = readers[node.output[0]]
+            name = originals[consumer].input[index]  # the float weight this DequantizeLinear replaced
+            for init in reference.graph.initializer:
+                if init.name == name:
+                    init.CopyFrom(onnx.numpy_helper.from_array(weight.astype(F32), name))
+    return run_graph(reference, feeds)
+
+
+def test_trt_shares_one_activation_pair_and_quantizes_the_residual_input():
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "skip"], ["y"], name="add")]
+    model = make_model(nodes, [("x", F32, [1, 3, 5, 5]), ("skip", F32, [1, 3, 5, 5])],
+                       [("y", F32, [1, 3, 5, 5]), ("b", F32, [1, 3, 5, 5])],
+                       {"W1": seeded((3, 3, 3, 3), 1), "W2": seeded((3, 3, 3, 3), 2)})
+    model = run_pass(InferShapes(), model)[1]
+    ranges = {"x": (-3.0, 3.0), "skip": (-2.0, 2.0)}
+    result, out = run_pass(QuantizeForTensorRT(ranges=ranges), model)
+    assert result.stats["nodes"] == 3 and ops(out).count("QuantizeLinear") == 2  # x once, skip once
+    add = next(n for n in out.graph.node if n.op_type == "Add")
+    assert add.input[0] == "a" and add.input[1] != "skip"
+    feeds = {"x": seeded((1, 3, 5, 5), 3), "skip": seeded((1, 3, 5, 5), 4)}
+    expected = qdq_reference(model, out, feeds)
+    for name, value in run_graph(out, feeds).items():
+        np.testing.assert_allclose(value, expected[name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_trt_does_not_quantize_excluded_layers_or_layers_without_a_range():
+    model, _, _ = _linear("MatMul")
+    for quantizer in (QuantizeForTensorRT(ranges={}), QuantizeForTensorRT(ranges={"x": (-1.0, 1.0)}, exclude=("matmul_0",))):
+        model.graph.node[0].name = "matmul_0"
+        result, out = run_pass(quantizer, model)
+        assert not result.changed and ops(out) == ["MatMul"]
+
+
+def test_ort_form_has_unsigned_activations_and_signed_per_channel_weights():
+    model, _, _ = _linear("Conv")
+    x = seeded((2, 3, 6, 6), 2)
+    result, out = run_pass(QuantizeForOnnxRuntime(ranges={"x": (float(x.min()), float(x.max())), "y": (-30.0, 30.0)}), model)
+    assert result.changed
+    q_act = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    assert _init(out, q_act.input[2]).dtype == np.uint8
+    q, _, zero, axis = _dq_of(out, "Conv")
+    assert q.dtype == np.int8 and axis == 0 and not zero.any()
+    conv_out = next(n for n in out.graph.node if n.op_type == "Conv").output[0]
+    quantized_y = run_graph(out, {"x": x})["y"]
+    # reference: x and W through their Q/DQ pairs, then y through its own (ONNX Runtime quantizes outputs too)
+    y = qdq_reference(model, out, {"x": x})["y"]
+    q_out = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv_out)
+    scale, zp = _init(out, q_out.input[1]), _init(out, q_out.input[2]).astype(np.int64)
+    expected = (np.clip(np.round(y / scale) + zp, 0, 255) - zp) * scale
+    np.testing.assert_allclose(quantized_y, expected, atol=1e-5, rtol=1e-5)
+
+
+# calibration -----------------------------------------------------------------------------------
+
+def _mlp():
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="second")]
+    return run_pass(InferShapes(), make_model(nodes, [("x", F32, ["n", 8])], [("y", F32, ["n", 4])],
+                                              {"W1": seeded((8, 16), 1), "W2": seeded((16, 4), 2)}))[1]
+
+
+BATCHES = [{"x": seeded((16, 8), i)} for i in range(4)]
+
+
+@pytest.mark.parametrize("method", ["max", "percentile", "entropy", "mse"])
+def test_every_calibration_method_gives_ranges_inside_the_observed_ones(method):
+    ranges = calibrate(_mlp(), BATCHES, method)
+    observed = np.concatenate([b["x"] for b in BATCHES])
+    lo, hi = ranges["x"]
+    assert observed.min() - 1e-6 <= lo < 0 < hi <= observed.max() + 1e-6
+    assert {"x", "h", "r", "y"} <= set(ranges)
+
+
+def test_mse_threshold_clips_outliers():
+    values = np.concatenate([np.random.default_rng(0).standard_normal(100_000), [60.0]])
+    hist, edges = np.histogram(np.abs(values), bins=2048)
+    lo, hi = mse_range(hist, edges.astype(F32), values.min(), values.max())
+    assert 3 < hi < 20 and lo == pytest.approx(-hi) or lo == values.min()
+
+
+def test_cache_is_reused_only_when_graph_data_and_method_match(tmp_path):
+    model, path = _mlp(), tmp_path / "calibration.json"
+    ranges = calibrate(model, BATCHES, "max")
+    g, d = graph_sha256(model), data_sha256(BATCHES)
+    save_ranges(path, {"trt": {"graph_sha256": g, "ranges": {k: list(v) for k, v in ranges.items()}}}, "max", d, 64)
+    assert load_ranges(path, "trt", g, d, "max") == ranges
+    assert load_ranges(path, "trt", g, d, "entropy") is None
+    assert load_ranges(path, "trt", g, data_sha256(BATCHES[:2]), "max") is None
+    assert load_ranges(path, "ort", g, d, "max") is None
+    other = _mlp()
+    other.graph.initializer[0].raw_data = np.zeros((8, 16), F32).tobytes()
+    assert load_ranges(path, "trt", graph_sha256(other), d, "max") is None
+    path.write_text("{broken")
+    assert load_ranges(path, "trt", g, d, "max") is None
+
+
+# calibration data ------------------------------------------------------------------------------
+
+SPEC = InputSpec.parse(["x:float32:[batch=1..16@4,8]"])
+
+
+def test_calibration_directory_of_npy_and_npz_batches(tmp_path):
+    for i in range(5):
+        np.save(tmp_path / f"b{i}.npy", seeded((4, 8), i))
+    data = load_calibration(str(tmp_path), SPEC)
+    assert len(data.calibration) == 4 and len(data.evaluation) == 1 and data.samples == 16
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda d: None, "holds no .npz or .npy files"),
+    (lambda d: np.save(d / "a.npy", np.zeros((4, 8), np.float64)), "a.npy: input 'x': expected dtype float32"),
+    (lambda d: np.save(d / "a.npy", np.zeros((4, 9), F32)), r"a.npy: input 'x': dim 1 \(fixed\) is 9"),
+    (lambda d: np.savez(d / "a.npz", y=np.zeros((4, 8), F32)), "a.npz: expected inputs x; missing x"),
+    (lambda d: (d / "a.npy").write_bytes(b"not numpy"), "a.npy is not a readable NumPy file"),
+])
+def test_bad_calibration_data_names_the_file_and_the_expected_spec(tmp_path, write, message):
+    write(tmp_path)
+    with pytest.raises(CalibrationError, match=message):
+        load_calibration(str(tmp_path), SPEC)
+
+
+def test_calibration_from_a_function_and_random_only_when_allowed(tmp_path, caplog):
+    (tmp_path / "feeds.py").write_text(
+        "import numpy as np\ndef batches():\n    return [{'x': np.ones((2, 8), np.float32) * i} for i in range(3)]\n"
+        "def broken():\n    raise OSError('no dataset mounted')\n")
+    data = load_calibration(f"{tmp_path}/feeds.py:batches", SPEC)
+    assert data.source.startswith("function:") and len(data.calibration) == 2
+    with pytest.raises(CalibrationError, match="failed: OSError: no dataset mounted"):
+        load_calibration(f"{tmp_path}/feeds.py:broken", SPEC)
+    with pytest.raises(CalibrationError, match="--allow-random-calibration"):
+        load_calibration(None, SPEC)
+    assert load_calibration(None, SPEC, allow_random=True).source == "random"
+    assert "CALIBRATING ON RANDOM DATA" in caplog.text
+
+
+# budget ----------------------------------------------------------------------------------------
+
+def test_budget_fallback_leaves_the_layer_that_breaks_the_budget_in_float():
+    model = _mlp()
+    ranges = calibrate(model, BATCHES, "max")
+    ranges["x"] = (-1e4, 1e4)  # a badly calibrated input: quantizing the first layer zeroes its input
+    evaluation = [{"x": seeded((32, 8), 9)}]
+    for target in ("trt", "ort"):
+        strict = quantize_target(model, target, ranges, evaluation, Budget.parse("relerr=0.05", None))
+        kept = [k["name"] for k in strict.kept_float]
+        assert kept == ["first"] and strict.full_int8 > 0.5 and strict.final <= 0.05
+        assert strict.sensitivity[kept[0]] > max(v for n, v in strict.sensitivity.items() if n != kept[0])
+        y = run_graph(strict.model, evaluation[0])["y"]
+        assert np.abs(y - run_graph(model, evaluation[0])["y"]).max() <= 0.05 * np.abs(run_graph(model, evaluation[0])["y"]).max()
+        assert any(n.op_type == "DequantizeLinear" for n in strict.model.graph.node)  # the other layer is INT8
+
+
+def test_budget_parsing_and_defaults():
+    assert str(Budget.parse(None, "classification")) == "top1 >= 0.99"
+    assert str(Budget.parse(None, "embedding")) == "cosine >= 0.99"
+    assert str(Budget.parse(None, None)) == "relerr <= 0.05"
+    assert Budget.parse("relerr=0.1", None).met(0.05) and not Budget.parse("top1=0.99", None).met(0.98)
