@@ -8,7 +8,7 @@ OUT ?=
 CALIB ?=
 ARGS ?=
 
-.PHONY: engine test corpus bench venv zoo clean
+.PHONY: engine test corpus bench bench-int8 venv zoo clean
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,10 @@ corpus: venv
 # Pass benchmark on ONNX Runtime CPU for every zoo model (or MODELS="mlp bert_tiny").
 bench: venv
 	$(BIN)/planforge bench $(MODELS)
+
+# INT8 on ONNX Runtime CPU against quantize_static (digits_cnn, resnet18, bert_tiny, or MODELS=...).
+bench-int8: venv
+	$(BIN)/planforge bench --int8 $(MODELS)
 
 zoo: venv
 	$(BIN)/planforge zoo

@@ -104,3 +104,12 @@ def write_json(results: list[PassBench], path: Path) -> None:
     rows = [dict(dataclasses.asdict(r), speedup=round(r.speedup, 3)) for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"kind": "passes", "results": rows}, indent=2) + "\n")
+
+
+def bench_int8(names: list[str], threads: int, runs: int, out: Path) -> list:
+    from engines.bench_int8 import bench_int8_model  # noqa: PLC0415
+
+    rows = [row for name in names for row in bench_int8_model(name, threads=threads, runs=runs)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"kind": "int8", "results": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
+    return rows

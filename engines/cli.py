@@ -144,19 +144,26 @@ def run(bundle, inputs, random_point, backend):
               show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per graph.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/bench-passes.json"), show_default=True)
-def bench(models, targets, threads, runs, out):
-    """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model."""
-    from engines.bench import bench_zoo, write_json  # noqa: PLC0415
-    from engines.present import bench_table  # noqa: PLC0415
+@click.option("--int8", is_flag=True, help="INT8 against ONNX Runtime's quantize_static instead of the passes.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
+def bench(models, targets, threads, runs, int8, out):
+    """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
+    from engines.bench import bench_int8, bench_zoo, write_json  # noqa: PLC0415
+    from engines.present import bench_int8_table, bench_table  # noqa: PLC0415
     from exporter.zoo import BY_NAME  # noqa: PLC0415
 
     unknown = [m for m in models if m not in BY_NAME]
     if unknown:
         raise click.BadParameter(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
-    results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)
-    write_json(results, out)
-    bench_table(console, results)
+    if int8:
+        out = out or Path("build/bench-int8.json")
+        rows = bench_int8(list(models) or ["digits_cnn", "resnet18", "bert_tiny"], threads, runs, out)
+        bench_int8_table(console, rows)
+    else:
+        out = out or Path("build/bench-passes.json")
+        results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)
+        write_json(results, out)
+        bench_table(console, results)
     console.print(f"wrote {out}")
 
 

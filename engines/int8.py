@@ -116,7 +116,7 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
 
     def quantize(exclude: tuple[str, ...]) -> onnx.ModelProto:
         quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude)
-        return PassManager([InferShapes(), quantizer]).run(fp32)[0]
+        return PassManager([InferShapes(), quantizer], quiet=True).run(fp32)[0]
 
     def evaluate(exclude: tuple[str, ...]) -> tuple[onnx.ModelProto, float]:
         model = quantize(exclude)

@@ -138,3 +138,14 @@ def bench_table(console: Console, results) -> None:
         _row(table, r.model, r.target, f"{r.nodes_before} -> {r.nodes_after}", f"{r.pass_seconds:.2f}",
              f"{r.exported_ms:.2f}", f"{r.optimized_ms:.2f}", f"{r.speedup:.2f}x")
     console.print(table)
+
+
+def bench_int8_table(console: Console, rows) -> None:
+    table = Table(title="INT8 on ONNX Runtime CPU (same calibration data; speed vs the exported FP32 graph)")
+    for col in ("model", "variant", "ms", "vs fp32", "metric", "value", "kept float"):
+        table.add_column(col, justify="left" if col in ("model", "variant", "metric") else "right")
+    base = {r.model: r.latency_ms for r in rows if r.variant == "fp32"}
+    for r in rows:
+        _row(table, r.model, r.variant, f"{r.latency_ms:.2f}", f"{base[r.model] / r.latency_ms:.2f}x", r.metric,
+             f"{r.value:.4f}", "" if r.kept_float is None else r.kept_float)
+    console.print(table)

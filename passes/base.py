@@ -129,7 +129,7 @@ class PassManager:
     """Runs passes in order; checks ``requires``; optionally verifies numbers after each pass."""
 
     def __init__(self, passes: Sequence[Step], verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
-                 atol: float = 1e-5, rtol: float = 1e-4):
+                 atol: float = 1e-5, rtol: float = 1e-4, quiet: bool = False):
         seen: set[type[Pass]] = set()
         for p in flatten(passes):
             missing = [r.__name__ for r in p.requires if r not in seen]
@@ -142,6 +142,7 @@ class PassManager:
         self.passes = tuple(passes)
         self.verify_feeds = list(verify_feeds or [])
         self.atol, self.rtol = atol, rtol
+        self.quiet = quiet  # log every pass at DEBUG (for managers run many times, e.g. sensitivity analysis)
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
         if reason := unrepresentable(model):
@@ -171,7 +172,7 @@ class PassManager:
         seconds = time.perf_counter() - start
         record = PassRecord(p.name, result.changed, result.stats, seconds, before, op_counts(graph))
         records.append(record)
-        log = logger.info if result.changed else logger.debug
+        log = logger.info if result.changed and not self.quiet else logger.debug
         log("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
             sum(before.values()), sum(record.nodes_after.values()))
         if result.changed and self.verify_feeds:

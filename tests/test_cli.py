@@ -189,3 +189,19 @@ def test_fp16_build_has_an_fp16_tensorrt_graph_and_an_fp32_cpu_fallback(run_cli,
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in trt_graph.graph.output)
     report = manifest["accuracy"]["graphs"]
     assert report["model.trt.onnx"]["last_hidden_state"] > report["model.ort.onnx"]["last_hidden_state"]
+
+
+def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(run_cli, in_tmp):
+    import json
+
+    code, out, _ = run_cli("build", "digits_cnn", "--precision", "int8", "--calib-method", "percentile")
+    assert code == 0 and "build/digits_cnn-int8" in out
+    assert "INT8 trt: budget top1 >= 0.99 met" in out and "INT8 ort: budget top1 >= 0.99 met" in out
+    manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8")
+    assert manifest["calibration"]["method"] == "percentile" and manifest["artifacts"]["calibration.json"]
+    code, out, _ = run_cli("bench", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
+    assert code == 0 and "peer quantize_static U8/S8" in out
+    rows = json.loads((in_tmp / "b8.json").read_text())["results"]
+    assert {r["variant"] for r in rows} == {"fp32", "planforge int8 (ort form)", "planforge int8 (trt form)",
+                                            "peer quantize_static U8/S8", "peer quantize_static S8/S8 symmetric"}
+    assert all(r["metric"] == "test accuracy" and 0.9 <= r["value"] <= 1.0 and r["latency_ms"] > 0 for r in rows)
