@@ -22,7 +22,9 @@ import onnx
 
 from engines import __version__
 from engines.bundle import MANIFEST, SCHEMA_VERSION, StagedBundle, read_manifest
-from engines.trt import tensorrt_status
+from engines.int8 import Int8Stage
+from engines.profiles import Profile, envelope, profiles_for
+from engines.trt_build import TrtOptions
 from exporter.errors import BuildError, BundleError, UsageError
 from exporter.spec import InputSpec, OutputSpec
 from passes import TARGETS, PassManager, pipeline
@@ -53,6 +55,11 @@ class BuildRequest:
     calib_method: str = "max"
     allow_random_calibration: bool = False
     budget: str | None = None
+    profiles: tuple[str, ...] = ()
+    profiles_auto: str | None = None
+    static: bool = False
+    require_trt: bool = False
+    trt: TrtOptions = TrtOptions()
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
@@ -60,6 +67,8 @@ class BuildRequest:
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
                   "keep_fp32": sorted(self.keep_fp32), "calib": self.calib, "calib_method": self.calib_method,
                   "random_calibration": self.allow_random_calibration, "budget": self.budget,
+                  "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,
+                  "trt": self.trt.to_json(),
                   "planforge": __version__, "schema": SCHEMA_VERSION}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -89,6 +98,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     on_stage("resolve")
     model = resolve(request.model, request.build_root / ".cache")
     spec = model.input_spec.override(request.inputs)
+    profiles = [] if request.static else profiles_for(spec, request.profiles, request.profiles_auto)
+    spec = envelope(spec, profiles)
     out = Path(request.out) if request.out else default_out(model.name, request.precision, request.build_root)
     key = request.key(model.source_sha256, spec)
     if (reused := _existing(out, key, request.force)) is not None:
@@ -96,7 +107,7 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
         return BuildResult(out, reused, True, time.perf_counter() - start)
     old_cache = out / "calibration.json"
     with StagedBundle(out, replace=out.exists()) as stage:
-        manifest = _build_into(stage.path, request, model, spec, key, on_stage,
+        manifest = _build_into(stage.path, request, model, spec, profiles, key, on_stage,
                                old_cache if old_cache.is_file() else None)
         on_stage("write")
         manifest = stage.commit(manifest, _roles(stage.path))
@@ -122,18 +133,26 @@ def _existing(out: Path, key: str, force: bool) -> dict | None:
     return manifest
 
 
-def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: str, on_stage,
-                calib_cache: Path | None = None) -> dict:
+def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profiles: list[Profile], key: str,
+                on_stage, calib_cache: Path | None = None) -> dict:
     exported = root / "model.onnx"
     export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage)
     graph = onnx.load(str(exported))
+    _check_profiles(graph, profiles)
+    frozen = []
+    if request.static:
+        from passes.freeze_shapes import FreezeInputShapes  # noqa: PLC0415
+
+        frozen = [FreezeInputShapes(spec.shapes("opt"))]
+        spec = InputSpec.parse([f"{t.name}:{t.dtype}:[{','.join(map(str, t.shape('opt')))}]"
+                                + (f":{t.value_range[0]}..{t.value_range[1]}" if t.value_range else "") for t in spec])
     verify = _golden_feeds(golden) if request.verify_passes else []
     passes, graphs, unquantized = {}, {}, []
     precisions = target_precisions(request.precision)
-    int8 = _Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None
+    int8 = Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None
     for target in TARGETS:
         on_stage(f"passes ({target})")
-        steps = pipeline(target, "fp32" if int8 else precisions[target], keep=request.keep_fp32)
+        steps = frozen + pipeline(target, "fp32" if int8 else precisions[target], keep=request.keep_fp32)
         optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
         if int8 is not None:
             on_stage(f"int8 ({target})")
@@ -147,11 +166,13 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
             from passes.convert_fp16 import fp32_nodes  # noqa: PLC0415
 
             unquantized = fp32_nodes(optimized, request.keep_fp32)
-    on_stage("tensorrt")
-    trt_ok, trt_reason = tensorrt_status()
-    trt_skipped = None if trt_ok else trt_reason
-    if trt_ok:
-        trt_skipped = "TensorRT is present, but engine building arrives with the TensorRT build issue"
+    from engines.trt_stage import build_or_reuse  # noqa: PLC0415
+    from passes.calibration import graph_sha256  # noqa: PLC0415
+
+    trt_entry = build_or_reuse(root / "model.trt.onnx", graph_sha256(onnx.load(str(root / "model.trt.onnx"))),
+                               profiles, request.trt, request.build_root / ".cache", root, request.force,
+                               request.require_trt, on_stage)
+    trt_env = trt_entry.pop("env", {})
     report = {"parity": parity, "graphs": graphs}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return {
@@ -163,7 +184,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
                   "source_sha256": model.source_sha256, "task": model.task},
         "inputs": spec.to_json(),
         "outputs": [o.to_json() for o in _output_specs(graph)],
-        "profiles": [_profile(spec)] if spec.is_dynamic else [],
+        "profiles": [p.to_json() for p in profiles],
         "precision": request.precision,
         "unquantized_nodes": unquantized,
         "calibration": int8.manifest_entry() if int8 else None,
@@ -171,9 +192,9 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, key: 
         "passes": passes,
         "backends": {
             "ort": {"graph": "model.ort.onnx", "precision": precisions["ort"], "providers": ["CPUExecutionProvider"]},
-            "trt": {"graph": "model.trt.onnx", "plan": None, "precision": precisions["trt"], "skipped": trt_skipped},
+            "trt": {"graph": "model.trt.onnx", "precision": precisions["trt"], **trt_entry},
         },
-        "environment": _environment(trt_ok, trt_reason),
+        "environment": _environment(trt_env, trt_entry.get("skipped"), request.trt.hardware_compatibility),
         "accuracy": {
             "parity_ok": parity["ok"] if parity else None,
             "parity_worst": parity["worst"] if parity else None,
@@ -192,7 +213,8 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
         on_stage("export")
         result = export_onnx(model.module, spec, model.output_names, exported, request.opset, request.exporter)
         on_stage("parity")
-        report = check_parity(model.module, exported, spec, request.parity_atol, request.parity_rtol)
+        report = check_parity(model.module, exported, spec, request.parity_atol, request.parity_rtol,
+                              points=("opt",) if request.static else None)
         np.savez(root / "golden.npz", **report.golden)
         info = {"exporter": result.exporter, "fallback_reason": result.fallback_reason, "opset": result.opset,
                 "seconds": round(result.seconds, 3), "external_data": result.external_data, "reference": "pytorch"}
@@ -206,7 +228,7 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
     source = load_onnx(model.onnx_path)
     external = save_checked(source, exported)
     golden = {}
-    for point in ("min", "max") if spec.is_dynamic else ("opt",):
+    for point in ("min", "max") if spec.is_dynamic and not request.static else ("opt",):
         feeds = spec.random_feeds(point, seed=0)
         try:
             outputs = run_graph(source, feeds)
@@ -222,41 +244,6 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
     info = {"exporter": None, "fallback_reason": None, "opset": _opset(source), "seconds": 0.0,
             "external_data": external, "reference": "onnxruntime"}
     return info, None, golden
-
-
-class _Int8Stage:
-    """Calibration data, ranges (cached in calibration.json) and budgeted quantization per target."""
-
-    def __init__(self, root: Path, request: BuildRequest, model, spec: InputSpec, cache: Path | None):
-        from engines.calibration_data import load_calibration  # noqa: PLC0415
-        from engines.int8 import Budget  # noqa: PLC0415
-        from exporter.zoo import BY_NAME  # noqa: PLC0415
-        from passes.calibration import data_sha256  # noqa: PLC0415
-
-        entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
-        self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
-        self.data_hash = data_sha256(self.data.calibration)
-        self.budget = Budget.parse(request.budget, model.task)
-        self.root, self.method, self.cache = root, request.calib_method, cache
-        self.ranges: dict[str, dict] = {}
-        self.results: dict = {}
-        self.reused: dict[str, bool] = {}
-
-    def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
-        from engines.int8 import quantize_target, ranges_for  # noqa: PLC0415
-        from passes.calibration import save_ranges  # noqa: PLC0415
-
-        ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
-                                                             self.data_hash, self.cache)
-        self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in ranges.items()}}
-        save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
-        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget)
-        return self.results[target].model
-
-    def manifest_entry(self) -> dict:
-        return {"method": self.method, "source": self.data.source, "samples": self.data.samples,
-                "evaluation_batches": len(self.data.evaluation), "data_sha256": self.data_hash,
-                "file": "calibration.json", "reused": self.reused, "budget": str(self.budget)}
 
 
 def target_precisions(precision: str) -> dict[str, str]:
@@ -315,8 +302,33 @@ def _output_specs(model: onnx.ModelProto) -> list[OutputSpec]:
     return specs
 
 
-def _profile(spec: InputSpec) -> dict:
-    return {"name": "default", **{p: {k: list(v) for k, v in spec.shapes(p).items()} for p in ("min", "opt", "max")}}
+def _check_profiles(graph: onnx.ModelProto, profiles: list[Profile]) -> None:
+    """Each profile's fixed dims equal the graph's, and the graph runs at its min and max shapes."""
+    from exporter.resolve import ONNX_DTYPES  # noqa: PLC0415
+
+    inputs = {i.name: i for i in graph.graph.input}
+    for profile in profiles:
+        missing = [n for n in inputs if n not in profile.min]
+        if missing:
+            raise UsageError(f"profile {profile.name} does not cover inputs {', '.join(missing)}")
+        for point in ("min", "max"):
+            shapes = getattr(profile, point)
+            for name, shape in shapes.items():
+                dims = inputs[name].type.tensor_type.shape.dim
+                fixed = [(i, d.dim_value) for i, d in enumerate(dims) if d.HasField("dim_value")]
+                if len(dims) != len(shape) or any(shape[i] != v for i, v in fixed):
+                    raise UsageError(f"profile {profile.name}: input {name!r} {point} shape {list(shape)} does not "
+                                     f"fit the graph's dims {[d.dim_value or d.dim_param for d in dims]}")
+            rng = np.random.default_rng(0)
+            feeds = {n: (rng.standard_normal(s) if ONNX_DTYPES[inputs[n].type.tensor_type.elem_type].startswith("float")
+                         else np.ones(s)).astype(ONNX_DTYPES[inputs[n].type.tensor_type.elem_type])
+                     for n, s in shapes.items()}
+            try:
+                run_graph(graph, feeds)
+            except Exception as exc:  # noqa: BLE001 - ORT's own error types
+                raise UsageError(f"profile {profile.name}: the exported graph does not run at its {point} shapes "
+                                 f"{ {k: list(v) for k, v in shapes.items()} }: {str(exc).splitlines()[0][:200]}; "
+                                 "narrow the profile") from exc
 
 
 def _opset(model: onnx.ModelProto) -> int | None:
@@ -326,11 +338,12 @@ def _opset(model: onnx.ModelProto) -> int | None:
 def _roles(root: Path) -> dict[str, str]:
     roles = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onnx": "ort-graph",
              "calibration.json": "calibration",
-             "golden.npz": "golden", "report.json": "report", "model.onnx.data": "external-data"}
+             "golden.npz": "golden", "report.json": "report", "model.onnx.data": "external-data",
+             "model.plan": "trt-plan", "model.layers.json": "trt-layers"}
     return {p.name: roles.get(p.name, "other") for p in root.iterdir()}
 
 
-def _environment(trt_ok: bool, trt_reason: str) -> dict:
+def _environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: str) -> dict:
     import onnxruntime  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -338,6 +351,8 @@ def _environment(trt_ok: bool, trt_reason: str) -> dict:
         "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
         "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "ort_providers": onnxruntime.get_available_providers(),
-        "tensorrt": trt_reason if trt_ok else None, "tensorrt_status": trt_reason,
-        "cuda": torch.version.cuda, "gpu": None, "compute_capability": None, "hardware_compatibility_level": None,
+        "tensorrt": trt_env.get("tensorrt"), "tensorrt_status": trt_skipped or f"TensorRT {trt_env.get('tensorrt')}",
+        "cuda": trt_env.get("cuda", torch.version.cuda), "gpu": trt_env.get("gpu"),
+        "compute_capability": trt_env.get("compute_capability"),
+        "hardware_compatibility_level": hardware_compatibility if trt_env else None,
     }

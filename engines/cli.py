@@ -64,15 +64,34 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
 @click.option("--budget", metavar="METRIC=VALUE", help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 "
               "[default by task].")
+@click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN..MAX@OPT,...",
+              help="A TensorRT optimization profile, e.g. batch=1..8@4 (repeat for several).")
+@click.option("--profiles", "profiles_auto", metavar="auto:N[:DIM]", help="Split a dim's range into N profiles.")
+@click.option("--static", is_flag=True, help="Freeze the graphs to the opt shapes (a static engine).")
+@click.option("--require-trt", is_flag=True, help="Fail (exit 8) instead of skipping TensorRT when it cannot build.")
+@click.option("--workspace-gib", type=float, default=4.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
+@click.option("--strict-fp32", is_flag=True, help="Clear TF32 so FP32 layers match ONNX Runtime.")
+@click.option("--hardware-compat", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+              default="none", show_default=True)
+@click.option("--version-compatible", is_flag=True, help="Embed a lean runtime (loads on later TensorRT versions).")
+@click.option("--sparse-weights", is_flag=True)
+@click.option("--refit", is_flag=True)
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
-          calib, calib_method, allow_random_calibration, budget):
+          calib, calib_method, allow_random_calibration, budget, profiles, profiles_auto, static, require_trt,
+          workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
     """Export MODEL, run the passes and write a bundle."""
+    from engines.trt_build import TrtOptions  # noqa: PLC0415
+
     from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
     from engines.present import build_summary  # noqa: PLC0415
 
     request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
                            verify_passes, keep_fp32=tuple(keep_fp32), calib=calib, calib_method=calib_method,
-                           allow_random_calibration=allow_random_calibration, budget=budget)
+                           allow_random_calibration=allow_random_calibration, budget=budget,
+                           profiles=tuple(profiles), profiles_auto=profiles_auto, static=static, require_trt=require_trt,
+                           trt=TrtOptions(workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible,
+                                          sparse_weights, refit))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("build", total=None)

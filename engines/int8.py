@@ -162,3 +162,36 @@ def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: 
             return cached, graph_hash, True
         logger.info("INT8 %s: %s does not match this graph, data and method; calibrating again", target, cache)
     return calibrate(fp32, batches, method), graph_hash, False
+
+
+class Int8Stage:
+    """Calibration data, ranges (cached in calibration.json) and budgeted quantization per target."""
+
+    def __init__(self, root: Path, request, model, spec, cache: Path | None):
+        from engines.calibration_data import load_calibration  # noqa: PLC0415
+        from exporter.zoo import BY_NAME  # noqa: PLC0415
+        from passes.calibration import data_sha256  # noqa: PLC0415
+
+        entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
+        self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
+        self.data_hash = data_sha256(self.data.calibration)
+        self.budget = Budget.parse(request.budget, model.task)
+        self.root, self.method, self.cache = root, request.calib_method, cache
+        self.ranges: dict[str, dict] = {}
+        self.results: dict = {}
+        self.reused: dict[str, bool] = {}
+
+    def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
+        from passes.calibration import save_ranges  # noqa: PLC0415
+
+        ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
+                                                             self.data_hash, self.cache)
+        self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in ranges.items()}}
+        save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
+        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget)
+        return self.results[target].model
+
+    def manifest_entry(self) -> dict:
+        return {"method": self.method, "source": self.data.source, "samples": self.data.samples,
+                "evaluation_batches": len(self.data.evaluation), "data_sha256": self.data_hash,
+                "file": "calibration.json", "reused": self.reused, "budget": str(self.budget)}

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.bundle import read_manifest, verified_path
+from engines.profiles import Profile, select
 from exporter.errors import BundleError, RuntimeInputError
 from exporter.spec import InputSpec, OutputSpec
 
@@ -41,6 +42,7 @@ class Runner:
         self.input_spec = input_spec
         self.output_specs = outputs
         self.manifest = manifest or {}
+        self._profiles = [Profile.from_json(p) for p in self.manifest.get("profiles", [])]
 
     @property
     def input_specs(self) -> InputSpec:
@@ -53,6 +55,13 @@ class Runner:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = {name: _as_array(name, value) for name, value in feeds.items()}
         self.input_spec.check_feeds(arrays)
+        if self._profiles:
+            shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+            if select(self._profiles, shapes) is None:
+                ranges = "; ".join(f"{p.name}: {dict((k, [list(p.min[k]), list(p.max[k])]) for k in p.min)}"
+                                   for p in self._profiles)
+                raise RuntimeInputError(f"no optimization profile accepts shapes { {k: list(v) for k, v in shapes.items()} }; "
+                                        f"the bundle's profiles are {ranges}")
         return self._run(arrays)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover - abstract

@@ -14,6 +14,9 @@ import shutil
 def tensorrt_status() -> tuple[bool, str]:
     """(available, reason): reason names what is missing or the version found."""
     if importlib.util.find_spec("tensorrt") is None:
+        if importlib.util.find_spec("tensorrt_bindings") is not None:  # found, deliberately not imported
+            return False, ("only TensorRT's Python bindings are installed; its native libraries (libnvinfer.so.11) "
+                           "are not, and cannot be installed from the registries this machine reaches")
         return False, "the tensorrt Python package is not installed"
     try:
         import tensorrt as trt  # noqa: PLC0415

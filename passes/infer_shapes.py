@@ -27,7 +27,7 @@ class InferShapes(Pass):
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
         tensors = graph.tensors()
         filled = 0
-        for info in inferred.graph.value_info:
+        for info in list(inferred.graph.value_info) + list(inferred.graph.output):
             tensor = tensors.get(info.name)
             if not isinstance(tensor, gs.Variable) or tensor.shape is not None:
                 continue
