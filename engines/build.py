@@ -136,8 +136,14 @@ def _existing(out: Path, key: str, force: bool) -> dict | None:
 def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profiles: list[Profile], key: str,
                 on_stage, calib_cache: Path | None = None) -> dict:
     exported = root / "model.onnx"
-    export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage)
+    checked = {}
+
+    def check_shapes(graph: onnx.ModelProto) -> None:  # before parity: shape tensors need real values
+        checked["profiles"] = _with_shape_values(graph, spec, profiles)
+
+    export_info, parity, golden = _export_stage(root, request, model, spec, exported, on_stage, check_shapes)
     graph = onnx.load(str(exported))
+    profiles = checked["profiles"]
     _check_profiles(graph, profiles)
     frozen = []
     if request.static:
@@ -204,7 +210,8 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     }
 
 
-def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exported: Path, on_stage):
+def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exported: Path, on_stage,
+                  check: Callable[[onnx.ModelProto], None]):
     """model.onnx and golden.npz: exported and parity-checked, or copied from a .onnx MODEL."""
     if model.module is not None:
         from exporter.export import export_onnx  # noqa: PLC0415
@@ -212,6 +219,7 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
 
         on_stage("export")
         result = export_onnx(model.module, spec, model.output_names, exported, request.opset, request.exporter)
+        check(onnx.load(str(exported), load_external_data=False))
         on_stage("parity")
         report = check_parity(model.module, exported, spec, request.parity_atol, request.parity_rtol,
                               points=("opt",) if request.static else None)
@@ -227,6 +235,7 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
     on_stage("load")
     source = load_onnx(model.onnx_path)
     external = save_checked(source, exported)
+    check(source)
     golden = {}
     for point in ("min", "max") if spec.is_dynamic and not request.static else ("opt",):
         feeds = spec.random_feeds(point, seed=0)
@@ -300,6 +309,33 @@ def _output_specs(model: onnx.ModelProto) -> list[OutputSpec]:
         shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in ttype.shape.dim)
         specs.append(OutputSpec(out.name, ONNX_DTYPES.get(ttype.elem_type, str(ttype.elem_type)), shape))
     return specs
+
+
+SHAPE_OPERANDS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Resize": 3}
+
+
+def shape_tensor_inputs(graph: onnx.ModelProto) -> list[str]:
+    """Integer graph inputs read as a shape operand (TensorRT shape tensors: profiles need their values)."""
+    inputs = {i.name for i in graph.graph.input if i.type.tensor_type.elem_type in (6, 7)}
+    return sorted({n.input[SHAPE_OPERANDS[n.op_type]] for n in graph.graph.node
+                   if n.op_type in SHAPE_OPERANDS and len(n.input) > SHAPE_OPERANDS[n.op_type]
+                   and n.input[SHAPE_OPERANDS[n.op_type]] in inputs})
+
+
+def _with_shape_values(graph: onnx.ModelProto, spec: InputSpec, profiles: list[Profile]) -> list[Profile]:
+    """Shape-tensor inputs get profile values from the spec's value range lo..hi (min lo, opt and max hi-1)."""
+    names = shape_tensor_inputs(graph)
+    if not names or not profiles:
+        return profiles
+    values = {}
+    for name in names:
+        tensor = spec[name]
+        if tensor.value_range is None or tensor.rank != 1 or tensor.dims[0].is_dynamic:
+            raise UsageError(f"input {name!r} is a shape tensor (it feeds a shape operand); TensorRT profiles need "
+                             f"its values: give it a fixed length and a value range, e.g. {name}:int64:[2]:1..65")
+        n, (lo, hi) = tensor.dims[0].min, tensor.value_range
+        values[name] = ((lo,) * n, (hi - 1,) * n, (hi - 1,) * n)
+    return [dataclasses.replace(p, shape_values={**values, **p.shape_values}) for p in profiles]
 
 
 def _check_profiles(graph: onnx.ModelProto, profiles: list[Profile]) -> None:

@@ -114,3 +114,17 @@ def test_runtime_refuses_shapes_between_disjoint_profiles(build_root):
         assert engine.infer({"x": np.zeros((12, 64), np.float32)})["logits"].shape == (12, 10)
         with pytest.raises(RuntimeInputError, match=r"no optimization profile accepts shapes \{'x': \[6, 64\]\}"):
             engine.infer({"x": np.zeros((6, 64), np.float32)})
+
+
+def test_shape_tensor_inputs_get_profile_values_from_their_value_range(build_root, tmp_path):
+    from helpers import helper, make_model
+
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["y"])]
+    model = make_model(nodes, [("x", np.float32, ["n", 1]), ("shape", np.int64, [2])], [("y", np.float32, ["a", "b"])])
+    onnx.save(model, str(tmp_path / "expand.onnx"))
+    with pytest.raises(UsageError, match="'shape' is a shape tensor"):
+        build(BuildRequest(str(tmp_path / "expand.onnx"), out=tmp_path / "b1", inputs=("x:float32:[n=1..4@2,1]",),
+                           build_root=build_root))
+    result = build(BuildRequest(str(tmp_path / "expand.onnx"), out=tmp_path / "b2",
+                                inputs=("x:float32:[n=1..4@2,1]", "shape:int64:[2]:1..5"), build_root=build_root))
+    assert result.manifest["profiles"][0]["shape_values"] == {"shape": [[1, 1], [4, 4], [4, 4]]}
