@@ -186,6 +186,17 @@ def bench(models, targets, threads, runs, int8, out):
     console.print(f"wrote {out}")
 
 
+@cli.command("triton-repo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Triton model repository.")
+def triton_repo(bundle, out):
+    """Write BUNDLE as Triton models (tensorrt_plan and onnxruntime_onnx) with config.pbtxt."""
+    from engines.triton import write_repository  # noqa: PLC0415
+
+    for name in write_repository(bundle, out):
+        console.print(f"wrote {out / name} (config.pbtxt, 1/)")
+
+
 @cli.command()
 def zoo():
     """List the zoo models and their inputs."""

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Local names that hold TensorRT objects; the name check verifies every attribute used on them.
 TRT_OBJECTS = ("builder", "network", "parser", "config", "profile", "runtime", "engine", "inspector", "cache",
-               "trt_logger", "error", "tensor")
+               "trt_logger", "context")
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 

@@ -65,3 +65,9 @@ class RuntimeInputError(PlanforgeError):
     """Feeds given to ``infer`` do not match the bundle's input spec."""
 
     exit_code = 10
+
+
+class InferenceError(PlanforgeError):
+    """A backend failed while running a call (TensorRT execution error, CUDA out of memory)."""
+
+    exit_code = 11

@@ -1,0 +1,66 @@
+"""Triton model repositories, checked with Triton's own ModelConfig protobuf (from tritonclient)."""
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+
+from engines.build import BuildRequest, build
+from engines.triton import write_repository
+
+
+def _model_config():
+    tritonclient = pytest.importorskip("tritonclient")
+    # Loaded by path: tritonclient.grpc's __init__ needs grpcio, the protobuf module does not.
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ModelConfig
+
+
+def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
+    ModelConfig = _model_config()
+    bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-triton", build_root=build_root,
+                                inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",),
+                                profiles=("batch=1..4@2", "batch=5..8@8"))).out
+    names = write_repository(bundle, tmp_path / "repo")
+    assert names == ["bert_tiny_ort"]  # no plan on this machine: no tensorrt_plan model
+    config = text_format.Parse((tmp_path / "repo/bert_tiny_ort/config.pbtxt").read_text(), ModelConfig())
+    assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input_ids", [-1]), ("attention_mask", [-1])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("last_hidden_state", [-1, 128]), ("pooler_output", [128])]
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 8]
+    assert (tmp_path / "repo/bert_tiny_ort/1/model.onnx").read_bytes() == (bundle / "model.ort.onnx").read_bytes()
+
+
+def test_a_plan_becomes_a_tensorrt_model_with_one_instance_per_profile(build_root, tmp_path):
+    ModelConfig = _model_config()
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-triton", build_root=build_root,
+                                profiles=("batch=1..8@4", "batch=9..64@32"))).out
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    data = b"\x00plan"  # a plan artifact (copied, never deserialized)
+    (copy / "model.plan").write_bytes(data)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["artifacts"]["model.plan"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "trt-plan"}
+    manifest["backends"]["trt"]["plan"] = "model.plan"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert write_repository(copy, tmp_path / "repo") == ["mlp_trt", "mlp_ort"]
+    config = text_format.Parse((tmp_path / "repo/mlp_trt/config.pbtxt").read_text(), ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 64
+    assert [list(g.profile) for g in config.instance_group] == [["0"], ["1"]]
+    assert all(g.kind == ModelConfig().instance_group.add().KIND_GPU for g in config.instance_group)
+
+
+def test_a_static_bundle_is_not_batched(build_root, tmp_path):
+    ModelConfig = _model_config()
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-static-triton", static=True, build_root=build_root)).out
+    write_repository(bundle, tmp_path / "repo")
+    config = text_format.Parse((tmp_path / "repo/mlp_ort/config.pbtxt").read_text(), ModelConfig())
+    assert config.max_batch_size == 0 and list(config.input[0].dims) == [8, 64]
+    assert not config.HasField("dynamic_batching")
