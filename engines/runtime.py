@@ -242,19 +242,23 @@ def _why_not(backend: str, bundle: _Bundle) -> str | None:
     return None
 
 
-def _construct(backend: str, bundle: _Bundle, device: int, threads: int | None) -> Runner:
+def _construct(backend: str, bundle: _Bundle, device: int, threads: int | None, cuda_graphs: bool = False) -> Runner:
     if backend == "trt":
         from engines.runtime_trt import TrtRunner  # noqa: PLC0415
 
-        return TrtRunner(bundle.path, bundle.manifest, bundle.spec, bundle.outputs, device)
+        return TrtRunner(bundle.path, bundle.manifest, bundle.spec, bundle.outputs, device, cuda_graphs)
     providers = (("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider") if backend == "ort-cuda" \
         else ("CPUExecutionProvider",)
     return OrtRunner(bundle.ort_graph(), bundle.spec, bundle.outputs, bundle.manifest, providers, threads)
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
-         fallback_on_error: bool = False) -> Runner:
-    """Load ``bundle`` on the first backend that fits (``auto``) or the one named."""
+         fallback_on_error: bool = False, cuda_graphs: bool = False) -> Runner:
+    """Load ``bundle`` on the first backend that fits (``auto``) or the one named.
+
+    ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
+    repeated static shapes.
+    """
     if backend not in BACKENDS:
         raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     loaded = _Bundle(Path(bundle))
@@ -265,7 +269,7 @@ def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: in
         runner = None
         if reason is None:
             try:
-                runner = _construct(name, loaded, device, threads)
+                runner = _construct(name, loaded, device, threads, cuda_graphs)
             except BundleError as exc:
                 reason = str(exc)
         if runner is None:

@@ -5,6 +5,11 @@ CUDA binding: torch. A GPU machine that builds planforge engines has torch with 
 ``torch.cuda.Stream().cuda_stream``), and callers that hold CUDA tensors can pass them in without
 a copy. cuda-python or CuPy would add a dependency for the same three calls.
 
+With ``cuda_graphs=True`` (static-shape engines), each context's first call at a shape runs
+normally, the second captures ``execute_async_v3`` into a CUDA graph on that context's stream, and
+later calls with the same shapes copy their inputs into the captured buffers and replay the graph;
+a new shape drops the graph (reference: run once, capture, re-capture when shapes change).
+
 Per call: the profile is chosen by the input shapes; an execution context bound to that profile is
 taken from a pool (one context per concurrent call, so threads never share one), each with its own
 non-default stream and output buffers that are reused while shapes repeat. Data-dependent output
@@ -59,8 +64,9 @@ class TrtRunner(Runner):
     backend = "trt"
     takes_device_tensors = True
 
-    def __init__(self, bundle: Path, manifest: dict, spec, outputs, device: int = 0):
+    def __init__(self, bundle: Path, manifest: dict, spec, outputs, device: int = 0, cuda_graphs: bool = False):
         super().__init__(spec, outputs, manifest)
+        self.cuda_graphs = cuda_graphs
         import tensorrt as trt  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
@@ -95,46 +101,67 @@ class TrtRunner(Runner):
             stream = self.torch.cuda.Stream(device=self.device)
             if self.profile_objects:
                 context.set_optimization_profile_async(profile_index, stream.cuda_stream)
-            return {"context": context, "stream": stream, "buffers": {}, "profile": profile_index}
+            return {"context": context, "stream": stream, "buffers": {}, "profile": profile_index,
+                    "graph": None, "graph_shapes": None, "inputs": {}, "runs": 0}
 
     def _release(self, slot: dict) -> None:
         self._pools[slot["profile"]].put(slot)
 
     def _run(self, feeds: dict) -> dict:
-        torch, trt = self.torch, self.trt
+        torch = self.torch
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         index = select(self.profile_objects, shapes) if self.profile_objects else 0
         slot = self._acquire(index or 0)
         device_inputs = all(isinstance(v, torch.Tensor) and v.is_cuda for v in feeds.values())
         try:
-            context, stream, buffers = slot["context"], slot["stream"], slot["buffers"]
-            engine = self.engine
+            stream = slot["stream"]
             with torch.cuda.stream(stream):
-                keep = []
-                for name in self.inputs:
-                    value = feeds[name]
-                    tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
-                    tensor = tensor.to(self.device, non_blocking=True).contiguous()
-                    keep.append(tensor)
-                    context.set_input_shape(name, tuple(tensor.shape))
-                    context.set_tensor_address(name, tensor.data_ptr())
-                for name in self.outputs:
-                    shape = tuple(context.get_tensor_shape(name))
-                    if any(d < 0 for d in shape):
-                        raise InferenceError(f"output {name!r} has a data-dependent shape {list(shape)}, which this "
-                                             "runtime does not allocate; use the ONNX Runtime backend")
-                    dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
-                    if name not in buffers or tuple(buffers[name].shape) != shape or buffers[name].dtype != dtype:
-                        buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
-                    context.set_tensor_address(name, buffers[name].data_ptr())
-                if not context.execute_async_v3(stream.cuda_stream):
-                    raise InferenceError("TensorRT execute_async_v3 returned False (see the TensorRT log)")
+                if self.cuda_graphs and slot["graph"] is not None and slot["graph_shapes"] == shapes:
+                    for name in self.inputs:  # the captured graph reads these addresses
+                        slot["inputs"][name].copy_(self._to_device(feeds[name]), non_blocking=True)
+                    slot["graph"].replay()
+                else:
+                    self._bind_and_execute(slot, feeds, shapes)
                 stream.synchronize()
+                buffers = slot["buffers"]
                 if device_inputs:
                     return {n: buffers[n].clone() for n in self.outputs}
                 return {n: buffers[n].cpu().numpy() for n in self.outputs}
         finally:
             self._release(slot)
+
+    def _to_device(self, value):
+        torch = self.torch
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+        return tensor.to(self.device, non_blocking=True).contiguous()
+
+    def _bind_and_execute(self, slot: dict, feeds: dict, shapes: dict) -> None:
+        torch, trt = self.torch, self.trt
+        context, stream, buffers = slot["context"], slot["stream"], slot["buffers"]
+        engine = self.engine
+        if slot["graph_shapes"] != shapes:
+            slot["graph"], slot["runs"] = None, 0
+        for name in self.inputs:
+            slot["inputs"][name] = self._to_device(feeds[name])
+            context.set_input_shape(name, tuple(slot["inputs"][name].shape))
+            context.set_tensor_address(name, slot["inputs"][name].data_ptr())
+        for name in self.outputs:
+            shape = tuple(context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise InferenceError(f"output {name!r} has a data-dependent shape {list(shape)}, which this "
+                                     "runtime does not allocate; use the ONNX Runtime backend")
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            if name not in buffers or tuple(buffers[name].shape) != shape or buffers[name].dtype != dtype:
+                buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            context.set_tensor_address(name, buffers[name].data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise InferenceError("TensorRT execute_async_v3 returned False (see the TensorRT log)")
+        slot["graph_shapes"], slot["runs"] = shapes, slot["runs"] + 1
+        if self.cuda_graphs and slot["runs"] == 2:  # warmed up at these shapes: capture for the next calls
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                context.execute_async_v3(stream.cuda_stream)
+            slot["graph"] = graph
 
     def close(self) -> None:
         super().close()

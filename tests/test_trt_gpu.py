@@ -34,3 +34,36 @@ def test_zoo_engine_matches_onnx_runtime(build_root, precision, atol):
     again = build(BuildRequest("digits_cnn", out=out, precision=precision, require_trt=True, force=True,
                                profiles=("batch=1..8@4", "batch=9..64@32"), build_root=build_root))
     assert again.manifest["backends"]["trt"]["reused"] is True  # the engine cache
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_runtime_on_tensorrt_matches_onnx_runtime_across_threads_and_device_tensors(build_root, cuda_graphs):
+    import threading
+
+    import torch
+
+    from engines import runtime
+
+    out = build_root / "digits-trt-runtime"
+    build(BuildRequest("digits_cnn", out=out, require_trt=True, profiles=("batch=1..8@4", "batch=9..64@32"),
+                       build_root=build_root))
+    rng = np.random.default_rng(1)
+    feeds = [rng.uniform(0, 1, (1 + i % 12, 1, 8, 8)).astype(np.float32) for i in range(40)]
+    with runtime.load(out, backend="ort-cpu") as cpu, runtime.load(out, backend="trt", cuda_graphs=cuda_graphs) as gpu:
+        expected = [cpu.infer({"x": x})["logits"] for x in feeds]
+        got = [None] * len(feeds)
+
+        def worker(t):
+            for i in range(t, len(feeds), 4):
+                got[i] = gpu.infer({"x": feeds[i]})["logits"]
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-3)
+        device_out = gpu.infer({"x": torch.from_numpy(feeds[0]).cuda()})["logits"]
+        assert device_out.is_cuda  # CUDA tensors in, CUDA tensors out
+        assert gpu.backend == "trt" and gpu.stats()["errors"] == 0
