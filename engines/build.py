@@ -274,9 +274,13 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _golden_points(golden: dict[str, np.ndarray]) -> list[str]:
+    """The shape points in golden.npz (keys are "<point>/in/<name>" and "<point>/out/<name>")."""
+    return sorted({k.split("/", 1)[0] for k in golden})
+
+
 def _golden_feeds(golden: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    points = sorted({k.split("/", 1)[0] for k in golden})
-    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in points]
+    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in _golden_points(golden)]
 
 
 def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) -> dict:
@@ -288,7 +292,7 @@ def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) ->
     sess = session(path, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     points = {}
-    for feeds, point in zip(_golden_feeds(golden), sorted({k.split("/", 1)[0] for k in golden})):
+    for feeds, point in zip(_golden_feeds(golden), _golden_points(golden)):
         actual = dict(zip(names, sess.run(names, feeds)))
         points[point] = {n: compare(actual[n], golden[f"{point}/out/{n}"],
                                     *graph_tolerance(precision, golden[f"{point}/out/{n}"])).to_json() for n in names}

@@ -26,7 +26,6 @@ from exporter.errors import RuntimeInputError, UsageError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 POINTS = ("min", "opt", "max")
-_NAME = r"[A-Za-z_][A-Za-z0-9_.:/-]*"
 _DIM_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(=(?P<min>\d+)\.\.(?P<max>\d+)(@(?P<opt>\d+))?)?$")
 _TENSOR_RE = re.compile(
     r"^(?P<name>[^:\[\]]+):(?P<dtype>\w+):\[(?P<dims>[^\]]*)\](:(?P<lo>-?\d+)\.\.(?P<hi>-?\d+))?$"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult

@@ -53,8 +53,19 @@ def assert_same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, f
         np.testing.assert_allclose(actual[name], expected[name], atol=atol, rtol=rtol, err_msg=name)
 
 
+def add_plan_artifact(bundle, manifest: dict, data: bytes = b"\x00engine bytes") -> None:
+    """Give a copied bundle a model.plan whose sha256 matches the manifest. Its bytes are never
+    deserialized on a machine without TensorRT: it exercises selection, hashing and copying only."""
+    import hashlib
+
+    (bundle / "model.plan").write_bytes(data)
+    manifest["artifacts"]["model.plan"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                           "role": "trt-plan"}
+    manifest["backends"]["trt"].update(plan="model.plan", skipped=None)
+
+
 def seeded(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-__all__ = ["TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]
+__all__ = ["add_plan_artifact", "TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]

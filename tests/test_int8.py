@@ -1,6 +1,5 @@
 """INT8: Q/DQ rules for both targets against a NumPy reference, calibration, cache, bad data, budget."""
 
-import json
 
 import numpy as np
 import onnx
@@ -70,7 +69,6 @@ def test_trt_weights_are_int8_per_channel_on_the_output_axis_and_match_numpy(op,
     # the whole graph under ONNX Runtime equals the NumPy reference of fake-quantized x and W
     x_scale = max(abs(ranges["x"][0]), abs(ranges["x"][1])) / 127
     xq, wq = fake_quant(x, x_scale), fake_quant(w, scale, axis)
-    reference = run_graph(model, {"x": xq.astype(F32)}) if op == "Conv" else None
     if op == "Conv":
         ref_model = model.__class__()
         ref_model.CopyFrom(model)

@@ -1,6 +1,5 @@
 """Backend selection and its reasons, tampered bundles, concurrency, stats, inference failures."""
 
-import hashlib
 import json
 import logging
 import shutil
@@ -9,6 +8,7 @@ import threading
 import numpy as np
 import onnx
 import pytest
+from helpers import add_plan_artifact
 
 from engines import runtime
 from engines.build import BuildRequest, build
@@ -31,13 +31,6 @@ def _copy(bundle, tmp_path, edit=None):
     return copy
 
 
-def _add_plan(copy, manifest, data=b"\x00engine bytes"):
-    """A plan artifact whose sha256 matches (its bytes are never deserialized without TensorRT)."""
-    (copy / "model.plan").write_bytes(data)
-    manifest["artifacts"]["model.plan"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "trt-plan"}
-    manifest["backends"]["trt"].update(plan="model.plan", skipped=None)
-
-
 def test_auto_logs_one_warning_per_skipped_backend_with_its_reason(bundle, caplog):
     with caplog.at_level(logging.WARNING, logger="engines.runtime"):
         engine = runtime.load(bundle)
@@ -49,7 +42,7 @@ def test_auto_logs_one_warning_per_skipped_backend_with_its_reason(bundle, caplo
 
 
 def test_a_plan_here_is_skipped_because_tensorrt_cannot_load(bundle, tmp_path, caplog):
-    copy = _copy(bundle, tmp_path, _add_plan)
+    copy = _copy(bundle, tmp_path, add_plan_artifact)
     with caplog.at_level(logging.WARNING, logger="engines.runtime"):
         assert runtime.load(copy).backend == "ort-cpu"
     assert "skipping TensorRT: " in caplog.text and ("native libraries" in caplog.text or "not installed" in caplog.text)
@@ -59,7 +52,7 @@ def test_a_plan_here_is_skipped_because_tensorrt_cannot_load(bundle, tmp_path, c
 
 def test_a_truncated_plan_is_refused_before_anything_reads_it(bundle, tmp_path, caplog):
     def truncated(copy, manifest):
-        _add_plan(copy, manifest, b"\x00" * 4096)
+        add_plan_artifact(copy, manifest, b"\x00" * 4096)
         (copy / "model.plan").write_bytes(b"\x00" * 100)
     copy = _copy(bundle, tmp_path, truncated)
     with caplog.at_level(logging.WARNING, logger="engines.runtime"):

@@ -1,6 +1,5 @@
 """Triton model repositories, checked with Triton's own ModelConfig protobuf (from tritonclient)."""
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from helpers import add_plan_artifact
 
 from engines.build import BuildRequest, build
 from engines.triton import write_repository
@@ -44,11 +44,8 @@ def test_a_plan_becomes_a_tensorrt_model_with_one_instance_per_profile(build_roo
                                 profiles=("batch=1..8@4", "batch=9..64@32"))).out
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    data = b"\x00plan"  # a plan artifact (copied, never deserialized)
-    (copy / "model.plan").write_bytes(data)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["artifacts"]["model.plan"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": "trt-plan"}
-    manifest["backends"]["trt"]["plan"] = "model.plan"
+    add_plan_artifact(copy, manifest)  # copied into the repository, never deserialized
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert write_repository(copy, tmp_path / "repo") == ["mlp_trt", "mlp_ort"]
     config = text_format.Parse((tmp_path / "repo/mlp_trt/config.pbtxt").read_text(), ModelConfig())
