@@ -24,6 +24,7 @@ from engines import __version__
 from engines.bundle import MANIFEST, SCHEMA_VERSION, StagedBundle, read_manifest
 from engines.int8 import Int8Stage
 from engines.profiles import Profile, envelope, profiles_for
+from engines.tolerance import graph_tolerance
 from engines.trt_build import TrtOptions
 from exporter.errors import BuildError, BundleError, UsageError
 from exporter.spec import InputSpec, OutputSpec
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SUPPORTED_PRECISIONS = ("fp32", "fp16", "int8")
-GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # optimized graph vs exported graph, FP32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +106,41 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
         logger.info("%s is up to date (same model, inputs and options); reusing it. --force rebuilds", out)
         return BuildResult(out, reused, True, time.perf_counter() - start)
     old_cache = out / "calibration.json"
+    clock = StageClock(on_stage)
     with StagedBundle(out, replace=out.exists()) as stage:
-        manifest = _build_into(stage.path, request, model, spec, profiles, key, on_stage,
+        manifest = _build_into(stage.path, request, model, spec, profiles, key, clock,
                                old_cache if old_cache.is_file() else None)
+        manifest["build_seconds"] = clock.finish()
         on_stage("write")
         manifest = stage.commit(manifest, _roles(stage.path))
     return BuildResult(out, manifest, False, time.perf_counter() - start)
+
+
+class StageClock:
+    """Passes stage names on to ``on_stage`` and times each stage until the next one starts."""
+
+    def __init__(self, on_stage: Callable[[str], None]):
+        self.on_stage = on_stage
+        self.seconds: dict[str, float] = {}
+        self._start = self._last = time.perf_counter()
+        self._stage: str | None = None
+
+    def __call__(self, stage: str) -> None:
+        self._close()
+        self._stage = stage
+        self.on_stage(stage)
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self._stage is not None:
+            self.seconds[self._stage] = round(self.seconds.get(self._stage, 0.0) + now - self._last, 3)
+        self._last = now
+
+    def finish(self) -> dict[str, float]:
+        """Seconds per stage and in all (resolving the model and writing the bundle not included)."""
+        self._close()
+        self._stage = None
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 3)}
 
 
 def _existing(out: Path, key: str, force: bool) -> dict | None:
@@ -258,15 +287,6 @@ def _export_stage(root: Path, request: BuildRequest, model, spec: InputSpec, exp
 def target_precisions(precision: str) -> dict[str, str]:
     """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels)."""
     return {"trt": precision, "ort": "fp32" if precision == "fp16" else precision}
-
-
-def graph_tolerance(precision: str, reference: np.ndarray) -> tuple[float | None, float]:
-    """(atol, rtol) an optimized graph of this precision may differ from the reference by."""
-    if precision == "fp16":  # the budget stated in passes/convert_fp16.py
-        return 2e-2 * float(np.abs(reference).max(initial=0.0)) + 1e-3, 0.0
-    if precision == "int8":  # recorded, not enforced here: the INT8 budget metric decides (engines/int8.py)
-        return None, 0.0
-    return GRAPH_ATOL, GRAPH_RTOL
 
 
 def _load_golden(path: Path) -> dict[str, np.ndarray]:

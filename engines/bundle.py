@@ -125,3 +125,36 @@ def verified_path(bundle: Path, manifest: dict, name: str) -> Path:
             "after the build); refusing to load it. Rebuild the bundle or restore the file"
         )
     return path
+
+
+def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> dict:
+    """Write ``{name: (content, role)}`` into a committed bundle and list them in its manifest.
+
+    Each file is written to a temporary name and renamed into place, then the manifest is
+    rewritten the same way with their sizes and sha256, so it stays the bundle's one list of
+    what may be loaded. Only these entries change; every other artifact keeps its recorded hash.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    if not os.access(bundle, os.W_OK):
+        raise BundleError(f"{bundle} is not writable; pass --report/-o to write the results elsewhere")
+    for name, (content, role) in files.items():
+        if Path(name).name != name or name == MANIFEST:
+            raise BundleError(f"cannot add {name!r} to a bundle: expected a plain file name other than {MANIFEST}")
+        _write_atomic(bundle / name, content)
+        manifest["artifacts"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
+                                       "role": role}
+    _write_atomic(bundle / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

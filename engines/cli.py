@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from exporter.errors import PlanforgeError
+from exporter.errors import ParityError, PlanforgeError
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -184,6 +184,41 @@ def bench(models, targets, threads, runs, int8, out):
         write_json(results, out)
         bench_table(console, results)
     console.print(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", default="auto", show_default=True, metavar="SOURCE",
+              help="golden (the bundle's golden.npz), random (Polygraphy's DataLoader from the input spec), eval "
+                   "(a zoo model's evaluation batches), or an .npz file / directory of them. auto: eval for INT8 zoo "
+                   "bundles, else golden.")
+@click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Batches of random data.")
+@click.option("--point", type=click.Choice(["min", "opt", "max"]), default="opt", show_default=True,
+              help="Shape point of random data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance, e.g. 1e-3 or logits:1e-3.")
+@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance.")
+@click.option("--error-stat", multiple=True, metavar="[OUTPUT:]STAT",
+              help="Error statistic checked: elemwise, max, mean, median or quantile.")
+@click.option("--error-quantile", multiple=True, metavar="[OUTPUT:]Q", help="Quantile for --error-stat quantile.")
+@click.option("--reference", type=click.Choice(["auto", "pytorch", "onnx"]), default="auto", show_default=True,
+              help="PyTorch (auto when the bundle came from a PyTorch model) or ONNX Runtime on the exported graph.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
+@click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON.")
+@click.option("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime.")
+def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error_quantile, reference, report,
+            save_inputs, threads):
+    """Compare every artifact of BUNDLE with its reference (Polygraphy); exit 4 when one fails."""
+    from engines.compare import CompareRequest, compare as run_compare  # noqa: PLC0415
+    from engines.present import compare_table  # noqa: PLC0415
+
+    result = run_compare(CompareRequest(bundle, data, iterations, point, seed, tuple(atol), tuple(rtol),
+                                        tuple(error_stat), tuple(error_quantile), reference, report, save_inputs,
+                                        threads))
+    compare_table(console, result)
+    if not result.ok:
+        raise ParityError(f"{len(result.failures())} check(s) failed: {', '.join(result.failures())}; "
+                          f"details in {result.report}")
 
 
 @cli.command("triton-repo")

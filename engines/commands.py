@@ -50,7 +50,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
 
     from exporter.errors import PassError  # noqa: PLC0415
     from exporter.parity import compare  # noqa: PLC0415
-    from engines.build import graph_tolerance  # noqa: PLC0415
+    from engines.tolerance import graph_tolerance  # noqa: PLC0415
     from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
     from passes import PassManager, pipeline  # noqa: PLC0415
     from passes.verify import run_graph  # noqa: PLC0415

@@ -149,3 +149,41 @@ def bench_int8_table(console: Console, rows) -> None:
         _row(table, r.model, r.variant, f"{r.latency_ms:.2f}", f"{base[r.model] / r.latency_ms:.2f}x", r.metric,
              f"{r.value:.4f}", "" if r.kept_float is None else r.kept_float)
     console.print(table)
+
+
+def _num(value, fmt: str = ".3g") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def compare_table(console: Console, result) -> None:
+    """One row per runner pair and output: Polygraphy's statistics, the tolerance, our metrics."""
+    table = Table(title=f"compare {result.bundle} (reference: {result.reference}; data: {result.data.description})")
+    for col in ("runner", "prec", "output", "check", "max abs", "mean abs", "max rel", "atol / rtol", "cosine",
+                "top-1", "result"):
+        table.add_column(col, justify="right" if col in ("max abs", "mean abs", "max rel", "cosine", "top-1") else "left")
+    for pair in result.pairs:
+        for name, out in pair.outputs.items():
+            tol = out["tolerance"]
+            bound = "recorded (budget decides)" if tol["atol"] is None else f"{tol['atol']:.3g} / {tol['rtol']:.3g}"
+            check = tol["stat"] + (f" q{tol['quantile']:g}" if tol["stat"] == "quantile" else "")
+            _row(table, pair.runner, pair.precision, name, check, _num(out["max_abs"]), _num(out["mean_abs"]),
+                 _num(out["max_rel"]), bound + (" (override)" if tol["source"] == "override" else ""),
+                 _num(out["cosine"], ".6f"), _num(out["top1"], ".4f"), "pass" if out["passed"] else "FAIL")
+        if pair.budget:
+            b = pair.budget
+            _row(table, pair.runner, pair.precision, "(all)", f"budget {b['budget']}", "", "", "", "",
+                 "", "", f"{b['metric']} {b['value']:.4f} " + ("pass" if b["passed"] else "FAIL"))
+    console.print(table)
+    if result.task_metric:
+        task = Table(title=f"{result.task_metric['metric']} ({result.task_metric['samples']} samples)")
+        task.add_column("runner")
+        task.add_column("accuracy", justify="right")
+        for name, value in result.task_metric["values"].items():
+            _row(task, name, f"{value:.4f}")
+        console.print(task)
+    for name, reason in result.skipped.items():
+        console.print(f"not compared: {escape(name)}: {escape(reason)}")
+    console.print(f"wrote {escape(str(result.report))}")
+    console.print("the same ONNX Runtime checks with Polygraphy's CLI (--save-inputs writes inputs.json):")
+    for line in result.polygraphy:
+        console.print(f"  {escape(line)}", soft_wrap=True)

@@ -1,0 +1,174 @@
+"""``planforge compare``: Polygraphy comparisons of every bundle artifact against its reference."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from polygraphy.exception import PolygraphyException
+
+from engines.build import BuildRequest, build
+from engines.bundle import add_artifacts, read_manifest, verified_path
+from engines.compare import CompareRequest, compare, cosine, top1
+from engines.compare_data import load_data
+from engines.compare_runners import TorchRunner
+from engines.tolerance import per_output, tolerances
+from exporter.errors import UsageError
+from exporter.spec import InputSpec
+from exporter.zoo import BY_NAME
+
+ORT_SIDES = {"onnxruntime model.onnx", "onnxruntime model.ort.onnx", "onnxruntime model.trt.onnx", "planforge ort-cpu"}
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    return build(BuildRequest("mlp", out=root / "mlp", build_root=root)).out
+
+
+@pytest.fixture()
+def bundle_copy(mlp_bundle, tmp_path):
+    return shutil.copytree(mlp_bundle, tmp_path / "mlp")
+
+
+def _golden(bundle):
+    with np.load(bundle / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_an_untouched_bundle_passes_with_the_errors_onnx_runtime_shows(bundle_copy):
+    result = compare(CompareRequest(bundle_copy))
+
+    assert result.ok and result.reference == "pytorch" and result.data.source == "golden"
+    assert {p.runner for p in result.pairs} == ORT_SIDES
+    golden = _golden(bundle_copy)
+    sess = ort.InferenceSession(str(bundle_copy / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    expected = max(float(np.abs(sess.run(None, {"x": golden[f"{p}/in/x"]})[0] - golden[f"{p}/out/logits"]).max())
+                   for p in ("min", "max"))
+    ort_pair = next(p for p in result.pairs if p.runner == "onnxruntime model.ort.onnx")
+    assert ort_pair.outputs["logits"]["max_abs"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert 0 < expected <= 1e-4 and ort_pair.outputs["logits"]["cosine"] > 0.999999
+    assert ort_pair.outputs["logits"]["top1"] == 1.0  # mlp is a classifier
+    report = json.loads((bundle_copy / "report.json").read_text())
+    assert report["compare"]["ok"] and "parity" in report  # the build's section is kept
+    manifest = read_manifest(bundle_copy)
+    for name in manifest["artifacts"]:  # the manifest lists report.json's new hash
+        verified_path(bundle_copy, manifest, name)
+
+
+def test_a_flipped_weight_fails_exactly_the_runners_that_load_it(bundle_copy, run_cli):
+    graph = onnx.load(str(bundle_copy / "model.ort.onnx"))
+    weight = max((i for i in graph.graph.initializer if len(i.dims) == 2), key=lambda i: np.prod(i.dims))
+    values = onnx.numpy_helper.to_array(weight).copy()
+    index = np.unravel_index(np.abs(values).argmax(), values.shape)
+    values[index] = -values[index]
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    add_artifacts(bundle_copy, {"model.ort.onnx": (graph.SerializeToString(), "ort-graph")})  # re-hashed on purpose
+
+    result = compare(CompareRequest(bundle_copy))
+
+    failed = {p.runner for p in result.pairs if not p.passed}
+    assert not result.ok and failed == {"onnxruntime model.ort.onnx", "planforge ort-cpu"}
+    worst = next(p for p in result.pairs if p.runner == "planforge ort-cpu").outputs["logits"]["max_abs"]
+    assert worst > 1e-3
+    code, out, err = run_cli("compare", bundle_copy)
+    assert code == 4 and "FAIL" in out
+    assert err.count("error:") == 1 and "onnxruntime model.ort.onnx logits" in err and "Traceback" not in err
+
+
+def test_a_per_output_override_replaces_the_precision_default(bundle_copy):
+    result = compare(CompareRequest(bundle_copy, atol=("logits:0",), rtol=("0",), data="random", iterations=2))
+
+    assert not result.ok  # PyTorch and ONNX Runtime are close, not bitwise equal
+    tol = result.pairs[0].outputs["logits"]["tolerance"]
+    assert (tol["atol"], tol["rtol"], tol["source"]) == (0.0, 0.0, "override")
+    loose = compare(CompareRequest(bundle_copy, atol=("1e-2",), error_stat=("logits:median",)))
+    assert loose.ok and loose.pairs[0].outputs["logits"]["tolerance"]["stat"] == "median"
+
+
+@pytest.mark.parametrize("values, expected", [
+    (("1e-3",), {"": 1e-3}),
+    (("logits:1e-2", "2e-4"), {"logits": 1e-2, "": 2e-4}),
+    (("past:key:0.5",), {"past:key": 0.5}),  # output names may hold colons: the value is after the last
+])
+def test_tolerance_parsing(values, expected):
+    assert per_output(values, "--atol") == expected
+
+
+@pytest.mark.parametrize("values, message", [
+    (("logits:abc",), "is not a float"),
+    ((":1e-3",), "expected VALUE or OUTPUT:VALUE"),
+    (("-1",), "expected a number >= 0"),
+])
+def test_bad_tolerances_say_what_is_expected(values, message):
+    with pytest.raises(UsageError, match=message):
+        per_output(values, "--atol")
+
+
+def test_precision_defaults_fp16_scale_with_the_output_and_int8_relerr_is_a_bound():
+    ref = {"y": [np.array([[-4.0, 2.0]], np.float32)]}
+    assert tolerances("fp32", ref, None, {})["y"].atol == 1e-4
+    fp16 = tolerances("fp16", ref, None, {})["y"]
+    assert (fp16.atol, fp16.stat) == (pytest.approx(2e-2 * 4 + 1e-3), "max")
+    assert tolerances("int8", ref, ("top1", 0.99), {})["y"].atol is None
+    assert tolerances("int8", ref, ("relerr", 0.05), {})["y"].atol == pytest.approx(0.2)
+    with pytest.raises(UsageError, match="--error-stat 'logits:mode': 'mode' is not one of"):
+        CompareRequest("b", error_stat=("logits:mode",)).overrides()
+
+
+def test_pytorch_runner_returns_the_module_outputs_and_checks_inputs(tmp_path):
+    module = BY_NAME["mlp"].build(tmp_path)
+    spec = BY_NAME["mlp"].input_spec
+    x = spec.random_feeds("max", seed=3)["x"]
+    with TorchRunner(module, spec, ["logits"]) as runner:
+        meta = runner.get_input_metadata(use_numpy_dtypes=False)
+        out = runner.infer({"x": x})
+        assert runner.last_inference_time() > 0
+        with pytest.raises(PolygraphyException):
+            runner.infer({"x": x.astype(np.float64)})
+    assert list(meta["x"].shape) == [None, 64]
+    with torch.no_grad():
+        np.testing.assert_array_equal(out["logits"], module(torch.from_numpy(x)).numpy())
+
+
+def test_random_data_keeps_integer_inputs_in_their_value_range(tmp_path):
+    spec = InputSpec.parse(["ids:int64:[batch=1..4@2,seq=1..16@8]:5..9", "mask:int64:[batch,seq]:0..2",
+                            "x:float32:[batch,3]"])
+    data = load_data("random", tmp_path, {}, spec, iterations=3, point="max", seed=7)
+    again = load_data("random", tmp_path, {}, spec, iterations=3, point="max", seed=7)
+
+    assert len(data.feeds) == 3
+    for feeds, same in zip(data.feeds, again.feeds):
+        assert feeds["ids"].shape == (4, 16) and feeds["ids"].dtype == np.int64
+        assert feeds["ids"].min() >= 5 and feeds["ids"].max() <= 8
+        assert set(np.unique(feeds["mask"])) <= {0, 1}
+        assert np.abs(feeds["x"]).max() <= 1.0
+        np.testing.assert_array_equal(feeds["ids"], same["ids"])
+
+
+def test_user_npz_data_is_checked_against_the_input_spec(bundle_copy, tmp_path, run_cli):
+    good = tmp_path / "data"
+    good.mkdir()
+    np.savez(good / "a.npz", x=np.ones((3, 64), np.float32))
+    np.savez(good / "b.npz", x=np.zeros((5, 64), np.float32))
+    result = compare(CompareRequest(bundle_copy, data=str(good)))
+    assert result.ok and [list(f["x"].shape) for f in result.data.feeds] == [[3, 64], [5, 64]]
+
+    np.savez(tmp_path / "bad.npz", image=np.ones((3, 64), np.float32))
+    code, _, err = run_cli("compare", bundle_copy, "--data", tmp_path / "bad.npz")
+    assert code == 10 and "missing x" in err and "unexpected image" in err
+    code, _, err = run_cli("compare", bundle_copy, "--data", tmp_path / "nothing.npz")
+    assert code == 2 and "no such file" in err
+    code, _, err = run_cli("compare", tmp_path)
+    assert code == 9 and "manifest.json" in err
+
+
+def test_similarity_metrics():
+    ref = [np.array([[1.0, 2.0, 3.0], [3.0, 0.0, 1.0]], np.float32)]
+    assert cosine(ref, ref) == pytest.approx(1.0)
+    assert cosine(ref, [-ref[0]]) == pytest.approx(-1.0)
+    assert top1(ref, [np.array([[0.0, 5.0, 1.0], [2.0, 0.0, 1.0]], np.float32)]) == 0.5
+    assert top1([np.zeros((4,), np.float32)], [np.zeros((4,), np.float32)]) is None  # not class scores
