@@ -7,8 +7,10 @@ PRECISION ?= fp32
 OUT ?=
 CALIB ?=
 ARGS ?=
+COMPARE_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: engine test corpus bench bench-int8 venv zoo clean
+.PHONY: engine test corpus compare bench bench-passes bench-int8 venv zoo clean
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
@@ -29,13 +31,39 @@ test: venv
 corpus: venv
 	$(BIN)/python tests/corpus.py 2>/dev/null | grep -v '^\[W\]'
 
-# Pass benchmark on ONNX Runtime CPU for every zoo model (or MODELS="mlp bert_tiny").
+# The bundle `make engine` writes for MODEL and PRECISION.
+BUNDLE = $(or $(OUT),build/$(MODEL)$(if $(filter fp32,$(PRECISION)),,-$(PRECISION)))
+
+# Every artifact of the bundle against PyTorch with Polygraphy (builds it first if needed); exit 4 on failure.
+compare: engine
+	$(BIN)/planforge compare $(BUNDLE) $(COMPARE_ARGS)
+
+# MODEL's bundles per precision against PyTorch eager and ONNX Runtime, per batch size
+# (build/bench/MODEL/bench.json and bench.png). Without MODEL: every model in BENCH_MODELS, then
+# build/bench/summary.md (the table in the README).
+BENCH_MODELS ?= mlp digits_cnn resnet18 mobilenet_v2 bert_tiny
+BENCH_PRECISIONS ?= fp32 int8
+MODEL_GIVEN = $(filter-out file,$(origin MODEL))
+BENCH_SET = $(if $(MODEL_GIVEN),$(MODEL),$(BENCH_MODELS))
 bench: venv
-	$(BIN)/planforge bench $(MODELS)
+	@set -e; for m in $(BENCH_SET); do \
+	  bundles=""; \
+	  for p in $(BENCH_PRECISIONS); do \
+	    $(BIN)/planforge build $$m --precision $$p $(ARGS) > /dev/null; \
+	    bundles="$$bundles build/$$m$$([ $$p = fp32 ] || echo -$$p)"; \
+	  done; \
+	  echo "planforge bench$$bundles $(BENCH_ARGS)"; \
+	  $(BIN)/planforge bench $$bundles $(BENCH_ARGS); \
+	done
+	$(if $(MODEL_GIVEN),,$(BIN)/planforge bench-summary $(foreach m,$(BENCH_MODELS),build/bench/$(m)/bench.json) -o build/bench/summary.md)
+
+# What the passes buy on ONNX Runtime CPU for every zoo model (or MODELS="mlp bert_tiny").
+bench-passes: venv
+	$(BIN)/planforge bench-passes $(MODELS)
 
 # INT8 on ONNX Runtime CPU against quantize_static (digits_cnn, resnet18, bert_tiny, or MODELS=...).
 bench-int8: venv
-	$(BIN)/planforge bench --int8 $(MODELS)
+	$(BIN)/planforge bench-passes --int8 $(MODELS)
 
 zoo: venv
 	$(BIN)/planforge zoo

@@ -1,115 +1,304 @@
-"""``planforge bench``: what the passes buy on ONNX Runtime CPU, per zoo model.
+"""``planforge bench BUNDLE...``: one model's backends side by side, per batch size.
 
-For each model: export (dynamo, opset 18), run the pipeline for the target, then time the
-exported and the optimized graph with the same session options (ONNX Runtime's own graph
-optimizations on in both, the same thread count) at the input spec's opt shapes: warm-up runs,
-then the median and p90 of timed runs. Speed targets live here, never in the tests.
+Backends, all on the same inputs and thread count: PyTorch eager (the model the bundles were
+built from), ONNX Runtime on the exported graph with its own graph optimizations, each bundle on
+each planforge runtime backend that can run here, and for INT8 bundles of zoo models the peer,
+ONNX Runtime's ``quantize_static`` (QDQ, per-channel S8 weights, U8 activations: its fastest
+CPU form) on the exported graph with the zoo's calibration batches.
+
+Per backend and batch size: ``warmup`` untimed runs, then ``iterations`` timed runs; latency
+p50/p90/p99 and mean (ms), throughput (samples/s from the mean), the speedup of p50 against
+PyTorch eager (the headline: absolute times vary between machines), load time and peak memory
+(the resident memory a backend adds while it loads and runs, from Linux's VmHWM, which is reset
+before each backend; GPU memory is not counted), and each artifact's build time from its
+manifest. Results: ``bench.json`` and ``bench.png`` (``engines.bench_report``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import logging
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import onnx
-import onnxruntime as ort
+
+from engines.bundle import read_manifest, verified_path
+from exporter.errors import UsageError
+from exporter.spec import InputSpec, random_array
 
 logger = logging.getLogger(__name__)
 
-ROUNDS = 5  # alternating rounds of timed runs per graph
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    bundles: tuple[Path, ...]
+    batches: tuple[int, ...] = ()  # default: the batch dim's min, opt and max
+    warmup: int = 3
+    iterations: int = 20
+    threads: int = 0  # 0: every core
+    peer: bool = True
+    out: Path | None = None  # directory for bench.json and bench.png
+    cache_dir: Path = Path("build/.cache")
 
 
 @dataclasses.dataclass
-class PassBench:
-    model: str
-    target: str
-    nodes_before: int
-    nodes_after: int
-    pass_seconds: float
-    exported_ms: float
-    optimized_ms: float
-    exported_p90_ms: float
-    optimized_p90_ms: float
-    shapes: dict
+class Backend:
+    """One thing to time: how to load it, what it is, what building it cost."""
 
-    @property
-    def speedup(self) -> float:
-        return self.exported_ms / self.optimized_ms if self.optimized_ms else float("nan")
+    name: str
+    precision: str
+    build_seconds: float | None
+    load: Callable[[], Callable[[dict], object]]  # returns run(feeds)
+    close: Callable[[], None] = lambda: None
 
 
-def time_session(path: Path, feeds: dict[str, np.ndarray], threads: int, warmup: int, runs: int) -> list[float]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+@dataclasses.dataclass
+class Point:
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # samples/s
+    speedup: float | None = None  # PyTorch eager p50 / this p50
 
 
-def bench_model(name: str, targets: list[str], threads: int = 2, warmup: int = 2, runs: int = 30,
-                cache_dir: Path = Path("build/.cache")) -> list[PassBench]:
-    """Export ``name`` once, then time the exported graph against each target's optimized graph."""
-    from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.resolve import resolve  # noqa: PLC0415
-    from passes import PassManager, pipeline  # noqa: PLC0415
+@dataclasses.dataclass
+class BackendResult:
+    name: str
+    precision: str
+    build_seconds: float | None
+    load_seconds: float
+    peak_memory_mib: float | None
+    points: list[Point]
 
-    model = resolve(name, cache_dir)
-    feeds = model.input_spec.random_feeds("opt", seed=0)
-    shapes = {k: list(v.shape) for k, v in feeds.items()}
-    results = []
+
+def bench(request: BenchRequest, on_step: Callable[[str], None] = lambda s: None,
+          on_total: Callable[[int], None] = lambda n: None) -> dict:
+    """Time every backend at every batch size; return the ``bench.json`` document."""
+    bundles = [Path(b) for b in request.bundles]
+    manifests = [read_manifest(b) for b in bundles]
+    _check_same_model(bundles, manifests)
+    spec = InputSpec.from_json(manifests[0]["inputs"])
+    batch_dim, batches = _batches(spec, request.batches)
+    threads = request.threads or os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+    feeds = {b: {t.name: random_array(t, _shape(t, batch_dim, b), rng) for t in spec} for b in batches}
     with tempfile.TemporaryDirectory(prefix="planforge-bench-") as tmp:
-        exported = Path(tmp) / "model.onnx"
-        export_onnx(model.module, model.input_spec, model.output_names, exported)
-        graph = onnx.load(str(exported))
-        for target in targets:
-            start = time.perf_counter()
-            optimized, _ = PassManager(pipeline(target, "fp32")).run(graph)
-            pass_seconds = time.perf_counter() - start
-            optimized_path = Path(tmp) / f"model.{target}.onnx"
-            onnx.save_model(optimized, str(optimized_path))
-            base, opt = [], []
-            for _ in range(ROUNDS):  # interleave, so drift in machine load hits both alike
-                base += time_session(exported, feeds, threads, warmup, max(1, runs // ROUNDS))
-                opt += time_session(optimized_path, feeds, threads, warmup, max(1, runs // ROUNDS))
-            results.append(PassBench(name, target, len(graph.graph.node), len(optimized.graph.node), pass_seconds,
-                                     statistics.median(base), statistics.median(opt), _p90(base), _p90(opt), shapes))
-            logger.info("%s/%s: %d -> %d nodes, %.2f -> %.2f ms", name, target, results[-1].nodes_before,
-                        results[-1].nodes_after, results[-1].exported_ms, results[-1].optimized_ms)
-    return results
+        backends, skipped = _backends(bundles, manifests, threads, request, Path(tmp))
+        on_total(len(backends) * len(batches))
+        results = [_time_backend(b, feeds, request.warmup, request.iterations, on_step) for b in backends]
+    eager = next((r for r in results if r.name == "pytorch eager"), None)
+    for result in results:
+        for point, ref in zip(result.points, eager.points if eager else [None] * len(result.points)):
+            point.speedup = ref.p50_ms / point.p50_ms if ref else None
+    model = manifests[0]["model"]
+    return {"kind": "bench", "schema": 1, "model": model["name"], "source": model["source"],
+            "bundles": [str(b) for b in bundles], "inputs": manifests[0]["inputs"], "batch_dim": batch_dim,
+            "batches": batches, "threads": threads, "warmup": request.warmup, "iterations": request.iterations,
+            "environment": _environment(), "skipped": skipped,
+            "backends": [dataclasses.asdict(r) for r in results]}
 
 
-def _p90(values: list[float]) -> float:
-    return float(np.percentile(values, 90))
+def _check_same_model(bundles: list[Path], manifests: list[dict]) -> None:
+    first = manifests[0]
+    for bundle, manifest in zip(bundles[1:], manifests[1:]):
+        if (manifest["model"].get("source_sha256"), manifest["inputs"]) != (first["model"].get("source_sha256"),
+                                                                            first["inputs"]):
+            raise UsageError(f"{bundle} holds another model or input spec than {bundles[0]}; bench one model's "
+                             "bundles (e.g. build/resnet18 build/resnet18-int8) per run")
 
 
-def bench_zoo(names: list[str], targets: list[str], threads: int, runs: int) -> list[PassBench]:
-    return [r for name in names for r in bench_model(name, targets, threads=threads, runs=runs)]
+def _batches(spec: InputSpec, asked: tuple[int, ...]) -> tuple[str | None, list[int]]:
+    """The first input's leading dim, when symbolic, is the batch; without one there is one point."""
+    first = spec.tensors[0].dims[0] if spec.tensors[0].rank else None
+    if first is None or not first.is_dynamic:
+        if asked:
+            raise UsageError(f"--batch: the bundle's inputs have a fixed leading dim ({spec}); drop --batch")
+        return None, [first.min if first else 1]
+    sizes = sorted(set(asked or (first.min, first.opt, first.max)))
+    bad = [b for b in sizes if not first.min <= b <= first.max]
+    if bad:
+        raise UsageError(f"--batch {', '.join(map(str, bad))}: the bundle's {first.name} dim takes "
+                         f"{first.min}..{first.max}")
+    return first.name, sizes
 
 
-def write_json(results: list[PassBench], path: Path) -> None:
-    rows = [dict(dataclasses.asdict(r), speedup=round(r.speedup, 3)) for r in results]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kind": "passes", "results": rows}, indent=2) + "\n")
+def _shape(tensor, batch_dim: str | None, batch: int) -> tuple[int, ...]:
+    return tuple(batch if d.name is not None and d.name == batch_dim else d.opt for d in tensor.dims)
 
 
-def bench_int8(names: list[str], threads: int, runs: int, out: Path) -> list:
-    from engines.bench_int8 import bench_int8_model  # noqa: PLC0415
+def _backends(bundles: list[Path], manifests: list[dict], threads: int, request: BenchRequest,
+              tmp: Path) -> tuple[list[Backend], dict[str, str]]:
+    from engines.runtime import ORDER, _Bundle, _why_not  # noqa: PLC0415
 
-    rows = [row for name in names for row in bench_int8_model(name, threads=threads, runs=runs)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"kind": "int8", "results": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
-    return rows
+    backends, skipped = [], {}
+    module = _module(manifests[0], request.cache_dir, skipped)
+    if module is not None:
+        backends.append(_torch_backend(module, InputSpec.from_json(manifests[0]["inputs"]), threads))
+    exported = verified_path(bundles[0], manifests[0], "model.onnx")
+    backends.append(_ort_backend("onnxruntime exported", "fp32", exported, threads,
+                                 manifests[0]["export"].get("seconds")))
+    for bundle, manifest in zip(bundles, manifests):
+        loaded = _Bundle(bundle)
+        for backend in ORDER:
+            name = f"planforge {manifest['precision']} {backend}"
+            if (reason := _why_not(backend, loaded)) is not None:
+                skipped[name] = reason
+                continue
+            target = "trt" if backend == "trt" else "ort"
+            backends.append(_runtime_backend(name, manifest["backends"][target]["precision"], bundle, backend,
+                                             threads, (manifest.get("build_seconds") or {}).get("total")))
+    int8 = next((m for m in manifests if m["precision"] == "int8"), None)
+    if request.peer and int8 is not None:
+        peer = _peer_backend(exported, manifests[0], module, threads, tmp, skipped)
+        if peer is not None:
+            backends.append(peer)
+    return backends, skipped
+
+
+def _module(manifest: dict, cache_dir: Path, skipped: dict):
+    model = manifest["model"]
+    if model.get("kind") == "onnx":
+        skipped["pytorch eager"] = "the bundles were built from an ONNX file"
+        return None
+    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
+
+    resolved = resolve(model["source"], Path(cache_dir))
+    if resolved.source_sha256 != model.get("source_sha256"):
+        raise UsageError(f"the PyTorch model {model['source']} is not the one the bundles were built from (its source "
+                         "sha256 differs from the manifest's); rebuild the bundles")
+    return resolved.module
+
+
+def _torch_backend(module, spec: InputSpec, threads: int) -> Backend:
+    import torch  # noqa: PLC0415
+
+    state = {}
+
+    def load():
+        state["old"] = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        state["module"] = copy.deepcopy(module).eval()  # its weights count towards this backend's memory
+
+        def run(feeds):
+            with torch.inference_mode():
+                return state["module"](*[torch.from_numpy(feeds[n]) for n in spec.names])
+        return run
+
+    def close():
+        torch.set_num_threads(state.pop("old"))
+        state.clear()
+
+    return Backend("pytorch eager", "fp32", None, load, close)
+
+
+def _ort_backend(name: str, precision: str, graph: Path, threads: int, build_seconds: float | None) -> Backend:
+    from engines.bench_passes import session_options  # noqa: PLC0415
+
+    def load():
+        import onnxruntime as ort  # noqa: PLC0415
+
+        sess = ort.InferenceSession(str(graph), session_options(threads), providers=["CPUExecutionProvider"])
+        return lambda feeds: sess.run(None, feeds)
+
+    return Backend(name, precision, build_seconds, load)
+
+
+def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
+                     build_seconds: float | None) -> Backend:
+    from engines.runtime import load as load_bundle  # noqa: PLC0415
+
+    state = {}
+
+    def load():
+        state["engine"] = load_bundle(bundle, backend=backend, threads=threads)
+        return state["engine"].infer
+
+    def close():
+        state.pop("engine").close()
+
+    return Backend(name, precision, build_seconds, load, close)
+
+
+def _peer_backend(exported: Path, manifest: dict, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
+    from exporter.zoo import BY_NAME  # noqa: PLC0415
+
+    name = "onnxruntime quantize_static int8"
+    entry = BY_NAME.get(manifest["model"]["name"]) if manifest["model"].get("kind") == "zoo" else None
+    if entry is None or not entry.calibration or module is None:
+        skipped[name] = "the peer needs the zoo's calibration batches; this model has none"
+        return None
+    from engines.bench_int8 import _peer  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType  # noqa: PLC0415
+
+    calibration, _ = entry.calibration_data(module)
+    start = time.perf_counter()
+    _peer(exported, tmp / "peer.onnx", calibration, QuantType.QUInt8)
+    return _ort_backend(name, "int8", tmp / "peer.onnx", threads, round(time.perf_counter() - start, 3))
+
+
+def _time_backend(backend: Backend, feeds: dict[int, dict], warmup: int, iterations: int,
+                  on_step: Callable[[str], None]) -> BackendResult:
+    baseline = _reset_peak_memory()
+    start = time.perf_counter()
+    run = backend.load()
+    load_seconds = time.perf_counter() - start
+    points = []
+    try:
+        for batch, batch_feeds in feeds.items():
+            on_step(f"{backend.name} batch {batch}")
+            for _ in range(warmup):
+                run(batch_feeds)
+            times = []
+            for _ in range(iterations):
+                t0 = time.perf_counter()
+                run(batch_feeds)
+                times.append((time.perf_counter() - t0) * 1000)
+            p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))
+            mean = statistics.fmean(times)
+            points.append(Point(batch, p50, p90, p99, mean, batch * 1000 / mean))
+            logger.debug("%s batch %d: p50 %.3f ms", backend.name, batch, p50)
+        peak = _peak_memory(baseline)
+    finally:
+        backend.close()
+    return BackendResult(backend.name, backend.precision, backend.build_seconds, round(load_seconds, 4), peak, points)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_memory() -> int | None:
+    """Current resident KiB after resetting the peak (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def _peak_memory(baseline: int | None) -> float | None:
+    peak = _status_kib("VmHWM")
+    return None if baseline is None or peak is None else round(max(peak - baseline, 0) / 1024, 1)
+
+
+def _environment() -> dict:
+    import platform  # noqa: PLC0415
+
+    import onnxruntime  # noqa: PLC0415
+
+    return {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}

@@ -1,4 +1,4 @@
-"""``planforge bench --int8``: INT8 on ONNX Runtime CPU, planforge against ONNX Runtime's own
+"""``planforge bench-passes --int8``: INT8 on ONNX Runtime CPU, planforge against ONNX Runtime's own
 ``quantize_static`` (the peer), with the accuracy metric of each model.
 
 For each model: the exported FP32 graph; planforge's INT8 ``ort`` graph (its passes, the zoo's
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 
-from engines.bench import ROUNDS, time_session
+from engines.bench_passes import ROUNDS, time_session
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ class Int8Row:
     kept_float: int | None = None
 
 
+@contextlib.contextmanager
+def _root_logging_disabled():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
 
@@ -47,7 +56,8 @@ def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
         def get_next(self):
             return next(self.it, None)
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    # quantize_static prints and warns (pre-processing advice) through the root logger: keep the CLI's output ours
+    with contextlib.redirect_stdout(io.StringIO()), _root_logging_disabled():
         quantize_static(str(exported), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=activation, weight_type=QuantType.QInt8,
                         extra_options={"ActivationSymmetric": activation == QuantType.QInt8})

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from exporter.errors import ParityError, PlanforgeError
 
@@ -158,6 +158,52 @@ def run(bundle, inputs, random_point, backend):
 
 
 @cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), metavar="N",
+              help="Batch sizes (repeat) [the batch dim's min, opt and max].")
+@click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed runs per point.")
+@click.option("--iterations", type=click.IntRange(1), default=20, show_default=True, help="Timed runs per point.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads for every "
+              "backend (0: all cores).")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Time ONNX Runtime's quantize_static beside INT8 bundles.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench.json and bench.png "
+              "[build/bench/<model>].")
+def bench(bundles, batches, warmup, iterations, threads, peer, out):
+    """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
+    from engines.bench import BenchRequest, bench as run_bench  # noqa: PLC0415
+    from engines.bench_report import write_results  # noqa: PLC0415
+    from engines.present import bench_bundle_table  # noqa: PLC0415
+
+    request = BenchRequest(tuple(bundles), tuple(batches), warmup, iterations, threads, peer, out)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("loading", total=None)
+
+        def step(description):
+            if progress.tasks[task].description != "loading":
+                progress.advance(task)
+            progress.update(task, description=description)
+
+        doc = run_bench(request, on_step=step, on_total=lambda n: progress.update(task, total=n))
+    json_path, png_path = write_results(doc, out or Path(bundles[0]).parent / "bench" / doc["model"])
+    bench_bundle_table(console, doc)
+    console.print(f"wrote {json_path} and {png_path}")
+
+
+@cli.command("bench-summary")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Markdown file to write.")
+def bench_summary(results, out):
+    """Summarize bench.json files as one Markdown table (largest batch per model)."""
+    from engines.bench_report import load_results, summary_markdown  # noqa: PLC0415
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(summary_markdown(load_results(results)))
+    console.print(f"wrote {out}")
+
+
+@cli.command("bench-passes")
 @click.argument("models", nargs=-1)
 @click.option("--target", "targets", multiple=True, type=click.Choice(["trt", "ort"]), default=("ort", "trt"),
               show_default=True)
@@ -165,9 +211,9 @@ def run(bundle, inputs, random_point, backend):
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per graph.")
 @click.option("--int8", is_flag=True, help="INT8 against ONNX Runtime's quantize_static instead of the passes.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
-def bench(models, targets, threads, runs, int8, out):
+def bench_passes(models, targets, threads, runs, int8, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
-    from engines.bench import bench_int8, bench_zoo, write_json  # noqa: PLC0415
+    from engines.bench_passes import bench_int8, bench_zoo, write_json  # noqa: PLC0415
     from engines.present import bench_int8_table, bench_table  # noqa: PLC0415
     from exporter.zoo import BY_NAME  # noqa: PLC0415
 

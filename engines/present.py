@@ -187,3 +187,23 @@ def compare_table(console: Console, result) -> None:
     console.print("the same ONNX Runtime checks with Polygraphy's CLI (--save-inputs writes inputs.json):")
     for line in result.polygraphy:
         console.print(f"  {escape(line)}", soft_wrap=True)
+
+
+def bench_bundle_table(console: Console, doc: dict) -> None:
+    """Per backend and batch: latency percentiles, throughput, the ratio to PyTorch eager, memory, build time."""
+    table = Table(title=f"{doc['model']}: {doc['threads']} thread(s), {doc['iterations']} timed runs per point "
+                        f"after {doc['warmup']} warm-up; 'vs eager' = PyTorch eager p50 / p50")
+    for col in ("backend", "prec", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs eager", "peak MiB",
+                "load s", "build s"):
+        table.add_column(col, justify="left" if col in ("backend", "prec") else "right")
+    for backend in doc["backends"]:
+        for i, p in enumerate(backend["points"]):
+            first = i == 0
+            _row(table, backend["name"] if first else "", backend["precision"] if first else "", p["batch"],
+                 f"{p['p50_ms']:.3f}", f"{p['p90_ms']:.3f}", f"{p['p99_ms']:.3f}", f"{p['throughput']:.0f}",
+                 "" if p["speedup"] is None else f"{p['speedup']:.2f}x",
+                 _num(backend["peak_memory_mib"], ".0f") if first else "",
+                 f"{backend['load_seconds']:.2f}" if first else "", _num(backend["build_seconds"], ".1f") if first else "")
+    console.print(table)
+    for name, reason in doc["skipped"].items():
+        console.print(f"not benchmarked: {escape(name)}: {escape(reason)}")

@@ -279,8 +279,16 @@ class InputSpec:
             _check_one(tensor, feeds[tensor.name], bound)
 
 
+_NP_DTYPES = {name: np.dtype(name) for name in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8",
+                                                "bool")}
+
+
 def _check_one(tensor: TensorSpec, value: np.ndarray, bound: dict[str, tuple[int, str]]) -> None:
-    dtype = str(getattr(value, "dtype", type(value).__name__))
+    found = getattr(value, "dtype", None)
+    if isinstance(found, np.dtype) and found == _NP_DTYPES.get(tensor.dtype):  # the hot path: no str() per call
+        dtype = tensor.dtype
+    else:
+        dtype = str(found if found is not None else type(value).__name__)
     if dtype != tensor.dtype:
         raise RuntimeInputError(
             f"input {tensor.name!r}: expected dtype {tensor.dtype}, found {dtype}; "

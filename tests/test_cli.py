@@ -149,13 +149,13 @@ def test_ctrl_c_mid_build_leaves_no_partial_bundle(in_tmp):
 def test_bench_writes_one_result_per_model_and_target(run_cli, in_tmp):
     import json
 
-    code, out, _ = run_cli("bench", "mlp", "--runs", "2", "-o", "b.json")
+    code, out, _ = run_cli("bench-passes", "mlp", "--runs", "2", "-o", "b.json")
     assert code == 0 and "optimized ms" in out
     rows = json.loads((in_tmp / "b.json").read_text())["results"]
     assert [(r["model"], r["target"]) for r in rows] == [("mlp", "ort"), ("mlp", "trt")]
     for r in rows:
         assert r["nodes_after"] <= r["nodes_before"] and r["exported_ms"] > 0 and r["optimized_ms"] > 0
-    code, _, err = run_cli("bench", "nosuchmodel")
+    code, _, err = run_cli("bench-passes", "nosuchmodel")
     assert code == 2 and "not zoo models" in err
 
 
@@ -199,7 +199,7 @@ def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(
     assert "INT8 trt: budget top1 >= 0.99 met" in out and "INT8 ort: budget top1 >= 0.99 met" in out
     manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8")
     assert manifest["calibration"]["method"] == "percentile" and manifest["artifacts"]["calibration.json"]
-    code, out, _ = run_cli("bench", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
+    code, out, _ = run_cli("bench-passes", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
     assert code == 0 and "peer quantize_static U8/S8" in out
     rows = json.loads((in_tmp / "b8.json").read_text())["results"]
     assert {r["variant"] for r in rows} == {"fp32", "planforge int8 (ort form)", "planforge int8 (trt form)",

@@ -1,0 +1,113 @@
+"""What ``planforge bench`` writes: ``bench.json``, ``bench.png`` and the zoo summary (Markdown).
+
+The plot has two panels sharing the batch axis: p50 latency (a bar to p90) and throughput, one
+line per backend. matplotlib runs with the Agg backend (no display) and is imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
+    """``out/bench.json`` and ``out/bench.png``, each written to a temporary name and renamed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    _atomic(png_path, lambda tmp: plot(doc, Path(tmp)))
+    return json_path, png_path
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for backend in doc["backends"]:
+        batches = [p["batch"] for p in backend["points"]]
+        p50 = [p["p50_ms"] for p in backend["points"]]
+        p90 = [p["p90_ms"] - p["p50_ms"] for p in backend["points"]]
+        lat.errorbar(batches, p50, yerr=[[0] * len(p50), p90], marker="o", capsize=3, label=backend["name"])
+        thr.plot(batches, [p["throughput"] for p in backend["points"]], marker="o", label=backend["name"])
+    title = f"{doc['model']}: {doc['threads']} thread(s), {doc['environment'].get('machine')}"
+    lat.set(title=f"{title}\nlatency p50 (bar to p90)", xlabel=_batch_label(doc),
+            ylabel="ms", xscale="log", yscale="log")
+    thr.set(title="throughput", xlabel=_batch_label(doc), ylabel="samples/s",
+            xscale="log", yscale="log")
+    for ax in (lat, thr):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(doc["batches"], [str(b) for b in doc["batches"]])
+    thr.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary_markdown(docs: list[dict]) -> str:
+    """One table for the README: per model, the largest batch, every backend against PyTorch eager."""
+    lines = ["| model | batch | backend | p50 ms | p99 ms | samples/s | vs eager | peak MiB | build s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for doc in docs:
+        for backend in doc["backends"]:
+            point = max(backend["points"], key=lambda p: p["batch"])
+            lines.append(
+                f"| {doc['model']} | {point['batch']} | {backend['name']} | {point['p50_ms']:.2f} | "
+                f"{point['p99_ms']:.2f} | {point['throughput']:.0f} | "
+                f"{_ratio(point['speedup'])} | {_opt(backend['peak_memory_mib'], '.0f')} | "
+                f"{_opt(backend['build_seconds'], '.1f')} |")
+    env = docs[0]["environment"] if docs else {}
+    lines.append("")
+    lines.append(f"{env.get('cpus')} CPU(s), {env.get('machine')}, ONNX Runtime {env.get('onnxruntime')}, "
+                 f"{docs[0]['threads'] if docs else '?'} thread(s); {docs[0]['iterations'] if docs else '?'} timed runs "
+                 "per point after warm-up. 'vs eager' is PyTorch eager p50 / backend p50.")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _opt(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def load_results(paths) -> list[dict]:
+    """bench.json documents, refusing files that are not one."""
+    from exporter.errors import UsageError  # noqa: PLC0415
+
+    docs = []
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not a readable bench.json ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("kind") != "bench":
+            raise UsageError(f"{path}: not a bench.json written by 'planforge bench BUNDLE'")
+        docs.append(doc)
+    return docs
+
+
+def _batch_label(doc: dict) -> str:
+    dim = doc["batch_dim"]
+    return "batch size" if dim in (None, "batch") else f"batch size ({dim})"

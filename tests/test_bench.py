@@ -1,0 +1,71 @@
+"""``planforge bench BUNDLE...``: the schema of bench.json, the plot, the summary (no timing assertions)."""
+
+import json
+
+import pytest
+
+from engines.bench import BenchRequest, bench
+from engines.bench_report import summary_markdown, write_results
+from engines.build import BuildRequest, build
+from engines.bundle import read_manifest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def mlp_bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    fp32 = build(BuildRequest("mlp", out=root / "mlp", build_root=root)).out
+    int8 = build(BuildRequest("mlp", out=root / "mlp-int8", precision="int8", build_root=root)).out
+    return fp32, int8
+
+
+def test_bench_times_every_backend_at_every_batch_and_writes_json_and_png(mlp_bundles, tmp_path):
+    steps = []
+    doc = bench(BenchRequest(mlp_bundles, batches=(1, 4), warmup=1, iterations=3, threads=1), on_step=steps.append)
+
+    names = [b["name"] for b in doc["backends"]]
+    assert names == ["pytorch eager", "onnxruntime exported", "planforge fp32 ort-cpu", "planforge int8 ort-cpu",
+                     "onnxruntime quantize_static int8"]
+    assert len(steps) == len(names) * 2 and doc["batches"] == [1, 4] and doc["batch_dim"] == "batch"
+    eager = doc["backends"][0]["points"]
+    for backend in doc["backends"]:
+        assert [p["batch"] for p in backend["points"]] == [1, 4]
+        for point, ref in zip(backend["points"], eager):
+            assert 0 < point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"]
+            assert point["throughput"] == pytest.approx(point["batch"] * 1000 / point["mean_ms"])
+            assert point["speedup"] == pytest.approx(ref["p50_ms"] / point["p50_ms"])
+        assert backend["load_seconds"] >= 0
+        assert backend["peak_memory_mib"] is None or backend["peak_memory_mib"] >= 0
+    for backend, bundle in zip(doc["backends"][2:4], mlp_bundles):  # build time comes from each manifest
+        assert backend["build_seconds"] == read_manifest(bundle)["build_seconds"]["total"] > 0
+    assert doc["backends"][4]["build_seconds"] > 0  # quantize_static, timed here
+    assert "planforge fp32 trt" in doc["skipped"] and doc["skipped"]["planforge fp32 trt"]
+
+    json_path, png_path = write_results(doc, tmp_path / "out")
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(doc))
+    assert png_path.read_bytes()[:8] == PNG_MAGIC and png_path.stat().st_size > 10_000
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    summary = summary_markdown([doc])
+    assert summary.count("| mlp | 4 |") == len(names) and "1.00x" in summary  # the largest batch, eager = 1x
+
+
+def test_cli_bench_refuses_bad_batches_and_mixed_models(mlp_bundles, tmp_path, run_cli):
+    code, _, err = run_cli("bench", mlp_bundles[0], "--batch", "65")
+    assert code == 2 and "--batch 65" in err and "1..64" in err
+    other = build(BuildRequest("digits_cnn", out=tmp_path / "digits", build_root=tmp_path)).out
+    code, _, err = run_cli("bench", mlp_bundles[0], other)
+    assert code == 2 and "another model" in err
+    code, _, err = run_cli("bench-summary", mlp_bundles[0] / "manifest.json", "-o", tmp_path / "s.md")
+    assert code == 2 and "not a bench.json" in err
+
+
+def test_cli_bench_writes_results_next_to_each_other(mlp_bundles, tmp_path, run_cli):
+    code, out, _ = run_cli("bench", mlp_bundles[0], "--batch", "2", "--warmup", "0", "--iterations", "2",
+                           "-o", tmp_path / "r")
+    assert code == 0 and "pytorch eager" in out and "vs eager" in out
+    doc = json.loads((tmp_path / "r" / "bench.json").read_text())
+    assert doc["batches"] == [2] and (tmp_path / "r" / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    code, out, _ = run_cli("bench-summary", tmp_path / "r" / "bench.json", "-o", tmp_path / "summary.md")
+    assert code == 0 and "| mlp | 2 | planforge fp32 ort-cpu |" in (tmp_path / "summary.md").read_text()
