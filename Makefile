@@ -41,7 +41,7 @@ compare: engine
 # MODEL's bundles per precision against PyTorch eager and ONNX Runtime, per batch size
 # (build/bench/MODEL/bench.json and bench.png). Without MODEL: every model in BENCH_MODELS, then
 # build/bench/summary.md (the table in the README).
-BENCH_MODELS ?= mlp digits_cnn resnet18 mobilenet_v2 bert_tiny
+BENCH_MODELS ?= mlp digits_cnn resnet18 bert_tiny
 BENCH_PRECISIONS ?= fp32 int8
 MODEL_GIVEN = $(filter-out file,$(origin MODEL))
 BENCH_SET = $(if $(MODEL_GIVEN),$(MODEL),$(BENCH_MODELS))

@@ -168,12 +168,9 @@ def _module(manifest: dict, cache_dir: Path, skipped: dict):
     if model.get("kind") == "onnx":
         skipped["pytorch eager"] = "the bundles were built from an ONNX file"
         return None
-    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
+    from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve(model["source"], Path(cache_dir))
-    if resolved.source_sha256 != model.get("source_sha256"):
-        raise UsageError(f"the PyTorch model {model['source']} is not the one the bundles were built from (its source "
-                         "sha256 differs from the manifest's); rebuild the bundles")
+    resolved = resolve_bundle_model(model, cache_dir, "rebuild the bundles")
     return resolved.module
 
 

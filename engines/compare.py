@@ -142,13 +142,10 @@ def _pytorch_module(manifest: dict, reference: str, cache_dir: Path):
     if model.get("kind") == "onnx":
         raise UsageError(f"--reference pytorch: the bundle was built from an ONNX file ({model.get('source')}); "
                          "there is no PyTorch model to compare against. Use --reference onnx")
-    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
+    from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve(model["source"], Path(cache_dir))
-    if resolved.source_sha256 != model.get("source_sha256"):
-        raise UsageError(f"the PyTorch model {model['source']} is not the one this bundle was built from (its "
-                         "source sha256 differs from the manifest's); rebuild the bundle, or compare against the "
-                         "exported graph with --reference onnx")
+    resolved = resolve_bundle_model(model, cache_dir, "rebuild the bundle, or compare against the exported graph "
+                                                      "with --reference onnx")
     return resolved.module
 
 

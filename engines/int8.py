@@ -2,8 +2,9 @@
 
 1. Quantize every candidate layer (``passes.quantize_trt.candidates``: Conv, ConvTranspose, Gemm,
    MatMul, including attention's activation-activation MatMuls, Gather embeddings, residual
-   Adds) and measure the budget's metric against the FP32 graph on held-out batches, under ONNX
-   Runtime CPU with its graph optimizations on (as the bundle will run).
+   Adds; for the ``ort`` target also the other Adds and Muls ONNX Runtime's quantizer quantizes,
+   ``passes.quantize_ort.units``) and measure the budget's metric against the FP32 graph on
+   held-out batches, under ONNX Runtime CPU with its graph optimizations on (as the bundle will run).
 2. If the budget fails: quantize each candidate alone to measure its sensitivity, then leave
    candidates in float, most sensitive first, until the budget holds. What stays in float is
    decided here by measurement for every model, embeddings and attention included.
@@ -26,13 +27,14 @@ import onnx_graphsurgeon as gs
 
 from exporter.errors import BuildError, UsageError
 from passes import InferShapes, PassManager
-from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_ort import QuantizeForOnnxRuntime, units as ort_units
 from passes.quantize_trt import QuantizeForTensorRT, candidates
 from passes.verify import session
 
 logger = logging.getLogger(__name__)
 
 QUANTIZERS = {"trt": QuantizeForTensorRT, "ort": QuantizeForOnnxRuntime}
+UNITS = {"trt": candidates, "ort": ort_units}  # what each target's sensitivity analysis may keep in float
 DEFAULT_BUDGETS = {"classification": "top1=0.99", "embedding": "cosine=0.99", "generation": "cosine=0.99"}
 
 
@@ -112,7 +114,7 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     """Quantize ``fp32`` for ``target`` and fall back to float per layer until ``budget`` holds."""
     reference = _run(fp32, evaluation)
     graph = gs.import_onnx(fp32)
-    ops = {n.name: n.op for n in candidates(graph)}
+    ops = {n.name: n.op for n in UNITS[target](graph)}
 
     def quantize(exclude: tuple[str, ...]) -> onnx.ModelProto:
         quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude)

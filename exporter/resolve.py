@@ -236,3 +236,13 @@ def _resolve_onnx(path: Path) -> ResolvedModel:
         )
     outputs = tuple(o.name for o in model.graph.output)
     return ResolvedModel(path.stem, "onnx", str(path), spec, outputs, sha256_file(path).hexdigest(), onnx_path=path)
+
+
+def resolve_bundle_model(model: dict, cache_dir: Path, hint: str = "rebuild the bundle") -> ResolvedModel:
+    """The PyTorch model a bundle manifest's ``model`` entry names, refused when its source no longer
+    hashes to the recorded ``source_sha256`` (comparing or timing another model would mislead)."""
+    resolved = resolve(model["source"], Path(cache_dir))
+    if resolved.source_sha256 != model.get("source_sha256"):
+        raise UsageError(f"the model {model['source']} is not the one the bundle was built from (its source sha256 "
+                         f"differs from the manifest's); {hint}")
+    return resolved

@@ -51,10 +51,10 @@ def test_bench_times_every_backend_at_every_batch_and_writes_json_and_png(mlp_bu
     assert summary.count("| mlp | 4 |") == len(names) and "1.00x" in summary  # the largest batch, eager = 1x
 
 
-def test_cli_bench_refuses_bad_batches_and_mixed_models(mlp_bundles, tmp_path, run_cli):
+def test_cli_bench_refuses_bad_batches_and_mixed_models(mlp_bundles, tmp_path, run_cli, build_root):
     code, _, err = run_cli("bench", mlp_bundles[0], "--batch", "65")
     assert code == 2 and "--batch 65" in err and "1..64" in err
-    other = build(BuildRequest("digits_cnn", out=tmp_path / "digits", build_root=tmp_path)).out
+    other = build(BuildRequest("gpt_tiny", out=tmp_path / "gpt", build_root=build_root)).out
     code, _, err = run_cli("bench", mlp_bundles[0], other)
     assert code == 2 and "another model" in err
     code, _, err = run_cli("bench-summary", mlp_bundles[0] / "manifest.json", "-o", tmp_path / "s.md")

@@ -172,3 +172,52 @@ def test_similarity_metrics():
     assert cosine(ref, [-ref[0]]) == pytest.approx(-1.0)
     assert top1(ref, [np.array([[0.0, 5.0, 1.0], [2.0, 0.0, 1.0]], np.float32)]) == 0.5
     assert top1([np.zeros((4,), np.float32)], [np.zeros((4,), np.float32)]) is None  # not class scores
+
+
+def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches(tmp_path):
+    bundle = build(BuildRequest("mlp", out=tmp_path / "mlp-int8", precision="int8", build_root=tmp_path)).out
+    result = compare(CompareRequest(bundle, cache_dir=tmp_path / ".cache"))
+
+    assert result.data.source == "eval"  # auto: the data the budget was measured on at build time
+    module = BY_NAME["mlp"].build(tmp_path)
+    _, evaluation = BY_NAME["mlp"].calibration_data(module)
+    sess = ort.InferenceSession(str(bundle / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        agree = np.concatenate([module(torch.from_numpy(b["x"])).numpy().argmax(-1) == sess.run(None, b)[0].argmax(-1)
+                                for b in evaluation])
+    pair = next(p for p in result.pairs if p.runner == "onnxruntime model.ort.onnx")
+    assert pair.precision == "int8" and pair.budget["metric"] == "top1"
+    assert pair.budget["value"] == pytest.approx(agree.mean()) and pair.budget["passed"] == (agree.mean() >= 0.99)
+    assert pair.outputs["logits"]["tolerance"]["atol"] is None  # elementwise errors recorded, not bounded
+    assert pair.outputs["logits"]["max_abs"] > 1e-4  # INT8 really differs elementwise
+    exported = next(p for p in result.pairs if p.runner == "onnxruntime model.onnx")
+    assert exported.budget is None and exported.outputs["logits"]["tolerance"]["atol"] == 1e-4
+
+
+def test_digits_gets_its_test_accuracy_per_side(build_root, tmp_path):
+    from exporter.zoo.digits import accuracy
+
+    bundle = build(BuildRequest("digits_cnn", out=tmp_path / "digits", build_root=build_root)).out
+    result = compare(CompareRequest(bundle, cache_dir=build_root / ".cache"))
+
+    values = result.task_metric["values"]
+    assert set(values) == {"pytorch"} | ORT_SIDES
+    module = BY_NAME["digits_cnn"].build(build_root / ".cache")
+    assert values["pytorch"] == pytest.approx(accuracy(module, "test"))
+    assert all(abs(v - values["pytorch"]) <= 1 / result.task_metric["samples"] for v in values.values())
+
+
+def test_a_changed_model_source_is_refused_as_reference_and_the_exported_graph_can_stand_in(tmp_path, run_cli):
+    source = tmp_path / "tiny.py"
+    source.write_text("import torch\n\n\ndef make():\n    torch.manual_seed(0)\n"
+                      "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n")
+    bundle = build(BuildRequest(f"{source}:make", out=tmp_path / "tiny", build_root=tmp_path)).out
+    assert compare(CompareRequest(bundle, report=tmp_path / "r.json")).reference == "pytorch"
+
+    source.write_text(source.read_text().replace("Linear(8, 4)", "Linear(8, 4, bias=False)"))
+    code, _, err = run_cli("compare", bundle)
+    assert code == 2 and "not the one the bundle was built from" in err and "--reference onnx" in err
+    result = compare(CompareRequest(bundle, reference="onnx", report=tmp_path / "r.json"))
+    assert result.ok and result.reference == "onnxruntime model.onnx"
+    assert {p.runner for p in result.pairs} == ORT_SIDES - {"onnxruntime model.onnx"}
+    assert json.loads((tmp_path / "r.json").read_text())["compare"]["reference"] == "onnxruntime model.onnx"

@@ -156,6 +156,32 @@ def test_ort_form_has_unsigned_activations_and_signed_per_channel_weights():
     np.testing.assert_allclose(quantized_y, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_ort_units_cover_adds_between_two_convs_so_all_in_float_is_fp32():
+    from passes.quantize_ort import units
+    from passes.quantize_trt import candidates
+    import onnx_graphsurgeon as gs
+
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]  # no TensorRT candidate: two Conv inputs
+    model = make_model(nodes, [("x", F32, [1, 3, 5, 5])], [("y", F32, [1, 3, 5, 5])],
+                       {"W1": seeded((3, 3, 3, 3), 1), "W2": seeded((3, 3, 3, 3), 2)})
+    model = run_pass(InferShapes(), model)[1]
+    ranges = {"x": (-3.0, 3.0), "a": (-9.0, 9.0), "b": (-9.0, 9.0), "y": (-15.0, 15.0)}
+    graph = gs.import_onnx(model)
+    assert [n.name for n in candidates(graph)] == ["conv1", "conv2"]
+    assert [n.name for n in units(graph)] == ["conv1", "conv2", "add"]
+    feeds = {"x": seeded((1, 3, 5, 5), 3)}
+    expected = run_graph(model, feeds)["y"]
+
+    _, convs_only = run_pass(QuantizeForOnnxRuntime(ranges=ranges, exclude=("conv1", "conv2")), model)
+    assert "QuantizeLinear" in ops(convs_only)  # ONNX Runtime's quantizer still quantizes the Add
+    assert np.abs(run_graph(convs_only, feeds)["y"] - expected).max() > 1e-3
+    result, all_float = run_pass(QuantizeForOnnxRuntime(ranges=ranges, exclude=("conv1", "conv2", "add")), model)
+    assert "QuantizeLinear" not in ops(all_float)
+    np.testing.assert_allclose(run_graph(all_float, feeds)["y"], expected, atol=1e-6, rtol=1e-6)
+
+
 # calibration -----------------------------------------------------------------------------------
 
 def _mlp():
