@@ -16,8 +16,11 @@ manifest. Results: ``bench.json`` and ``bench.png`` (``engines.bench_report``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import statistics
@@ -279,7 +282,14 @@ def _status_kib(field: str) -> int | None:
 
 
 def _reset_peak_memory() -> int | None:
-    """Current resident KiB after resetting the peak (Linux: writing 5 to clear_refs resets VmHWM)."""
+    """Current resident KiB after resetting the peak (Linux: writing 5 to clear_refs resets VmHWM).
+
+    The previous backend's memory is collected and handed back to the OS first (glibc's
+    ``malloc_trim``): pages freed but kept by the allocator would otherwise be reused by the next
+    backend without raising the resident size, under-counting every backend but the first."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

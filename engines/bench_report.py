@@ -111,3 +111,29 @@ def load_results(paths) -> list[dict]:
 def _batch_label(doc: dict) -> str:
     dim = doc["batch_dim"]
     return "batch size" if dim in (None, "batch") else f"batch size ({dim})"
+
+
+def record_in_bundles(doc: dict, json_path: Path) -> list[Path]:
+    """Each benchmarked bundle's ``report.json`` gains a ``bench`` section: its own backends and the
+    references (PyTorch eager, ONNX Runtime on the exported graph), re-hashed into its manifest."""
+    from engines.bundle import add_artifacts, read_manifest, verified_path  # noqa: PLC0415
+    from exporter.errors import BundleError  # noqa: PLC0415
+
+    written = []
+    for bundle in map(Path, doc["bundles"]):
+        manifest = read_manifest(bundle)
+        own = f"planforge {manifest['precision']} "
+        rows = [b for b in doc["backends"] if b["name"].startswith(own)
+                or b["name"] in ("pytorch eager", "onnxruntime exported")]
+        section = {"results": str(json_path), "batches": doc["batches"], "threads": doc["threads"],
+                   "iterations": doc["iterations"], "environment": doc["environment"], "backends": rows}
+        try:
+            existing = {}
+            if "report.json" in manifest["artifacts"]:
+                existing = json.loads(verified_path(bundle, manifest, "report.json").read_text())
+            content = json.dumps({**existing, "bench": section}, indent=2) + "\n"
+            add_artifacts(bundle, {"report.json": (content.encode(), "report")})
+            written.append(bundle / "report.json")
+        except BundleError as exc:
+            logger.warning("bench results not recorded in %s: %s", bundle, exc)
+    return written

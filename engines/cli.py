@@ -172,7 +172,7 @@ def run(bundle, inputs, random_point, backend):
 def bench(bundles, batches, warmup, iterations, threads, peer, out):
     """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
     from engines.bench import BenchRequest, bench as run_bench  # noqa: PLC0415
-    from engines.bench_report import write_results  # noqa: PLC0415
+    from engines.bench_report import record_in_bundles, write_results  # noqa: PLC0415
     from engines.present import bench_bundle_table  # noqa: PLC0415
 
     request = BenchRequest(tuple(bundles), tuple(batches), warmup, iterations, threads, peer, out)
@@ -187,8 +187,9 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
 
         doc = run_bench(request, on_step=step, on_total=lambda n: progress.update(task, total=n))
     json_path, png_path = write_results(doc, out or Path(bundles[0]).parent / "bench" / doc["model"])
+    reports = record_in_bundles(doc, json_path)
     bench_bundle_table(console, doc)
-    console.print(f"wrote {json_path} and {png_path}")
+    console.print(f"wrote {json_path} and {png_path}; the bench section of {', '.join(map(str, reports))}")
 
 
 @cli.command("bench-summary")

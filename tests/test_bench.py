@@ -7,7 +7,7 @@ import pytest
 from engines.bench import BenchRequest, bench
 from engines.bench_report import summary_markdown, write_results
 from engines.build import BuildRequest, build
-from engines.bundle import read_manifest
+from engines.bundle import read_manifest, verified_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,5 +67,12 @@ def test_cli_bench_writes_results_next_to_each_other(mlp_bundles, tmp_path, run_
     assert code == 0 and "pytorch eager" in out and "vs eager" in out
     doc = json.loads((tmp_path / "r" / "bench.json").read_text())
     assert doc["batches"] == [2] and (tmp_path / "r" / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    report = json.loads((mlp_bundles[0] / "report.json").read_text())
+    assert [b["name"] for b in report["bench"]["backends"]] == ["pytorch eager", "onnxruntime exported",
+                                                                "planforge fp32 ort-cpu"]
+    assert "parity" in report  # the build's sections stay
+    manifest = read_manifest(mlp_bundles[0])
+    for name in manifest["artifacts"]:
+        verified_path(mlp_bundles[0], manifest, name)
     code, out, _ = run_cli("bench-summary", tmp_path / "r" / "bench.json", "-o", tmp_path / "summary.md")
     assert code == 0 and "| mlp | 2 | planforge fp32 ort-cpu |" in (tmp_path / "summary.md").read_text()
