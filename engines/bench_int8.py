@@ -12,9 +12,7 @@ others cosine similarity with FP32, on the zoo's held-out evaluation batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import logging
 import statistics
 import tempfile
@@ -37,15 +35,6 @@ class Int8Row:
     kept_float: int | None = None
 
 
-@contextlib.contextmanager
-def _root_logging_disabled():
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
 
@@ -56,8 +45,9 @@ def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
         def get_next(self):
             return next(self.it, None)
 
-    # quantize_static prints and warns (pre-processing advice) through the root logger: keep the CLI's output ours
-    with contextlib.redirect_stdout(io.StringIO()), _root_logging_disabled():
+    from passes.quantize_ort import quiet_quantizer  # noqa: PLC0415
+
+    with quiet_quantizer():
         quantize_static(str(exported), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=activation, weight_type=QuantType.QInt8,
                         extra_options={"ActivationSymmetric": activation == QuantType.QInt8})

@@ -6,10 +6,9 @@ line per backend. matplotlib runs with the Agg backend (no display) and is impor
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -17,27 +16,20 @@ logger = logging.getLogger(__name__)
 
 def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
     """``out/bench.json`` and ``out/bench.png``, each written to a temporary name and renamed."""
+    from engines.bundle import write_atomic  # noqa: PLC0415
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "bench.json", out / "bench.png"
-    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
-    _atomic(png_path, lambda tmp: plot(doc, Path(tmp)))
+    write_atomic(json_path, (json.dumps(doc, indent=2) + "\n").encode())
+    png = io.BytesIO()
+    plot(doc, png)
+    write_atomic(png_path, png.getvalue())
     return json_path, png_path
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def plot(doc: dict, path: Path) -> None:
+def plot(doc: dict, target) -> None:
+    """Draw the two panels as PNG into ``target`` (a path or a binary file object)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -60,7 +52,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_xticks(doc["batches"], [str(b) for b in doc["batches"]])
     thr.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(target, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -116,24 +108,18 @@ def _batch_label(doc: dict) -> str:
 def record_in_bundles(doc: dict, json_path: Path) -> list[Path]:
     """Each benchmarked bundle's ``report.json`` gains a ``bench`` section: its own backends and the
     references (PyTorch eager, ONNX Runtime on the exported graph), re-hashed into its manifest."""
-    from engines.bundle import add_artifacts, read_manifest, verified_path  # noqa: PLC0415
+    from engines.bundle import read_manifest, update_report  # noqa: PLC0415
     from exporter.errors import BundleError  # noqa: PLC0415
 
     written = []
     for bundle in map(Path, doc["bundles"]):
-        manifest = read_manifest(bundle)
-        own = f"planforge {manifest['precision']} "
+        own = f"planforge {read_manifest(bundle)['precision']} "
         rows = [b for b in doc["backends"] if b["name"].startswith(own)
                 or b["name"] in ("pytorch eager", "onnxruntime exported")]
         section = {"results": str(json_path), "batches": doc["batches"], "threads": doc["threads"],
                    "iterations": doc["iterations"], "environment": doc["environment"], "backends": rows}
         try:
-            existing = {}
-            if "report.json" in manifest["artifacts"]:
-                existing = json.loads(verified_path(bundle, manifest, "report.json").read_text())
-            content = json.dumps({**existing, "bench": section}, indent=2) + "\n"
-            add_artifacts(bundle, {"report.json": (content.encode(), "report")})
-            written.append(bundle / "report.json")
+            written.append(update_report(bundle, "bench", section))
         except BundleError as exc:
             logger.warning("bench results not recorded in %s: %s", bundle, exc)
     return written

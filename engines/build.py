@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from engines import __version__
-from engines.bundle import MANIFEST, SCHEMA_VERSION, StagedBundle, read_manifest
+from engines.bundle import MANIFEST, SCHEMA_VERSION, StagedBundle, golden_feeds, golden_points, read_manifest
 from engines.int8 import Int8Stage
 from engines.profiles import Profile, envelope, profiles_for
 from engines.tolerance import graph_tolerance
@@ -122,7 +122,7 @@ class StageClock:
     def __init__(self, on_stage: Callable[[str], None]):
         self.on_stage = on_stage
         self.seconds: dict[str, float] = {}
-        self._start = self._last = time.perf_counter()
+        self._last = time.perf_counter()
         self._stage: str | None = None
 
     def __call__(self, stage: str) -> None:
@@ -181,7 +181,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         frozen = [FreezeInputShapes(spec.shapes("opt"))]
         spec = InputSpec.parse([f"{t.name}:{t.dtype}:[{','.join(map(str, t.shape('opt')))}]"
                                 + (f":{t.value_range[0]}..{t.value_range[1]}" if t.value_range else "") for t in spec])
-    verify = _golden_feeds(golden) if request.verify_passes else []
+    verify = golden_feeds(golden) if request.verify_passes else []
     passes, graphs, unquantized = {}, {}, []
     precisions = target_precisions(request.precision)
     int8 = Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None
@@ -294,15 +294,6 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _golden_points(golden: dict[str, np.ndarray]) -> list[str]:
-    """The shape points in golden.npz (keys are "<point>/in/<name>" and "<point>/out/<name>")."""
-    return sorted({k.split("/", 1)[0] for k in golden})
-
-
-def _golden_feeds(golden: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in _golden_points(golden)]
-
-
 def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) -> dict:
     """The optimized graph against the reference outputs in golden.npz, ORT optimizations on."""
     from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
@@ -312,7 +303,7 @@ def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) ->
     sess = session(path, optimize=True)
     names = [o.name for o in sess.get_outputs()]
     points = {}
-    for feeds, point in zip(_golden_feeds(golden), _golden_points(golden)):
+    for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
         actual = dict(zip(names, sess.run(names, feeds)))
         points[point] = {n: compare(actual[n], golden[f"{point}/out/{n}"],
                                     *graph_tolerance(precision, golden[f"{point}/out/{n}"])).to_json() for n in names}

@@ -127,6 +127,16 @@ def verified_path(bundle: Path, manifest: dict, name: str) -> Path:
     return path
 
 
+def golden_points(golden: dict) -> list[str]:
+    """The shape points in golden.npz (keys are "<point>/in/<name>" and "<point>/out/<name>")."""
+    return sorted({k.split("/", 1)[0] for k in golden})
+
+
+def golden_feeds(golden: dict) -> list[dict]:
+    """golden.npz's inputs, one feed dict per shape point, in ``golden_points`` order."""
+    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in golden_points(golden)]
+
+
 def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> dict:
     """Write ``{name: (content, role)}`` into a committed bundle and list them in its manifest.
 
@@ -141,14 +151,26 @@ def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> dict:
     for name, (content, role) in files.items():
         if Path(name).name != name or name == MANIFEST:
             raise BundleError(f"cannot add {name!r} to a bundle: expected a plain file name other than {MANIFEST}")
-        _write_atomic(bundle / name, content)
+        write_atomic(bundle / name, content)
         manifest["artifacts"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
                                        "role": role}
-    _write_atomic(bundle / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(bundle / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 
-def _write_atomic(path: Path, content: bytes) -> None:
+def update_report(bundle: Path, section: str, value: dict) -> Path:
+    """Set one section of the bundle's report.json (the others stay) and re-hash it into the manifest."""
+    manifest = read_manifest(bundle)
+    report = {}
+    if "report.json" in manifest["artifacts"]:
+        report = json.loads(verified_path(bundle, manifest, "report.json").read_text())
+    content = json.dumps({**report, section: value}, indent=2) + "\n"
+    add_artifacts(bundle, {"report.json": (content.encode(), "report")})
+    return Path(bundle) / "report.json"
+
+
+def write_atomic(path: Path, content: bytes) -> None:
+    """``content`` at ``path`` via a temporary sibling and a rename: readers see the old file or the new."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as fh:

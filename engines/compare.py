@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import add_artifacts, read_manifest, verified_path
+from engines.bundle import read_manifest, update_report, verified_path, write_atomic
 from engines.compare_data import CompareData, load_data
 from engines.compare_runners import polygraphy_quiet
 from engines.tolerance import ERROR_STATS, OPTIONS, OutputTolerance, check_output_names, per_output, tolerances
@@ -130,7 +130,7 @@ def compare(request: CompareRequest) -> CompareResult:
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
                            polygraphy_commands(bundle, manifest, pairs, request.save_inputs))
-    result.report = _write_report(bundle, manifest, result, request.report)
+    result.report = _write_report(bundle, result, request.report)
     return result
 
 
@@ -253,8 +253,9 @@ def top1(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
     """Share of samples whose argmax over the last axis agrees (classifier logits)."""
     if any(r.ndim < 2 or r.shape[-1] < 2 or r.shape != a.shape for r, a in zip(reference, actual)):
         return None
-    agree = [np.argmax(r, -1) == np.argmax(a, -1) for r, a in zip(reference, actual)]
-    return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
+    from engines.int8 import top1_agreement  # noqa: PLC0415 - the INT8 budget's own definition
+
+    return top1_agreement(reference, actual)
 
 
 def _budget_verdict(budget: tuple[str, float], reference: list, actual: list) -> dict:
@@ -304,16 +305,11 @@ def polygraphy_commands(bundle: Path, manifest: dict, pairs: list[PairResult], i
     return lines
 
 
-def _write_report(bundle: Path, manifest: dict, result: CompareResult, report: Path | None) -> Path:
-    """report.json in the bundle (its build section kept, the manifest updated) or ``report``."""
-    if report is not None:
-        report = Path(report)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps({"compare": result.to_json()}, indent=2) + "\n")
-        return report
-    existing = {}
-    if "report.json" in manifest["artifacts"]:
-        existing = json.loads(verified_path(bundle, manifest, "report.json").read_text())
-    content = json.dumps({**existing, "compare": result.to_json()}, indent=2) + "\n"
-    add_artifacts(bundle, {"report.json": (content.encode(), "report")})
-    return bundle / "report.json"
+def _write_report(bundle: Path, result: CompareResult, report: Path | None) -> Path:
+    """The ``compare`` section of the bundle's report.json (the manifest updated), or ``report``."""
+    if report is None:
+        return update_report(bundle, "compare", result.to_json())
+    report = Path(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(report, (json.dumps({"compare": result.to_json()}, indent=2) + "\n").encode())
+    return report

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import verified_path
+from engines.bundle import golden_feeds, golden_points, verified_path
 from exporter.errors import RuntimeInputError, UsageError
 from exporter.spec import InputSpec
 
@@ -66,9 +66,8 @@ def load_data(source: str, bundle: Path, manifest: dict, spec: InputSpec, iterat
 def _golden(bundle: Path, manifest: dict) -> CompareData:
     with np.load(verified_path(bundle, manifest, "golden.npz"), allow_pickle=False) as golden:
         arrays = {k: golden[k] for k in golden.files}
-    points = sorted({k.split("/", 1)[0] for k in arrays})
-    feeds = [{k.split("/", 2)[2]: v for k, v in arrays.items() if k.startswith(f"{p}/in/")} for p in points]
-    return CompareData("golden", feeds, f"golden.npz: the build's parity inputs at the {', '.join(points)} points")
+    return CompareData("golden", golden_feeds(arrays),
+                       f"golden.npz: the build's parity inputs at the {', '.join(golden_points(arrays))} points")
 
 
 def _random(spec: InputSpec, iterations: int, point: str, seed: int) -> CompareData:

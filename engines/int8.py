@@ -65,11 +65,16 @@ class Budget:
         return f"{self.metric} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}"
 
 
+def top1_agreement(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
+    """Share of samples, over batches of one output, whose argmax over the last axis agrees."""
+    agree = [np.argmax(a, -1) == np.argmax(r, -1) for r, a in zip(reference, actual)]
+    return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
+
+
 def metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
     """The budget's metric over batches (each a list of outputs in graph order)."""
     if budget.metric == "top1":
-        agree = [np.argmax(a[0], -1) == np.argmax(r[0], -1) for r, a in zip(reference, actual)]
-        return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
+        return top1_agreement([r[0] for r in reference], [a[0] for a in actual])
     if budget.metric == "cosine":
         cos = []
         for r, a in zip(reference, actual):

@@ -65,25 +65,33 @@ def units(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if n.name in chosen or n.op in ("Add", "Mul")]
 
 
+@contextlib.contextmanager
+def quiet_quantizer():
+    """quantize_static prints to stdout and logs a pre-processing hint at WARNING on the root logger;
+    planforge's output stays its own (other loggers still propagate to the root's handlers)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_with_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], exclude=(),
                          activation=QuantType.QUInt8) -> onnx.ModelProto:
     """ONNX Runtime's quantize_static (QDQ, per-channel S8 weights) fed precomputed ranges."""
     missing = [i.name for i in model.graph.input if i.name not in ranges]
     if len(missing) == len(model.graph.input) and not ranges:
         raise PassError("INT8 quantization for ONNX Runtime needs calibration ranges; none were given")
-    with tempfile.TemporaryDirectory(prefix="planforge-ortq-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory(prefix="planforge-ortq-") as tmp, quiet_quantizer():
         src, dst, cache = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx", Path(tmp) / "ranges.json"
         onnx.save_model(model, str(src))
         arrays = {k: (np.array(lo, np.float32), np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()}
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, arrays), cache)
-        quiet = logging.getLogger()
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint at WARNING on the root logger
-        try:
-            quantize_static(str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=activation, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
-                            calibration_cache_path=str(cache))
-        finally:
-            quiet.setLevel(level)
+        quantize_static(str(src), str(dst), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=activation, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude), calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=str(cache))
         return onnx.load(str(dst))
