@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from engines.bench_env import LoadWatch
 from engines.bundle import read_manifest, verified_path
 from exporter.errors import UsageError
 from exporter.spec import InputSpec, random_array
@@ -93,7 +94,7 @@ def bench(request: BenchRequest, on_step: Callable[[str], None] = lambda s: None
     threads = request.threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
     feeds = {b: {t.name: random_array(t, _shape(t, batch_dim, b), rng) for t in spec} for b in batches}
-    with tempfile.TemporaryDirectory(prefix="planforge-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="planforge-bench-") as tmp, LoadWatch() as load:
         backends, skipped = _backends(bundles, manifests, threads, request, Path(tmp))
         on_total(len(backends) * len(batches))
         results = [_time_backend(b, feeds, request.warmup, request.iterations, on_step) for b in backends]
@@ -105,7 +106,7 @@ def bench(request: BenchRequest, on_step: Callable[[str], None] = lambda s: None
     return {"kind": "bench", "schema": 1, "model": model["name"], "source": model["source"],
             "bundles": [str(b) for b in bundles], "inputs": manifests[0]["inputs"], "batch_dim": batch_dim,
             "batches": batches, "threads": threads, "warmup": request.warmup, "iterations": request.iterations,
-            "environment": _environment(), "skipped": skipped,
+            "environment": load.environment(), "skipped": skipped,
             "backends": [dataclasses.asdict(r) for r in results]}
 
 
@@ -301,11 +302,3 @@ def _peak_memory(baseline: int | None) -> float | None:
     peak = _status_kib("VmHWM")
     return None if baseline is None or peak is None else round(max(peak - baseline, 0) / 1024, 1)
 
-
-def _environment() -> dict:
-    import platform  # noqa: PLC0415
-
-    import onnxruntime  # noqa: PLC0415
-
-    return {"machine": platform.machine(), "processor": platform.processor() or None, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}

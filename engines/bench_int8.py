@@ -7,7 +7,10 @@ reference: symmetric activations are slow there); and the peer run on the same e
 with the same calibration batches (QDQ, per-channel S8 weights, MinMax), once with U8
 activations (its fastest form on this CPU) and once with symmetric S8 (the TensorRT form).
 Metric: digits_cnn top-1 accuracy on its test split; classifiers top-1 agreement with FP32;
-others cosine similarity with FP32, on the zoo's held-out evaluation batches.
+others cosine similarity with FP32, on the zoo's held-out evaluation batches. The TensorRT-form
+graphs (planforge's ``trt`` form and the symmetric S8/S8 peer) are judged by float emulation, as
+the build judges them (``engines.int8``); the ONNX Runtime forms by this CPU's integer kernels,
+whose accuracy depends on the CPU class (``engines.cpu_isa``): the rows say which.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Int8Row:
     metric: str
     value: float
     kept_float: int | None = None
+    judged_by: str = ""
 
 
 def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
@@ -53,19 +57,22 @@ def _peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
                         extra_options={"ActivationSymmetric": activation == QuantType.QInt8})
 
 
-def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list[dict]) -> tuple[str, float]:
-    """The model's metric for ``graph``; ``reference`` is the FP32 graph's outputs on ``evaluation``."""
-    from engines.int8 import Budget, _run, metric  # noqa: PLC0415
+TRT_FORMS = ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric")  # judged by float emulation
+
+
+def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list[dict],
+            target: str) -> tuple[str, float]:
+    """The model's metric for ``graph`` judged as ``target`` is; ``reference``: FP32 outputs on ``evaluation``."""
+    from engines.int8 import Budget, metric, run_target  # noqa: PLC0415
 
     if name == "digits_cnn":
         from exporter.zoo.digits import digits_split  # noqa: PLC0415
-        from passes.verify import session  # noqa: PLC0415
 
         images, labels = digits_split("test")
-        logits = session(onnx.load(str(graph)), optimize=True).run(None, {"x": images})[0]
+        logits = run_target(onnx.load(str(graph)), [{"x": images}], target)[0][0]
         return "test accuracy", float((logits.argmax(1) == labels).mean())
     budget = Budget.parse(None, task)
-    value = metric(budget, reference, _run(onnx.load(str(graph)), evaluation))
+    value = metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
     return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
 
 
@@ -103,11 +110,13 @@ def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Pat
         for _ in range(ROUNDS):  # interleaved rounds, so load drift hits every variant alike
             for label, path in graphs.items():
                 times[label] += time_session(path, feeds, threads, 2, max(1, runs // ROUNDS))
-        from engines.int8 import _run  # noqa: PLC0415
+        from engines.int8 import judged_by, run_target  # noqa: PLC0415
 
-        reference = _run(exported, evaluation)  # once: every variant is measured against it
+        reference = run_target(exported, evaluation, "ort")  # once: every variant is measured against it
         for label, path in graphs.items():
-            metric_name, value = _metric(name, model.task, reference, path, evaluation)
-            rows.append(Int8Row(name, label, statistics.median(times[label]), metric_name, value, kept.get(label)))
+            target = "trt" if label in TRT_FORMS else "ort"
+            metric_name, value = _metric(name, model.task, reference, path, evaluation, target)
+            rows.append(Int8Row(name, label, statistics.median(times[label]), metric_name, value, kept.get(label),
+                                judged_by(target)))
             logger.info("%s %s: %.2f ms, %s %.4f", name, label, rows[-1].latency_ms, metric_name, value)
     return rows

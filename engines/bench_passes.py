@@ -111,10 +111,16 @@ def write_json(results: list[PassBench], path: Path) -> None:
     path.write_text(json.dumps({"kind": "passes", "results": rows}, indent=2) + "\n")
 
 
-def bench_int8(names: list[str], threads: int, runs: int, out: Path) -> list:
+def bench_int8(names: list[str], threads: int, runs: int, out: Path) -> tuple[list, dict]:
+    """INT8 rows per model (``engines.bench_int8``) and where they ran, also written to ``out``."""
     from engines.bench_int8 import bench_int8_model  # noqa: PLC0415
 
-    rows = [row for name in names for row in bench_int8_model(name, threads=threads, runs=runs)]
+    from engines.bench_env import LoadWatch  # noqa: PLC0415
+
+    with LoadWatch() as load:
+        rows = [row for name in names for row in bench_int8_model(name, threads=threads, runs=runs)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"kind": "int8", "results": [dataclasses.asdict(r) for r in rows]}, indent=2) + "\n")
-    return rows
+    doc = {"kind": "int8", "threads": threads, "environment": load.environment(),
+           "results": [dataclasses.asdict(r) for r in rows]}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return rows, doc["environment"]

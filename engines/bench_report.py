@@ -42,7 +42,9 @@ def plot(doc: dict, target) -> None:
         p90 = [p["p90_ms"] - p["p50_ms"] for p in backend["points"]]
         lat.errorbar(batches, p50, yerr=[[0] * len(p50), p90], marker="o", capsize=3, label=backend["name"])
         thr.plot(batches, [p["throughput"] for p in backend["points"]], marker="o", label=backend["name"])
-    title = f"{doc['model']}: {doc['threads']} thread(s), {doc['environment'].get('machine')}"
+    env = doc["environment"]
+    title = f"{doc['model']}: {doc['threads']} thread(s), {env.get('cpu_model') or env.get('machine')} " \
+            f"({env.get('cpu_isa', '?')})"
     lat.set(title=f"{title}\nlatency p50 (bar to p90)", xlabel=_batch_label(doc),
             ylabel="ms", xscale="log", yscale="log")
     thr.set(title="throughput", xlabel=_batch_label(doc), ylabel="samples/s",
@@ -68,12 +70,36 @@ def summary_markdown(docs: list[dict]) -> str:
                 f"{point['p99_ms']:.2f} | {point['throughput']:.0f} | "
                 f"{_ratio(point['speedup'])} | {_opt(backend['peak_memory_mib'], '.0f')} | "
                 f"{_opt(backend['build_seconds'], '.1f')} |")
-    env = docs[0]["environment"] if docs else {}
     lines.append("")
-    lines.append(f"{env.get('cpus')} CPU(s), {env.get('machine')}, ONNX Runtime {env.get('onnxruntime')}, "
-                 f"{docs[0]['threads'] if docs else '?'} thread(s); {docs[0]['iterations'] if docs else '?'} timed runs "
-                 "per point after warm-up. 'vs eager' is PyTorch eager p50 / backend p50.")
+    for where in dict.fromkeys(_where(doc) for doc in docs):
+        lines.append(where)
+    loads = [doc["environment"].get("load_1min") or {} for doc in docs]
+    values = [v for load in loads for v in (load.get("start"), load.get("end")) if v is not None]
+    lines.append(f"{docs[0]['iterations'] if docs else '?'} timed runs per point after warm-up"
+                 + (f"; 1-minute load average {min(values):.2f}..{max(values):.2f} during the runs" if values else "")
+                 + ". 'vs eager' is PyTorch eager p50 / backend p50.")
     return "\n".join(lines) + "\n"
+
+
+def _where(doc: dict) -> str:
+    env = doc["environment"]
+    return (f"{env.get('cpus')} CPU(s) {env.get('cpu_model') or env.get('machine')}, ISA class "
+            f"{env.get('cpu_isa', 'unrecorded')}, ONNX Runtime {env.get('onnxruntime')}, {doc['threads']} thread(s).")
+
+
+def check_comparable(docs: list[dict], allow_mixed: bool = False) -> None:
+    """Refuse to put runs with different thread counts or CPU ISA classes in one table unless told."""
+    from exporter.errors import UsageError  # noqa: PLC0415
+
+    kinds = {(doc["threads"], doc["environment"].get("cpu_isa")) for doc in docs}
+    if len(kinds) > 1 and not allow_mixed:
+        found = ", ".join(f"{t} thread(s) on {isa or 'an unrecorded ISA class'}" for t, isa in sorted(kinds, key=str))
+        raise UsageError(f"these bench.json files ran with different thread counts or CPU ISA classes ({found}); "
+                         "their timings do not compare. Rerun them alike, or pass --allow-mixed")
+    for doc in docs:
+        if doc["environment"].get("loaded"):
+            logger.warning("%s (%s) ran on a loaded machine (1-minute load average %s); its timings are suspect",
+                           doc["model"], ", ".join(doc.get("bundles", [])), doc["environment"].get("load_1min"))
 
 
 def _ratio(value) -> str:

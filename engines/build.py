@@ -55,6 +55,7 @@ class BuildRequest:
     calib_method: str = "max"
     allow_random_calibration: bool = False
     budget: str | None = None
+    ort_int8_form: str = "auto"  # auto: measured among this CPU class's non-saturating forms
     profiles: tuple[str, ...] = ()
     profiles_auto: str | None = None
     static: bool = False
@@ -67,6 +68,7 @@ class BuildRequest:
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
                   "keep_fp32": sorted(self.keep_fp32), "calib": self.calib, "calib_method": self.calib_method,
                   "random_calibration": self.allow_random_calibration, "budget": self.budget,
+                  "ort_int8_form": self.ort_int8_form,
                   "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,
                   "trt": self.trt.to_json(),
                   "planforge": __version__, "schema": SCHEMA_VERSION}
@@ -196,7 +198,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         name = f"model.{target}.onnx"
         onnx.save_model(optimized, str(root / name))
         passes[target] = [r.to_json() for r in records]
-        graphs[name] = _compare_graph(root / name, golden, precisions[target])
+        graphs[name] = _compare_graph(root / name, golden, precisions[target], target)
         if precisions[target] == "fp16":
             from passes.convert_fp16 import fp32_nodes  # noqa: PLC0415
 
@@ -294,13 +296,14 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str) -> dict:
-    """The optimized graph against the reference outputs in golden.npz, ORT optimizations on."""
+def _compare_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str) -> dict:
+    """The optimized graph against the reference outputs in golden.npz: the ``ort`` graph with ORT's
+    optimizations on (as it runs), the ``trt`` graph as written (``engines.int8``: float emulation)."""
     from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
 
     from passes.verify import session  # noqa: PLC0415
 
-    sess = session(path, optimize=True)
+    sess = session(path, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]
     points = {}
     for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
@@ -398,8 +401,11 @@ def _environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility:
     import onnxruntime  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from engines.cpu_isa import detect  # noqa: PLC0415
+
     return {
         "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+        **detect().to_json(),
         "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
         "ort_providers": onnxruntime.get_available_providers(),
         "tensorrt": trt_env.get("tensorrt"), "tensorrt_status": trt_skipped or f"TensorRT {trt_env.get('tensorrt')}",

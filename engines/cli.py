@@ -64,6 +64,10 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
 @click.option("--budget", metavar="METRIC=VALUE", help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 "
               "[default by task].")
+@click.option("--ort-int8-form", type=click.Choice(["auto", "u8s8", "u8s8-rr", "u8u8"]), default="auto",
+              show_default=True, help="INT8 form of the ONNX Runtime graph. auto: the fastest accurate form among "
+              "those that cannot saturate on this CPU's class (u8s8 with VNNI, AMX or ARM dot product; u8s8-rr or "
+              "u8u8 without).")
 @click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN..MAX@OPT,...",
               help="A TensorRT optimization profile, e.g. batch=1..8@4 (repeat for several).")
 @click.option("--profiles", "profiles_auto", metavar="auto:N[:DIM]", help="Split a dim's range into N profiles.")
@@ -78,8 +82,8 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--sparse-weights", is_flag=True)
 @click.option("--refit", is_flag=True)
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
-          calib, calib_method, allow_random_calibration, budget, profiles, profiles_auto, static, require_trt,
-          workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
+          calib, calib_method, allow_random_calibration, budget, ort_int8_form, profiles, profiles_auto, static,
+          require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
     """Export MODEL, run the passes and write a bundle."""
     from engines.trt_build import TrtOptions  # noqa: PLC0415
 
@@ -89,7 +93,7 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
     request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
                            verify_passes, keep_fp32=tuple(keep_fp32), calib=calib, calib_method=calib_method,
                            allow_random_calibration=allow_random_calibration, budget=budget,
-                           profiles=tuple(profiles), profiles_auto=profiles_auto, static=static, require_trt=require_trt,
+                           ort_int8_form=ort_int8_form, profiles=tuple(profiles), profiles_auto=profiles_auto, static=static, require_trt=require_trt,
                            trt=TrtOptions(workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible,
                                           sparse_weights, refit))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -195,12 +199,15 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
 @cli.command("bench-summary")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Markdown file to write.")
-def bench_summary(results, out):
+@click.option("--allow-mixed", is_flag=True, help="Merge runs with different thread counts or CPU ISA classes.")
+def bench_summary(results, out, allow_mixed):
     """Summarize bench.json files as one Markdown table (largest batch per model)."""
-    from engines.bench_report import load_results, summary_markdown  # noqa: PLC0415
+    from engines.bench_report import check_comparable, load_results, summary_markdown  # noqa: PLC0415
 
+    docs = load_results(results)
+    check_comparable(docs, allow_mixed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(summary_markdown(load_results(results)))
+    out.write_text(summary_markdown(docs))
     console.print(f"wrote {out}")
 
 
@@ -223,8 +230,8 @@ def bench_passes(models, targets, threads, runs, int8, out):
         raise click.BadParameter(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
     if int8:
         out = out or Path("build/bench-int8.json")
-        rows = bench_int8(list(models) or ["digits_cnn", "resnet18", "bert_tiny"], threads, runs, out)
-        bench_int8_table(console, rows)
+        rows, environment = bench_int8(list(models) or ["digits_cnn", "resnet18", "bert_tiny"], threads, runs, out)
+        bench_int8_table(console, rows, environment, threads)
     else:
         out = out or Path("build/bench-passes.json")
         results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)

@@ -90,6 +90,7 @@ class CompareResult:
     skipped: dict[str, str]
     task_metric: dict | None
     polygraphy: list[str]
+    cpu: dict = dataclasses.field(default_factory=dict)  # this CPU's class; where the INT8 ort graph was validated
     report: Path | None = None
 
     @property
@@ -99,7 +100,7 @@ class CompareResult:
     def to_json(self) -> dict:
         return {"ok": self.ok, "data": self.data.to_json(), "reference": self.reference,
                 "pairs": [p.to_json() for p in self.pairs], "skipped": self.skipped,
-                "task_metric": self.task_metric, "polygraphy_commands": self.polygraphy}
+                "task_metric": self.task_metric, "polygraphy_commands": self.polygraphy, "cpu": self.cpu}
 
     def failures(self) -> list[str]:
         return [f"{p.runner} {name}" for p in self.pairs for name, o in p.outputs.items() if not o["passed"]] + \
@@ -129,9 +130,18 @@ def compare(request: CompareRequest) -> CompareResult:
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
-                           polygraphy_commands(bundle, manifest, pairs, request.save_inputs))
+                           polygraphy_commands(bundle, manifest, pairs, request.save_inputs), _cpu(manifest))
     result.report = _write_report(bundle, result, request.report)
     return result
+
+
+def _cpu(manifest: dict) -> dict:
+    """This CPU's class beside the one the INT8 ONNX Runtime graph was validated on at build: the INT8
+    ort sides' budget verdicts here re-validate it on this machine (``engines.int8``)."""
+    from engines.cpu_isa import detect  # noqa: PLC0415
+
+    int8 = ((manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
+    return {**detect().to_json(), "int8_ort_validated_on": int8.get("cpu_isa")}
 
 
 def _pytorch_module(manifest: dict, reference: str, cache_dir: Path):
@@ -164,8 +174,8 @@ def _sides(bundle: Path, manifest: dict, spec: InputSpec, outputs: list[str], mo
         graph = backends.get(target, {}).get("graph")
         if graph and graph in manifest["artifacts"]:
             name = f"onnxruntime {graph}"
-            sides.append(Side(name, backends[target]["precision"],
-                              onnxrt_runner(verified_path(bundle, manifest, graph), name), graph))
+            runner = onnxrt_runner(verified_path(bundle, manifest, graph), name, optimize=target != "trt")
+            sides.append(Side(name, backends[target]["precision"], runner, graph))
     loaded, skipped = _Bundle(bundle), {}
     for backend in ORDER:
         if (reason := _why_not(backend, loaded)) is not None:
@@ -291,6 +301,7 @@ def polygraphy_commands(bundle: Path, manifest: dict, pairs: list[PairResult], i
     load = shlex.quote(str(inputs)) if inputs else "inputs.json"
     ref = shlex.quote(str(bundle / "model.onnx"))
     lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs ref_outputs.json"]
+    as_written = manifest["backends"].get("trt", {}).get("graph")  # run without ORT's optimizations
     for pair in pairs:
         graph = pair.runner.removeprefix("onnxruntime ")
         if not pair.runner.startswith("onnxruntime ") or graph == "model.onnx":
@@ -300,6 +311,8 @@ def polygraphy_commands(bundle: Path, manifest: dict, pairs: list[PairResult], i
         for key, flag in (("atol", "--atol"), ("rtol", "--rtol"), ("stat", "--check-error-stat")):
             values = {n: t[key] if t[key] is not None else "inf" for n, t in tols.items()}
             args += [flag, *(f"{n}:{v}" for n, v in values.items())]
+        if graph == as_written:
+            args += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
         lines.append(f"polygraphy run {shlex.quote(str(bundle / graph))} --onnxrt --load-inputs {load} "
                      f"--load-outputs ref_outputs.json {' '.join(shlex.quote(a) for a in args)}")
     return lines

@@ -107,11 +107,15 @@ class PlanforgeRunner(BaseRunner):
         self.engine = None
 
 
-def onnxrt_runner(path: Path, name: str, providers=("cpu",)):
-    """Polygraphy's ONNX Runtime runner on a verified graph (its own graph optimizations on)."""
+def onnxrt_runner(path: Path, name: str, providers=("cpu",), optimize: bool = True):
+    """Polygraphy's ONNX Runtime runner on a verified graph: its graph optimizations on, or off so the
+    graph runs as written (the ``trt`` graph: Q/DQ emulated in float, see ``engines.int8``)."""
+    import onnxruntime as ort  # noqa: PLC0415
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx  # noqa: PLC0415
 
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=list(providers)), name=name)
+    level = None if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=list(providers), graph_optimization_level=level),
+                        name=name)
 
 
 def tensorrt_runner(plan: Path, name: str = "tensorrt"):

@@ -4,10 +4,20 @@
    MatMul, including attention's activation-activation MatMuls, Gather embeddings, residual
    Adds; for the ``ort`` target also the other Adds and Muls ONNX Runtime's quantizer quantizes,
    ``passes.quantize_ort.units``) and measure the budget's metric against the FP32 graph on
-   held-out batches, under ONNX Runtime CPU with its graph optimizations on (as the bundle will run).
+   held-out batches (see "How each target is judged"). For ``ort`` this is done once per
+   candidate form of this CPU's class, and the form is chosen (``engines.int8_forms``).
 2. If the budget fails: quantize each candidate alone to measure its sensitivity, then leave
    candidates in float, most sensitive first, until the budget holds. What stays in float is
    decided here by measurement for every model, embeddings and attention included.
+
+How each target is judged:
+- ``trt``: by float emulation. ONNX Runtime runs the graph with its graph optimizations off, so
+  every QuantizeLinear -> DequantizeLinear pair executes as written (round, clip, rescale in
+  float) before a float op: the graph's own semantics, the same on every CPU. TensorRT
+  accumulates INT8 products in 32 bits; ONNX Runtime's CPU integer kernels (which the optimized
+  session would use) do not everywhere, so they would judge artifacts TensorRT does not have.
+- ``ort``: by ONNX Runtime's CPU kernels with graph optimizations on, as the bundle runs, on this
+  CPU; the manifest records the CPU class (``engines.cpu_isa``) the verdict holds for.
 
 Budgets: ``top1=0.99`` (top-1 agreement with FP32 on the first output, the default for
 classifiers), ``cosine=0.99`` (mean per-sample cosine similarity over all outputs, the default
@@ -17,6 +27,7 @@ for embeddings and generation), ``relerr=0.05`` (max |INT8 - FP32| / max |FP32| 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -25,6 +36,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from engines.cpu_isa import detect
+from engines.int8_forms import FormChoice, candidates as form_candidates, choose
 from exporter.errors import BuildError, UsageError
 from passes import InferShapes, PassManager
 from passes.quantize_ort import QuantizeForOnnxRuntime, units as ort_units
@@ -92,8 +105,17 @@ def metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[
     return worst
 
 
-def _run(model: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
-    sess = session(model, optimize=True)
+EMULATED = "float emulation (ONNX Runtime, graph optimizations off)"
+
+
+def judged_by(target: str) -> str:
+    """How ``target``'s accuracy is measured (module docstring)."""
+    return EMULATED if target == "trt" else f"ONNX Runtime CPU kernels on {detect().isa}"
+
+
+def run_target(model: onnx.ModelProto, batches: list[dict], target: str) -> list[list[np.ndarray]]:
+    """Outputs of ``model`` per batch, run the way ``target``'s accuracy is judged."""
+    sess = session(model, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]
     return [sess.run(names, b) for b in batches]
 
@@ -107,32 +129,51 @@ class Int8Result:
     kept_float: list[dict]
     sensitivity: dict[str, float]
     candidates: int
+    judged_by: str
+    cpu_isa: str  # the CPU class the measurements ran on
+    form: FormChoice | None = None  # ort: the Q/DQ form chosen for this CPU class
 
     def to_json(self) -> dict:
         return {"budget": str(self.budget), "met": self.budget.met(self.final), "full_int8": self.full_int8,
                 "final": self.final, "candidates": self.candidates, "kept_float": self.kept_float,
-                "sensitivity": self.sensitivity}
+                "sensitivity": self.sensitivity, "judged_by": self.judged_by, "cpu_isa": self.cpu_isa,
+                "form": self.form.to_json() if self.form else None}
 
 
 def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
-                    on_step: Callable[[str], None] = lambda s: None) -> Int8Result:
-    """Quantize ``fp32`` for ``target`` and fall back to float per layer until ``budget`` holds."""
-    reference = _run(fp32, evaluation)
+                    on_step: Callable[[str], None] = lambda s: None, ort_form: str = "auto") -> Int8Result:
+    """Quantize ``fp32`` for ``target`` and fall back to float per layer until ``budget`` holds.
+
+    ``ort_form``: ``auto`` measures the candidate forms of this CPU's class, or one form, forced."""
+    reference = run_target(fp32, evaluation, target)
     graph = gs.import_onnx(fp32)
     ops = {n.name: n.op for n in UNITS[target](graph)}
+    isa = detect().isa
 
-    def quantize(exclude: tuple[str, ...]) -> onnx.ModelProto:
-        quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude)
+    def quantize(exclude: tuple[str, ...], form: str | None = None) -> onnx.ModelProto:
+        options = {"form": form} if form else {}
+        quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude, **options)
         return PassManager([InferShapes(), quantizer], quiet=True).run(fp32)[0]
 
-    def evaluate(exclude: tuple[str, ...]) -> tuple[onnx.ModelProto, float]:
-        model = quantize(exclude)
-        return model, metric(budget, reference, _run(model, evaluation))
+    choice = None
+    if target == "ort":
+        choice = choose(form_candidates(isa, ort_form), isa, lambda f: quantize((), f),
+                        lambda outputs: metric(budget, reference, outputs), budget.loss, evaluation)
+        model, full = choice.model, metric(budget, reference, choice.outputs)
+    form = choice.form if choice else None
 
-    model, full = evaluate(())
-    logger.info("INT8 %s: all %d layers quantized: %s = %.4f (budget %s)", target, len(ops), budget.metric, full, budget)
+    def evaluate(exclude: tuple[str, ...]) -> tuple[onnx.ModelProto, float]:
+        model = quantize(exclude, form)
+        return model, metric(budget, reference, run_target(model, evaluation, target))
+
+    if choice is None:
+        model, full = evaluate(())
+    logger.info("INT8 %s: all %d layers quantized: %s = %.4f (budget %s; %s)", target, len(ops), budget.metric, full,
+                budget, judged_by(target))
+    done = functools.partial(Int8Result, budget=budget, full_int8=full, candidates=len(ops),
+                             judged_by=judged_by(target), cpu_isa=isa, form=choice)
     if budget.met(full):
-        return Int8Result(model, budget, full, full, [], {}, len(ops))
+        return done(model, final=full, kept_float=[], sensitivity={})
     on_step(f"sensitivity ({target})")
     sensitivity = {}
     for name in ops:
@@ -153,7 +194,7 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     kept = [{"name": n, "op": ops[n], "target": target,
              "reason": f"sensitivity: quantized alone, {budget.metric} = {sensitivity[n]:.4f}"} for n in excluded]
     logger.info("INT8 %s: %d of %d layers kept in float; %s = %.4f", target, len(excluded), len(ops), budget.metric, value)
-    return Int8Result(model, budget, full, value, kept, sensitivity, len(ops))
+    return done(model, final=value, kept_float=kept, sensitivity=sensitivity)
 
 
 def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: str, data_hash: str,
@@ -183,7 +224,7 @@ class Int8Stage:
         self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
         self.data_hash = data_sha256(self.data.calibration)
         self.budget = Budget.parse(request.budget, model.task)
-        self.root, self.method, self.cache = root, request.calib_method, cache
+        self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
         self.ranges: dict[str, dict] = {}
         self.results: dict = {}
         self.reused: dict[str, bool] = {}
@@ -195,10 +236,12 @@ class Int8Stage:
                                                              self.data_hash, self.cache)
         self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in ranges.items()}}
         save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
-        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget)
+        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget,
+                                               ort_form=self.ort_form)
         return self.results[target].model
 
     def manifest_entry(self) -> dict:
         return {"method": self.method, "source": self.data.source, "samples": self.data.samples,
                 "evaluation_batches": len(self.data.evaluation), "data_sha256": self.data_hash,
-                "file": "calibration.json", "reused": self.reused, "budget": str(self.budget)}
+                "file": "calibration.json", "reused": self.reused, "budget": str(self.budget),
+                "cpu_isa": detect().isa}

@@ -43,9 +43,16 @@ def build_summary(console: Console, out: Path, manifest: dict, reused: bool, sec
         kept = len(report["kept_float"])
         console.print(f"INT8 {target}: budget {report['budget']} {'met' if report['met'] else 'NOT met'} "
                       f"({report['final']:.4f}; all-INT8 {report['full_int8']:.4f}; "
-                      f"{kept} of {report['candidates']} layers kept in float)")
+                      f"{kept} of {report['candidates']} layers kept in float; {_judged(report)})")
     if backends["trt"].get("skipped"):
         console.print(f"TensorRT skipped: {escape(backends['trt']['skipped'])}")
+
+
+def _judged(report: dict) -> str:
+    """How an INT8 verdict was measured: float emulation (trt) or this CPU class's kernels and form (ort)."""
+    if report.get("form"):
+        return f"form {report['form']['form']}, measured on {report.get('cpu_isa')}"
+    return report.get("judged_by") or "measured with ONNX Runtime"
 
 
 def inspect_bundle(console: Console, path: Path, manifest: dict) -> None:
@@ -140,14 +147,15 @@ def bench_table(console: Console, results) -> None:
     console.print(table)
 
 
-def bench_int8_table(console: Console, rows) -> None:
-    table = Table(title="INT8 on ONNX Runtime CPU (same calibration data; speed vs the exported FP32 graph)")
-    for col in ("model", "variant", "ms", "vs fp32", "metric", "value", "kept float"):
+def bench_int8_table(console: Console, rows, environment: dict, threads: int) -> None:
+    table = Table(title=f"INT8 on ONNX Runtime CPU, {environment['cpu_model']} ({environment['cpu_isa']}), {threads} "
+                        "thread(s) (same calibration data; speed vs the exported FP32 graph)")
+    for col in ("model", "variant", "ms", "vs fp32", "metric", "value", "kept float", "judged by"):
         table.add_column(col, justify="left" if col in ("model", "variant", "metric") else "right")
     base = {r.model: r.latency_ms for r in rows if r.variant == "fp32"}
     for r in rows:
         _row(table, r.model, r.variant, f"{r.latency_ms:.2f}", f"{base[r.model] / r.latency_ms:.2f}x", r.metric,
-             f"{r.value:.4f}", "" if r.kept_float is None else r.kept_float)
+             f"{r.value:.4f}", "" if r.kept_float is None else r.kept_float, r.judged_by)
     console.print(table)
 
 
@@ -183,6 +191,13 @@ def compare_table(console: Console, result) -> None:
         console.print(task)
     for name, reason in result.skipped.items():
         console.print(f"not compared: {escape(name)}: {escape(reason)}")
+    built, here = result.cpu.get("int8_ort_validated_on"), result.cpu.get("cpu_isa")
+    if built:
+        verdicts = [p.budget["passed"] for p in result.pairs if p.budget
+                    and (p.runner.endswith("model.ort.onnx") or p.runner.startswith("planforge ort"))]
+        console.print(f"INT8 ONNX Runtime graph: validated on {built} at build; re-validated here on {here}: "
+                      f"{'budget met' if all(verdicts) else 'budget NOT met'}"
+                      + ("" if built == here else " (another CPU class: its integer kernels differ)"))
     console.print(f"wrote {escape(str(result.report))}")
     console.print("the same ONNX Runtime checks with Polygraphy's CLI (--save-inputs writes inputs.json):")
     for line in result.polygraphy:
@@ -191,7 +206,9 @@ def compare_table(console: Console, result) -> None:
 
 def bench_bundle_table(console: Console, doc: dict) -> None:
     """Per backend and batch: latency percentiles, throughput, the ratio to PyTorch eager, memory, build time."""
-    table = Table(title=f"{doc['model']}: {doc['threads']} thread(s), {doc['iterations']} timed runs per point "
+    env = doc["environment"]
+    table = Table(title=f"{doc['model']}: {env.get('cpu_model')} ({env.get('cpu_isa')}), {doc['threads']} thread(s), "
+                        f"{doc['iterations']} timed runs per point "
                         f"after {doc['warmup']} warm-up; 'vs eager' = PyTorch eager p50 / p50")
     for col in ("backend", "prec", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs eager", "peak MiB",
                 "load s", "build s"):

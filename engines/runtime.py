@@ -34,6 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.bundle import read_manifest, verified_path
+from engines.cpu_isa import detect
 from engines.profiles import Profile, select
 from exporter.errors import BundleError, InferenceError, RuntimeInputError
 from exporter.spec import InputSpec, OutputSpec
@@ -249,7 +250,24 @@ def _construct(backend: str, bundle: _Bundle, device: int, threads: int | None, 
         return TrtRunner(bundle.path, bundle.manifest, bundle.spec, bundle.outputs, device, cuda_graphs)
     providers = (("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider") if backend == "ort-cuda" \
         else ("CPUExecutionProvider",)
+    if backend == "ort-cpu":
+        _warn_if_validated_elsewhere(bundle)
     return OrtRunner(bundle.ort_graph(), bundle.spec, bundle.outputs, bundle.manifest, providers, threads)
+
+
+def _warn_if_validated_elsewhere(bundle: _Bundle) -> None:
+    """ONNX Runtime's integer kernels differ between CPU classes (``engines.cpu_isa``): an INT8 graph's
+    accuracy holds for the class it was measured on."""
+    if (bundle.backends.get("ort") or {}).get("precision") != "int8":
+        return
+    report = ((bundle.manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
+    built, here = report.get("cpu_isa"), detect().isa
+    if built and built != here:
+        form = (report.get("form") or {}).get("form", "?")
+        logger.warning("%s: its INT8 ONNX Runtime graph (form %s) was validated on a %s CPU, this CPU is %s: "
+                       "its integer kernels may round or saturate differently; run 'planforge compare %s' to "
+                       "re-validate it here, or rebuild the bundle on this CPU class", bundle.path, form, built,
+                       here, bundle.path)
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,

@@ -37,4 +37,8 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 
 def pytest_report_header(config):
-    return f"planforge tests; PYTHONHASHSEED={os.environ.get('PYTHONHASHSEED', 'random')}"
+    from engines.cpu_isa import detect
+
+    cpu = detect()
+    return (f"planforge tests; PYTHONHASHSEED={os.environ.get('PYTHONHASHSEED', 'random')}; "
+            f"CPU {cpu.model} ({cpu.cores} cores), ISA class {cpu.isa}")

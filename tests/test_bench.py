@@ -1,13 +1,16 @@
 """``planforge bench BUNDLE...``: the schema of bench.json, the plot, the summary (no timing assertions)."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from engines.bench import BenchRequest, bench
+from engines.bench import Backend, BenchRequest, _time_backend, bench
 from engines.bench_report import summary_markdown, write_results
 from engines.build import BuildRequest, build
 from engines.bundle import read_manifest, verified_path
+from engines.cpu_isa import detect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +39,6 @@ def test_bench_times_every_backend_at_every_batch_and_writes_json_and_png(mlp_bu
             assert point["throughput"] == pytest.approx(point["batch"] * 1000 / point["mean_ms"])
             assert point["speedup"] == pytest.approx(ref["p50_ms"] / point["p50_ms"])
         assert backend["load_seconds"] >= 0
-        assert backend["peak_memory_mib"] is None or backend["peak_memory_mib"] >= 0
     for backend, bundle in zip(doc["backends"][2:4], mlp_bundles):  # build time comes from each manifest
         assert backend["build_seconds"] == read_manifest(bundle)["build_seconds"]["total"] > 0
     assert doc["backends"][4]["build_seconds"] > 0  # quantize_static, timed here
@@ -47,8 +49,50 @@ def test_bench_times_every_backend_at_every_batch_and_writes_json_and_png(mlp_bu
     assert png_path.read_bytes()[:8] == PNG_MAGIC and png_path.stat().st_size > 10_000
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
+    env = doc["environment"]  # where it ran: the CPU, its ISA class, and how loaded the machine was
+    assert env["cpu_isa"] == detect().isa and env["cpu_model"] == detect().model and env["cpus"] == detect().cores
+    assert all(isinstance(env["load_1min"][k], float) for k in ("start", "end"))
+    assert env["loaded"] == any(v > env["cpus"] for v in env["load_1min"].values())
+
     summary = summary_markdown([doc])
     assert summary.count("| mlp | 4 |") == len(names) and "1.00x" in summary  # the largest batch, eager = 1x
+    assert f"ISA class {detect().isa}" in summary and "1 thread(s)" in summary and "load average" in summary
+
+
+def test_peak_memory_counts_what_a_backend_allocates():
+    """The peak is the resident memory a backend adds: 96 MiB touched at load must show as about that."""
+    held = {}
+
+    def load():
+        held["array"] = np.ones(96 * 2**20 // 8)  # written, so resident
+        return lambda feeds: None
+
+    result = _time_backend(Backend("alloc", "fp32", None, load, held.clear), {1: {}}, 0, 1, lambda s: None)
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs here: peak memory is not measured on this OS")
+    assert 90 <= result.peak_memory_mib <= 160
+    assert not held  # closed
+
+
+def test_bench_summary_refuses_runs_with_other_threads_or_cpu_classes(tmp_path, run_cli):
+    doc = {"kind": "bench", "model": "mlp", "threads": 2, "iterations": 3, "bundles": [],
+           "environment": {"cpu_isa": "avx2", "cpus": 2, "cpu_model": "x", "onnxruntime": "1",
+                           "load_1min": {"start": 0.1, "end": 1.5}, "loaded": False},
+           "backends": [{"name": "pytorch eager", "points": [{"batch": 1, "p50_ms": 1.0, "p99_ms": 1.0,
+                                                               "throughput": 1.0, "speedup": 1.0}],
+                         "peak_memory_mib": None, "build_seconds": None}]}
+    paths = []
+    for i, change in enumerate(({}, {"threads": 1}, {"environment": dict(doc["environment"], cpu_isa="avx512-vnni")})):
+        paths.append(tmp_path / f"b{i}.json")
+        paths[-1].write_text(json.dumps({**doc, **change}))
+    code, _, _ = run_cli("bench-summary", paths[0], paths[0], "-o", tmp_path / "same.md")
+    assert code == 0 and "ISA class avx2" in (tmp_path / "same.md").read_text()
+    for other in paths[1:]:
+        code, _, err = run_cli("bench-summary", paths[0], other, "-o", tmp_path / "s.md")
+        assert code == 2 and "different thread counts or CPU ISA classes" in err and "--allow-mixed" in err
+    code, _, _ = run_cli("bench-summary", *paths, "--allow-mixed", "-o", tmp_path / "mixed.md")
+    text = (tmp_path / "mixed.md").read_text()
+    assert code == 0 and "ISA class avx2" in text and "ISA class avx512-vnni" in text
 
 
 def test_cli_bench_refuses_bad_batches_and_mixed_models(mlp_bundles, tmp_path, run_cli, build_root):

@@ -194,14 +194,26 @@ def test_fp16_build_has_an_fp16_tensorrt_graph_and_an_fp32_cpu_fallback(run_cli,
 def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(run_cli, in_tmp):
     import json
 
+    from engines.cpu_isa import detect
+
     code, out, _ = run_cli("build", "digits_cnn", "--precision", "int8", "--calib-method", "percentile")
     assert code == 0 and "build/digits_cnn-int8" in out
     assert "INT8 trt: budget top1 >= 0.99 met" in out and "INT8 ort: budget top1 >= 0.99 met" in out
+    assert "float emulation" in out and f"measured on {detect().isa}" in out
     manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8")
     assert manifest["calibration"]["method"] == "percentile" and manifest["artifacts"]["calibration.json"]
     code, out, _ = run_cli("bench-passes", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
     assert code == 0 and "peer quantize_static U8/S8" in out
-    rows = json.loads((in_tmp / "b8.json").read_text())["results"]
-    assert {r["variant"] for r in rows} == {"fp32", "planforge int8 (ort form)", "planforge int8 (trt form)",
-                                            "peer quantize_static U8/S8", "peer quantize_static S8/S8 symmetric"}
-    assert all(r["metric"] == "test accuracy" and 0.9 <= r["value"] <= 1.0 and r["latency_ms"] > 0 for r in rows)
+    doc = json.loads((in_tmp / "b8.json").read_text())
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert set(rows) == {"fp32", "planforge int8 (ort form)", "planforge int8 (trt form)",
+                         "peer quantize_static U8/S8", "peer quantize_static S8/S8 symmetric"}
+    assert doc["environment"]["cpu_isa"] == detect().isa and doc["threads"] == 2
+    assert all(r["metric"] == "test accuracy" and 0 <= r["value"] <= 1.0 and r["latency_ms"] > 0 for r in rows.values())
+    # the TensorRT forms are judged by float emulation: the same verdict on every CPU
+    for variant in ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric"):
+        assert rows[variant]["judged_by"].startswith("float emulation") and rows[variant]["value"] >= 0.9
+    # planforge's ONNX Runtime form was chosen for this CPU's class and its budget met on these kernels; the U8/S8
+    # peer runs the kernels as they are, so its accuracy depends on the CPU (it saturates without VNNI): not bounded
+    assert rows["planforge int8 (ort form)"]["judged_by"] == f"ONNX Runtime CPU kernels on {detect().isa}"
+    assert rows["planforge int8 (ort form)"]["value"] >= 0.9 and rows["fp32"]["value"] >= 0.95

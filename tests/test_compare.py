@@ -15,6 +15,7 @@ from engines.bundle import add_artifacts, read_manifest, verified_path
 from engines.compare import CompareRequest, compare, cosine, top1
 from engines.compare_data import load_data
 from engines.compare_runners import TorchRunner
+from engines.cpu_isa import detect
 from engines.tolerance import per_output, tolerances
 from exporter.errors import UsageError
 from exporter.spec import InputSpec
@@ -192,6 +193,21 @@ def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches
     assert pair.outputs["logits"]["max_abs"] > 1e-4  # INT8 really differs elementwise
     exported = next(p for p in result.pairs if p.runner == "onnxruntime model.onnx")
     assert exported.budget is None and exported.outputs["logits"]["tolerance"]["atol"] == 1e-4
+    # the TensorRT-form graph is judged by float emulation: ONNX Runtime with its graph optimizations off
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    emulated = ort.InferenceSession(str(bundle / "model.trt.onnx"), options, providers=["CPUExecutionProvider"])
+    trt = next(p for p in result.pairs if p.runner == "onnxruntime model.trt.onnx")
+    with torch.no_grad():
+        expected = [module(torch.from_numpy(b["x"])).numpy() for b in evaluation]
+    got = [emulated.run(None, b)[0] for b in evaluation]
+    assert trt.budget["value"] == pytest.approx(float(np.mean(np.concatenate(
+        [e.argmax(-1) == g.argmax(-1) for e, g in zip(expected, got)]))))
+    assert trt.outputs["logits"]["max_abs"] == pytest.approx(max(float(np.abs(e - g).max()) for e, g in zip(expected, got)),
+                                                             rel=1e-6)
+    assert any("--graph-optimization-level ORT_DISABLE_ALL" in line and "model.trt.onnx" in line
+               for line in result.polygraphy)
+    assert result.cpu["cpu_isa"] == detect().isa == result.cpu["int8_ort_validated_on"]
 
 
 def test_digits_gets_its_test_accuracy_per_side(build_root, tmp_path):

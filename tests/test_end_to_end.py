@@ -138,7 +138,8 @@ def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, 
     for target in ("trt", "ort"):
         graph = onnx.load(str(out / f"model.{target}.onnx"))
         assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) >= 4
-        logits = session(graph, optimize=True).run(None, {"x": images})[0]
+        # trt: float emulation, the same on every CPU; ort: this CPU's kernels, in the form chosen for its class
+        logits = session(graph, optimize=target == "ort").run(None, {"x": images})[0]
         assert (logits.argmax(1) == labels).mean() >= fp32 - 0.01, target
     with runtime.load(out) as engine:
         assert (engine.infer({"x": images[:64]})["logits"].argmax(1) == labels[:64]).mean() >= 0.95
