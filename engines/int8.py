@@ -146,11 +146,10 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
 
     ``ort_form``: ``auto`` measures the candidate forms of this CPU's class, or one form, forced."""
     reference = run_target(fp32, evaluation, target)
-    graph = gs.import_onnx(fp32)
-    ops = {n.name: n.op for n in UNITS[target](graph)}
+    ops = {n.name: n.op for n in UNITS[target](gs.import_onnx(fp32))}
     isa = detect().isa
 
-    def quantize(exclude: tuple[str, ...], form: str | None = None) -> onnx.ModelProto:
+    def quantize(exclude: tuple[str, ...], form: str | None) -> onnx.ModelProto:
         options = {"form": form} if form else {}
         quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude, **options)
         return PassManager([InferShapes(), quantizer], quiet=True).run(fp32)[0]
@@ -159,11 +158,10 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     if target == "ort":
         choice = choose(form_candidates(isa, ort_form), isa, lambda f: quantize((), f),
                         lambda outputs: metric(budget, reference, outputs), budget.loss, evaluation)
-        model, full = choice.model, metric(budget, reference, choice.outputs)
-    form = choice.form if choice else None
+        model, full = choice.model, choice.measured[choice.form]["metric"]
 
     def evaluate(exclude: tuple[str, ...]) -> tuple[onnx.ModelProto, float]:
-        model = quantize(exclude, form)
+        model = quantize(exclude, choice.form if choice else None)
         return model, metric(budget, reference, run_target(model, evaluation, target))
 
     if choice is None:
@@ -175,6 +173,16 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     if budget.met(full):
         return done(model, final=full, kept_float=[], sensitivity={})
     on_step(f"sensitivity ({target})")
+    model, value, excluded, sensitivity = _fall_back(ops, evaluate, budget, target, full)
+    kept = [{"name": n, "op": ops[n], "target": target,
+             "reason": f"sensitivity: quantized alone, {budget.metric} = {sensitivity[n]:.4f}"} for n in excluded]
+    logger.info("INT8 %s: %d of %d layers kept in float; %s = %.4f", target, len(excluded), len(ops), budget.metric, value)
+    return done(model, final=value, kept_float=kept, sensitivity=sensitivity)
+
+
+def _fall_back(ops: dict[str, str], evaluate, budget: Budget, target: str, value: float):
+    """(model, value, layers in float, sensitivities): each layer quantized alone, then the most
+    sensitive left in float one by one until ``budget`` holds."""
     sensitivity = {}
     for name in ops:
         _, value = evaluate(tuple(n for n in ops if n != name))
@@ -182,19 +190,13 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
         logger.debug("sensitivity %s: %s alone quantized -> %.4f", target, name, value)
     order = sorted(ops, key=lambda n: budget.loss(sensitivity[n]), reverse=True)
     excluded: list[str] = []
-    value = full
     for name in order:
         excluded.append(name)
         model, value = evaluate(tuple(excluded))
         if budget.met(value):
-            break
-    if not budget.met(value):
-        raise BuildError(f"INT8 ({target}) cannot meet the budget {budget} even with every layer in float "
-                         f"({budget.metric} = {value:.4f}); loosen --budget or build FP16/FP32")
-    kept = [{"name": n, "op": ops[n], "target": target,
-             "reason": f"sensitivity: quantized alone, {budget.metric} = {sensitivity[n]:.4f}"} for n in excluded]
-    logger.info("INT8 %s: %d of %d layers kept in float; %s = %.4f", target, len(excluded), len(ops), budget.metric, value)
-    return done(model, final=value, kept_float=kept, sensitivity=sensitivity)
+            return model, value, excluded, sensitivity
+    raise BuildError(f"INT8 ({target}) cannot meet the budget {budget} even with every layer in float "
+                     f"({budget.metric} = {value:.4f}); loosen --budget or build FP16/FP32")
 
 
 def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: str, data_hash: str,

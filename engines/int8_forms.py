@@ -49,7 +49,6 @@ class FormChoice:
     form: str
     cpu_isa: str
     model: onnx.ModelProto
-    outputs: list  # the chosen model's outputs on the held-out batches
     measured: dict[str, dict]  # form -> {"metric": value, "latency_ms": median of the first batch}
     reason: str
 
@@ -60,7 +59,7 @@ class FormChoice:
 def choose(forms: tuple[str, ...], isa: str, quantize: Callable[[str], onnx.ModelProto],
            score: Callable[[list], float], loss: Callable[[float], float], batches: list[dict]) -> FormChoice:
     """Quantize in every form of ``forms``, measure each on ``batches``, keep the fastest accurate one."""
-    measured, runs = {}, {}
+    measured, models = {}, {}
     for form in forms:
         model = quantize(form)
         sess = session(model, optimize=True)
@@ -68,13 +67,13 @@ def choose(forms: tuple[str, ...], isa: str, quantize: Callable[[str], onnx.Mode
         outputs = [sess.run(names, b) for b in batches]
         value = score(outputs)
         measured[form] = {"metric": value, "latency_ms": round(_median_ms(sess, names, batches[0]), 4)}
-        runs[form] = (model, outputs)
+        models[form] = model
         logger.info("INT8 ort form %s on %s: metric %.4f, %.3f ms per held-out batch", form, isa, value,
                     measured[form]["latency_ms"])
     best = min(loss(m["metric"]) for m in measured.values())
     accurate = [f for f in forms if loss(measured[f]["metric"]) <= max(best * (1 + SLACK), best + 1e-3)]
     form = min(accurate, key=lambda f: measured[f]["latency_ms"])
-    return FormChoice(form, isa, *runs[form], measured, _reason(form, forms, accurate, isa))
+    return FormChoice(form, isa, models[form], measured, _reason(form, forms, accurate, isa))
 
 
 def _reason(form: str, forms: tuple[str, ...], accurate: list[str], isa: str) -> str:

@@ -92,7 +92,7 @@ def test_form_choice_measures_every_candidate_and_keeps_the_fastest_accurate_one
     assert choice.reason.startswith(f"{choice.form}: faster than") and "saturate on avx2" in choice.reason
     weights = [i for i in choice.model.graph.initializer if i.data_type in (2, 3) and len(i.dims) == 2]
     assert {i.data_type for i in weights} == {3 if FORMS[choice.form].weight.name == "QInt8" else 2}
-    assert metric(budget, reference, choice.outputs) == choice.measured[choice.form]["metric"]
+    assert metric(budget, reference, run_target(choice.model, evaluation, "ort")) == choice.measured[choice.form]["metric"]
 
 
 def test_form_choice_prefers_accuracy_over_speed_beyond_the_slack():
