@@ -21,8 +21,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from exporter.errors import ExportError
-from exporter.spec import InputSpec
+from exporter.core.errors import ExportError
+from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from exporter.errors import ExportError, UsageError
-from exporter.spec import InputSpec
+from exporter.core.errors import ExportError, UsageError
+from exporter.core.spec import InputSpec
 
 
 class EncoderOutputs(torch.nn.Module):

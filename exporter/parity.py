@@ -16,8 +16,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from exporter.errors import ParityError
-from exporter.spec import InputSpec
+from exporter.core.golden import golden_key
+from exporter.core.errors import ParityError
+from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def check_parity(
         if len(expected) != len(actual):
             raise ParityError(f"PyTorch returns {len(expected)} outputs, the ONNX graph {len(actual)} ({names})")
         report.points[point] = {n: compare(a, e, atol, rtol) for n, a, e in zip(names, actual, expected)}
-        report.golden.update({f"{point}/in/{k}": v for k, v in feeds.items()})
-        report.golden.update({f"{point}/out/{n}": e for n, e in zip(names, expected)})
+        report.golden.update({golden_key(point, "in", k): v for k, v in feeds.items()})
+        report.golden.update({golden_key(point, "out", n): e for n, e in zip(names, expected)})
         for name, err in report.points[point].items():
             logger.debug("parity %s %s: max_abs=%.3g max_rel=%.3g", point, name, err.max_abs, err.max_rel)
     if not report.ok:

@@ -23,8 +23,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from exporter.errors import ExportError, UsageError
-from exporter.spec import Dim, InputSpec, TensorSpec
+from exporter.core.errors import ExportError, UsageError
+from exporter.core.spec import Dim, InputSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ def pipeline(target: str, precision: str, **options) -> list:
 
     ``options`` go to the passes whose constructor takes them (``keep=`` for ConvertToFp16).
     """
-    from exporter.errors import UsageError  # noqa: PLC0415
+    from exporter.core.errors import UsageError  # noqa: PLC0415
 
     key = (target, precision)
     if key not in PIPELINES:

@@ -13,7 +13,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from exporter.errors import PassError
+from exporter.core.errors import PassError
 from passes.base import Pass, PassResult
 
 logger = logging.getLogger(__name__)

@@ -5,12 +5,12 @@ Measured on an AVX-512 VNNI CPU (ResNet-18, batch 8, 2 threads): unsigned asymme
 with signed per-channel weights run 4.75x faster than PyTorch eager, the symmetric signed form
 TensorRT needs 1.13x. So this target uses U8 activations (zero point from the calibrated range).
 The weights come in one of three forms (``FORMS``), because x86 CPUs without VNNI sum pairs of
-U8xS8 products in 16 bits and saturate (``engines.cpu_isa``): ``u8s8`` (S8 per-channel, the
+U8xS8 products in 16 bits and saturate (``engines.runtime.cpu``): ``u8s8`` (S8 per-channel, the
 fastest where products accumulate in 32 bits), ``u8s8-rr`` (7-bit S8 weights, ONNX Runtime's
 ``reduce_range``: 255 * 64 * 2 fits in 16 bits) and ``u8u8`` (U8 weights, whose kernels do not
 saturate). Measured on the VNNI CPU, full INT8: resnet18 u8s8 20.6 ms, u8s8-rr 20.4 ms, u8u8
 30.6 ms (FP32 72.5 ms); the build measures the candidates of its own CPU class and picks one
-(``engines.int8_forms``). The placement is ``onnxruntime.quantization.quantize_static``'s
+(``engines.build.int8.forms``). The placement is ``onnxruntime.quantization.quantize_static``'s
 (QDQ format, its default op types): that is the layout its graph transformers turn into integer
 kernels, so it is wrapped rather than rewritten. planforge's calibrated ranges go in through the
 quantizer's public calibration cache, so both targets quantize from the same ranges; layers the
@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
-from exporter.errors import PassError
+from exporter.core.errors import PassError
 from passes.base import Pass, PassResult
 from passes.infer_shapes import InferShapes
 from passes.quantize_trt import candidates, ensure_node_names

@@ -37,7 +37,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 
 def pytest_report_header(config):
-    from engines.cpu_isa import detect
+    from engines.runtime.cpu import detect
 
     cpu = detect()
     return (f"planforge tests; PYTHONHASHSEED={os.environ.get('PYTHONHASHSEED', 'random')}; "

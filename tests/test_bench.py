@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.bench import Backend, BenchRequest, _time_backend, bench
-from engines.bench_report import summary_markdown, write_results
+from engines.evaluate.bench.bundles import Backend, BenchRequest, time_backend, bench
+from engines.evaluate.bench.report import summary_markdown, write_results
 from engines.build import BuildRequest, build
 from engines.bundle import read_manifest, verified_path
-from engines.cpu_isa import detect
+from engines.runtime.cpu import detect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,7 +67,7 @@ def test_peak_memory_counts_what_a_backend_allocates():
         held["array"] = np.ones(96 * 2**20 // 8)  # written, so resident
         return lambda feeds: None
 
-    result = _time_backend(Backend("alloc", "fp32", None, load, held.clear), {1: {}}, 0, 1, lambda s: None)
+    result = time_backend(Backend("alloc", "fp32", None, load, held.clear), {1: {}}, 0, 1, lambda s: None)
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs here: peak memory is not measured on this OS")
     assert 90 <= result.peak_memory_mib <= 160

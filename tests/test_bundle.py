@@ -5,7 +5,7 @@ import json
 import pytest
 
 from engines.bundle import SCHEMA_VERSION, StagedBundle, read_manifest, verified_path
-from exporter.errors import BundleError
+from exporter.core.errors import BundleError
 
 
 def _stage(out, replace=False, content=b"weights"):

@@ -194,7 +194,7 @@ def test_fp16_build_has_an_fp16_tensorrt_graph_and_an_fp32_cpu_fallback(run_cli,
 def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(run_cli, in_tmp):
     import json
 
-    from engines.cpu_isa import detect
+    from engines.runtime.cpu import detect
 
     code, out, _ = run_cli("build", "digits_cnn", "--precision", "int8", "--calib-method", "percentile")
     assert code == 0 and "build/digits_cnn-int8" in out

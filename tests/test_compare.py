@@ -12,13 +12,13 @@ from polygraphy.exception import PolygraphyException
 
 from engines.build import BuildRequest, build
 from engines.bundle import add_artifacts, read_manifest, verified_path
-from engines.compare import CompareRequest, compare, cosine, top1
-from engines.compare_data import load_data
-from engines.compare_runners import TorchRunner
-from engines.cpu_isa import detect
-from engines.tolerance import per_output, tolerances
-from exporter.errors import UsageError
-from exporter.spec import InputSpec
+from engines.evaluate.compare import CompareRequest, compare, cosine, top1
+from engines.evaluate.compare.data import load_data
+from engines.evaluate.compare.runners import TorchRunner
+from engines.runtime.cpu import detect
+from engines.evaluate.compare.tolerances import per_output, tolerances
+from exporter.core.errors import UsageError
+from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 
 ORT_SIDES = {"onnxruntime model.onnx", "onnxruntime model.ort.onnx", "onnxruntime model.trt.onnx", "planforge ort-cpu"}

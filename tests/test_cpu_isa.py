@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from helpers import helper, make_model, run_pass, seeded
 
-from engines.cpu_isa import CLASSES, detect, isa_class, parse_cpuinfo, saturates
-from engines.int8 import Budget, metric, run_target
-from engines.int8_forms import candidates, choose
-from exporter.errors import UsageError
+from engines.runtime.cpu import CLASSES, detect, isa_class, parse_cpuinfo, saturates
+from engines.build.int8 import Budget, metric, run_target
+from engines.build.int8.forms import candidates, choose
+from exporter.core.errors import UsageError
 from passes import InferShapes, PassManager
 from passes.calibration import calibrate
 from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime

@@ -7,7 +7,7 @@ import pytest
 from engines import runtime
 from engines.build import BuildRequest, build
 from exporter.parity import torch_outputs
-from exporter.spec import InputSpec
+from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 
 CASES = {

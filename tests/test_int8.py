@@ -6,12 +6,12 @@ import onnx
 import pytest
 from helpers import helper, make_model, ops, run_pass, seeded
 
-from engines.calibration_data import load_calibration
-from engines.cpu_isa import detect
-from engines.int8 import EMULATED, Budget, quantize_target
-from engines.int8_forms import candidates
-from exporter.errors import CalibrationError
-from exporter.spec import InputSpec
+from engines.build.int8.data import load_calibration
+from engines.runtime.cpu import detect
+from engines.build.int8 import EMULATED, Budget, quantize_target
+from engines.build.int8.forms import candidates
+from exporter.core.errors import CalibrationError
+from exporter.core.spec import InputSpec
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, mse_range, save_ranges
 from passes.infer_shapes import InferShapes
 from passes.quantize_ort import QuantizeForOnnxRuntime

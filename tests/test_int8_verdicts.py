@@ -10,13 +10,13 @@ import pytest
 from helpers import helper
 
 from engines.build import BuildRequest, build
-from engines.calibration_data import load_calibration
-from engines.compare import CompareRequest, compare
-from engines.cpu_isa import detect
-from engines.int8 import Budget, metric
-from engines.int8_forms import candidates
+from engines.build.int8.data import load_calibration
+from engines.evaluate.compare import CompareRequest, compare
+from engines.runtime.cpu import detect
+from engines.build.int8 import Budget, metric
+from engines.build.int8.forms import candidates
 from engines.runtime import load
-from exporter.spec import InputSpec
+from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 from passes import PassManager, pipeline
 from passes.verify import run_graph, session
@@ -139,7 +139,7 @@ def test_trt_budget_value_is_the_float_emulation_of_the_graph_it_returns():
     """A continuous metric (relerr) on a small MLP: the trt verdict equals the emulated graph's, to 1e-6."""
     from helpers import make_model, run_pass, seeded
 
-    from engines.int8 import quantize_target
+    from engines.build.int8 import quantize_target
     from passes.calibration import calibrate
     from passes.infer_shapes import InferShapes
 

@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers import assert_same_outputs, helper, make_model, ops, run_pass, seeded
 
-from exporter.errors import PassError
+from exporter.core.errors import PassError
 from passes import PIPELINES, Cleanup, FoldConstants, InferShapes, PassManager, PassResult
 from passes.base import Pass
 

@@ -11,7 +11,7 @@ import pytest
 
 from engines import runtime
 from engines.build import BuildRequest, build
-from exporter.errors import BundleError, RuntimeInputError
+from exporter.core.errors import BundleError, RuntimeInputError
 
 
 @pytest.fixture(scope="module")

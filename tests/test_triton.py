@@ -10,7 +10,7 @@ from google.protobuf import text_format
 from helpers import add_plan_artifact
 
 from engines.build import BuildRequest, build
-from engines.triton import write_repository
+from engines.deploy.triton import write_repository
 
 
 def _model_config():

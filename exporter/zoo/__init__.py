@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from exporter.spec import InputSpec
+from exporter.core.spec import InputSpec
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""Where INT8 calibration data comes from, and checking it against the input spec.
+
+Sources (``--calib``): a directory of ``.npz`` files (one batch each, keyed by input name) or
+``.npy`` files (single-input models, one batch each); ``module:function`` or
+``path/to/file.py:function`` returning an iterable of feed dicts; nothing, for a zoo model with
+its own set. Random data only with ``--allow-random-calibration``, loudly. Every batch is checked
+against the input spec (names, dtypes, shapes within the ranges) with an error naming the file.
+Every fifth batch is held out for the accuracy budget unless the source provides its own split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from exporter.core.errors import CalibrationError, RuntimeInputError
+from exporter.core.spec import InputSpec
+
+logger = logging.getLogger(__name__)
+
+RANDOM_BATCHES = 10
+
+
+@dataclasses.dataclass
+class CalibrationSet:
+    calibration: list[dict[str, np.ndarray]]
+    evaluation: list[dict[str, np.ndarray]]
+    source: str
+
+    @property
+    def samples(self) -> int:
+        return sum(next(iter(b.values())).shape[0] for b in self.calibration)
+
+
+def load_calibration(source: str | None, spec: InputSpec, zoo_entry=None, module=None,
+                     allow_random: bool = False) -> CalibrationSet:
+    if source in (None, "", "zoo"):
+        if zoo_entry is not None and zoo_entry.calibration:
+            calibration, evaluation = zoo_entry.calibration_data(module)
+            return _checked(calibration, evaluation, spec, f"zoo:{zoo_entry.name} ({zoo_entry.calibration})")
+        if not allow_random:
+            raise CalibrationError(
+                "INT8 needs calibration data that looks like production inputs: pass --calib DIR (of .npz/.npy "
+                "batches) or --calib module:function, or --allow-random-calibration to accept random data"
+            )
+        source = "random"
+    if source == "random":
+        if not allow_random:
+            raise CalibrationError("--calib random needs --allow-random-calibration")
+        logger.warning("CALIBRATING ON RANDOM DATA: INT8 ranges will not match real inputs; accuracy is unknown")
+        batches = [spec.random_feeds("opt", seed=i) for i in range(RANDOM_BATCHES)]
+        return _checked(*_split(batches), spec, "random")
+    path = Path(source)
+    if path.is_dir():
+        return _checked(*_split(_read_dir(path, spec)), spec, f"dir:{path}")
+    if ":" in source:
+        return _checked(*_split(_call(source)), spec, f"function:{source}")
+    raise CalibrationError(
+        f"calibration source {source!r} is neither a directory nor module:function; "
+        "expected a directory of .npz/.npy batches or a function yielding feed dicts"
+    )
+
+
+def _read_dir(path: Path, spec: InputSpec) -> list[dict]:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    if not files:
+        raise CalibrationError(f"calibration directory {path} holds no .npz or .npy files; expected one batch per file")
+    batches = []
+    for file in files:
+        try:
+            if file.suffix == ".npz":
+                with np.load(file, allow_pickle=False) as data:
+                    batch = {k: data[k] for k in data.files}
+            else:
+                if len(spec) != 1:
+                    raise CalibrationError(
+                        f"{file}: a .npy file holds one array, but the model takes {len(spec)} inputs "
+                        f"({', '.join(spec.names)}); use .npz files keyed by input name"
+                    )
+                batch = {spec.names[0]: np.load(file, allow_pickle=False)}
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{file} is not a readable NumPy file ({exc})") from exc
+        _check(batch, spec, str(file))
+        batches.append(batch)
+    return batches
+
+
+def _call(source: str) -> list[dict]:
+    target, _, name = source.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(f"planforge_calib_{abs(hash(target))}", target)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        batches = list(getattr(module, name)())
+    except CalibrationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        raise CalibrationError(f"calibration function {source} failed: {type(exc).__name__}: {exc}") from exc
+    if not all(isinstance(b, dict) for b in batches):
+        raise CalibrationError(f"calibration function {source} must yield dicts of input name -> array")
+    return batches
+
+
+def _split(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    if len(batches) < 2:
+        logger.warning("one calibration batch: the accuracy budget is measured on the calibration data itself")
+        return batches, batches
+    evaluation = batches[4::5] or batches[-1:]
+    calibration = [b for i, b in enumerate(batches) if (i + 1) % 5] if len(batches) >= 5 else batches[:-1]
+    return calibration, evaluation
+
+
+def _check(batch: dict, spec: InputSpec, where: str) -> None:
+    try:
+        spec.check_feeds(batch)
+    except RuntimeInputError as exc:
+        raise CalibrationError(f"{where}: {exc}. Expected the input spec {spec}") from exc
+
+
+def _checked(calibration: list[dict], evaluation: list[dict], spec: InputSpec, source: str) -> CalibrationSet:
+    if not calibration:
+        raise CalibrationError(f"calibration source {source} yielded no batches")
+    for i, batch in enumerate(calibration + evaluation):
+        _check(batch, spec, f"{source} batch {i}")
+    return CalibrationSet(calibration, evaluation, source)

@@ -1,0 +1,125 @@
+"""Library functions behind ``planforge export``, ``inspect`` and ``run`` (the CLI stays thin)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from exporter.core.errors import RuntimeInputError, UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exporter: str,
+                 atol: float, rtol: float) -> str:
+    """Export and parity-check; the .onnx is written to a temporary name and renamed into place."""
+    import os  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from exporter.export import export_onnx  # noqa: PLC0415
+    from exporter.parity import check_parity  # noqa: PLC0415
+    from exporter.resolve import resolve  # noqa: PLC0415
+
+    resolved = resolve(model, Path("build") / ".cache")
+    if resolved.module is None:
+        raise UsageError(f"{model} is already an ONNX file; 'planforge export' takes a PyTorch model")
+    spec = resolved.input_spec.override(inputs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as tmp:
+        staged = Path(tmp) / out.name
+        result = export_onnx(resolved.module, spec, resolved.output_names, staged, opset, exporter)
+        report = check_parity(resolved.module, staged, spec, atol, rtol)
+        if result.external_data:
+            os.replace(Path(tmp) / f"{out.name}.data", out.parent / f"{out.name}.data")
+        os.replace(staged, out)
+    worst = max((w["max_abs"] for w in report.worst().values()), default=0.0)
+    return f"{result.exporter} exporter, opset {result.opset}, parity max abs error {worst:.2g}"
+
+
+def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
+                   verify: bool, keep_fp32: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
+    """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
+    import os  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import onnx  # noqa: PLC0415
+
+    from exporter.core.errors import PassError  # noqa: PLC0415
+    from exporter.parity import compare  # noqa: PLC0415
+    from engines.evaluate.compare.tolerances import graph_tolerance  # noqa: PLC0415
+    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
+    from passes import PassManager, pipeline  # noqa: PLC0415
+    from passes.verify import run_graph  # noqa: PLC0415
+
+    model = load_onnx(source)
+    spec = spec_from_onnx(model).override(inputs)
+    points = ("min", "max") if spec.is_dynamic else ("opt",)
+    feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+    steps = pipeline(target, precision, keep=keep_fp32)
+    optimized, records = PassManager(steps, verify_feeds=feeds if verify else None).run(model)
+    worst: dict[str, float] = {}
+    for f in feeds:
+        expected, actual = run_graph(model, f), run_graph(optimized, f)
+        for name, exp in expected.items():
+            err = compare(actual[name], exp, *graph_tolerance(precision, exp))
+            if not err.ok:
+                raise PassError(f"the optimized graph differs from {source} on output {name!r} by {err.max_abs:.3g}")
+            worst[name] = max(worst.get(name, 0.0), err.max_abs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        onnx.save_model(optimized, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return [r.to_json() for r in records], worst
+
+
+def inspect_path(console, path: Path) -> None:
+    from engines.cli.present import inspect_bundle, inspect_onnx  # noqa: PLC0415
+
+    if path.is_dir():
+        from engines.bundle import read_manifest  # noqa: PLC0415
+
+        inspect_bundle(console, path, read_manifest(path))
+        return
+    from exporter.resolve import ONNX_DTYPES, load_onnx  # noqa: PLC0415
+
+    model = load_onnx(path)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def describe(values):
+        return [(v.name, ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?"),
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    inspect_onnx(console, path, describe(i for i in model.graph.input if i.name not in initializers),
+                 describe(model.graph.output), dict(ops))
+
+
+def run_bundle(bundle: Path, inputs: tuple[str, ...], random_point: str | None, backend: str):
+    from engines.runtime import load  # noqa: PLC0415
+
+    with load(bundle, backend=backend) as engine:
+        if random_point:
+            feeds = engine.input_specs.random_feeds(random_point, seed=0)
+        else:
+            feeds = {}
+            for item in inputs:
+                name, sep, file = item.partition("=")
+                if not sep:
+                    raise UsageError(f"--input {item!r}: expected NAME=FILE.npy")
+                try:
+                    feeds[name] = np.load(file, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise RuntimeInputError(f"--input {name}: cannot read {file} as a .npy array ({exc})") from exc
+            if not feeds:
+                raise UsageError(f"give --input NAME=FILE.npy for {', '.join(engine.input_specs.names)} or --random opt")
+        return engine.backend, engine.infer(feeds)

@@ -1,0 +1,330 @@
+"""The ``planforge`` command line: parses options and calls the library. No logic lives here.
+
+Errors a user can fix print one line and exit with the error class's code; ``-v`` adds
+tracebacks and debug logging. Ctrl-C exits 130 and leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from exporter.core.errors import ParityError, PlanforgeError
+
+logger = logging.getLogger("planforge")
+# Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
+console = Console() if sys.stdout.isatty() else Console(width=200)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, rich_tracebacks=verbose)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
+    for noisy in ("onnxscript", "onnx_ir", "torch", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """planforge: PyTorch -> ONNX -> graph passes -> TensorRT / ONNX Runtime bundles."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose)
+
+
+_input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
+                             help='Override an input, e.g. "x:float32:[batch=1..32@8,3,224,224]".')
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [build/<model>[-<precision>]].")
+@_input_option
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+@click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
+              help="Check numbers under ONNX Runtime after every pass.")
+@click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
+@click.option("--calib", metavar="SOURCE", help="INT8 calibration data: a directory of .npz/.npy batches or "
+              "module:function (zoo models bring their own).")
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True)
+@click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
+@click.option("--budget", metavar="METRIC=VALUE", help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 "
+              "[default by task].")
+@click.option("--ort-int8-form", type=click.Choice(["auto", "u8s8", "u8s8-rr", "u8u8"]), default="auto",
+              show_default=True, help="INT8 form of the ONNX Runtime graph. auto: the fastest accurate form among "
+              "those that cannot saturate on this CPU's class (u8s8 with VNNI, AMX or ARM dot product; u8s8-rr or "
+              "u8u8 without).")
+@click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN..MAX@OPT,...",
+              help="A TensorRT optimization profile, e.g. batch=1..8@4 (repeat for several).")
+@click.option("--profiles", "profiles_auto", metavar="auto:N[:DIM]", help="Split a dim's range into N profiles.")
+@click.option("--static", is_flag=True, help="Freeze the graphs to the opt shapes (a static engine).")
+@click.option("--require-trt", is_flag=True, help="Fail (exit 8) instead of skipping TensorRT when it cannot build.")
+@click.option("--workspace-gib", type=float, default=4.0, show_default=True, help="TensorRT workspace limit.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
+@click.option("--strict-fp32", is_flag=True, help="Clear TF32 so FP32 layers match ONNX Runtime.")
+@click.option("--hardware-compat", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+              default="none", show_default=True)
+@click.option("--version-compatible", is_flag=True, help="Embed a lean runtime (loads on later TensorRT versions).")
+@click.option("--sparse-weights", is_flag=True)
+@click.option("--refit", is_flag=True)
+def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
+          calib, calib_method, allow_random_calibration, budget, ort_int8_form, profiles, profiles_auto, static,
+          require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
+    """Export MODEL, run the passes and write a bundle."""
+    from engines.trt.builder import TrtOptions  # noqa: PLC0415
+
+    from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
+    from engines.cli.present import build_summary  # noqa: PLC0415
+
+    request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
+                           verify_passes, keep_fp32=tuple(keep_fp32), calib=calib, calib_method=calib_method,
+                           allow_random_calibration=allow_random_calibration, budget=budget,
+                           ort_int8_form=ort_int8_form, profiles=tuple(profiles), profiles_auto=profiles_auto, static=static, require_trt=require_trt,
+                           trt=TrtOptions(workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible,
+                                          sparse_weights, refit))
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("build", total=None)
+        result = run_build(request, on_stage=lambda stage: progress.update(task, description=stage))
+    build_summary(console, result.out, result.manifest, result.reused, result.seconds)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the .onnx file.")
+@_input_option
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
+    """Export MODEL to ONNX and check parity with PyTorch (no passes, no bundle)."""
+    from engines.cli.actions import export_model  # noqa: PLC0415
+
+    report = export_model(model, out, tuple(inputs), opset, exporter, parity_atol, parity_rtol)
+    console.print(f"wrote {out} ({report})")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the optimized graph.")
+@click.option("--target", type=click.Choice(["trt", "ort"]), required=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@_input_option
+@click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
+              help="Check numbers under ONNX Runtime after every pass.")
+@click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
+def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32):
+    """Run the pass pipeline for one target on an .onnx file."""
+    from engines.cli.actions import optimize_model  # noqa: PLC0415
+    from engines.cli.present import optimize_summary  # noqa: PLC0415
+
+    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32))
+    optimize_summary(console, out, records, worst)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path):
+    """Describe a bundle directory or an .onnx file."""
+    from engines.cli.actions import inspect_path  # noqa: PLC0415
+
+    inspect_path(console, path)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Feed an input from a .npy file.")
+@click.option("--random", "random_point", type=click.Choice(["min", "opt", "max"]),
+              help="Feed seeded random inputs at this shape point instead of files.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True)
+def run(bundle, inputs, random_point, backend):
+    """Run one inference on BUNDLE and print output summaries."""
+    from engines.cli.actions import run_bundle  # noqa: PLC0415
+    from engines.cli.present import output_summary  # noqa: PLC0415
+
+    used, outputs = run_bundle(bundle, inputs, random_point, backend)
+    output_summary(console, used, outputs)
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), metavar="N",
+              help="Batch sizes (repeat) [the batch dim's min, opt and max].")
+@click.option("--warmup", type=click.IntRange(0), default=3, show_default=True, help="Untimed runs per point.")
+@click.option("--iterations", type=click.IntRange(1), default=20, show_default=True, help="Timed runs per point.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads for every "
+              "backend (0: all cores).")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Time ONNX Runtime's quantize_static beside INT8 bundles.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench.json and bench.png "
+              "[build/bench/<model>].")
+def bench(bundles, batches, warmup, iterations, threads, peer, out):
+    """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
+    from engines.evaluate.bench.bundles import BenchRequest, bench as run_bench  # noqa: PLC0415
+    from engines.evaluate.bench.report import record_in_bundles, write_results  # noqa: PLC0415
+    from engines.cli.present import bench_bundle_table  # noqa: PLC0415
+
+    request = BenchRequest(tuple(bundles), tuple(batches), warmup, iterations, threads, peer, out)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("loading", total=None)
+
+        def step(description):
+            if progress.tasks[task].description != "loading":
+                progress.advance(task)
+            progress.update(task, description=description)
+
+        doc = run_bench(request, on_step=step, on_total=lambda n: progress.update(task, total=n))
+    json_path, png_path = write_results(doc, out or Path(bundles[0]).parent / "bench" / doc["model"])
+    reports = record_in_bundles(doc, json_path)
+    bench_bundle_table(console, doc)
+    console.print(f"wrote {json_path} and {png_path}; the bench section of {', '.join(map(str, reports))}")
+
+
+@cli.command("bench-summary")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Markdown file to write.")
+@click.option("--allow-mixed", is_flag=True, help="Merge runs with different thread counts or CPU ISA classes.")
+def bench_summary(results, out, allow_mixed):
+    """Summarize bench.json files as one Markdown table (largest batch per model)."""
+    from engines.evaluate.bench.report import check_comparable, load_results, summary_markdown  # noqa: PLC0415
+
+    docs = load_results(results)
+    check_comparable(docs, allow_mixed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(summary_markdown(docs))
+    console.print(f"wrote {out}")
+
+
+@cli.command("bench-passes")
+@click.argument("models", nargs=-1)
+@click.option("--target", "targets", multiple=True, type=click.Choice(["trt", "ort"]), default=("ort", "trt"),
+              show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per graph.")
+@click.option("--int8", is_flag=True, help="INT8 against ONNX Runtime's quantize_static instead of the passes.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
+def bench_passes(models, targets, threads, runs, int8, out):
+    """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
+    from engines.evaluate.bench.passes import bench_int8, bench_zoo, write_json  # noqa: PLC0415
+    from engines.cli.present import bench_int8_table, bench_table  # noqa: PLC0415
+    from exporter.zoo import BY_NAME  # noqa: PLC0415
+
+    unknown = [m for m in models if m not in BY_NAME]
+    if unknown:
+        raise click.BadParameter(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
+    if int8:
+        out = out or Path("build/bench-int8.json")
+        rows, environment = bench_int8(list(models) or ["digits_cnn", "resnet18", "bert_tiny"], threads, runs, out)
+        bench_int8_table(console, rows, environment, threads)
+    else:
+        out = out or Path("build/bench-passes.json")
+        results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)
+        write_json(results, out)
+        bench_table(console, results)
+    console.print(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", default="auto", show_default=True, metavar="SOURCE",
+              help="golden (the bundle's golden.npz), random (Polygraphy's DataLoader from the input spec), eval "
+                   "(a zoo model's evaluation batches), or an .npz file / directory of them. auto: eval for INT8 zoo "
+                   "bundles, else golden.")
+@click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Batches of random data.")
+@click.option("--point", type=click.Choice(["min", "opt", "max"]), default="opt", show_default=True,
+              help="Shape point of random data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance, e.g. 1e-3 or logits:1e-3.")
+@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance.")
+@click.option("--error-stat", multiple=True, metavar="[OUTPUT:]STAT",
+              help="Error statistic checked: elemwise, max, mean, median or quantile.")
+@click.option("--error-quantile", multiple=True, metavar="[OUTPUT:]Q", help="Quantile for --error-stat quantile.")
+@click.option("--reference", type=click.Choice(["auto", "pytorch", "onnx"]), default="auto", show_default=True,
+              help="PyTorch (auto when the bundle came from a PyTorch model) or ONNX Runtime on the exported graph.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
+@click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON.")
+@click.option("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime.")
+def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error_quantile, reference, report,
+            save_inputs, threads):
+    """Compare every artifact of BUNDLE with its reference (Polygraphy); exit 4 when one fails."""
+    from engines.evaluate.compare import CompareRequest, compare as run_compare  # noqa: PLC0415
+    from engines.cli.present import compare_table  # noqa: PLC0415
+
+    result = run_compare(CompareRequest(bundle, data, iterations, point, seed, tuple(atol), tuple(rtol),
+                                        tuple(error_stat), tuple(error_quantile), reference, report, save_inputs,
+                                        threads))
+    compare_table(console, result)
+    if not result.ok:
+        raise ParityError(f"{len(result.failures())} check(s) failed: {', '.join(result.failures())}; "
+                          f"details in {result.report}")
+
+
+@cli.command("triton-repo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Triton model repository.")
+def triton_repo(bundle, out):
+    """Write BUNDLE as Triton models (tensorrt_plan and onnxruntime_onnx) with config.pbtxt."""
+    from engines.deploy.triton import write_repository  # noqa: PLC0415
+
+    for name in write_repository(bundle, out):
+        console.print(f"wrote {out / name} (config.pbtxt, 1/)")
+
+
+@cli.command()
+def zoo():
+    """List the zoo models and their inputs."""
+    from engines.cli.present import zoo_table  # noqa: PLC0415
+    from exporter.zoo import ENTRIES  # noqa: PLC0415
+
+    zoo_table(console, ENTRIES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="planforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("interrupted: nothing was written")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except PlanforgeError as exc:
+        if verbose:
+            logger.exception("error")
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
+        if verbose:
+            logger.exception("internal error")
+        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                          markup=False, highlight=False, soft_wrap=True)
+        return 70
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

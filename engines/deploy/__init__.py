@@ -1,0 +1,1 @@
+"""Handing a bundle to a server: Triton model repositories."""

@@ -1,0 +1,122 @@
+"""``planforge bench-passes --int8``: INT8 on ONNX Runtime CPU, planforge against ONNX Runtime's own
+``quantize_static`` (the peer), with the accuracy metric of each model.
+
+For each model: the exported FP32 graph; planforge's INT8 ``ort`` graph (its passes, the zoo's
+calibration data, the default budget); planforge's INT8 ``trt`` graph run on the CPU (for
+reference: symmetric activations are slow there); and the peer run on the same exported graph
+with the same calibration batches (QDQ, per-channel S8 weights, MinMax), once with U8
+activations (its fastest form on this CPU) and once with symmetric S8 (the TensorRT form).
+Metric: digits_cnn top-1 accuracy on its test split; classifiers top-1 agreement with FP32;
+others cosine similarity with FP32, on the zoo's held-out evaluation batches. The TensorRT-form
+graphs (planforge's ``trt`` form and the symmetric S8/S8 peer) are judged by float emulation, as
+the build judges them (``engines.build.int8``); the ONNX Runtime forms by this CPU's integer kernels,
+whose accuracy depends on the CPU class (``engines.runtime.cpu``): the rows say which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from engines.evaluate.bench.passes import ROUNDS, time_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Int8Row:
+    model: str
+    variant: str
+    latency_ms: float
+    metric: str
+    value: float
+    kept_float: int | None = None
+    judged_by: str = ""
+
+
+def quantize_peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    from passes.quantize_ort import quiet_quantizer  # noqa: PLC0415
+
+    with quiet_quantizer():
+        quantize_static(str(exported), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=activation, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": activation == QuantType.QInt8})
+
+
+TRT_FORMS = ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric")  # judged by float emulation
+
+
+def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list[dict],
+            target: str) -> tuple[str, float]:
+    """The model's metric for ``graph`` judged as ``target`` is; ``reference``: FP32 outputs on ``evaluation``."""
+    from engines.build.int8 import Budget, metric, run_target  # noqa: PLC0415
+
+    if name == "digits_cnn":
+        from exporter.zoo.digits import digits_split  # noqa: PLC0415
+
+        images, labels = digits_split("test")
+        logits = run_target(onnx.load(str(graph)), [{"x": images}], target)[0][0]
+        return "test accuracy", float((logits.argmax(1) == labels).mean())
+    budget = Budget.parse(None, task)
+    value = metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
+    return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
+
+
+def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Path = Path("build/.cache")) -> list[Int8Row]:
+    from onnxruntime.quantization import QuantType  # noqa: PLC0415
+
+    from engines.build.int8 import Budget, quantize_target  # noqa: PLC0415
+    from exporter.export import export_onnx  # noqa: PLC0415
+    from exporter.resolve import resolve  # noqa: PLC0415
+    from exporter.zoo import BY_NAME  # noqa: PLC0415
+    from passes import PassManager, pipeline  # noqa: PLC0415
+    from passes.calibration import calibrate  # noqa: PLC0415
+
+    entry = BY_NAME[name]
+    model = resolve(name, cache_dir)
+    calibration, evaluation = entry.calibration_data(model.module)
+    feeds = model.input_spec.random_feeds("opt", seed=0)
+    rows, kept = [], {}
+    with tempfile.TemporaryDirectory(prefix="planforge-bench8-") as tmp:
+        graphs = {"fp32": Path(tmp) / "fp32.onnx"}
+        export_onnx(model.module, model.input_spec, model.output_names, graphs["fp32"])
+        exported = onnx.load(str(graphs["fp32"]))
+        for target in ("ort", "trt"):
+            fp, _ = PassManager(pipeline(target, "fp32")).run(exported)
+            result = quantize_target(fp, target, calibrate(fp, calibration, "max"), evaluation,
+                                     Budget.parse(None, model.task))
+            graphs[f"planforge int8 ({target} form)"] = Path(tmp) / f"pf_{target}.onnx"
+            onnx.save_model(result.model, str(graphs[f"planforge int8 ({target} form)"]))
+            kept[f"planforge int8 ({target} form)"] = len(result.kept_float)
+        for label, activation in (("peer quantize_static U8/S8", QuantType.QUInt8),
+                                  ("peer quantize_static S8/S8 symmetric", QuantType.QInt8)):
+            graphs[label] = Path(tmp) / f"peer_{activation.name}.onnx"
+            quantize_peer(graphs["fp32"], graphs[label], calibration, activation)
+        times = {k: [] for k in graphs}
+        for _ in range(ROUNDS):  # interleaved rounds, so load drift hits every variant alike
+            for label, path in graphs.items():
+                times[label] += time_session(path, feeds, threads, 2, max(1, runs // ROUNDS))
+        from engines.build.int8 import judged_by, run_target  # noqa: PLC0415
+
+        reference = run_target(exported, evaluation, "ort")  # once: every variant is measured against it
+        for label, path in graphs.items():
+            target = "trt" if label in TRT_FORMS else "ort"
+            metric_name, value = _metric(name, model.task, reference, path, evaluation, target)
+            rows.append(Int8Row(name, label, statistics.median(times[label]), metric_name, value, kept.get(label),
+                                judged_by(target)))
+            logger.info("%s %s: %.2f ms, %s %.4f", name, label, rows[-1].latency_ms, metric_name, value)
+    return rows

@@ -1,0 +1,328 @@
+"""``planforge compare BUNDLE``: every artifact of a bundle against its reference, with Polygraphy.
+
+Runners (``engines.evaluate.compare.runners``): the reference first, PyTorch when the bundle was exported
+from a PyTorch model whose source still hashes to the manifest's ``source_sha256`` (else ONNX
+Runtime on the exported graph); then ONNX Runtime on the exported graph, ONNX Runtime on each
+optimized graph, planforge's runtime on each backend that can run here, and Polygraphy's TensorRT
+runner on the plan when TensorRT and a GPU are present. ``Comparator.run`` runs them all on one
+data set (``engines.evaluate.compare.data``); ``Comparator.compare_accuracy`` checks each against the
+reference with ``SimpleCompareFunc`` and the tolerances of its precision (``engines.evaluate.compare.tolerances``).
+
+Beside Polygraphy's error statistics, each pair gets metrics for deciding whether a difference
+matters: mean per-sample cosine similarity per output, top-1 agreement for classifiers, and the
+INT8 budget's own metric (which is what decides an INT8 graph). A model with a task metric
+(``digits_cnn``: test-split accuracy) gets it per runner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from engines.bundle import read_manifest, update_report, verified_path, write_atomic
+from engines.runtime import ORDER, BundleView, unavailable
+from engines.evaluate.compare.data import CompareData, load_data
+from engines.evaluate.compare.runners import polygraphy_quiet
+from engines.evaluate.compare.tolerances import ERROR_STATS, OPTIONS, OutputTolerance, check_output_names, per_output, tolerances
+from exporter.core.errors import UsageError
+from exporter.core.spec import InputSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareRequest:
+    bundle: Path
+    data: str = "auto"  # auto | golden | random | eval | PATH
+    iterations: int = 4  # random data
+    point: str = "opt"  # random data
+    seed: int = 0
+    atol: tuple[str, ...] = ()  # VALUE or OUTPUT:VALUE
+    rtol: tuple[str, ...] = ()
+    error_stat: tuple[str, ...] = ()
+    quantile: tuple[str, ...] = ()
+    reference: str = "auto"  # auto | pytorch | onnx
+    report: Path | None = None  # default: report.json in the bundle
+    save_inputs: Path | None = None  # Polygraphy JSON, for `polygraphy run --load-inputs`
+    threads: int | None = None
+    cache_dir: Path = Path("build/.cache")
+
+    def overrides(self) -> dict[str, dict]:
+        return {"atol": per_output(self.atol, OPTIONS["atol"]), "rtol": per_output(self.rtol, OPTIONS["rtol"]),
+                "stat": per_output(self.error_stat, OPTIONS["stat"], str, ERROR_STATS),
+                "quantile": per_output(self.quantile, OPTIONS["quantile"], upper=1.0)}
+
+
+@dataclasses.dataclass
+class Side:
+    """One runner in the comparison and what it runs."""
+
+    name: str
+    precision: str
+    runner: object
+    artifact: str | None = None
+
+
+@dataclasses.dataclass
+class PairResult:
+    reference: str
+    runner: str
+    precision: str
+    outputs: dict[str, dict]
+    budget: dict | None
+    passed: bool
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class CompareResult:
+    bundle: Path
+    data: CompareData
+    reference: str
+    pairs: list[PairResult]
+    skipped: dict[str, str]
+    task_metric: dict | None
+    polygraphy: list[str]
+    cpu: dict = dataclasses.field(default_factory=dict)  # this CPU's class; where the INT8 ort graph was validated
+    report: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(p.passed for p in self.pairs)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "data": self.data.to_json(), "reference": self.reference,
+                "pairs": [p.to_json() for p in self.pairs], "skipped": self.skipped,
+                "task_metric": self.task_metric, "polygraphy_commands": self.polygraphy, "cpu": self.cpu}
+
+    def failures(self) -> list[str]:
+        return [f"{p.runner} {name}" for p in self.pairs for name, o in p.outputs.items() if not o["passed"]] + \
+               [f"{p.runner} {p.budget['metric']}" for p in self.pairs if p.budget and not p.budget["passed"]]
+
+
+def compare(request: CompareRequest) -> CompareResult:
+    """Run every side on the same data, check each against the reference, write the report."""
+    from polygraphy.comparator import Comparator  # noqa: PLC0415
+
+    bundle = Path(request.bundle)
+    manifest = read_manifest(bundle)
+    spec = InputSpec.from_json(manifest["inputs"])
+    outputs = [o["name"] for o in manifest["outputs"]]
+    overrides = request.overrides()
+    check_output_names(overrides, outputs)
+    module = _pytorch_module(manifest, request.reference, request.cache_dir)
+    data = load_data(request.data, bundle, manifest, spec, request.iterations, request.point, request.seed, module)
+    sides, skipped = _sides(bundle, manifest, spec, outputs, module, request.threads)
+    logger.info("comparing %s against %s on %s", ", ".join(s.name for s in sides[1:]), sides[0].name,
+                data.description)
+    with polygraphy_quiet():
+        results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
+                                 save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
+    budget = _budget(manifest)
+    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.get("model", {}).get("task"))
+             for i, side in enumerate(sides[1:], start=1)]
+    task = _task_metric(manifest, sides)
+    result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
+                           polygraphy_commands(bundle, manifest, pairs, request.save_inputs), _cpu(manifest))
+    result.report = _write_report(bundle, result, request.report)
+    return result
+
+
+def _cpu(manifest: dict) -> dict:
+    """This CPU's class beside the one the INT8 ONNX Runtime graph was validated on at build: the INT8
+    ort sides' budget verdicts here re-validate it on this machine (``engines.build.int8``)."""
+    from engines.runtime.cpu import detect  # noqa: PLC0415
+
+    int8 = ((manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
+    return {**detect().to_json(), "int8_ort_validated_on": int8.get("cpu_isa")}
+
+
+def _pytorch_module(manifest: dict, reference: str, cache_dir: Path):
+    """The PyTorch module the bundle came from, or None when the reference is the exported graph."""
+    model = manifest.get("model", {})
+    if reference == "onnx" or (model.get("kind") == "onnx" and reference == "auto"):
+        return None
+    if model.get("kind") == "onnx":
+        raise UsageError(f"--reference pytorch: the bundle was built from an ONNX file ({model.get('source')}); "
+                         "there is no PyTorch model to compare against. Use --reference onnx")
+    from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
+
+    resolved = resolve_bundle_model(model, cache_dir, "rebuild the bundle, or compare against the exported graph "
+                                                      "with --reference onnx")
+    return resolved.module
+
+
+def _sides(bundle: Path, manifest: dict, spec: InputSpec, outputs: list[str], module,
+           threads: int | None) -> tuple[list[Side], dict[str, str]]:
+    from engines.evaluate.compare.runners import PlanforgeRunner, TorchRunner, onnxrt_runner, tensorrt_runner  # noqa: PLC0415
+
+    backends = manifest["backends"]
+    exported = verified_path(bundle, manifest, "model.onnx")
+    for extra in [n for n, a in manifest["artifacts"].items() if a.get("role") == "external-data"]:
+        verified_path(bundle, manifest, extra)
+    sides = [Side("pytorch", "fp32", TorchRunner(module, spec, outputs, threads=threads))] if module is not None else []
+    sides.append(Side("onnxruntime model.onnx", "fp32", onnxrt_runner(exported, "onnxruntime model.onnx"), "model.onnx"))
+    for target in ("ort", "trt"):
+        graph = backends.get(target, {}).get("graph")
+        if graph and graph in manifest["artifacts"]:
+            name = f"onnxruntime {graph}"
+            runner = onnxrt_runner(verified_path(bundle, manifest, graph), name, optimize=target != "trt")
+            sides.append(Side(name, backends[target]["precision"], runner, graph))
+    loaded, skipped = BundleView(bundle), {}
+    for backend in ORDER:
+        if (reason := unavailable(backend, loaded)) is not None:
+            skipped[f"planforge {backend}"] = reason
+            logger.debug("not comparing planforge %s: %s", backend, reason)
+            continue
+        target = "trt" if backend == "trt" else "ort"
+        sides.append(Side(f"planforge {backend}", backends[target]["precision"],
+                          PlanforgeRunner(bundle, backend, spec, threads=threads)))
+        if backend == "trt":  # Polygraphy's own TensorRT runner on the same plan, as a second opinion
+            plan = verified_path(bundle, manifest, backends["trt"]["plan"])
+            sides.append(Side("tensorrt (polygraphy)", backends["trt"]["precision"], tensorrt_runner(plan), plan.name))
+    if "planforge trt" in skipped:
+        skipped["tensorrt (polygraphy)"] = skipped["planforge trt"]
+    return sides, skipped
+
+
+def _budget(manifest: dict) -> tuple[str, float] | None:
+    """The INT8 accuracy budget recorded at build time ("top1 >= 0.99" -> ("top1", 0.99))."""
+    text = (manifest.get("calibration") or {}).get("budget")
+    if not text:
+        return None
+    metric, _, value = text.split()
+    return metric, float(value)
+
+
+def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task) -> PairResult:
+    from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415
+
+    ref_iters, act_iters = results[reference.runner.name], results[side.runner.name]
+    names = list(ref_iters[0].keys())
+    references = {n: [np.asarray(it[n]) for it in ref_iters] for n in names}
+    tols = tolerances(side.precision, references, budget if side.precision == "int8" else None, overrides)
+    func = SimpleCompareFunc(atol={n: _bound(t.atol) for n, t in tols.items()},
+                             rtol={n: t.rtol for n, t in tols.items()},
+                             check_error_stat={n: t.stat for n, t in tols.items()},
+                             error_quantile={n: t.quantile for n, t in tols.items()})
+    with polygraphy_quiet():
+        accuracy = Comparator.compare_accuracy(results, comparisons=[(0, index)], compare_func=func)[0]
+    per_iter = accuracy[(reference.runner.name, side.runner.name)]
+    outputs = {}
+    for name in names:
+        ref = references[name]
+        act = [np.asarray(it[name]) for it in act_iters]
+        outputs[name] = {**_stats([it[name] for it in per_iter], tols[name]),
+                         "cosine": cosine(ref, act), "top1": top1(ref, act) if task == "classification" else None}
+    verdict = None
+    if side.precision == "int8" and budget:
+        verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in names] for it in ref_iters],
+                                  [[np.asarray(it[n]) for n in names] for it in act_iters])
+    passed = all(o["passed"] for o in outputs.values()) and (verdict is None or verdict["passed"])
+    return PairResult(reference.name, side.name, side.precision, outputs, verdict, passed)
+
+
+def _bound(atol: float | None) -> float:
+    return math.inf if atol is None else atol
+
+
+def _stats(results: list, tol: OutputTolerance) -> dict:
+    """Polygraphy's per-iteration statistics, worst (mean: average) over the iterations."""
+    def worst(field):
+        values = [getattr(r, field) for r in results if getattr(r, field) is not None]
+        return float(max(values)) if values else None
+
+    return {"max_abs": worst("max_absdiff"), "max_rel": worst("max_reldiff"),
+            "mean_abs": float(np.mean([r.mean_absdiff for r in results])), "median_abs": worst("median_absdiff"),
+            "quantile_abs": worst("quantile_absdiff"), "tolerance": tol.to_json(),
+            "passed": all(bool(r) for r in results)}
+
+
+def cosine(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
+    """Mean per-sample cosine similarity (a sample is one index of the first axis); None for non-floats."""
+    values = []
+    for r, a in zip(reference, actual):
+        if r.dtype.kind != "f" or r.shape != a.shape or r.ndim == 0:
+            return None
+        rr, aa = r.reshape(r.shape[0], -1).astype(np.float64), a.reshape(a.shape[0], -1).astype(np.float64)
+        denom = np.linalg.norm(rr, axis=1) * np.linalg.norm(aa, axis=1)
+        values.append(np.where(denom > 0, (rr * aa).sum(axis=1) / np.maximum(denom, 1e-300),
+                               np.all(rr == aa, axis=1).astype(float)))
+    return float(np.concatenate(values).mean()) if values else None
+
+
+def top1(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
+    """Share of samples whose argmax over the last axis agrees (classifier logits)."""
+    if any(r.ndim < 2 or r.shape[-1] < 2 or r.shape != a.shape for r, a in zip(reference, actual)):
+        return None
+    from engines.build.int8 import top1_agreement  # noqa: PLC0415 - the INT8 budget's own definition
+
+    return top1_agreement(reference, actual)
+
+
+def _budget_verdict(budget: tuple[str, float], reference: list, actual: list) -> dict:
+    from engines.build.int8 import Budget, metric  # noqa: PLC0415 - the build's own metric, one definition
+
+    rule = Budget(*budget)
+    value = metric(rule, reference, actual)
+    return {"metric": rule.metric, "value": value, "budget": str(rule), "passed": rule.met(value)}
+
+
+def _task_metric(manifest: dict, sides: list[Side]) -> dict | None:
+    """digits_cnn's test-split accuracy per runner (the zoo's one model with labelled data)."""
+    if manifest.get("model", {}).get("kind") != "zoo" or manifest["model"]["name"] != "digits_cnn":
+        return None
+    from polygraphy.comparator import Comparator  # noqa: PLC0415
+
+    from exporter.zoo.digits import digits_split  # noqa: PLC0415
+
+    images, labels = digits_split("test")
+    batch = InputSpec.from_json(manifest["inputs"])["x"].dims[0].max
+    feeds = [{"x": images[i:i + batch]} for i in range(0, len(images), batch)]
+    with polygraphy_quiet():
+        results = Comparator.run([s.runner for s in sides], data_loader=feeds)
+    accuracy = {}
+    for side in sides:
+        logits = np.concatenate([np.asarray(it["logits"]) for it in results[side.runner.name]])
+        accuracy[side.name] = float((logits.argmax(1) == labels).mean())
+    return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
+
+
+def polygraphy_commands(bundle: Path, manifest: dict, pairs: list[PairResult], inputs: Path | None) -> list[str]:
+    """``polygraphy run`` lines that repeat the ONNX Runtime comparisons (exported graph as reference)."""
+    load = shlex.quote(str(inputs)) if inputs else "inputs.json"
+    ref = shlex.quote(str(bundle / "model.onnx"))
+    lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs ref_outputs.json"]
+    as_written = manifest["backends"].get("trt", {}).get("graph")  # run without ORT's optimizations
+    for pair in pairs:
+        graph = pair.runner.removeprefix("onnxruntime ")
+        if not pair.runner.startswith("onnxruntime ") or graph == "model.onnx":
+            continue
+        tols = {n: o["tolerance"] for n, o in pair.outputs.items()}
+        args = []
+        for key, flag in (("atol", "--atol"), ("rtol", "--rtol"), ("stat", "--check-error-stat")):
+            values = {n: t[key] if t[key] is not None else "inf" for n, t in tols.items()}
+            args += [flag, *(f"{n}:{v}" for n, v in values.items())]
+        if graph == as_written:
+            args += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
+        lines.append(f"polygraphy run {shlex.quote(str(bundle / graph))} --onnxrt --load-inputs {load} "
+                     f"--load-outputs ref_outputs.json {' '.join(shlex.quote(a) for a in args)}")
+    return lines
+
+
+def _write_report(bundle: Path, result: CompareResult, report: Path | None) -> Path:
+    """The ``compare`` section of the bundle's report.json (the manifest updated), or ``report``."""
+    if report is None:
+        return update_report(bundle, "compare", result.to_json())
+    report = Path(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(report, (json.dumps({"compare": result.to_json()}, indent=2) + "\n").encode())
+    return report

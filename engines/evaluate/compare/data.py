@@ -1,0 +1,134 @@
+"""The inputs ``planforge compare`` feeds every runner: one list of feed dicts, one per iteration.
+
+- ``golden``: the bundle's ``golden.npz`` (the inputs of the build's parity check, one iteration
+  per shape point), read after its sha256 matched the manifest.
+- ``random``: Polygraphy's ``DataLoader`` driven by the input spec: seeded, shapes at a spec
+  point, values in each input's value range (integer inputs such as token ids stay valid; ``hi``
+  is exclusive in the spec, inclusive in Polygraphy, so it is passed as ``hi - 1``), floats in
+  [-1, 1] without one.
+- ``eval``: a zoo model's held-out evaluation batches, the data its INT8 budget was measured on.
+- ``PATH``: an ``.npz`` file (one iteration, keyed by input name) or a directory of them.
+
+Every iteration is checked against the input spec before any runner sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from engines.bundle import golden_feeds, golden_points, verified_path
+from exporter.core.errors import RuntimeInputError, UsageError
+from exporter.core.spec import InputSpec
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("auto", "golden", "random", "eval")
+
+
+@dataclasses.dataclass
+class CompareData:
+    source: str  # golden | random | eval | a path
+    feeds: list[dict[str, np.ndarray]]
+    description: str
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "iterations": len(self.feeds), "description": self.description,
+                "shapes": [{k: list(v.shape) for k, v in f.items()} for f in self.feeds]}
+
+
+def load_data(source: str, bundle: Path, manifest: dict, spec: InputSpec, iterations: int = 4, point: str = "opt",
+              seed: int = 0, module=None) -> CompareData:
+    """The feeds for ``source`` (see the module docstring); ``auto`` is ``eval`` for INT8 zoo bundles."""
+    if source == "auto":
+        source = "eval" if manifest.get("precision") == "int8" and _zoo_entry(manifest) is not None else "golden"
+    if source == "golden":
+        data = _golden(bundle, manifest)
+    elif source == "random":
+        data = _random(spec, iterations, point, seed)
+    elif source == "eval":
+        data = _evaluation(manifest, module)
+    else:
+        data = _files(Path(source))
+    for i, feeds in enumerate(data.feeds):
+        try:
+            spec.check_feeds(feeds)
+        except RuntimeInputError as exc:
+            raise RuntimeInputError(f"compare data {data.source}, iteration {i}: {exc}") from None
+    if not data.feeds:
+        raise UsageError(f"compare data {data.source} holds no inputs")
+    return data
+
+
+def _golden(bundle: Path, manifest: dict) -> CompareData:
+    with np.load(verified_path(bundle, manifest, "golden.npz"), allow_pickle=False) as golden:
+        arrays = {k: golden[k] for k in golden.files}
+    return CompareData("golden", golden_feeds(arrays),
+                       f"golden.npz: the build's parity inputs at the {', '.join(golden_points(arrays))} points")
+
+
+def _random(spec: InputSpec, iterations: int, point: str, seed: int) -> CompareData:
+    from polygraphy.comparator import DataLoader  # noqa: PLC0415
+
+    from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet  # noqa: PLC0415
+
+    ranges = {}
+    for tensor in spec:
+        if tensor.dtype == "bool":
+            ranges[tensor.name] = (0, 1)
+        elif tensor.dtype.startswith(("int", "uint")):
+            lo, hi = tensor.value_range or (0, 2)
+            ranges[tensor.name] = (lo, hi - 1)
+        else:
+            ranges[tensor.name] = tuple(map(float, tensor.value_range)) if tensor.value_range else (-1.0, 1.0)
+    with polygraphy_quiet():
+        loader = DataLoader(seed=seed, iterations=iterations, input_metadata=input_metadata(spec, point),
+                            val_range=ranges)
+        loader.input_metadata = input_metadata(spec, point)
+        feeds = [{k: np.asarray(v) for k, v in loader[i].items()} for i in range(iterations)]
+    return CompareData("random", feeds, f"Polygraphy DataLoader: seed {seed}, {iterations} iterations at the "
+                                        f"{point} shapes, value ranges {ranges}")
+
+
+def _zoo_entry(manifest: dict):
+    if manifest.get("model", {}).get("kind") != "zoo":
+        return None
+    from exporter.zoo import BY_NAME  # noqa: PLC0415
+
+    entry = BY_NAME.get(manifest["model"]["name"])
+    return entry if entry is not None and entry.calibration else None
+
+
+def _evaluation(manifest: dict, module) -> CompareData:
+    entry = _zoo_entry(manifest)
+    if entry is None or module is None:
+        raise UsageError(f"--data eval needs a zoo model with evaluation data and its PyTorch module; "
+                         f"{manifest.get('model', {}).get('name')!r} has none. Use --data golden, random or a .npz path")
+    _, evaluation = entry.calibration_data(module)
+    return CompareData("eval", evaluation, f"the zoo's held-out evaluation batches for {entry.name} "
+                                           f"({len(evaluation)} batches, the INT8 budget's data)")
+
+
+def _files(path: Path) -> CompareData:
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise UsageError(f"--data {path}: the directory holds no .npz files; expected one .npz per iteration "
+                             "keyed by input name")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise UsageError(f"--data {path!s}: expected golden, random, eval, an .npz file or a directory of them; "
+                         "no such file")
+    feeds = []
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                feeds.append({k: data[k] for k in data.files})
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--data {file}: not a readable .npz of arrays ({exc}); save inputs with "
+                             "numpy.savez(path, name=array, ...)") from None
+    return CompareData(str(path), feeds, f"{len(files)} .npz file(s) from {path}")

@@ -1,0 +1,141 @@
+"""Choosing the backend that runs a bundle here, and why the others cannot.
+
+``backend="auto"`` tries TensorRT (plan present and matching its sha256, tensorrt importable, a GPU,
+the manifest's TensorRT version and compute capability equal to this machine's), then ONNX Runtime
+CUDA, then ONNX Runtime CPU, logging one WARNING per skipped backend with the reason; an explicit
+backend that cannot load is a ``BundleError`` with that reason. The CPU fallback never runs an FP16
+graph. ``fallback_on_error=True`` retries a failed call on the next backend that loads.
+
+Public for the rooms below (compare, bench): ``ORDER``, ``BundleView`` (what every backend needs
+to know about a bundle, read once) and ``unavailable(backend, bundle)`` (the reason, or None).
+
+Lean by design: NumPy, ONNX Runtime and planforge's standard-library modules only at import
+(never torch, onnx, onnx-graphsurgeon or polygraphy); TensorRT and its CUDA binding are imported
+by ``engines.runtime.trt`` only when that backend is chosen. Every artifact's sha256 is checked
+against the manifest before anything deserializes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from engines.bundle import read_manifest, verified_path
+from engines.runtime.base import Runner
+from engines.runtime.cpu import detect
+from engines.runtime.ort import OrtRunner
+from engines.runtime.trt import TrtRunner, unavailable as trt_unavailable
+from exporter.core.errors import BundleError, InferenceError
+from exporter.core.spec import InputSpec, OutputSpec
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "trt", "ort-cuda", "ort-cpu")
+ORDER = ("trt", "ort-cuda", "ort-cpu")
+
+
+class BundleView:
+    """What every backend needs to know about the bundle, read once."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        try:
+            self.spec = InputSpec.from_json(self.manifest["inputs"])
+            self.outputs = [OutputSpec.from_json(o) for o in self.manifest["outputs"]]
+            self.backends = self.manifest["backends"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}/manifest.json is missing or has a malformed {exc}; rebuild the bundle") from exc
+
+    def ort_graph(self) -> Path:
+        entry = self.backends.get("ort") or {}
+        if not entry.get("graph"):
+            raise BundleError(f"{self.path}: the manifest names no ONNX Runtime graph; rebuild the bundle")
+        for extra in entry.get("external_data", []):
+            verified_path(self.path, self.manifest, extra)
+        return verified_path(self.path, self.manifest, entry["graph"])
+
+
+def unavailable(backend: str, bundle: BundleView) -> str | None:
+    """Why ``backend`` cannot run this bundle here (None when it can)."""
+    if backend == "trt":
+        return trt_unavailable(bundle.path, bundle.manifest)
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"
+    if backend == "ort-cpu" and (bundle.backends.get("ort") or {}).get("precision") == "fp16":
+        return "the bundle's ONNX Runtime graph is FP16, which CPU kernels run slowly or not at all"
+    return None
+
+
+def _construct(backend: str, bundle: BundleView, device: int, threads: int | None, cuda_graphs: bool = False) -> Runner:
+    if backend == "trt":
+        return TrtRunner(bundle.path, bundle.manifest, bundle.spec, bundle.outputs, device, cuda_graphs)
+    providers = (("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider") if backend == "ort-cuda" \
+        else ("CPUExecutionProvider",)
+    if backend == "ort-cpu":
+        _warn_if_validated_elsewhere(bundle)
+    return OrtRunner(bundle.ort_graph(), bundle.spec, bundle.outputs, bundle.manifest, providers, threads)
+
+
+def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
+    """ONNX Runtime's integer kernels differ between CPU classes (``engines.runtime.cpu``): an INT8 graph's
+    accuracy holds for the class it was measured on."""
+    if (bundle.backends.get("ort") or {}).get("precision") != "int8":
+        return
+    report = ((bundle.manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
+    built, here = report.get("cpu_isa"), detect().isa
+    if built and built != here:
+        form = (report.get("form") or {}).get("form", "?")
+        logger.warning("%s: its INT8 ONNX Runtime graph (form %s) was validated on a %s CPU, this CPU is %s: "
+                       "its integer kernels may round or saturate differently; run 'planforge compare %s' to "
+                       "re-validate it here, or rebuild the bundle on this CPU class", bundle.path, form, built,
+                       here, bundle.path)
+
+
+def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
+         fallback_on_error: bool = False, cuda_graphs: bool = False) -> Runner:
+    """Load ``bundle`` on the first backend that fits (``auto``) or the one named.
+
+    ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
+    repeated static shapes.
+    """
+    if backend not in BACKENDS:
+        raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    loaded = BundleView(Path(bundle))
+    order = ORDER if backend == "auto" else (backend,)
+    reasons = []
+    for i, name in enumerate(order):
+        reason = unavailable(name, loaded)
+        runner = None
+        if reason is None:
+            try:
+                runner = _construct(name, loaded, device, threads, cuda_graphs)
+            except BundleError as exc:
+                reason = str(exc)
+        if runner is None:
+            if backend != "auto":
+                raise BundleError(f"{bundle}: cannot run on {_label(name)}: {reason}")
+            logger.warning("skipping %s: %s", _label(name), reason)
+            reasons.append(f"{name}: {reason}")
+            continue
+        if fallback_on_error:
+            rest = ORDER[ORDER.index(name) + 1:]
+            runner._fallback_factory = lambda rest=rest: _first_available(rest, loaded, device, threads)
+        return runner
+    raise BundleError(f"{bundle}: no backend can run it here: " + "; ".join(reasons))
+
+
+def _first_available(order: tuple[str, ...], bundle: BundleView, device: int, threads: int | None) -> Runner:
+    for name in order:
+        if unavailable(name, bundle) is None:
+            try:
+                return _construct(name, bundle, device, threads)
+            except BundleError as exc:
+                logger.warning("fallback %s unavailable: %s", name, exc)
+    raise InferenceError(f"no backend left to retry on after {order}")
+
+
+def _label(backend: str) -> str:
+    return {"trt": "TensorRT", "ort-cuda": "ONNX Runtime CUDA", "ort-cpu": "ONNX Runtime CPU"}[backend]
