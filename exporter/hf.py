@@ -8,6 +8,7 @@ with ``local_files_only=True`` (safetensors, or torch checkpoints through transf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -15,7 +16,12 @@ from pathlib import Path
 import torch
 
 from exporter.core.errors import ExportError, UsageError
+from exporter.core.files import sha256_file
 from exporter.core.spec import InputSpec
+from exporter.resolved import ResolvedModel
+
+
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class EncoderOutputs(torch.nn.Module):
@@ -29,25 +35,51 @@ class EncoderOutputs(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
-def resolve_hf_dir(path: Path):
-    from exporter.resolve import ResolvedModel, sha256_file  # noqa: PLC0415 - avoid an import cycle
+@contextlib.contextmanager
+def _offline_and_quiet():
+    """Hub access off and transformers quiet while a local directory loads, then as they were: the
+    environment variables and transformers' verbosity and progress bar are process-wide state.
+    (huggingface_hub reads HF_HUB_OFFLINE once, when first imported; ``local_files_only=True`` below
+    keeps later loads offline whatever it read.)"""
+    saved = {k: os.environ.get(k) for k in OFFLINE}
+    for key in OFFLINE:
+        os.environ.setdefault(key, "1")
+    try:
+        import transformers  # noqa: PLC0415 - optional extra, imported only for a Hugging Face directory
+    except ImportError as exc:
+        _restore(saved)
+        raise UsageError("this is a Hugging Face model directory, but transformers is not installed; "
+                         "install the optional extra: pip install 'planforge[hf]'") from exc
+    hf_logging = transformers.utils.logging
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # only the CLI draws progress
+    hf_logging.set_verbosity_error()
+    try:
+        yield transformers
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+        _restore(saved)
 
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def resolve_hf_dir(path: Path):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        import transformers  # noqa: PLC0415
-    except ImportError as exc:
-        raise UsageError(
-            f"{path} is a Hugging Face model directory, but transformers is not installed; "
-            "install the optional extra: pip install 'planforge[hf]'"
-        ) from exc
-    transformers.utils.logging.disable_progress_bar()  # only the CLI draws progress
-    transformers.utils.logging.set_verbosity_error()
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+        with _offline_and_quiet() as transformers:
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"transformers could not load {path}: {type(exc).__name__}: {exc}") from exc
     vocab = int(getattr(config, "vocab_size", 30522))

@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from exporter.core.golden import golden_key
+from exporter.core.ort_session import create_session
 from exporter.core.errors import ParityError
 from exporter.core.spec import InputSpec
 
@@ -103,7 +103,7 @@ def check_parity(
     points: tuple[str, ...] | None = None,
 ) -> ParityReport:
     """Run both at each shape point; raise ``ParityError`` naming the worst output when they differ."""
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = create_session(onnx_path, optimize=True)
     names = [o.name for o in session.get_outputs()]
     points = points or (("min", "max") if spec.is_dynamic else ("opt",))
     report = ParityReport(atol, rtol, {}, {})

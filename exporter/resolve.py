@@ -24,34 +24,14 @@ import onnx
 import torch
 
 from exporter.core.errors import ExportError, UsageError
+from exporter.core.files import sha256_file
+from exporter.core.dtypes import ONNX_DTYPES
 from exporter.core.spec import Dim, InputSpec, TensorSpec
+from exporter.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32",
-               3: "int8", 2: "uint8", 9: "bool"}
 DEFAULT_ONNX_RANGE = (1, 4, 16)  # min, opt, max for a symbolic dim of a .onnx MODEL without --input
-
-
-@dataclasses.dataclass
-class ResolvedModel:
-    name: str
-    kind: str  # zoo | python | onnx | hf
-    source: str
-    input_spec: InputSpec
-    output_names: tuple[str, ...]
-    source_sha256: str
-    task: str | None = None
-    module: torch.nn.Module | None = None
-    onnx_path: Path | None = None
-
-
-def sha256_file(path: Path, digest=None):
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def resolve(model: str, cache_dir: Path) -> ResolvedModel:
@@ -238,11 +218,13 @@ def _resolve_onnx(path: Path) -> ResolvedModel:
     return ResolvedModel(path.stem, "onnx", str(path), spec, outputs, sha256_file(path).hexdigest(), onnx_path=path)
 
 
-def resolve_bundle_model(model: dict, cache_dir: Path, hint: str = "rebuild the bundle") -> ResolvedModel:
-    """The PyTorch model a bundle manifest's ``model`` entry names, refused when its source no longer
-    hashes to the recorded ``source_sha256`` (comparing or timing another model would mislead)."""
-    resolved = resolve(model["source"], Path(cache_dir))
-    if resolved.source_sha256 != model.get("source_sha256"):
-        raise UsageError(f"the model {model['source']} is not the one the bundle was built from (its source sha256 "
+def resolve_bundle_model(source: str, source_sha256: str, cache_dir: Path,
+                         hint: str = "rebuild the bundle") -> ResolvedModel:
+    """The PyTorch model a bundle was built from (its manifest's model ``source``), refused when that
+    source no longer hashes to the recorded ``source_sha256`` (comparing or timing another model would
+    mislead)."""
+    resolved = resolve(source, Path(cache_dir))
+    if resolved.source_sha256 != source_sha256:
+        raise UsageError(f"the model {source} is not the one the bundle was built from (its source sha256 "
                          f"differs from the manifest's); {hint}")
     return resolved

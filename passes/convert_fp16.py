@@ -33,6 +33,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from exporter.core.numerics import fp16_atol
 from passes.base import Pass, PassResult
 from passes.graph_utils import fresh_name
 from passes.infer_shapes import InferShapes
@@ -83,7 +84,7 @@ class ConvertToFp16(Pass):
 
     @staticmethod
     def budget(expected: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
-        return {n: (2e-2 * float(np.abs(v).max(initial=0.0)) + 1e-3, 0.0) for n, v in expected.items()}
+        return {n: (fp16_atol(v), 0.0) for n, v in expected.items()}
 
     def _keeps_fp32(self, node: gs.Node) -> str | None:
         if node.op in KEEP_FP32_OPS:

@@ -98,18 +98,26 @@ def units(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if n.name in chosen or n.op in ("Add", "Mul")]
 
 
+class _FromOrtQuantization(logging.Filter):
+    """Drops the records ONNX Runtime's quantization package logs on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime/quantization" not in record.pathname.replace("\\", "/")
+
+
 @contextlib.contextmanager
 def quiet_quantizer():
     """quantize_static prints to stdout and logs a pre-processing hint at WARNING on the root logger;
-    planforge's output stays its own (other loggers still propagate to the root's handlers)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    planforge's output stays its own. Scoped: a filter on the root logger drops only records created
+    by onnxruntime.quantization while the block runs (the root logger's level is left alone, so other
+    threads' logging is untouched); stdout is captured for the block."""
+    root, only_ort = logging.getLogger(), _FromOrtQuantization()
+    root.addFilter(only_ort)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        root.removeFilter(only_ort)
 
 
 def quantize_with_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], exclude=(),

@@ -6,15 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from exporter.core.ort_session import create_session
+
 
 def session(model: onnx.ModelProto | str, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return create_session(source, threads, optimize)
 
 
 def run_graph(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -64,8 +64,24 @@ def add_plan_artifact(bundle, manifest: dict, data: bytes = b"\x00engine bytes")
     manifest["backends"]["trt"].update(plan="model.plan", skipped=None)
 
 
+def tiny_manifest(**changes):
+    """The smallest valid typed manifest (a one-input model, nothing built), for bundle-store tests."""
+    import dataclasses
+
+    from engines.bundle import (Accuracy, Backends, Environment, ExportInfo, Manifest, ModelSource, OrtBackend,
+                                TrtBackend)
+    from exporter.core.spec import InputSpec, OutputSpec
+
+    manifest = Manifest("0", "2026-01-01T00:00:00+00:00", "key", ModelSource("m", "zoo", "m", "0" * 64),
+                        InputSpec.parse(["x:float32:[batch=1..4@2,8]"]), (OutputSpec("y", "float32", ("batch", 4)),),
+                        (), "fp32", (), (), None, ExportInfo("dynamo", None, 18, 0.0, False, "pytorch"), {},
+                        Backends(OrtBackend("model.ort.onnx", "fp32"), TrtBackend("model.trt.onnx", "fp32")),
+                        Environment(), Accuracy(None, None, {}))
+    return dataclasses.replace(manifest, **changes)
+
+
 def seeded(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-__all__ = ["add_plan_artifact", "TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]
+__all__ = ["add_plan_artifact", "tiny_manifest", "TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]

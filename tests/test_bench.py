@@ -40,7 +40,7 @@ def test_bench_times_every_backend_at_every_batch_and_writes_json_and_png(mlp_bu
             assert point["speedup"] == pytest.approx(ref["p50_ms"] / point["p50_ms"])
         assert backend["load_seconds"] >= 0
     for backend, bundle in zip(doc["backends"][2:4], mlp_bundles):  # build time comes from each manifest
-        assert backend["build_seconds"] == read_manifest(bundle)["build_seconds"]["total"] > 0
+        assert backend["build_seconds"] == read_manifest(bundle).build_seconds["total"] > 0
     assert doc["backends"][4]["build_seconds"] > 0  # quantize_static, timed here
     assert "planforge fp32 trt" in doc["skipped"] and doc["skipped"]["planforge fp32 trt"]
 
@@ -116,7 +116,7 @@ def test_cli_bench_writes_results_next_to_each_other(mlp_bundles, tmp_path, run_
                                                                 "planforge fp32 ort-cpu"]
     assert "parity" in report  # the build's sections stay
     manifest = read_manifest(mlp_bundles[0])
-    for name in manifest["artifacts"]:
+    for name in manifest.artifacts:
         verified_path(mlp_bundles[0], manifest, name)
     code, out, _ = run_cli("bench-summary", tmp_path / "r" / "bench.json", "-o", tmp_path / "summary.md")
     assert code == 0 and "| mlp | 2 | planforge fp32 ort-cpu |" in (tmp_path / "summary.md").read_text()

@@ -94,13 +94,13 @@ def test_verbose_shows_the_traceback(run_cli, in_tmp):
 def test_existing_bundle_is_reused_refused_or_replaced_with_force(run_cli, in_tmp):
     code, out, err = run_cli("build", "mlp")
     assert code == 0 and "TensorRT skipped" in out and "model.ort.onnx" in out
-    created = read_manifest(in_tmp / "build" / "mlp")["created"]
+    created = read_manifest(in_tmp / "build" / "mlp").created
     code, out, _ = run_cli("build", "mlp")
     assert code == 0 and "(reused)" in out
     code, _, err = run_cli("build", "mlp", "--input", "x:float32:[batch=1..8@4,64]")
     assert code == 7 and "pass --force" in _one_error_line(err)
     code, _, _ = run_cli("build", "mlp", "--input", "x:float32:[batch=1..8@4,64]", "--force")
-    manifest = read_manifest(in_tmp / "build" / "mlp")
+    manifest = read_manifest(in_tmp / "build" / "mlp").to_json()
     assert code == 0 and manifest["inputs"][0]["text"] == "x:float32:[batch=1..8@4,64]"
     assert manifest["created"] >= created
     (in_tmp / "build" / "other").mkdir()
@@ -118,7 +118,7 @@ def test_export_inspect_and_run(run_cli, in_tmp):
     assert code == 0 and "Gemm" in out
     code, _, _ = run_cli("build", "mlp.onnx", "-o", "b", "--input", "x:float32:[batch=1..4@2,64]")
     assert code == 0
-    manifest = read_manifest(in_tmp / "b")
+    manifest = read_manifest(in_tmp / "b").to_json()
     assert manifest["model"]["kind"] == "onnx" and manifest["export"]["reference"] == "onnxruntime"
     code, out, _ = run_cli("inspect", "b")
     assert code == 0 and "passes (ort)" in out
@@ -178,10 +178,10 @@ def test_fp16_build_has_an_fp16_tensorrt_graph_and_an_fp32_cpu_fallback(run_cli,
     code, out, _ = run_cli("build", "bert_tiny", "--precision", "fp16", "--keep-fp32", "Tanh",
                            "--input", "input_ids:int64:[batch=1..2@2,seq=1..16@8]:0..30522")
     assert code == 0 and "build/bert_tiny-fp16" in out
-    manifest = read_manifest(in_tmp / "build" / "bert_tiny-fp16")
+    manifest = read_manifest(in_tmp / "build" / "bert_tiny-fp16").to_json()
     assert manifest["precision"] == "fp16"
     assert manifest["backends"]["trt"]["precision"] == "fp16" and manifest["backends"]["ort"]["precision"] == "fp32"
-    kept = {n["op"] for n in manifest["unquantized_nodes"]}
+    kept = {n["op"] for n in manifest["fp16_fp32_nodes"]}
     assert {"LayerNormalization", "Softmax", "Tanh"} <= kept
     trt_graph = onnx.load(str(in_tmp / "build" / "bert_tiny-fp16" / "model.trt.onnx"))
     half = [i for i in trt_graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
@@ -200,7 +200,7 @@ def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(
     assert code == 0 and "build/digits_cnn-int8" in out
     assert "INT8 trt: budget top1 >= 0.99 met" in out and "INT8 ort: budget top1 >= 0.99 met" in out
     assert "float emulation" in out and f"measured on {detect().isa}" in out
-    manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8")
+    manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8").to_json()
     assert manifest["calibration"]["method"] == "percentile" and manifest["artifacts"]["calibration.json"]
     code, out, _ = run_cli("bench-passes", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
     assert code == 0 and "peer quantize_static U8/S8" in out

@@ -18,6 +18,7 @@ from engines.evaluate.compare.runners import TorchRunner
 from engines.runtime.cpu import detect
 from engines.evaluate.compare.tolerances import per_output, tolerances
 from exporter.core.errors import UsageError
+from exporter.core.numerics import Budget
 from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 
@@ -56,7 +57,7 @@ def test_an_untouched_bundle_passes_with_the_errors_onnx_runtime_shows(bundle_co
     report = json.loads((bundle_copy / "report.json").read_text())
     assert report["compare"]["ok"] and "parity" in report  # the build's section is kept
     manifest = read_manifest(bundle_copy)
-    for name in manifest["artifacts"]:  # the manifest lists report.json's new hash
+    for name in manifest.artifacts:  # the manifest lists report.json's new hash
         verified_path(bundle_copy, manifest, name)
 
 
@@ -114,8 +115,8 @@ def test_precision_defaults_fp16_scale_with_the_output_and_int8_relerr_is_a_boun
     assert tolerances("fp32", ref, None, {})["y"].atol == 1e-4
     fp16 = tolerances("fp16", ref, None, {})["y"]
     assert (fp16.atol, fp16.stat) == (pytest.approx(2e-2 * 4 + 1e-3), "max")
-    assert tolerances("int8", ref, ("top1", 0.99), {})["y"].atol is None
-    assert tolerances("int8", ref, ("relerr", 0.05), {})["y"].atol == pytest.approx(0.2)
+    assert tolerances("int8", ref, Budget("top1", 0.99), {})["y"].atol is None
+    assert tolerances("int8", ref, Budget("relerr", 0.05), {})["y"].atol == pytest.approx(0.2)
     with pytest.raises(UsageError, match="--error-stat 'logits:mode': 'mode' is not one of"):
         CompareRequest("b", error_stat=("logits:mode",)).overrides()
 

@@ -8,7 +8,8 @@ import pytest
 from helpers import helper, make_model, run_pass, seeded
 
 from engines.runtime.cpu import CLASSES, detect, isa_class, parse_cpuinfo, saturates
-from engines.build.int8 import Budget, metric, run_target
+from engines.build.int8 import run_target
+from exporter.core.numerics import Budget, budget_metric
 from engines.build.int8.forms import candidates, choose
 from exporter.core.errors import UsageError
 from passes import InferShapes, PassManager
@@ -80,19 +81,19 @@ def test_form_choice_measures_every_candidate_and_keeps_the_fastest_accurate_one
     def quantize(form):
         return PassManager([InferShapes(), QuantizeForOnnxRuntime(ranges=ranges, form=form)], quiet=True).run(model)[0]
 
-    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: metric(budget, reference, out), budget.loss,
+    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: budget_metric(budget, reference, out), budget.loss,
                     evaluation)
     assert set(choice.measured) == {"u8s8-rr", "u8u8"}
     for form, measured in choice.measured.items():  # each recorded metric is that form's graph, recomputed
         assert measured["latency_ms"] > 0
-        assert measured["metric"] == pytest.approx(metric(budget, reference, run_target(quantize(form), evaluation,
+        assert measured["metric"] == pytest.approx(budget_metric(budget, reference, run_target(quantize(form), evaluation,
                                                                                            "ort")), abs=1e-9)
         assert measured["metric"] > 0.99  # both forms are accurate on this MLP
     assert choice.form == min(choice.measured, key=lambda f: choice.measured[f]["latency_ms"])
     assert choice.reason.startswith(f"{choice.form}: faster than") and "saturate on avx2" in choice.reason
     weights = [i for i in choice.model.graph.initializer if i.data_type in (2, 3) and len(i.dims) == 2]
     assert {i.data_type for i in weights} == {3 if FORMS[choice.form].weight.name == "QInt8" else 2}
-    assert metric(budget, reference, run_target(choice.model, evaluation, "ort")) == choice.measured[choice.form]["metric"]
+    assert budget_metric(budget, reference, run_target(choice.model, evaluation, "ort")) == choice.measured[choice.form]["metric"]
 
 
 def test_form_choice_prefers_accuracy_over_speed_beyond_the_slack():
@@ -107,7 +108,7 @@ def test_form_choice_prefers_accuracy_over_speed_beyond_the_slack():
         use = broken if form == "u8s8-rr" else ranges
         return PassManager([InferShapes(), QuantizeForOnnxRuntime(ranges=use, form=form)], quiet=True).run(model)[0]
 
-    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: metric(budget, reference, out), budget.loss,
+    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: budget_metric(budget, reference, out), budget.loss,
                     evaluation)
     assert choice.measured["u8s8-rr"]["metric"] > 0.5 > choice.measured["u8u8"]["metric"]
     assert choice.form == "u8u8" and "more accurate than u8s8-rr" in choice.reason

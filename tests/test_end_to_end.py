@@ -20,7 +20,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_zoo_model_bundle_matches_pytorch_at_two_shapes(name, build_root):
     result = build(BuildRequest(name, inputs=CASES[name], build_root=build_root))
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert result.out == build_root / name and not result.reused
     assert manifest["accuracy"]["parity_ok"] and manifest["export"]["exporter"] == "dynamo"
     assert set(manifest["artifacts"]) >= {"model.onnx", "model.ort.onnx", "model.trt.onnx", "golden.npz", "report.json"}
@@ -72,7 +72,7 @@ def test_a_local_hugging_face_directory_builds_offline_and_matches_pytorch(build
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = "input_ids:int64:[batch=1..2@2,seq=2..32@8]:0..30522"
     result = build(BuildRequest(str(_minilm_dir()), inputs=(spec,), build_root=build_root))
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["model"]["kind"] == "hf" and manifest["model"]["name"] == "model"
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
     assert manifest["accuracy"]["parity_worst"]["last_hidden_state"]["max_abs"] < 1e-4
@@ -108,7 +108,7 @@ def test_a_graph_with_batchnorm_is_folded_and_still_matches_pytorch(build_root, 
     for target in ("trt", "ort"):
         graph_ops = [n.op_type for n in onnx.load(str(out / f"model.{target}.onnx")).graph.node]
         assert "BatchNormalization" not in graph_ops and graph_ops.count("Conv") == 20
-        fused = [r for r in result.manifest["passes"][target] if r["name"] == "FuseConvBatchNorm" and r["changed"]]
+        fused = [r for r in result.manifest.passes[target] if r["name"] == "FuseConvBatchNorm" and r["changed"]]
         assert fused[0]["stats"] == {"fused": 20}
     with runtime.load(out) as engine, torch.no_grad():
         for batch in (1, 3):
@@ -129,7 +129,7 @@ def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, 
 
     out = build_root / "digits-int8"
     result = build(BuildRequest("digits_cnn", out=out, precision="int8", build_root=build_root))
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert manifest["precision"] == "int8" and manifest["calibration"]["source"].startswith("zoo:digits_cnn")
     assert manifest["calibration"]["reused"] == {"trt": False, "ort": False}
     assert all(r["met"] for r in manifest["accuracy"]["int8"].values())
@@ -147,8 +147,8 @@ def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, 
     assert ranges["x"][0] >= 0.0 and ranges["x"][1] <= 1.0  # pixel range of the real images
     with caplog.at_level(logging.INFO):
         again = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root))
-    assert again.manifest["calibration"]["reused"] == {"trt": True, "ort": True}
+    assert again.manifest.calibration.reused == {"trt": True, "ort": True}
     assert "reusing calibration ranges" in caplog.text
     other = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, calib_method="entropy",
                                build_root=build_root))
-    assert other.manifest["calibration"]["reused"] == {"trt": False, "ort": False}
+    assert other.manifest.calibration.reused == {"trt": False, "ort": False}

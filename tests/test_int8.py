@@ -8,7 +8,8 @@ from helpers import helper, make_model, ops, run_pass, seeded
 
 from engines.build.int8.data import load_calibration
 from engines.runtime.cpu import detect
-from engines.build.int8 import EMULATED, Budget, quantize_target
+from engines.build.int8 import EMULATED, quantize_target
+from exporter.core.numerics import Budget
 from engines.build.int8.forms import candidates
 from exporter.core.errors import CalibrationError
 from exporter.core.spec import InputSpec
@@ -320,3 +321,14 @@ def test_budget_parsing_and_defaults():
     assert str(Budget.parse(None, "embedding")) == "cosine >= 0.99"
     assert str(Budget.parse(None, None)) == "relerr <= 0.05"
     assert Budget.parse("relerr=0.1", None).met(0.05) and not Budget.parse("top1=0.99", None).met(0.98)
+
+
+def test_cosine_budget_fails_a_sample_that_collapsed_to_zero():
+    """One definition of cosine (exporter.core.numerics): both all-zero agree; one all-zero does not."""
+    from exporter.core.numerics import budget_metric, cosine_per_sample
+
+    ref = np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]], F32)
+    collapsed = np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], F32)
+    np.testing.assert_allclose(cosine_per_sample(ref, collapsed), [1.0, 0.0, 1.0])
+    assert budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]) == pytest.approx(2 / 3)
+    assert not Budget("cosine", 0.99).met(budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]))

@@ -13,7 +13,7 @@ from engines.build import BuildRequest, build
 from engines.build.int8.data import load_calibration
 from engines.evaluate.compare import CompareRequest, compare
 from engines.runtime.cpu import detect
-from engines.build.int8 import Budget, metric
+from exporter.core.numerics import Budget, budget_metric
 from engines.build.int8.forms import candidates
 from engines.runtime import load
 from exporter.core.spec import InputSpec
@@ -84,8 +84,8 @@ def test_trt_verdict_equals_an_independent_float_emulation_of_its_qdq(digits_int
     fp32 = PassManager(pipeline("trt", "fp32"), quiet=True).run(onnx.load(str(digits_int8 / "model.onnx")))[0]
     reference = [[run_graph(fp32, b)["logits"]] for b in data.evaluation]
     actual = [[run_graph(emulated, b)["logits"]] for b in data.evaluation]
-    budget = Budget.parse(recorded["budget"].replace(" >= ", "="), None)
-    assert metric(budget, reference, actual) == pytest.approx(recorded["final"], abs=1e-6)
+    budget = Budget.from_json(recorded["budget"])
+    assert budget_metric(budget, reference, actual) == pytest.approx(recorded["final"], abs=1e-6)
     assert recorded["met"] == budget.met(recorded["final"]) and recorded["judged_by"].startswith("float emulation")
     # the same function, output for output: ONNX Runtime's Q/DQ as written vs the emulation
     for batch, expected in zip(data.evaluation, actual):
@@ -106,8 +106,8 @@ def test_ort_form_and_cpu_class_are_recorded_and_the_verdict_holds_here(digits_i
     data = load_calibration(None, spec, BY_NAME["digits_cnn"], BY_NAME["digits_cnn"].build(build_root / ".cache"))
     fp32 = session(digits_int8 / "model.onnx", optimize=True)
     graph = session(digits_int8 / "model.ort.onnx", optimize=True)
-    budget = Budget.parse(ort["budget"].replace(" >= ", "="), None)
-    value = metric(budget, [fp32.run(None, b) for b in data.evaluation], [graph.run(None, b) for b in data.evaluation])
+    budget = Budget.from_json(ort["budget"])
+    value = budget_metric(budget, [fp32.run(None, b) for b in data.evaluation], [graph.run(None, b) for b in data.evaluation])
     assert value == pytest.approx(ort["final"], abs=1e-6) and ort["met"] == budget.met(value)
 
 
@@ -151,7 +151,7 @@ def test_trt_budget_value_is_the_float_emulation_of_the_graph_it_returns():
     evaluation = [{"x": seeded((64, 32), 9)}]
     result = quantize_target(model, "trt", calibrate(model, batches, "max"), evaluation, Budget.parse("relerr=0.5", None))
     assert not result.kept_float and result.final > 0  # all INT8, a real error
-    expected = metric(result.budget, [[run_graph(model, evaluation[0])["y"]]],
+    expected = budget_metric(result.budget, [[run_graph(model, evaluation[0])["y"]]],
                       [[run_graph(emulate_qdq(result.model), evaluation[0])["y"]]])
     # tight: ONNX Runtime's optimized integer kernels miss this by 4e-8 even with VNNI (requantization rounding)
     assert result.final == pytest.approx(expected, abs=1e-9)

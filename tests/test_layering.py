@@ -1,23 +1,57 @@
-"""The direction of imports in ARCHITECTURE.md, checked on the source with ast."""
+"""The direction of imports, checked on the source with ast (README, "Architecture").
+
+- exporter and passes are siblings; what they share is exporter's torch-free foundation
+  (``exporter.core``), which imports nothing but the standard library and NumPy.
+- engines' rooms are layered: a room imports only rooms above it in ``ROOMS``, and the shared
+  modules (``engines.profiles``, ``engines.__init__``); the runtime stays lean.
+- No import cycles between planforge's modules, function-local imports included (a local import
+  must not hide a cycle), and no module imports another's private (``_name``) names.
+"""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# passes and exporter are siblings; the only modules they share are exporter's torch-free
-# foundation (errors, spec), which import nothing but the standard library and NumPy.
-FOUNDATION = {"exporter.core.errors", "exporter.core.spec"}
+PACKAGES = ("exporter", "passes", "engines")
+ROOMS = ("bundle", "trt", "runtime", "build", "evaluate", "deploy", "cli")  # each may import those before it
+SHARED = {"engines", "engines.profiles"}
 
 
-def _imports(package: str):
-    for path in sorted((ROOT / package).rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                yield path, [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                yield path, [node.module]
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+MODULES = {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(path: Path):
+    """(imported module, imported names, line) for every import in the file, local ones included."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, (), node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, tuple(a.name for a in node.names), node.lineno
+
+
+def _targets(module: str, names: tuple[str, ...]) -> set[str]:
+    """The planforge modules an import statement loads (``from pkg import sub`` loads ``pkg.sub``)."""
+    found = {module} if module in MODULES else set()
+    found |= {f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for mod, names, _ in _imports(p) for t in _targets(mod, names)} - {m} for m, p in MODULES.items()}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "engines" and parts[1] in ROOMS else None
 
 
 @pytest.mark.parametrize("package, forbidden", [
@@ -25,14 +59,83 @@ def _imports(package: str):
     ("passes", ("engines", "torch", "exporter")),
 ])
 def test_imports_only_go_down(package, forbidden):
-    bad = [(p.relative_to(ROOT), m) for p, mods in _imports(package) for m in mods
-           if m.split(".")[0] in forbidden and m not in FOUNDATION]
+    bad = [(MODULES[m].relative_to(ROOT), mod) for m in MODULES if m.split(".")[0] == package
+           for mod, _, _ in _imports(MODULES[m])
+           if mod.split(".")[0] in forbidden and not mod.startswith("exporter.core")]
     assert bad == []
 
 
-def test_foundation_modules_import_only_stdlib_numpy_and_each_other():
-    allowed = {"__future__", "dataclasses", "re", "typing", "numpy", "exporter", "ml_dtypes"}
-    for name in FOUNDATION:
-        path = ROOT / (name.replace(".", "/") + ".py")
-        mods = [m for p, ms in _imports("exporter") if p == path for m in ms]
-        assert {m.split(".")[0] for m in mods} <= allowed, (name, mods)
+def test_the_foundation_imports_only_stdlib_numpy_and_itself():
+    allowed = {"__future__", "dataclasses", "re", "typing", "hashlib", "os", "tempfile", "pathlib", "numpy",
+               "ml_dtypes", "exporter"}
+    for module, path in MODULES.items():
+        if module.startswith("exporter.core"):
+            imported = {mod for mod, _, _ in _imports(path)}
+            extra = {"onnxruntime"} if module == "exporter.core.ort_session" else set()  # its one job
+            assert {m.split(".")[0] for m in imported} <= allowed | extra, (module, imported)
+            assert all(m.startswith("exporter.core") for m in imported if m.startswith("exporter")), module
+
+
+def test_no_import_cycles_between_modules():
+    graph = _graph()
+    state, stack, cycles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    # a package importing its own submodules to re-export them is not a cycle of two modules
+    real = [c for c in cycles if not all(c[0] == m or m.startswith(c[0] + ".") or c[0].startswith(m + ".")
+                                         for m in c)]
+    assert real == []
+
+
+def test_rooms_import_only_the_rooms_above_them():
+    bad = []
+    for module, targets in _graph().items():
+        room = _room(module)
+        if module.startswith("engines") and room is None and module not in SHARED:
+            bad.append((module, "is in no room"))
+        for target in targets:
+            other = _room(target)
+            if target.startswith("engines") and target not in SHARED and other is None:
+                bad.append((module, target))
+            if module in SHARED - {"engines"} and target.startswith("engines"):
+                bad.append((module, target))  # shared modules import no room
+            if room and other and ROOMS.index(other) > ROOMS.index(room):
+                bad.append((module, target))
+    assert bad == []
+
+
+def test_runtime_bundle_and_profiles_never_import_build_evaluate_or_cli():
+    lower = [m for m in MODULES if _room(m) in ("runtime", "bundle") or m == "engines.profiles"]
+    assert len(lower) >= 8
+    graph = _graph()
+    bad = [(m, t) for m in lower for t in graph[m] if _room(t) in ("build", "evaluate", "cli")]
+    assert bad == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = [(m, mod, n) for m, path in MODULES.items() for mod, names, _ in _imports(path)
+           for n in names if n.startswith("_") and not n.startswith("__") and mod.split(".")[0] in PACKAGES]
+    assert bad == []
+
+
+def test_the_runtime_stays_lean():
+    code = ("import sys, engines.runtime, engines.bundle; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'onnx', 'onnx_graphsurgeon', 'polygraphy', 'click', 'rich', 'tensorrt', 'passes', "
+            "'transformers', 'matplotlib') or m.startswith(('engines.build', 'engines.evaluate', 'engines.cli', "
+            "'exporter.zoo', 'exporter.resolve')))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []

@@ -65,7 +65,7 @@ def test_engine_cache_key_changes_with_every_input():
 def test_bundle_records_profiles_and_why_tensorrt_was_skipped(build_root):
     result = build(BuildRequest("mlp", out=build_root / "mlp-prof", profiles=("batch=1..4@2", "batch=5..16@8"),
                                 build_root=build_root))
-    manifest = result.manifest
+    manifest = result.manifest.to_json()
     assert [p["max"]["x"] for p in manifest["profiles"]] == [[4, 64], [16, 64]]
     assert manifest["inputs"][0]["text"] == "x:float32:[batch=1..16@8,64]"  # the bundle accepts the union
     trt = manifest["backends"]["trt"]
@@ -93,7 +93,7 @@ def test_profiles_outside_what_the_graph_accepts_are_refused(build_root, tmp_pat
 def test_static_freezes_both_graphs_to_the_opt_shapes(build_root):
     result = build(BuildRequest("mlp", out=build_root / "mlp-static", static=True,
                                 inputs=("x:float32:[batch=1..16@4,64]",), build_root=build_root))
-    assert result.manifest["profiles"] == [] and result.manifest["inputs"][0]["text"] == "x:float32:[4,64]"
+    assert result.manifest.to_json()["profiles"] == [] and result.manifest.to_json()["inputs"][0]["text"] == "x:float32:[4,64]"
     for target in ("trt", "ort"):
         graph = onnx.load(str(result.out / f"model.{target}.onnx"))
         assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [4, 64]
@@ -127,4 +127,4 @@ def test_shape_tensor_inputs_get_profile_values_from_their_value_range(build_roo
                            build_root=build_root))
     result = build(BuildRequest(str(tmp_path / "expand.onnx"), out=tmp_path / "b2",
                                 inputs=("x:float32:[n=1..4@2,1]", "shape:int64:[2]:1..5"), build_root=build_root))
-    assert result.manifest["profiles"][0]["shape_values"] == {"shape": [[1, 1], [4, 4], [4, 4]]}
+    assert result.manifest.to_json()["profiles"][0]["shape_values"] == {"shape": [[1, 1], [4, 4], [4, 4]]}

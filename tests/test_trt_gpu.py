@@ -24,8 +24,8 @@ def test_zoo_engine_matches_onnx_runtime(build_root, precision, atol):
     out = build_root / f"digits-trt-{precision}"
     result = build(BuildRequest("digits_cnn", out=out, precision=precision, require_trt=True,
                                 profiles=("batch=1..8@4", "batch=9..64@32"), build_root=build_root))
-    trt = result.manifest["backends"]["trt"]
-    assert trt["plan"] == "model.plan" and result.manifest["environment"]["compute_capability"]
+    trt = result.manifest.to_json()["backends"]["trt"]
+    assert trt["plan"] == "model.plan" and result.manifest.environment.compute_capability
     x = np.random.default_rng(0).uniform(0, 1, (4, 1, 8, 8)).astype(np.float32)
     reference = run_graph(str(out / "model.ort.onnx"), {"x": x})["logits"]
     with TrtRunner(EngineFromBytes((out / "model.plan").read_bytes())) as runner:
@@ -33,7 +33,7 @@ def test_zoo_engine_matches_onnx_runtime(build_root, precision, atol):
     np.testing.assert_allclose(got, reference, atol=atol, rtol=atol)
     again = build(BuildRequest("digits_cnn", out=out, precision=precision, require_trt=True, force=True,
                                profiles=("batch=1..8@4", "batch=9..64@32"), build_root=build_root))
-    assert again.manifest["backends"]["trt"]["reused"] is True  # the engine cache
+    assert again.manifest.backends.trt.reused is True  # the engine cache
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])

@@ -1,4 +1,4 @@
-"""The bundle directory and its manifest: writing atomically, reading with distrust.
+"""The bundle directory: staging, writing atomically, reading with distrust.
 
 A bundle is staged in a hidden sibling directory (``.<name>.partial-XXXX``), the manifest is
 written last, and the directory is renamed into place, so a reader sees a complete bundle or
@@ -16,28 +16,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engines.bundle.manifest import SCHEMA_VERSION, Artifact, Manifest
 from exporter.core.errors import BuildError, BundleError
+from exporter.core.files import sha256_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_artifacts(root: Path, roles: dict[str, str]) -> dict[str, dict]:
+def describe_artifacts(root: Path, roles: dict[str, str]) -> dict[str, Artifact]:
     """Size, sha256 and role of every file in ``root`` except the manifest."""
-    out = {}
-    for path in sorted(p for p in root.iterdir() if p.is_file() and p.name != MANIFEST):
-        out[path.name] = {"size": path.stat().st_size, "sha256": sha256_of(path), "role": roles.get(path.name, "other")}
-    return out
+    return {path.name: Artifact(path.stat().st_size, sha256_file(path).hexdigest(), roles.get(path.name, "other"))
+            for path in sorted(p for p in root.iterdir() if p.is_file() and p.name != MANIFEST)}
+
+
+def _manifest_bytes(manifest: Manifest) -> bytes:
+    return (json.dumps(manifest.to_json(), indent=2) + "\n").encode()
 
 
 class StagedBundle:
@@ -54,21 +49,17 @@ class StagedBundle:
     def __enter__(self) -> "StagedBundle":
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is as readable as any build output
+        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle is as readable as any build output
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed and self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self, manifest: dict, roles: dict[str, str]) -> dict:
+    def commit(self, manifest: Manifest, roles: dict[str, str]) -> Manifest:
         """Hash the artifacts into the manifest, write it last, rename the bundle into place."""
-        manifest = dict(manifest, artifacts=describe_artifacts(self.path, roles))
-        tmp = self.path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, self.path / MANIFEST)
+        manifest = manifest.with_artifacts(describe_artifacts(self.path, roles))
+        write_atomic(self.path / MANIFEST, _manifest_bytes(manifest))
         old = None
         if self.out.exists():
             if not self.replace:
@@ -82,7 +73,21 @@ class StagedBundle:
         return manifest
 
 
-def read_manifest(bundle: Path) -> dict:
+def _umask() -> int:
+    """The process umask, read from /proc where it can be: setting it to read it (``os.umask``) is a
+    process-wide change other threads could see; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def read_manifest(bundle: Path) -> Manifest:
     """Parse and sanity-check ``bundle/manifest.json``; raise ``BundleError`` with advice."""
     bundle = Path(bundle)
     path = bundle / MANIFEST
@@ -108,18 +113,18 @@ def read_manifest(bundle: Path) -> dict:
     for name in artifacts:
         if Path(name).name != name or name in ("", ".", ".."):
             raise BundleError(f"{path} names artifact {name!r}, which is not a plain file name; refusing the bundle")
-    return manifest
+    return Manifest.from_json(manifest, str(path))
 
 
-def verified_path(bundle: Path, manifest: dict, name: str) -> Path:
+def verified_path(bundle: Path, manifest: Manifest, name: str) -> Path:
     """The artifact's path, after its size and sha256 matched the manifest."""
-    entry = manifest["artifacts"].get(name)
+    entry = manifest.artifacts.get(name)
     if entry is None:
         raise BundleError(f"{bundle}: the manifest does not list {name!r}; rebuild the bundle")
     path = Path(bundle) / name
     if not path.is_file():
         raise BundleError(f"{bundle}: artifact {name} is missing; rebuild the bundle")
-    if path.stat().st_size != entry.get("size") or sha256_of(path) != entry.get("sha256"):
+    if path.stat().st_size != entry.size or sha256_file(path).hexdigest() != entry.sha256:
         raise BundleError(
             f"{bundle}: {name} does not match the sha256 in the manifest (changed or truncated "
             "after the build); refusing to load it. Rebuild the bundle or restore the file"
@@ -127,7 +132,7 @@ def verified_path(bundle: Path, manifest: dict, name: str) -> Path:
     return path
 
 
-def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> dict:
+def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> Manifest:
     """Write ``{name: (content, role)}`` into a committed bundle and list them in its manifest.
 
     Each file is written to a temporary name and renamed into place, then the manifest is
@@ -138,13 +143,14 @@ def add_artifacts(bundle: Path, files: dict[str, tuple[bytes, str]]) -> dict:
     manifest = read_manifest(bundle)
     if not os.access(bundle, os.W_OK):
         raise BundleError(f"{bundle} is not writable; pass --report/-o to write the results elsewhere")
+    artifacts = dict(manifest.artifacts)
     for name, (content, role) in files.items():
         if Path(name).name != name or name == MANIFEST:
             raise BundleError(f"cannot add {name!r} to a bundle: expected a plain file name other than {MANIFEST}")
         write_atomic(bundle / name, content)
-        manifest["artifacts"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                                       "role": role}
-    write_atomic(bundle / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        artifacts[name] = Artifact(len(content), hashlib.sha256(content).hexdigest(), role)
+    manifest = manifest.with_artifacts(artifacts)
+    write_atomic(bundle / MANIFEST, _manifest_bytes(manifest))
     return manifest
 
 
@@ -152,21 +158,8 @@ def update_report(bundle: Path, section: str, value: dict) -> Path:
     """Set one section of the bundle's report.json (the others stay) and re-hash it into the manifest."""
     manifest = read_manifest(bundle)
     report = {}
-    if "report.json" in manifest["artifacts"]:
+    if "report.json" in manifest.artifacts:
         report = json.loads(verified_path(bundle, manifest, "report.json").read_text())
     content = json.dumps({**report, section: value}, indent=2) + "\n"
     add_artifacts(bundle, {"report.json": (content.encode(), "report")})
     return Path(bundle) / "report.json"
-
-
-def write_atomic(path: Path, content: bytes) -> None:
-    """``content`` at ``path`` via a temporary sibling and a rename: readers see the old file or the new."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -50,7 +50,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
 
     from exporter.core.errors import PassError  # noqa: PLC0415
     from exporter.parity import compare  # noqa: PLC0415
-    from engines.evaluate.compare.tolerances import graph_tolerance  # noqa: PLC0415
+    from exporter.core.numerics import graph_tolerance  # noqa: PLC0415
     from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
     from passes import PassManager, pipeline  # noqa: PLC0415
     from passes.verify import run_graph  # noqa: PLC0415

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from exporter.core.errors import ParityError, PlanforgeError
+from exporter.core.errors import PlanforgeError
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -90,12 +90,15 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
     from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
     from engines.cli.present import build_summary  # noqa: PLC0415
 
-    request = BuildRequest(model, out, tuple(inputs), precision, force, opset, exporter, parity_atol, parity_rtol,
-                           verify_passes, keep_fp32=tuple(keep_fp32), calib=calib, calib_method=calib_method,
-                           allow_random_calibration=allow_random_calibration, budget=budget,
-                           ort_int8_form=ort_int8_form, profiles=tuple(profiles), profiles_auto=profiles_auto, static=static, require_trt=require_trt,
-                           trt=TrtOptions(workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible,
-                                          sparse_weights, refit))
+    request = BuildRequest(
+        model=model, out=out, inputs=tuple(inputs), precision=precision, force=force, opset=opset, exporter=exporter,
+        parity_atol=parity_atol, parity_rtol=parity_rtol, verify_passes=verify_passes, keep_fp32=tuple(keep_fp32),
+        calib=calib, calib_method=calib_method, allow_random_calibration=allow_random_calibration, budget=budget,
+        ort_int8_form=ort_int8_form, profiles=tuple(profiles), profiles_auto=profiles_auto, static=static,
+        require_trt=require_trt,
+        trt=TrtOptions(workspace_gib=workspace_gib, optimization_level=opt_level, strict_fp32=strict_fp32,
+                       hardware_compatibility=hardware_compat, version_compatible=version_compatible,
+                       sparse_weights=sparse_weights, refit=refit))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("build", total=None)
@@ -175,11 +178,12 @@ def run(bundle, inputs, random_point, backend):
               "[build/bench/<model>].")
 def bench(bundles, batches, warmup, iterations, threads, peer, out):
     """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
-    from engines.evaluate.bench.bundles import BenchRequest, bench as run_bench  # noqa: PLC0415
-    from engines.evaluate.bench.report import record_in_bundles, write_results  # noqa: PLC0415
     from engines.cli.present import bench_bundle_table  # noqa: PLC0415
+    from engines.evaluate.bench.bundles import BenchRequest, bench as run_bench  # noqa: PLC0415
+    from engines.evaluate.bench.report import save  # noqa: PLC0415
 
-    request = BenchRequest(tuple(bundles), tuple(batches), warmup, iterations, threads, peer, out)
+    request = BenchRequest(bundles=tuple(bundles), batches=tuple(batches), warmup=warmup, iterations=iterations,
+                           threads=threads, peer=peer, out=out)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task("loading", total=None)
@@ -190,8 +194,7 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
             progress.update(task, description=description)
 
         doc = run_bench(request, on_step=step, on_total=lambda n: progress.update(task, total=n))
-    json_path, png_path = write_results(doc, out or Path(bundles[0]).parent / "bench" / doc["model"])
-    reports = record_in_bundles(doc, json_path)
+    json_path, png_path, reports = save(doc, request)
     bench_bundle_table(console, doc)
     console.print(f"wrote {json_path} and {png_path}; the bench section of {', '.join(map(str, reports))}")
 
@@ -221,21 +224,17 @@ def bench_summary(results, out, allow_mixed):
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
 def bench_passes(models, targets, threads, runs, int8, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
-    from engines.evaluate.bench.passes import bench_int8, bench_zoo, write_json  # noqa: PLC0415
     from engines.cli.present import bench_int8_table, bench_table  # noqa: PLC0415
-    from exporter.zoo import BY_NAME  # noqa: PLC0415
 
-    unknown = [m for m in models if m not in BY_NAME]
-    if unknown:
-        raise click.BadParameter(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
     if int8:
-        out = out or Path("build/bench-int8.json")
-        rows, environment = bench_int8(list(models) or ["digits_cnn", "resnet18", "bert_tiny"], threads, runs, out)
+        from engines.evaluate.bench.int8 import bench_int8  # noqa: PLC0415
+
+        rows, environment, out = bench_int8(models, threads, runs, out)
         bench_int8_table(console, rows, environment, threads)
     else:
-        out = out or Path("build/bench-passes.json")
-        results = bench_zoo(list(models) or list(BY_NAME), list(targets), threads, runs)
-        write_json(results, out)
+        from engines.evaluate.bench.passes import bench_zoo  # noqa: PLC0415
+
+        results, out = bench_zoo(models, targets, threads, runs, out)
         bench_table(console, results)
     console.print(f"wrote {out}")
 
@@ -266,13 +265,12 @@ def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error
     from engines.evaluate.compare import CompareRequest, compare as run_compare  # noqa: PLC0415
     from engines.cli.present import compare_table  # noqa: PLC0415
 
-    result = run_compare(CompareRequest(bundle, data, iterations, point, seed, tuple(atol), tuple(rtol),
-                                        tuple(error_stat), tuple(error_quantile), reference, report, save_inputs,
-                                        threads))
+    result = run_compare(CompareRequest(
+        bundle=bundle, data=data, iterations=iterations, point=point, seed=seed, atol=tuple(atol), rtol=tuple(rtol),
+        error_stat=tuple(error_stat), quantile=tuple(error_quantile), reference=reference, report=report,
+        save_inputs=save_inputs, threads=threads))
     compare_table(console, result)
-    if not result.ok:
-        raise ParityError(f"{len(result.failures())} check(s) failed: {', '.join(result.failures())}; "
-                          f"details in {result.report}")
+    result.raise_for_failures()
 
 
 @cli.command("triton-repo")

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engines.bundle import Int8Report, Manifest
+
 
 def _row(table: Table, *cells) -> None:
     """Add a row of plain text: spec strings like [batch=1..8] are not rich markup."""
@@ -23,52 +25,51 @@ def human_size(size: int) -> str:
     return str(size)
 
 
-def build_summary(console: Console, out: Path, manifest: dict, reused: bool, seconds: float) -> None:
+def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool, seconds: float) -> None:
     table = Table(title=f"bundle {out}" + (" (reused)" if reused else f" built in {seconds:.1f} s"))
     table.add_column("artifact")
     table.add_column("role")
     table.add_column("size", justify="right")
     table.add_column("sha256")
-    for name, art in manifest["artifacts"].items():
-        _row(table, name, art["role"], human_size(art["size"]), art["sha256"][:12])
+    for name, art in manifest.artifacts.items():
+        _row(table, name, art.role, human_size(art.size), art.sha256[:12])
     console.print(table)
-    backends = manifest["backends"]
-    available = ["ort-cpu"] + (["trt"] if backends["trt"].get("plan") else [])
-    parity = manifest["accuracy"].get("parity_worst") or {}
+    backends = manifest.backends
+    available = ["ort-cpu"] + (["trt"] if backends.trt.plan else [])
+    parity = manifest.accuracy.parity_worst or {}
     worst = max((v["max_abs"] for v in parity.values()), default=None)
     console.print(f"backends available: {', '.join(available)}")
     if worst is not None:
         console.print(f"parity PyTorch vs ONNX Runtime: max abs error {worst:.2g} (ok)")
-    for target, report in (manifest["accuracy"].get("int8") or {}).items():
-        kept = len(report["kept_float"])
-        console.print(f"INT8 {target}: budget {report['budget']} {'met' if report['met'] else 'NOT met'} "
-                      f"({report['final']:.4f}; all-INT8 {report['full_int8']:.4f}; "
-                      f"{kept} of {report['candidates']} layers kept in float; {_judged(report)})")
-    if backends["trt"].get("skipped"):
-        console.print(f"TensorRT skipped: {escape(backends['trt']['skipped'])}")
+    for target, report in (manifest.accuracy.int8 or {}).items():
+        console.print(f"INT8 {target}: budget {report.budget} {'met' if report.met else 'NOT met'} "
+                      f"({report.final:.4f}; all-INT8 {report.full_int8:.4f}; "
+                      f"{len(report.kept_float)} of {report.candidates} layers kept in float; {_judged(report)})")
+    if backends.trt.skipped:
+        console.print(f"TensorRT skipped: {escape(backends.trt.skipped)}")
 
 
-def _judged(report: dict) -> str:
+def _judged(report: Int8Report) -> str:
     """How an INT8 verdict was measured: float emulation (trt) or this CPU class's kernels and form (ort)."""
-    if report.get("form"):
-        return f"form {report['form']['form']}, measured on {report.get('cpu_isa')}"
-    return report.get("judged_by") or "measured with ONNX Runtime"
+    if report.form:
+        return f"form {report.form['form']}, measured on {report.cpu_isa}"
+    return report.judged_by or "measured with ONNX Runtime"
 
 
-def inspect_bundle(console: Console, path: Path, manifest: dict) -> None:
-    model = manifest["model"]
-    console.print(f"[bold]{escape(str(path))}[/bold]: {model['name']} ({model['kind']}: {escape(model['source'])}), "
-                  f"precision {manifest['precision']}, schema {manifest['schema_version']}, "
-                  f"planforge {manifest['planforge_version']}")
+def inspect_bundle(console: Console, path: Path, manifest: Manifest) -> None:
+    model = manifest.model
+    console.print(f"[bold]{escape(str(path))}[/bold]: {model.name} ({model.kind}: {escape(model.source)}), "
+                  f"precision {manifest.precision}, schema {manifest.schema_version}, "
+                  f"planforge {manifest.planforge_version}")
     io = Table(title="inputs and outputs")
     for col in ("", "name", "dtype", "shape"):
         io.add_column(col)
-    for item in manifest["inputs"]:
-        _row(io, "in", item["name"], item["dtype"], item["text"].split(":", 2)[2])
-    for item in manifest["outputs"]:
-        _row(io, "out", item["name"], item["dtype"], str(item["shape"]))
+    for tensor in manifest.inputs:
+        _row(io, "in", tensor.name, tensor.dtype, tensor.layout)
+    for output in manifest.outputs:
+        _row(io, "out", output.name, output.dtype, str(list(output.shape)))
     console.print(io)
-    for target, records in manifest.get("passes", {}).items():
+    for target, records in manifest.passes.items():
         console.print(pass_table(f"passes ({target})", [r for r in records if r["changed"]]))
         if records:
             console.print(op_diff_table(f"ops before/after ({target})", records[0]["nodes_before"],

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engines.bundle import read_manifest, verified_path
+from engines.bundle import Manifest, read_manifest, verified_path
 from exporter.core.errors import BundleError
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
@@ -25,15 +25,14 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYP
                 "bool": "TYPE_BOOL"}
 
 
-def _batch_dim(manifest: dict) -> str | None:
+def _batch_dim(manifest: Manifest) -> str | None:
     """The symbolic dim every input and output starts with, if there is one."""
-    firsts = {("dim" if isinstance(d, dict) else "fixed", d["name"] if isinstance(d, dict) else d)
-              for d in (i["dims"][0] for i in manifest["inputs"] if i["dims"])}
-    outs = {o["shape"][0] for o in manifest["outputs"] if o["shape"]}
+    firsts = {d.name if d.name is not None else ("fixed", d.min) for d in (t.dims[0] for t in manifest.inputs if t.rank)}
+    outs = {o.shape[0] for o in manifest.outputs if o.shape}
     if len(firsts) != 1 or len(outs) != 1:
         return None
-    kind, name = firsts.pop()
-    return name if kind == "dim" and outs.pop() == name else None
+    name = firsts.pop()
+    return name if isinstance(name, str) and outs.pop() == name else None
 
 
 def _tensor(kind: str, name: str, dtype: str, dims: list) -> str:
@@ -43,25 +42,25 @@ def _tensor(kind: str, name: str, dtype: str, dims: list) -> str:
     return f'{kind} {{\n  name: "{name}"\n  data_type: {TRITON_TYPES[dtype]}\n  dims: [ {dims_text} ]\n}}\n'
 
 
-def config_text(manifest: dict, model_name: str, platform: str) -> str:
+def config_text(manifest: Manifest, model_name: str, platform: str) -> str:
     batch = _batch_dim(manifest)
-    profiles = manifest.get("profiles", [])
-    first_input = manifest["inputs"][0]["name"] if manifest["inputs"] else None
+    profiles = manifest.profiles
+    first = manifest.inputs.tensors[0] if manifest.inputs.tensors else None
     lines = [f'name: "{model_name}"\n', f'platform: "{platform}"\n']
     if batch:
-        max_batch = max((p["max"][first_input][0] for p in profiles), default=manifest["inputs"][0]["dims"][0]["max"])
+        max_batch = max((p.max[first.name][0] for p in profiles), default=first.dims[0].max)
         lines.append(f"max_batch_size: {max_batch}\n")
     else:
         lines.append("max_batch_size: 0\n")
     skip = 1 if batch else 0
-    for item in manifest["inputs"]:
-        dims = [-1 if isinstance(d, dict) else d for d in item["dims"]][skip:]
-        lines.append(_tensor("input", item["name"], item["dtype"], dims))
-    for item in manifest["outputs"]:
-        dims = [d if isinstance(d, int) else -1 for d in item["shape"]][skip:]
-        lines.append(_tensor("output", item["name"], item["dtype"], dims))
+    for tensor in manifest.inputs:
+        dims = [-1 if d.is_dynamic else d.min for d in tensor.dims][skip:]
+        lines.append(_tensor("input", tensor.name, tensor.dtype, dims))
+    for output in manifest.outputs:
+        dims = [d if isinstance(d, int) else -1 for d in output.shape][skip:]
+        lines.append(_tensor("output", output.name, output.dtype, dims))
     if batch:
-        preferred = sorted({p["opt"][first_input][0] for p in profiles}) or [manifest["inputs"][0]["dims"][0]["opt"]]
+        preferred = sorted({p.opt[first.name][0] for p in profiles}) or [first.dims[0].opt]
         lines.append("dynamic_batching {\n  preferred_batch_size: [ " + ", ".join(map(str, preferred))
                      + " ]\n  max_queue_delay_microseconds: 100\n}\n")
     if platform == "tensorrt_plan" and len(profiles) > 1:
@@ -77,12 +76,12 @@ def write_repository(bundle: Path, out: Path) -> list[str]:
     """Write (or replace) the models of ``bundle`` in the Triton repository ``out``; return their names."""
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
-    name = manifest["model"]["name"].replace("-", "_")
+    name = manifest.model.name.replace("-", "_")
     models = []
-    trt = manifest["backends"].get("trt") or {}
-    if trt.get("plan"):
-        models.append((f"{name}_trt", "tensorrt_plan", verified_path(bundle, manifest, trt["plan"]), "model.plan"))
-    ort_graph = verified_path(bundle, manifest, manifest["backends"]["ort"]["graph"])
+    if manifest.backends.trt.plan:
+        plan = verified_path(bundle, manifest, manifest.backends.trt.plan)
+        models.append((f"{name}_trt", "tensorrt_plan", plan, "model.plan"))
+    ort_graph = verified_path(bundle, manifest, manifest.backends.ort.graph)
     models.append((f"{name}_ort", "onnxruntime_onnx", ort_graph, "model.onnx"))
     out.mkdir(parents=True, exist_ok=True)
     for model_name, platform, source, filename in models:

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from engines.bundle import Manifest
 from engines.profiles import Profile, select
 from exporter.core.errors import InferenceError, RuntimeInputError
 from exporter.core.spec import InputSpec, OutputSpec
@@ -71,11 +72,11 @@ class Runner:
     backend = "base"
     takes_device_tensors = False  # TensorRT keeps CUDA tensors on the device
 
-    def __init__(self, input_spec: InputSpec, outputs: list[OutputSpec], manifest: dict | None = None):
+    def __init__(self, input_spec: InputSpec, outputs: list[OutputSpec], manifest: Manifest | None = None):
         self.input_spec = input_spec
         self.output_specs = outputs
-        self.manifest = manifest or {}
-        self._profiles = [Profile.from_json(p) for p in self.manifest.get("profiles", [])]
+        self.manifest = manifest
+        self._profiles: list[Profile] = list(manifest.profiles) if manifest else []
         self._stats = Stats()
         self._fallback_factory = None
         self._fallback: Runner | None = None
@@ -88,7 +89,7 @@ class Runner:
 
     @property
     def profiles(self) -> list[dict]:
-        return self.manifest.get("profiles", [])
+        return [p.to_json() for p in self._profiles]
 
     def stats(self) -> dict:
         return dict(self._stats.snapshot(), backend=self.backend)

@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-
 from engines.runtime.base import Runner
 from exporter.core.errors import BundleError
+from exporter.core.ort_session import create_session
 from exporter.core.spec import InputSpec, OutputSpec
 
 
@@ -21,12 +20,8 @@ class OrtRunner(Runner):
     def __init__(self, graph: Path, input_spec: InputSpec, outputs: list[OutputSpec], manifest: dict | None = None,
                  providers: tuple = ("CPUExecutionProvider",), threads: int | None = None):
         super().__init__(input_spec, outputs, manifest)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(graph), options, providers=list(providers))
+            self.session = create_session(graph, threads, optimize=True, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot load {graph.name}: {str(exc).splitlines()[0][:300]}") from exc
         self.backend = "ort-cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "ort-cpu"

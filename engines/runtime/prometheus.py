@@ -39,7 +39,7 @@ class RunnerMetrics:
 
     @classmethod
     def create(cls, runner) -> "RunnerMetrics":
-        return cls(runner.manifest.get("model", {}).get("name", "unknown"), runner.backend)
+        return cls(runner.manifest.model.name if runner.manifest else "unknown", runner.backend)
 
     def observe(self, ms: float, error: bool) -> None:
         self.calls.inc()

@@ -28,7 +28,6 @@ from engines.runtime.cpu import detect
 from engines.runtime.ort import OrtRunner
 from engines.runtime.trt import TrtRunner, unavailable as trt_unavailable
 from exporter.core.errors import BundleError, InferenceError
-from exporter.core.spec import InputSpec, OutputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -37,25 +36,17 @@ ORDER = ("trt", "ort-cuda", "ort-cpu")
 
 
 class BundleView:
-    """What every backend needs to know about the bundle, read once."""
+    """What every backend needs to know about the bundle, read once (the manifest, typed)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        try:
-            self.spec = InputSpec.from_json(self.manifest["inputs"])
-            self.outputs = [OutputSpec.from_json(o) for o in self.manifest["outputs"]]
-            self.backends = self.manifest["backends"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{path}/manifest.json is missing or has a malformed {exc}; rebuild the bundle") from exc
+        self.spec = self.manifest.inputs
+        self.outputs = list(self.manifest.outputs)
+        self.backends = self.manifest.backends
 
     def ort_graph(self) -> Path:
-        entry = self.backends.get("ort") or {}
-        if not entry.get("graph"):
-            raise BundleError(f"{self.path}: the manifest names no ONNX Runtime graph; rebuild the bundle")
-        for extra in entry.get("external_data", []):
-            verified_path(self.path, self.manifest, extra)
-        return verified_path(self.path, self.manifest, entry["graph"])
+        return verified_path(self.path, self.manifest, self.backends.ort.graph)
 
 
 def unavailable(backend: str, bundle: BundleView) -> str | None:
@@ -64,7 +55,7 @@ def unavailable(backend: str, bundle: BundleView) -> str | None:
         return trt_unavailable(bundle.path, bundle.manifest)
     if backend == "ort-cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"
-    if backend == "ort-cpu" and (bundle.backends.get("ort") or {}).get("precision") == "fp16":
+    if backend == "ort-cpu" and bundle.backends.ort.precision == "fp16":
         return "the bundle's ONNX Runtime graph is FP16, which CPU kernels run slowly or not at all"
     return None
 
@@ -82,12 +73,12 @@ def _construct(backend: str, bundle: BundleView, device: int, threads: int | Non
 def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
     """ONNX Runtime's integer kernels differ between CPU classes (``engines.runtime.cpu``): an INT8 graph's
     accuracy holds for the class it was measured on."""
-    if (bundle.backends.get("ort") or {}).get("precision") != "int8":
+    report = bundle.manifest.int8_report("ort")
+    if bundle.backends.ort.precision != "int8" or report is None:
         return
-    report = ((bundle.manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
-    built, here = report.get("cpu_isa"), detect().isa
+    built, here = report.cpu_isa, detect().isa
     if built and built != here:
-        form = (report.get("form") or {}).get("form", "?")
+        form = (report.form or {}).get("form", "?")
         logger.warning("%s: its INT8 ONNX Runtime graph (form %s) was validated on a %s CPU, this CPU is %s: "
                        "its integer kernels may round or saturate differently; run 'planforge compare %s' to "
                        "re-validate it here, or rebuild the bundle on this CPU class", bundle.path, form, built,

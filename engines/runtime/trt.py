@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import verified_path
+from engines.bundle import Manifest, verified_path
 from engines.profiles import Profile, select
 from engines.runtime.base import Runner
 from engines.trt.status import tensorrt_status
@@ -35,13 +35,13 @@ from exporter.core.errors import BundleError, InferenceError
 logger = logging.getLogger(__name__)
 
 
-def unavailable(bundle: Path, manifest: dict) -> str | None:
+def unavailable(bundle: Path, manifest: Manifest) -> str | None:
     """Why this bundle cannot run on TensorRT here (None when it can). Cheapest checks first."""
-    entry = manifest["backends"].get("trt") or {}
-    if not entry.get("plan"):
-        return f"the bundle has no TensorRT plan ({entry.get('skipped') or 'not built'})"
+    entry = manifest.backends.trt
+    if not entry.plan:
+        return f"the bundle has no TensorRT plan ({entry.skipped or 'not built'})"
     try:
-        verified_path(bundle, manifest, entry["plan"])
+        verified_path(bundle, manifest, entry.plan)
     except BundleError as exc:
         return str(exc)
     available, reason = tensorrt_status()
@@ -50,13 +50,13 @@ def unavailable(bundle: Path, manifest: dict) -> str | None:
     import tensorrt as trt  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
-    env = manifest.get("environment", {})
-    if env.get("tensorrt") != trt.__version__ and not entry.get("options", {}).get("version_compatible"):
-        return f"the plan was built with TensorRT {env.get('tensorrt')}, this machine has {trt.__version__}"
+    env, options = manifest.environment, entry.options or {}
+    if env.tensorrt != trt.__version__ and not options.get("version_compatible"):
+        return f"the plan was built with TensorRT {env.tensorrt}, this machine has {trt.__version__}"
     major, minor = torch.cuda.get_device_capability()
-    compat = entry.get("options", {}).get("hardware_compatibility", "none")
-    if env.get("compute_capability") != f"{major}.{minor}" and compat == "none":
-        return f"the plan was built for compute capability {env.get('compute_capability')}, this GPU is {major}.{minor}"
+    compat = options.get("hardware_compatibility", "none")
+    if env.compute_capability != f"{major}.{minor}" and compat == "none":
+        return f"the plan was built for compute capability {env.compute_capability}, this GPU is {major}.{minor}"
     return None
 
 
@@ -64,7 +64,7 @@ class TrtRunner(Runner):
     backend = "trt"
     takes_device_tensors = True
 
-    def __init__(self, bundle: Path, manifest: dict, spec, outputs, device: int = 0, cuda_graphs: bool = False):
+    def __init__(self, bundle: Path, manifest: Manifest, spec, outputs, device: int = 0, cuda_graphs: bool = False):
         super().__init__(spec, outputs, manifest)
         self.cuda_graphs = cuda_graphs
         import tensorrt as trt  # noqa: PLC0415
@@ -72,11 +72,11 @@ class TrtRunner(Runner):
 
         self.trt, self.torch = trt, torch
         self.device = torch.device("cuda", device)
-        entry = manifest["backends"]["trt"]
-        plan = verified_path(bundle, manifest, entry["plan"]).read_bytes()
+        entry = manifest.backends.trt
+        plan = verified_path(bundle, manifest, entry.plan).read_bytes()
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.trt_logger)
-        if entry.get("options", {}).get("version_compatible"):
+        if (entry.options or {}).get("version_compatible"):
             runtime.engine_host_code_allowed = True
         with torch.cuda.device(self.device):
             engine = runtime.deserialize_cuda_engine(plan)
@@ -86,7 +86,7 @@ class TrtRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.profile_objects = [Profile.from_json(p) for p in manifest.get("profiles", [])]
+        self.profile_objects = list(manifest.profiles)
         self._pools: dict[int, queue.SimpleQueue] = {}
         self._pool_lock = threading.Lock()
 

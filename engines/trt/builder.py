@@ -152,4 +152,4 @@ def layer_summary(layer_json: str) -> dict:
         layers = json.loads(layer_json).get("Layers", [])
     except (ValueError, AttributeError):
         return {}
-    return {"layers": len(layers)}
+    return {"layer_count": len(layers)}

@@ -31,6 +31,12 @@ class ParityError(ExportError):
     exit_code = 4
 
 
+class ComparisonFailed(PlanforgeError):
+    """``planforge compare``: a bundle's artifact differs from its reference beyond its tolerance."""
+
+    exit_code = 4
+
+
 class PassError(PlanforgeError):
     """A graph pass failed or changed what the graph computes."""
 

@@ -99,11 +99,16 @@ class TensorSpec:
     def shape(self, point: str = "opt") -> tuple[int, ...]:
         return tuple(d.at(point) for d in self.dims)
 
-    def __str__(self) -> str:
-        text = f"{self.name}:{self.dtype}:[{','.join(str(d) for d in self.dims)}]"
+    @property
+    def layout(self) -> str:
+        """Dims and value range as the spec writes them: ``[batch=1..32@8,3]`` or ``[2]:1..65``."""
+        text = f"[{','.join(str(d) for d in self.dims)}]"
         if self.value_range is not None:
             text += f":{self.value_range[0]}..{self.value_range[1]}"
         return text
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.dtype}:{self.layout}"
 
     def __repr__(self) -> str:
         return f"TensorSpec.parse({str(self)!r})"
@@ -210,6 +215,11 @@ class InputSpec:
 
     def shapes(self, point: str = "opt") -> dict[str, tuple[int, ...]]:
         return {t.name: t.shape(point) for t in self.tensors}
+
+    def frozen(self, point: str = "opt") -> "InputSpec":
+        """Every dim fixed at its size at ``point`` (a static build); dtypes and value ranges kept."""
+        return InputSpec(tuple(dataclasses.replace(t, dims=tuple(Dim.fixed(n) for n in t.shape(point)))
+                               for t in self.tensors))
 
     def override(self, texts: Iterable[str]) -> "InputSpec":
         """Replace the inputs named in ``texts`` (CLI ``--input``); the others stay."""

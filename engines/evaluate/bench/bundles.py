@@ -31,10 +31,11 @@ from typing import Callable
 
 import numpy as np
 
-from engines.bundle import read_manifest, verified_path
+from engines.bundle import Manifest, read_manifest, verified_path
 from engines.evaluate.bench.environment import LoadWatch
 from engines.runtime import ORDER, BundleView, unavailable
 from exporter.core.errors import UsageError
+from exporter.core.ort_session import create_session
 from exporter.core.spec import InputSpec, random_array
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def bench(request: BenchRequest, on_step: Callable[[str], None] = lambda s: None
     bundles = [Path(b) for b in request.bundles]
     manifests = [read_manifest(b) for b in bundles]
     _check_same_model(bundles, manifests)
-    spec = InputSpec.from_json(manifests[0]["inputs"])
+    spec = manifests[0].inputs
     batch_dim, batches = _batches(spec, request.batches)
     threads = request.threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
@@ -103,19 +104,18 @@ def bench(request: BenchRequest, on_step: Callable[[str], None] = lambda s: None
     for result in results:
         for point, ref in zip(result.points, eager.points if eager else [None] * len(result.points)):
             point.speedup = ref.p50_ms / point.p50_ms if ref else None
-    model = manifests[0]["model"]
-    return {"kind": "bench", "schema": 1, "model": model["name"], "source": model["source"],
-            "bundles": [str(b) for b in bundles], "inputs": manifests[0]["inputs"], "batch_dim": batch_dim,
+    model = manifests[0].model
+    return {"kind": "bench", "schema": 1, "model": model.name, "source": model.source,
+            "bundles": [str(b) for b in bundles], "inputs": spec.to_json(), "batch_dim": batch_dim,
             "batches": batches, "threads": threads, "warmup": request.warmup, "iterations": request.iterations,
             "environment": load.environment(), "skipped": skipped,
             "backends": [dataclasses.asdict(r) for r in results]}
 
 
-def _check_same_model(bundles: list[Path], manifests: list[dict]) -> None:
+def _check_same_model(bundles: list[Path], manifests: list[Manifest]) -> None:
     first = manifests[0]
     for bundle, manifest in zip(bundles[1:], manifests[1:]):
-        if (manifest["model"].get("source_sha256"), manifest["inputs"]) != (first["model"].get("source_sha256"),
-                                                                            first["inputs"]):
+        if (manifest.model.source_sha256, manifest.inputs) != (first.model.source_sha256, first.inputs):
             raise UsageError(f"{bundle} holds another model or input spec than {bundles[0]}; bench one model's "
                              "bundles (e.g. build/resnet18 build/resnet18-int8) per run")
 
@@ -139,27 +139,27 @@ def _shape(tensor, batch_dim: str | None, batch: int) -> tuple[int, ...]:
     return tuple(batch if d.name is not None and d.name == batch_dim else d.opt for d in tensor.dims)
 
 
-def _backends(bundles: list[Path], manifests: list[dict], threads: int, request: BenchRequest,
+def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, request: BenchRequest,
               tmp: Path) -> tuple[list[Backend], dict[str, str]]:
 
     backends, skipped = [], {}
     module = _module(manifests[0], request.cache_dir, skipped)
     if module is not None:
-        backends.append(_torch_backend(module, InputSpec.from_json(manifests[0]["inputs"]), threads))
+        backends.append(_torch_backend(module, manifests[0].inputs, threads))
     exported = verified_path(bundles[0], manifests[0], "model.onnx")
     backends.append(_ort_backend("onnxruntime exported", "fp32", exported, threads,
-                                 manifests[0]["export"].get("seconds")))
+                                 manifests[0].export.seconds))
     for bundle, manifest in zip(bundles, manifests):
         loaded = BundleView(bundle)
         for backend in ORDER:
-            name = f"planforge {manifest['precision']} {backend}"
+            name = f"planforge {manifest.precision} {backend}"
             if (reason := unavailable(backend, loaded)) is not None:
                 skipped[name] = reason
                 continue
             target = "trt" if backend == "trt" else "ort"
-            backends.append(_runtime_backend(name, manifest["backends"][target]["precision"], bundle, backend,
-                                             threads, (manifest.get("build_seconds") or {}).get("total")))
-    int8 = next((m for m in manifests if m["precision"] == "int8"), None)
+            backends.append(_runtime_backend(name, manifest.backends.for_target(target).precision, bundle, backend,
+                                             threads, manifest.build_seconds.get("total")))
+    int8 = next((m for m in manifests if m.precision == "int8"), None)
     if request.peer and int8 is not None:
         peer = _peer_backend(exported, manifests[0], module, threads, tmp, skipped)
         if peer is not None:
@@ -167,14 +167,14 @@ def _backends(bundles: list[Path], manifests: list[dict], threads: int, request:
     return backends, skipped
 
 
-def _module(manifest: dict, cache_dir: Path, skipped: dict):
-    model = manifest["model"]
-    if model.get("kind") == "onnx":
+def _module(manifest: Manifest, cache_dir: Path, skipped: dict):
+    model = manifest.model
+    if model.kind == "onnx":
         skipped["pytorch eager"] = "the bundles were built from an ONNX file"
         return None
     from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve_bundle_model(model, cache_dir, "rebuild the bundles")
+    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundles")
     return resolved.module
 
 
@@ -201,12 +201,8 @@ def _torch_backend(module, spec: InputSpec, threads: int) -> Backend:
 
 
 def _ort_backend(name: str, precision: str, graph: Path, threads: int, build_seconds: float | None) -> Backend:
-    from engines.evaluate.bench.passes import session_options  # noqa: PLC0415
-
     def load():
-        import onnxruntime as ort  # noqa: PLC0415
-
-        sess = ort.InferenceSession(str(graph), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = create_session(graph, threads, optimize=True)
         return lambda feeds: sess.run(None, feeds)
 
     return Backend(name, precision, build_seconds, load)
@@ -228,11 +224,11 @@ def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, thre
     return Backend(name, precision, build_seconds, load, close)
 
 
-def _peer_backend(exported: Path, manifest: dict, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
+def _peer_backend(exported: Path, manifest: Manifest, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
     from exporter.zoo import BY_NAME  # noqa: PLC0415
 
     name = "onnxruntime quantize_static int8"
-    entry = BY_NAME.get(manifest["model"]["name"]) if manifest["model"].get("kind") == "zoo" else None
+    entry = BY_NAME.get(manifest.model.name) if manifest.model.kind == "zoo" else None
     if entry is None or not entry.calibration or module is None:
         skipped[name] = "the peer needs the zoo's calibration batches; this model has none"
         return None

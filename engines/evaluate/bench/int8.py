@@ -16,6 +16,7 @@ whose accuracy depends on the CPU class (``engines.runtime.cpu``): the rows say 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import statistics
 import tempfile
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import onnx
 
-from engines.evaluate.bench.passes import ROUNDS, time_session
+from engines.evaluate.bench.environment import LoadWatch
+from engines.evaluate.bench.passes import check_zoo_names
+from engines.evaluate.bench.timing import ROUNDS, time_session
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ TRT_FORMS = ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric"
 def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list[dict],
             target: str) -> tuple[str, float]:
     """The model's metric for ``graph`` judged as ``target`` is; ``reference``: FP32 outputs on ``evaluation``."""
-    from engines.build.int8 import Budget, metric, run_target  # noqa: PLC0415
+    from engines.build.int8 import run_target  # noqa: PLC0415
+    from exporter.core.numerics import Budget, budget_metric  # noqa: PLC0415
 
     if name == "digits_cnn":
         from exporter.zoo.digits import digits_split  # noqa: PLC0415
@@ -72,14 +76,15 @@ def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list
         logits = run_target(onnx.load(str(graph)), [{"x": images}], target)[0][0]
         return "test accuracy", float((logits.argmax(1) == labels).mean())
     budget = Budget.parse(None, task)
-    value = metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
+    value = budget_metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
     return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
 
 
 def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Path = Path("build/.cache")) -> list[Int8Row]:
     from onnxruntime.quantization import QuantType  # noqa: PLC0415
 
-    from engines.build.int8 import Budget, quantize_target  # noqa: PLC0415
+    from engines.build.int8 import quantize_target  # noqa: PLC0415
+    from exporter.core.numerics import Budget  # noqa: PLC0415
     from exporter.export import export_onnx  # noqa: PLC0415
     from exporter.resolve import resolve  # noqa: PLC0415
     from exporter.zoo import BY_NAME  # noqa: PLC0415
@@ -120,3 +125,22 @@ def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Pat
                                 judged_by(target)))
             logger.info("%s %s: %.2f ms, %s %.4f", name, label, rows[-1].latency_ms, metric_name, value)
     return rows
+
+
+DEFAULT_MODELS = ("digits_cnn", "resnet18", "bert_tiny")
+DEFAULT_OUT = Path("build/bench-int8.json")
+
+
+def bench_int8(names, threads: int, runs: int, out: Path | None = None) -> tuple[list[Int8Row], dict, Path]:
+    """INT8 rows per model (``DEFAULT_MODELS`` when ``names`` is empty), where they ran, and the JSON
+    file they were also written to (``DEFAULT_OUT`` unless ``out``)."""
+    check_zoo_names(names)
+    with LoadWatch() as load:
+        rows = [row for name in (list(names) or DEFAULT_MODELS)
+                for row in bench_int8_model(name, threads=threads, runs=runs)]
+    out = Path(out or DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"kind": "int8", "threads": threads, "environment": load.environment(),
+           "results": [dataclasses.asdict(r) for r in rows]}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return rows, doc["environment"], out

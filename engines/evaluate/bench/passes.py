@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from engines.evaluate.bench.timing import ROUNDS, time_session
+from exporter.core.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-ROUNDS = 5  # alternating rounds of timed runs per graph
 
 
 @dataclasses.dataclass
@@ -41,28 +42,6 @@ class PassBench:
     @property
     def speedup(self) -> float:
         return self.exported_ms / self.optimized_ms if self.optimized_ms else float("nan")
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """ONNX Runtime with its own graph optimizations on and ``threads`` intra-op threads."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
-def time_session(path: Path, feeds: dict[str, np.ndarray], threads: int, warmup: int, runs: int) -> list[float]:
-    sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
 
 
 def bench_model(name: str, targets: list[str], threads: int = 2, warmup: int = 2, runs: int = 30,
@@ -101,26 +80,30 @@ def _p90(values: list[float]) -> float:
     return float(np.percentile(values, 90))
 
 
-def bench_zoo(names: list[str], targets: list[str], threads: int, runs: int) -> list[PassBench]:
-    return [r for name in names for r in bench_model(name, targets, threads=threads, runs=runs)]
+DEFAULT_OUT = Path("build/bench-passes.json")
+
+
+def bench_zoo(names, targets, threads: int, runs: int, out: Path | None = None) -> tuple[list[PassBench], Path]:
+    """Every zoo model when ``names`` is empty; the results also go to ``out`` (default ``DEFAULT_OUT``)."""
+    from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
+
+    check_zoo_names(names)
+    results = [r for name in (list(names) or list(BY_NAME))
+               for r in bench_model(name, list(targets), threads=threads, runs=runs)]
+    out = Path(out or DEFAULT_OUT)
+    write_json(results, out)
+    return results, out
+
+
+def check_zoo_names(names) -> None:
+    from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
+
+    unknown = [m for m in names if m not in BY_NAME]
+    if unknown:
+        raise UsageError(f"not zoo models: {', '.join(unknown)}; see 'planforge zoo'")
 
 
 def write_json(results: list[PassBench], path: Path) -> None:
     rows = [dict(dataclasses.asdict(r), speedup=round(r.speedup, 3)) for r in results]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"kind": "passes", "results": rows}, indent=2) + "\n")
-
-
-def bench_int8(names: list[str], threads: int, runs: int, out: Path) -> tuple[list, dict]:
-    """INT8 rows per model (``engines.evaluate.bench.int8``) and where they ran, also written to ``out``."""
-    from engines.evaluate.bench.int8 import bench_int8_model  # noqa: PLC0415
-
-    from engines.evaluate.bench.environment import LoadWatch  # noqa: PLC0415
-
-    with LoadWatch() as load:
-        rows = [row for name in names for row in bench_int8_model(name, threads=threads, runs=runs)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"kind": "int8", "threads": threads, "environment": load.environment(),
-           "results": [dataclasses.asdict(r) for r in rows]}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    return rows, doc["environment"]

@@ -139,7 +139,7 @@ def record_in_bundles(doc: dict, json_path: Path) -> list[Path]:
 
     written = []
     for bundle in map(Path, doc["bundles"]):
-        own = f"planforge {read_manifest(bundle)['precision']} "
+        own = f"planforge {read_manifest(bundle).precision} "
         rows = [b for b in doc["backends"] if b["name"].startswith(own)
                 or b["name"] in ("pytorch eager", "onnxruntime exported")]
         section = {"results": str(json_path), "batches": doc["batches"], "threads": doc["threads"],
@@ -149,3 +149,11 @@ def record_in_bundles(doc: dict, json_path: Path) -> list[Path]:
         except BundleError as exc:
             logger.warning("bench results not recorded in %s: %s", bundle, exc)
     return written
+
+
+def save(doc: dict, request) -> tuple[Path, Path, list[Path]]:
+    """bench.json and bench.png in ``request.out`` (default: ``bench/<model>`` beside the first bundle),
+    and the bench section of each bundle's report.json."""
+    out = request.out or Path(request.bundles[0]).parent / "bench" / doc["model"]
+    json_path, png_path = write_results(doc, out)
+    return json_path, png_path, record_in_bundles(doc, json_path)

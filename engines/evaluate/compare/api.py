@@ -25,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import read_manifest, update_report, verified_path, write_atomic
+from engines.bundle import Manifest, read_manifest, update_report, verified_path, write_atomic
 from engines.runtime import ORDER, BundleView, unavailable
 from engines.evaluate.compare.data import CompareData, load_data
 from engines.evaluate.compare.runners import polygraphy_quiet
 from engines.evaluate.compare.tolerances import ERROR_STATS, OPTIONS, OutputTolerance, check_output_names, per_output, tolerances
-from exporter.core.errors import UsageError
+from exporter.core.errors import ComparisonFailed, UsageError
+from exporter.core.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,12 @@ class CompareResult:
                 "pairs": [p.to_json() for p in self.pairs], "skipped": self.skipped,
                 "task_metric": self.task_metric, "polygraphy_commands": self.polygraphy, "cpu": self.cpu}
 
+    def raise_for_failures(self) -> None:
+        """``ComparisonFailed`` naming the failed checks (exit code 4), or nothing."""
+        if not self.ok:
+            raise ComparisonFailed(f"{len(self.failures())} check(s) failed: {', '.join(self.failures())}; "
+                                   f"details in {self.report}")
+
     def failures(self) -> list[str]:
         return [f"{p.runner} {name}" for p in self.pairs for name, o in p.outputs.items() if not o["passed"]] + \
                [f"{p.runner} {p.budget['metric']}" for p in self.pairs if p.budget and not p.budget["passed"]]
@@ -114,8 +121,8 @@ def compare(request: CompareRequest) -> CompareResult:
 
     bundle = Path(request.bundle)
     manifest = read_manifest(bundle)
-    spec = InputSpec.from_json(manifest["inputs"])
-    outputs = [o["name"] for o in manifest["outputs"]]
+    spec = manifest.inputs
+    outputs = manifest.output_names
     overrides = request.overrides()
     check_output_names(overrides, outputs)
     module = _pytorch_module(manifest, request.reference, request.cache_dir)
@@ -126,8 +133,8 @@ def compare(request: CompareRequest) -> CompareResult:
     with polygraphy_quiet():
         results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
                                  save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
-    budget = _budget(manifest)
-    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.get("model", {}).get("task"))
+    budget = manifest.calibration.budget if manifest.calibration else None
+    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task)
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
@@ -136,46 +143,46 @@ def compare(request: CompareRequest) -> CompareResult:
     return result
 
 
-def _cpu(manifest: dict) -> dict:
+def _cpu(manifest: Manifest) -> dict:
     """This CPU's class beside the one the INT8 ONNX Runtime graph was validated on at build: the INT8
     ort sides' budget verdicts here re-validate it on this machine (``engines.build.int8``)."""
     from engines.runtime.cpu import detect  # noqa: PLC0415
 
-    int8 = ((manifest.get("accuracy") or {}).get("int8") or {}).get("ort") or {}
-    return {**detect().to_json(), "int8_ort_validated_on": int8.get("cpu_isa")}
+    report = manifest.int8_report("ort")
+    return {**detect().to_json(), "int8_ort_validated_on": report.cpu_isa if report else None}
 
 
-def _pytorch_module(manifest: dict, reference: str, cache_dir: Path):
+def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path):
     """The PyTorch module the bundle came from, or None when the reference is the exported graph."""
-    model = manifest.get("model", {})
-    if reference == "onnx" or (model.get("kind") == "onnx" and reference == "auto"):
+    model = manifest.model
+    if reference == "onnx" or (model.kind == "onnx" and reference == "auto"):
         return None
-    if model.get("kind") == "onnx":
-        raise UsageError(f"--reference pytorch: the bundle was built from an ONNX file ({model.get('source')}); "
+    if model.kind == "onnx":
+        raise UsageError(f"--reference pytorch: the bundle was built from an ONNX file ({model.source}); "
                          "there is no PyTorch model to compare against. Use --reference onnx")
     from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve_bundle_model(model, cache_dir, "rebuild the bundle, or compare against the exported graph "
+    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundle, or compare against the exported graph "
                                                       "with --reference onnx")
     return resolved.module
 
 
-def _sides(bundle: Path, manifest: dict, spec: InputSpec, outputs: list[str], module,
+def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str], module,
            threads: int | None) -> tuple[list[Side], dict[str, str]]:
     from engines.evaluate.compare.runners import PlanforgeRunner, TorchRunner, onnxrt_runner, tensorrt_runner  # noqa: PLC0415
 
-    backends = manifest["backends"]
+    backends = manifest.backends
     exported = verified_path(bundle, manifest, "model.onnx")
-    for extra in [n for n, a in manifest["artifacts"].items() if a.get("role") == "external-data"]:
+    for extra in [n for n, a in manifest.artifacts.items() if a.role == "external-data"]:
         verified_path(bundle, manifest, extra)
     sides = [Side("pytorch", "fp32", TorchRunner(module, spec, outputs, threads=threads))] if module is not None else []
     sides.append(Side("onnxruntime model.onnx", "fp32", onnxrt_runner(exported, "onnxruntime model.onnx"), "model.onnx"))
     for target in ("ort", "trt"):
-        graph = backends.get(target, {}).get("graph")
-        if graph and graph in manifest["artifacts"]:
-            name = f"onnxruntime {graph}"
-            runner = onnxrt_runner(verified_path(bundle, manifest, graph), name, optimize=target != "trt")
-            sides.append(Side(name, backends[target]["precision"], runner, graph))
+        entry = backends.for_target(target)
+        if entry.graph in manifest.artifacts:
+            name = f"onnxruntime {entry.graph}"
+            runner = onnxrt_runner(verified_path(bundle, manifest, entry.graph), name, optimize=target != "trt")
+            sides.append(Side(name, entry.precision, runner, entry.graph))
     loaded, skipped = BundleView(bundle), {}
     for backend in ORDER:
         if (reason := unavailable(backend, loaded)) is not None:
@@ -183,23 +190,14 @@ def _sides(bundle: Path, manifest: dict, spec: InputSpec, outputs: list[str], mo
             logger.debug("not comparing planforge %s: %s", backend, reason)
             continue
         target = "trt" if backend == "trt" else "ort"
-        sides.append(Side(f"planforge {backend}", backends[target]["precision"],
+        sides.append(Side(f"planforge {backend}", backends.for_target(target).precision,
                           PlanforgeRunner(bundle, backend, spec, threads=threads)))
         if backend == "trt":  # Polygraphy's own TensorRT runner on the same plan, as a second opinion
-            plan = verified_path(bundle, manifest, backends["trt"]["plan"])
-            sides.append(Side("tensorrt (polygraphy)", backends["trt"]["precision"], tensorrt_runner(plan), plan.name))
+            plan = verified_path(bundle, manifest, backends.trt.plan)
+            sides.append(Side("tensorrt (polygraphy)", backends.trt.precision, tensorrt_runner(plan), plan.name))
     if "planforge trt" in skipped:
         skipped["tensorrt (polygraphy)"] = skipped["planforge trt"]
     return sides, skipped
-
-
-def _budget(manifest: dict) -> tuple[str, float] | None:
-    """The INT8 accuracy budget recorded at build time ("top1 >= 0.99" -> ("top1", 0.99))."""
-    text = (manifest.get("calibration") or {}).get("budget")
-    if not text:
-        return None
-    metric, _, value = text.split()
-    return metric, float(value)
 
 
 def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task) -> PairResult:
@@ -247,15 +245,10 @@ def _stats(results: list, tol: OutputTolerance) -> dict:
 
 
 def cosine(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
-    """Mean per-sample cosine similarity (a sample is one index of the first axis); None for non-floats."""
-    values = []
-    for r, a in zip(reference, actual):
-        if r.dtype.kind != "f" or r.shape != a.shape or r.ndim == 0:
-            return None
-        rr, aa = r.reshape(r.shape[0], -1).astype(np.float64), a.reshape(a.shape[0], -1).astype(np.float64)
-        denom = np.linalg.norm(rr, axis=1) * np.linalg.norm(aa, axis=1)
-        values.append(np.where(denom > 0, (rr * aa).sum(axis=1) / np.maximum(denom, 1e-300),
-                               np.all(rr == aa, axis=1).astype(float)))
+    """Mean per-sample cosine similarity (``exporter.core.numerics``); None for non-float outputs."""
+    if any(r.dtype.kind != "f" or r.shape != a.shape or r.ndim == 0 for r, a in zip(reference, actual)):
+        return None
+    values = [cosine_per_sample(r, a) for r, a in zip(reference, actual)]
     return float(np.concatenate(values).mean()) if values else None
 
 
@@ -263,29 +256,24 @@ def top1(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
     """Share of samples whose argmax over the last axis agrees (classifier logits)."""
     if any(r.ndim < 2 or r.shape[-1] < 2 or r.shape != a.shape for r, a in zip(reference, actual)):
         return None
-    from engines.build.int8 import top1_agreement  # noqa: PLC0415 - the INT8 budget's own definition
-
     return top1_agreement(reference, actual)
 
 
-def _budget_verdict(budget: tuple[str, float], reference: list, actual: list) -> dict:
-    from engines.build.int8 import Budget, metric  # noqa: PLC0415 - the build's own metric, one definition
-
-    rule = Budget(*budget)
-    value = metric(rule, reference, actual)
-    return {"metric": rule.metric, "value": value, "budget": str(rule), "passed": rule.met(value)}
+def _budget_verdict(budget: Budget, reference: list, actual: list) -> dict:
+    value = budget_metric(budget, reference, actual)
+    return {"metric": budget.metric, "value": value, "budget": str(budget), "passed": budget.met(value)}
 
 
-def _task_metric(manifest: dict, sides: list[Side]) -> dict | None:
+def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
     """digits_cnn's test-split accuracy per runner (the zoo's one model with labelled data)."""
-    if manifest.get("model", {}).get("kind") != "zoo" or manifest["model"]["name"] != "digits_cnn":
+    if manifest.model.kind != "zoo" or manifest.model.name != "digits_cnn":
         return None
     from polygraphy.comparator import Comparator  # noqa: PLC0415
 
     from exporter.zoo.digits import digits_split  # noqa: PLC0415
 
     images, labels = digits_split("test")
-    batch = InputSpec.from_json(manifest["inputs"])["x"].dims[0].max
+    batch = manifest.inputs["x"].dims[0].max
     feeds = [{"x": images[i:i + batch]} for i in range(0, len(images), batch)]
     with polygraphy_quiet():
         results = Comparator.run([s.runner for s in sides], data_loader=feeds)
@@ -296,12 +284,12 @@ def _task_metric(manifest: dict, sides: list[Side]) -> dict | None:
     return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
 
 
-def polygraphy_commands(bundle: Path, manifest: dict, pairs: list[PairResult], inputs: Path | None) -> list[str]:
+def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult], inputs: Path | None) -> list[str]:
     """``polygraphy run`` lines that repeat the ONNX Runtime comparisons (exported graph as reference)."""
     load = shlex.quote(str(inputs)) if inputs else "inputs.json"
     ref = shlex.quote(str(bundle / "model.onnx"))
     lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs ref_outputs.json"]
-    as_written = manifest["backends"].get("trt", {}).get("graph")  # run without ORT's optimizations
+    as_written = manifest.backends.trt.graph  # run without ORT's optimizations
     for pair in pairs:
         graph = pair.runner.removeprefix("onnxruntime ")
         if not pair.runner.startswith("onnxruntime ") or graph == "model.onnx":

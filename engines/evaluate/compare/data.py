@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.bundle import golden_feeds, golden_points, verified_path
+from engines.bundle import Manifest, golden_feeds, golden_points, verified_path
 from exporter.core.errors import RuntimeInputError, UsageError
 from exporter.core.spec import InputSpec
 
@@ -40,11 +40,11 @@ class CompareData:
                 "shapes": [{k: list(v.shape) for k, v in f.items()} for f in self.feeds]}
 
 
-def load_data(source: str, bundle: Path, manifest: dict, spec: InputSpec, iterations: int = 4, point: str = "opt",
+def load_data(source: str, bundle: Path, manifest: Manifest, spec: InputSpec, iterations: int = 4, point: str = "opt",
               seed: int = 0, module=None) -> CompareData:
     """The feeds for ``source`` (see the module docstring); ``auto`` is ``eval`` for INT8 zoo bundles."""
     if source == "auto":
-        source = "eval" if manifest.get("precision") == "int8" and _zoo_entry(manifest) is not None else "golden"
+        source = "eval" if manifest.precision == "int8" and _zoo_entry(manifest) is not None else "golden"
     if source == "golden":
         data = _golden(bundle, manifest)
     elif source == "random":
@@ -63,7 +63,7 @@ def load_data(source: str, bundle: Path, manifest: dict, spec: InputSpec, iterat
     return data
 
 
-def _golden(bundle: Path, manifest: dict) -> CompareData:
+def _golden(bundle: Path, manifest: Manifest) -> CompareData:
     with np.load(verified_path(bundle, manifest, "golden.npz"), allow_pickle=False) as golden:
         arrays = {k: golden[k] for k in golden.files}
     return CompareData("golden", golden_feeds(arrays),
@@ -93,20 +93,20 @@ def _random(spec: InputSpec, iterations: int, point: str, seed: int) -> CompareD
                                         f"{point} shapes, value ranges {ranges}")
 
 
-def _zoo_entry(manifest: dict):
-    if manifest.get("model", {}).get("kind") != "zoo":
+def _zoo_entry(manifest: Manifest):
+    if manifest.model.kind != "zoo":
         return None
     from exporter.zoo import BY_NAME  # noqa: PLC0415
 
-    entry = BY_NAME.get(manifest["model"]["name"])
+    entry = BY_NAME.get(manifest.model.name)
     return entry if entry is not None and entry.calibration else None
 
 
-def _evaluation(manifest: dict, module) -> CompareData:
+def _evaluation(manifest: Manifest, module) -> CompareData:
     entry = _zoo_entry(manifest)
     if entry is None or module is None:
         raise UsageError(f"--data eval needs a zoo model with evaluation data and its PyTorch module; "
-                         f"{manifest.get('model', {}).get('name')!r} has none. Use --data golden, random or a .npz path")
+                         f"{manifest.model.name!r} has none. Use --data golden, random or a .npz path")
     _, evaluation = entry.calibration_data(module)
     return CompareData("eval", evaluation, f"the zoo's held-out evaluation batches for {entry.name} "
                                            f"({len(evaluation)} batches, the INT8 budget's data)")

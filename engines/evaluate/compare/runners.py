@@ -128,14 +128,15 @@ def tensorrt_runner(plan: Path, name: str = "tensorrt"):
 
 @contextlib.contextmanager
 def polygraphy_quiet():
-    """Polygraphy logs every comparison to stdout; planforge prints its own table (``-v`` shows both)."""
-    from polygraphy.logger import G_LOGGER  # noqa: PLC0415
+    """Polygraphy logs every comparison to stdout; planforge prints its own table (``-v`` shows both).
+    Polygraphy's logger is process-wide: its severity and colors are restored on the way out."""
+    from polygraphy.logger import G_LOGGER  # noqa: PLC0415 - polygraphy is heavy; only compare needs it
 
-    old = G_LOGGER.module_severity
+    old, colors = G_LOGGER.module_severity, G_LOGGER.colors
     G_LOGGER.colors = False  # else its first message warns that the optional `colored` is missing
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         G_LOGGER.module_severity = G_LOGGER.CRITICAL
     try:
         yield
     finally:
-        G_LOGGER.module_severity = old
+        G_LOGGER.module_severity, G_LOGGER.colors = old, colors

@@ -17,20 +17,10 @@ import dataclasses
 import numpy as np
 
 from exporter.core.errors import UsageError
+from exporter.core.numerics import Budget, graph_tolerance
 
-GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # optimized graph vs exported graph, FP32
-FP16_RANGE_FRACTION, FP16_FLOOR = 2e-2, 1e-3
 ERROR_STATS = ("elemwise", "max", "mean", "median", "quantile")
 OPTIONS = {"atol": "--atol", "rtol": "--rtol", "stat": "--error-stat", "quantile": "--error-quantile"}
-
-
-def graph_tolerance(precision: str, reference: np.ndarray) -> tuple[float | None, float]:
-    """(atol, rtol) a graph of this precision may differ from ``reference`` by; atol None records only."""
-    if precision == "fp16":
-        return FP16_RANGE_FRACTION * float(np.abs(reference).max(initial=0.0)) + FP16_FLOOR, 0.0
-    if precision == "int8":  # recorded, not enforced here: the INT8 budget metric decides (engines/int8.py)
-        return None, 0.0
-    return GRAPH_ATOL, GRAPH_RTOL
 
 
 def per_output(values: tuple[str, ...], option: str, kind=float, choices: tuple[str, ...] = (),
@@ -81,7 +71,7 @@ class OutputTolerance:
         return dataclasses.asdict(self)
 
 
-def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: tuple[str, float] | None,
+def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: Budget | None,
                overrides: dict[str, dict]) -> dict[str, OutputTolerance]:
     """Per output: the precision's default (see the module docstring), then the user's overrides."""
     out = {}
@@ -89,8 +79,8 @@ def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: 
         scale = max((float(np.abs(a.astype(np.float64)).max(initial=0.0)) for a in arrays if a.size), default=0.0)
         atol, rtol = graph_tolerance(precision, np.array([scale]))
         stat, source = ("max" if precision == "fp16" else "elemwise"), "precision"
-        if precision == "int8" and budget and budget[0] == "relerr":
-            atol, rtol, stat, source = budget[1] * (scale or 1.0), 0.0, "max", "budget"
+        if precision == "int8" and budget and budget.metric == "relerr":
+            atol, rtol, stat, source = budget.threshold * (scale or 1.0), 0.0, "max", "budget"
         tol = OutputTolerance(atol, rtol, stat, 0.99, source)
         given = {key: values.get(name, values.get("")) for key, values in overrides.items()}
         given = {k: v for k, v in given.items() if v is not None}

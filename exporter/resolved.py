@@ -1,0 +1,24 @@
+"""What resolving a MODEL spec gives: its own module so ``resolve`` and ``hf`` both build one
+without importing each other."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from exporter.core.spec import InputSpec
+
+
+@dataclasses.dataclass
+class ResolvedModel:
+    name: str
+    kind: str  # zoo | python | onnx | hf
+    source: str
+    input_spec: InputSpec
+    output_names: tuple[str, ...]
+    source_sha256: str
+    task: str | None = None
+    module: torch.nn.Module | None = None
+    onnx_path: Path | None = None
