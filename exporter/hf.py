@@ -20,7 +20,6 @@ from exporter.core.files import sha256_file
 from exporter.core.spec import InputSpec
 from exporter.resolved import ResolvedModel
 
-
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporter.core.errors import ParityError
 from exporter.core.golden import golden_key
 from exporter.core.ort_session import create_session
-from exporter.core.errors import ParityError
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ Forms, tried in this order:
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -23,9 +22,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from exporter import zoo
+from exporter.core.dtypes import ONNX_DTYPES
 from exporter.core.errors import ExportError, UsageError
 from exporter.core.files import sha256_file
-from exporter.core.dtypes import ONNX_DTYPES
 from exporter.core.spec import Dim, InputSpec, TensorSpec
 from exporter.resolved import ResolvedModel
 
@@ -49,7 +49,6 @@ def resolve(model: str, cache_dir: Path) -> ResolvedModel:
 
 
 def _resolve_zoo(name: str, cache_dir: Path) -> ResolvedModel:
-    from exporter import zoo  # noqa: PLC0415
 
     entry = zoo.BY_NAME.get(name)
     if entry is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+from exporter.core.errors import UsageError
 from passes.base import FixedPoint, Pass, PassManager, PassRecord, PassResult
 from passes.cleanup import Cleanup
 from passes.convert_fp16 import ConvertToFp16
@@ -49,7 +50,6 @@ def pipeline(target: str, precision: str, **options) -> list:
 
     ``options`` go to the passes whose constructor takes them (``keep=`` for ConvertToFp16).
     """
-    from exporter.core.errors import UsageError  # noqa: PLC0415
 
     key = (target, precision)
     if key not in PIPELINES:

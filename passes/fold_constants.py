@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from exporter.core.errors import PassError
 from passes.base import Pass, PassResult
+from passes.verify import session
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ def _failing_node(graph: gs.Graph) -> gs.Node | None:
     graphsurgeon evaluates the whole constant subgraph in one session, so its error may not
     say which node failed; this runs each candidate alone (only after a failure).
     """
-    from passes.verify import session  # noqa: PLC0415
 
     for node in graph.nodes:
         if not node.inputs or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):

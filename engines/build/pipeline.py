@@ -24,6 +24,7 @@ from engines.profiles import Profile, envelope, profiles_for
 from exporter.core.errors import BuildError, BundleError, UsageError
 from exporter.core.spec import InputSpec
 from passes import TARGETS
+from passes.freeze_shapes import FreezeInputShapes
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,6 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     check_profiles(graph, profiles)
     frozen = []
     if request.static:
-        from passes.freeze_shapes import FreezeInputShapes  # noqa: PLC0415
 
         frozen, spec = [FreezeInputShapes(spec.shapes("opt"))], spec.frozen("opt")
     int8 = Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None

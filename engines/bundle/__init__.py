@@ -1,9 +1,28 @@
 """The bundle: its typed manifest (the contract), staging and verified reads, golden data."""
 
-from engines.bundle.manifest import (SCHEMA_VERSION, Accuracy, Artifact, Backends, Calibration, Environment, ExportInfo,
-                                     Int8Report, Manifest, ModelSource, OrtBackend, TrtBackend)
-from engines.bundle.store import (MANIFEST, StagedBundle, add_artifacts, describe_artifacts, read_manifest,
-                                  update_report, verified_path)
+from engines.bundle.manifest import (
+                                     SCHEMA_VERSION,
+                                     Accuracy,
+                                     Artifact,
+                                     Backends,
+                                     Calibration,
+                                     Environment,
+                                     ExportInfo,
+                                     Int8Report,
+                                     Manifest,
+                                     ModelSource,
+                                     OrtBackend,
+                                     TrtBackend,
+)
+from engines.bundle.store import (
+                                     MANIFEST,
+                                     StagedBundle,
+                                     add_artifacts,
+                                     describe_artifacts,
+                                     read_manifest,
+                                     update_report,
+                                     verified_path,
+)
 from exporter.core.files import write_atomic
 from exporter.core.golden import golden_feeds, golden_key, golden_points
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from exporter.core.errors import RuntimeInputError, UsageError
+from engines.bundle import read_manifest
+from engines.cli.present import inspect_bundle, inspect_onnx
+from engines.runtime import load
+from exporter.core.dtypes import ONNX_DTYPES
+from exporter.core.errors import PassError, RuntimeInputError, UsageError
+from exporter.core.numerics import graph_tolerance
+from passes import PassManager, pipeline
+from passes.verify import run_graph
 
 logger = logging.getLogger(__name__)
 
@@ -16,12 +26,10 @@ logger = logging.getLogger(__name__)
 def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exporter: str,
                  atol: float, rtol: float) -> str:
     """Export and parity-check; the .onnx is written to a temporary name and renamed into place."""
-    import os  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
-    from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.parity import check_parity  # noqa: PLC0415
-    from exporter.resolve import resolve  # noqa: PLC0415
+    from exporter.export import export_onnx  # noqa: PLC0415 - imports torch
+    from exporter.parity import check_parity  # noqa: PLC0415 - imports torch
+    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
 
     resolved = resolve(model, Path("build") / ".cache")
     if resolved.module is None:
@@ -43,17 +51,9 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
 def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
                    verify: bool, keep_fp32: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
     """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
-    import os  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
-    import onnx  # noqa: PLC0415
-
-    from exporter.core.errors import PassError  # noqa: PLC0415
-    from exporter.parity import compare  # noqa: PLC0415
-    from exporter.core.numerics import graph_tolerance  # noqa: PLC0415
-    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415
-    from passes import PassManager, pipeline  # noqa: PLC0415
-    from passes.verify import run_graph  # noqa: PLC0415
+    from exporter.parity import compare  # noqa: PLC0415 - imports torch
+    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(source)
     spec = spec_from_onnx(model).override(inputs)
@@ -83,14 +83,11 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
 
 
 def inspect_path(console, path: Path) -> None:
-    from engines.cli.present import inspect_bundle, inspect_onnx  # noqa: PLC0415
-
     if path.is_dir():
-        from engines.bundle import read_manifest  # noqa: PLC0415
 
         inspect_bundle(console, path, read_manifest(path))
         return
-    from exporter.resolve import ONNX_DTYPES, load_onnx  # noqa: PLC0415
+    from exporter.resolve import load_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(path)
     initializers = {i.name for i in model.graph.initializer}
@@ -105,8 +102,6 @@ def inspect_path(console, path: Path) -> None:
 
 
 def run_bundle(bundle: Path, inputs: tuple[str, ...], random_point: str | None, backend: str):
-    from engines.runtime import load  # noqa: PLC0415
-
     with load(bundle, backend=backend) as engine:
         if random_point:
             feeds = engine.input_specs.random_feeds(random_point, seed=0)

@@ -85,10 +85,10 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
           calib, calib_method, allow_random_calibration, budget, ort_int8_form, profiles, profiles_auto, static,
           require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
     """Export MODEL, run the passes and write a bundle."""
-    from engines.trt.builder import TrtOptions  # noqa: PLC0415
-
-    from engines.build import BuildRequest, build as run_build  # noqa: PLC0415
-    from engines.cli.present import build_summary  # noqa: PLC0415
+    from engines.build import BuildRequest  # noqa: PLC0415 - per command: --help stays fast
+    from engines.build import build as run_build
+    from engines.cli.present import build_summary  # noqa: PLC0415 - per command: --help stays fast
+    from engines.trt.builder import TrtOptions  # noqa: PLC0415 - per command: --help stays fast
 
     request = BuildRequest(
         model=model, out=out, inputs=tuple(inputs), precision=precision, force=force, opset=opset, exporter=exporter,
@@ -116,7 +116,7 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
 @click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
 def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
     """Export MODEL to ONNX and check parity with PyTorch (no passes, no bundle)."""
-    from engines.cli.actions import export_model  # noqa: PLC0415
+    from engines.cli.actions import export_model  # noqa: PLC0415 - per command: --help stays fast
 
     report = export_model(model, out, tuple(inputs), opset, exporter, parity_atol, parity_rtol)
     console.print(f"wrote {out} ({report})")
@@ -133,8 +133,8 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
 def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32):
     """Run the pass pipeline for one target on an .onnx file."""
-    from engines.cli.actions import optimize_model  # noqa: PLC0415
-    from engines.cli.present import optimize_summary  # noqa: PLC0415
+    from engines.cli.actions import optimize_model  # noqa: PLC0415 - per command: --help stays fast
+    from engines.cli.present import optimize_summary  # noqa: PLC0415 - per command: --help stays fast
 
     records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32))
     optimize_summary(console, out, records, worst)
@@ -144,7 +144,7 @@ def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32):
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path):
     """Describe a bundle directory or an .onnx file."""
-    from engines.cli.actions import inspect_path  # noqa: PLC0415
+    from engines.cli.actions import inspect_path  # noqa: PLC0415 - per command: --help stays fast
 
     inspect_path(console, path)
 
@@ -157,8 +157,8 @@ def inspect(path):
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True)
 def run(bundle, inputs, random_point, backend):
     """Run one inference on BUNDLE and print output summaries."""
-    from engines.cli.actions import run_bundle  # noqa: PLC0415
-    from engines.cli.present import output_summary  # noqa: PLC0415
+    from engines.cli.actions import run_bundle  # noqa: PLC0415 - per command: --help stays fast
+    from engines.cli.present import output_summary  # noqa: PLC0415 - per command: --help stays fast
 
     used, outputs = run_bundle(bundle, inputs, random_point, backend)
     output_summary(console, used, outputs)
@@ -178,9 +178,10 @@ def run(bundle, inputs, random_point, backend):
               "[build/bench/<model>].")
 def bench(bundles, batches, warmup, iterations, threads, peer, out):
     """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
-    from engines.cli.present import bench_bundle_table  # noqa: PLC0415
-    from engines.evaluate.bench.bundles import BenchRequest, bench as run_bench  # noqa: PLC0415
-    from engines.evaluate.bench.report import save  # noqa: PLC0415
+    from engines.cli.present import bench_bundle_table  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.bench.bundles import BenchRequest  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.bench.bundles import bench as run_bench
+    from engines.evaluate.bench.report import save  # noqa: PLC0415 - per command: --help stays fast
 
     request = BenchRequest(bundles=tuple(bundles), batches=tuple(batches), warmup=warmup, iterations=iterations,
                            threads=threads, peer=peer, out=out)
@@ -205,7 +206,8 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
 @click.option("--allow-mixed", is_flag=True, help="Merge runs with different thread counts or CPU ISA classes.")
 def bench_summary(results, out, allow_mixed):
     """Summarize bench.json files as one Markdown table (largest batch per model)."""
-    from engines.evaluate.bench.report import check_comparable, load_results, summary_markdown  # noqa: PLC0415
+    from engines.evaluate.bench.report import (  # noqa: PLC0415 - per command: --help stays fast
+        check_comparable, load_results, summary_markdown)
 
     docs = load_results(results)
     check_comparable(docs, allow_mixed)
@@ -224,15 +226,15 @@ def bench_summary(results, out, allow_mixed):
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
 def bench_passes(models, targets, threads, runs, int8, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
-    from engines.cli.present import bench_int8_table, bench_table  # noqa: PLC0415
+    from engines.cli.present import bench_int8_table, bench_table  # noqa: PLC0415 - per command: --help stays fast
 
     if int8:
-        from engines.evaluate.bench.int8 import bench_int8  # noqa: PLC0415
+        from engines.evaluate.bench.int8 import bench_int8  # noqa: PLC0415 - per command: --help stays fast
 
         rows, environment, out = bench_int8(models, threads, runs, out)
         bench_int8_table(console, rows, environment, threads)
     else:
-        from engines.evaluate.bench.passes import bench_zoo  # noqa: PLC0415
+        from engines.evaluate.bench.passes import bench_zoo  # noqa: PLC0415 - per command: --help stays fast
 
         results, out = bench_zoo(models, targets, threads, runs, out)
         bench_table(console, results)
@@ -262,8 +264,9 @@ def bench_passes(models, targets, threads, runs, int8, out):
 def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error_quantile, reference, report,
             save_inputs, threads):
     """Compare every artifact of BUNDLE with its reference (Polygraphy); exit 4 when one fails."""
-    from engines.evaluate.compare import CompareRequest, compare as run_compare  # noqa: PLC0415
-    from engines.cli.present import compare_table  # noqa: PLC0415
+    from engines.cli.present import compare_table  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.compare import CompareRequest  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.compare import compare as run_compare
 
     result = run_compare(CompareRequest(
         bundle=bundle, data=data, iterations=iterations, point=point, seed=seed, atol=tuple(atol), rtol=tuple(rtol),
@@ -278,7 +281,7 @@ def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Triton model repository.")
 def triton_repo(bundle, out):
     """Write BUNDLE as Triton models (tensorrt_plan and onnxruntime_onnx) with config.pbtxt."""
-    from engines.deploy.triton import write_repository  # noqa: PLC0415
+    from engines.deploy.triton import write_repository  # noqa: PLC0415 - per command: --help stays fast
 
     for name in write_repository(bundle, out):
         console.print(f"wrote {out / name} (config.pbtxt, 1/)")
@@ -287,8 +290,8 @@ def triton_repo(bundle, out):
 @cli.command()
 def zoo():
     """List the zoo models and their inputs."""
-    from engines.cli.present import zoo_table  # noqa: PLC0415
-    from exporter.zoo import ENTRIES  # noqa: PLC0415
+    from engines.cli.present import zoo_table  # noqa: PLC0415 - per command: --help stays fast
+    from exporter.zoo import ENTRIES  # noqa: PLC0415 - per command: --help stays fast
 
     zoo_table(console, ENTRIES)
 

@@ -164,7 +164,7 @@ class Runner:
 def _prometheus(runner: Runner):
     """Prometheus metrics when prometheus-client is installed (None otherwise)."""
     try:  # prometheus-client is optional: imported at first use, absent -> no metrics
-        from engines.runtime.prometheus import RunnerMetrics  # noqa: PLC0415
+        from engines.runtime.prometheus import RunnerMetrics  # noqa: PLC0415 - prometheus-client is optional
     except ImportError:
         return None
     return RunnerMetrics.create(runner)

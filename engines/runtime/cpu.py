@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -83,7 +84,6 @@ def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
 @functools.lru_cache(maxsize=1)
 def detect() -> CpuInfo:
     """This machine's CPU (read once per process)."""
-    import os  # noqa: PLC0415
 
     machine = platform.machine()
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from engines.runtime.base import Runner
 from exporter.core.errors import BundleError
 from exporter.core.ort_session import create_session

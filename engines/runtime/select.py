@@ -26,7 +26,8 @@ from engines.bundle import read_manifest, verified_path
 from engines.runtime.base import Runner
 from engines.runtime.cpu import detect
 from engines.runtime.ort import OrtRunner
-from engines.runtime.trt import TrtRunner, unavailable as trt_unavailable
+from engines.runtime.trt import TrtRunner
+from engines.runtime.trt import unavailable as trt_unavailable
 from exporter.core.errors import BundleError, InferenceError
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import Manifest, verified_path
-from engines.profiles import Profile, select
+from engines.profiles import select
 from engines.runtime.base import Runner
 from engines.trt.status import tensorrt_status
 from exporter.core.errors import BundleError, InferenceError
@@ -47,8 +47,8 @@ def unavailable(bundle: Path, manifest: Manifest) -> str | None:
     available, reason = tensorrt_status()
     if not available:
         return reason
-    import tensorrt as trt  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import tensorrt as trt  # noqa: PLC0415 - only where TensorRT is installed
+    import torch  # noqa: PLC0415 - imports torch
 
     env, options = manifest.environment, entry.options or {}
     if env.tensorrt != trt.__version__ and not options.get("version_compatible"):
@@ -67,8 +67,8 @@ class TrtRunner(Runner):
     def __init__(self, bundle: Path, manifest: Manifest, spec, outputs, device: int = 0, cuda_graphs: bool = False):
         super().__init__(spec, outputs, manifest)
         self.cuda_graphs = cuda_graphs
-        import tensorrt as trt  # noqa: PLC0415
-        import torch  # noqa: PLC0415
+        import tensorrt as trt  # noqa: PLC0415 - only where TensorRT is installed
+        import torch  # noqa: PLC0415 - imports torch
 
         self.trt, self.torch = trt, torch
         self.device = torch.device("cuda", device)

@@ -81,31 +81,8 @@ def build_plan(onnx_path: Path, profiles: list, options: TrtOptions, timing_cach
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data relative to the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
-    config.builder_optimization_level = options.optimization_level
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    config.hardware_compatibility_level = {
-        "none": trt.HardwareCompatibilityLevel.NONE,
-        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
-    }[options.hardware_compatibility]
-    if options.strict_fp32:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    if options.sparse_weights:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if options.refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    for p in profiles:
-        profile = builder.create_optimization_profile()
-        for name in p.min:
-            profile.set_shape(name, p.min[name], p.opt[name], p.max[name])
-        for name, (lo, opt, hi) in p.shape_values.items():
-            profile.set_shape_input(name, lo, opt, hi)
-        if config.add_optimization_profile(profile) < 0:
-            raise BuildError(f"TensorRT rejected optimization profile {p.name}: {p.to_json()}")
+    config = _builder_config(trt, builder, options)
+    _add_profiles(builder, config, profiles)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     monitor = _progress_monitor(trt, on_stage)
@@ -125,6 +102,39 @@ def build_plan(onnx_path: Path, profiles: list, options: TrtOptions, timing_cach
     return plan, layer_information(trt, trt_logger, plan)
 
 
+def _builder_config(trt, builder, options: TrtOptions):
+    """The builder config for ``options`` (no precision flags: the network is strongly typed)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    config.builder_optimization_level = options.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.hardware_compatibility_level = {
+        "none": trt.HardwareCompatibilityLevel.NONE,
+        "ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
+        "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY,
+    }[options.hardware_compatibility]
+    if options.strict_fp32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if options.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if options.refit:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    return config
+
+
+def _add_profiles(builder, config, profiles: list) -> None:
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name in p.min:
+            profile.set_shape(name, p.min[name], p.opt[name], p.max[name])
+        for name, (lo, opt, hi) in p.shape_values.items():
+            profile.set_shape_input(name, lo, opt, hi)
+        if config.add_optimization_profile(profile) < 0:
+            raise BuildError(f"TensorRT rejected optimization profile {p.name}: {p.to_json()}")
+
+
 def layer_information(trt, trt_logger, plan: bytes) -> str:
     """The engine inspector's layer JSON (names, precisions, fused layers)."""
     runtime = trt.Runtime(trt_logger)
@@ -137,7 +147,7 @@ def layer_information(trt, trt_logger, plan: bytes) -> str:
 
 def environment() -> dict:
     """TensorRT version, CUDA version, GPU name and compute capability of this machine."""
-    import tensorrt as trt  # noqa: PLC0415
+    import tensorrt as trt  # noqa: PLC0415 - only where TensorRT is installed
     import torch  # noqa: PLC0415 - the build environment has torch; the runtime does not need this
 
     index = torch.cuda.current_device()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from engines.profiles import Profile
+from engines.trt.builder import build_plan, environment, layer_summary
 from engines.trt.status import tensorrt_status
 from exporter.core.errors import TensorRTUnavailable
 
@@ -42,7 +43,6 @@ def build_or_reuse(graph: Path, graph_sha256: str, profiles: list[Profile], opti
             raise TensorRTUnavailable(f"--require-trt: TensorRT cannot build here: {reason}. "
                                       "Build on a machine with TensorRT 11 and an NVIDIA GPU")
         return {"plan": None, "skipped": reason}
-    from engines.trt.builder import build_plan, environment, layer_summary  # noqa: PLC0415
 
     env = environment()
     key = engine_key(graph_sha256, profiles, options.to_json(), env["tensorrt"], env["compute_capability"])

@@ -7,6 +7,7 @@ build can print one line and carry on with the ONNX Runtime bundle.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import shutil
 
@@ -19,7 +20,7 @@ def tensorrt_status() -> tuple[bool, str]:
                            "are not, and cannot be installed from the registries this machine reaches")
         return False, "the tensorrt Python package is not installed"
     try:
-        import tensorrt as trt  # noqa: PLC0415
+        import tensorrt as trt  # noqa: PLC0415 - only where TensorRT is installed
     except (ImportError, OSError) as exc:
         return False, f"tensorrt is installed but does not import ({str(exc).splitlines()[0][:160]}): its native libraries are missing"
     if shutil.which("nvidia-smi") is None and not _cuda_device_present():
@@ -28,8 +29,6 @@ def tensorrt_status() -> tuple[bool, str]:
 
 
 def _cuda_device_present() -> bool:
-    import ctypes  # noqa: PLC0415
-
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError:

@@ -13,6 +13,10 @@ from typing import Callable
 import torch
 
 from exporter.core.spec import InputSpec
+from exporter.zoo import calibration
+from exporter.zoo.attention import GPT, Bert, ViT
+from exporter.zoo.cnn import MLP, MobileNetV2, ResNet18, init_like_trained
+from exporter.zoo.digits import load_or_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +32,6 @@ class ZooEntry:
 
     def calibration_data(self, module: torch.nn.Module) -> tuple[list[dict], list[dict]]:
         """(calibration batches, held-out evaluation batches) for INT8 builds."""
-        from exporter.zoo import calibration  # noqa: PLC0415
-
         return getattr(calibration, self.calibration)(module)
 
     @property
@@ -42,44 +44,30 @@ class ZooEntry:
 
 
 def _resnet18(_: Path):
-    from exporter.zoo.cnn import ResNet18, init_like_trained  # noqa: PLC0415
-
     return init_like_trained(ResNet18(), seed=1)
 
 
 def _mobilenet_v2(_: Path):
-    from exporter.zoo.cnn import MobileNetV2, init_like_trained  # noqa: PLC0415
-
     return init_like_trained(MobileNetV2(), seed=2)
 
 
 def _mlp(_: Path):
-    from exporter.zoo.cnn import MLP  # noqa: PLC0415
-
     return MLP()
 
 
 def _vit_tiny(_: Path):
-    from exporter.zoo.attention import ViT  # noqa: PLC0415
-
     return ViT()
 
 
 def _bert_tiny(_: Path):
-    from exporter.zoo.attention import Bert  # noqa: PLC0415
-
     return Bert()
 
 
 def _gpt_tiny(_: Path):
-    from exporter.zoo.attention import GPT  # noqa: PLC0415
-
     return GPT()
 
 
 def _digits_cnn(cache_dir: Path):
-    from exporter.zoo.digits import load_or_train  # noqa: PLC0415
-
     return load_or_train(cache_dir)
 
 

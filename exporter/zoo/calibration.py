@@ -22,6 +22,8 @@ import hashlib
 import numpy as np
 import torch
 
+from exporter.zoo.digits import digits_split
+
 SENTENCES = (
     "the quick brown fox jumps over the lazy dog",
     "a model is only as good as the data it was trained on",
@@ -79,8 +81,6 @@ def _split(batches: list[dict], every: int = 5) -> tuple[list[dict], list[dict]]
 
 
 def digits(module, batch: int = 32):
-    from exporter.zoo.digits import digits_split  # noqa: PLC0415
-
     x_cal, _ = digits_split("calib")
     x_train, _ = digits_split("train")
     calibration = [{"x": x_cal[i:i + batch]} for i in range(0, len(x_cal), batch)]

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from exporter.zoo.calibration import images
+
 
 def init_like_trained(module: nn.Module, seed: int, image_size: int = 224) -> nn.Module:
     """Kaiming convs, small zero-bias classifier, random BN affine, BN statistics from synthetic images."""
-    from exporter.zoo.calibration import images  # noqa: PLC0415
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():

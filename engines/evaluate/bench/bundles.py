@@ -34,6 +34,7 @@ import numpy as np
 from engines.bundle import Manifest, read_manifest, verified_path
 from engines.evaluate.bench.environment import LoadWatch
 from engines.runtime import ORDER, BundleView, unavailable
+from engines.runtime import load as load_bundle
 from exporter.core.errors import UsageError
 from exporter.core.ort_session import create_session
 from exporter.core.spec import InputSpec, random_array
@@ -179,7 +180,7 @@ def _module(manifest: Manifest, cache_dir: Path, skipped: dict):
 
 
 def _torch_backend(module, spec: InputSpec, threads: int) -> Backend:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - imports torch
 
     state = {}
 
@@ -210,7 +211,6 @@ def _ort_backend(name: str, precision: str, graph: Path, threads: int, build_sec
 
 def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
                      build_seconds: float | None) -> Backend:
-    from engines.runtime import load as load_bundle  # noqa: PLC0415
 
     state = {}
 
@@ -225,15 +225,16 @@ def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, thre
 
 
 def _peer_backend(exported: Path, manifest: Manifest, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
-    from exporter.zoo import BY_NAME  # noqa: PLC0415
+    from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
 
     name = "onnxruntime quantize_static int8"
     entry = BY_NAME.get(manifest.model.name) if manifest.model.kind == "zoo" else None
     if entry is None or not entry.calibration or module is None:
         skipped[name] = "the peer needs the zoo's calibration batches; this model has none"
         return None
+    from onnxruntime.quantization import QuantType  # noqa: PLC0415 - ONNX Runtime's quantization tools load slowly
+
     from engines.evaluate.bench.int8 import quantize_peer  # noqa: PLC0415 - imports onnxruntime.quantization
-    from onnxruntime.quantization import QuantType  # noqa: PLC0415
 
     calibration, _ = entry.calibration_data(module)
     start = time.perf_counter()

@@ -13,6 +13,8 @@ import logging
 import os
 import platform
 
+import onnxruntime
+
 from engines.runtime.cpu import detect
 
 logger = logging.getLogger(__name__)
@@ -53,8 +55,6 @@ class LoadWatch:
                            "the timings; rerun on an idle machine", value, when, self.cpu.cores)
 
     def environment(self) -> dict:
-        import onnxruntime  # noqa: PLC0415
-
         return {"machine": platform.machine(), "processor": platform.processor() or None, **self.cpu.to_json(),
                 "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                 "load_1min": {"start": self.start, "end": self.end}, "loaded": self.loaded}

@@ -24,9 +24,14 @@ from pathlib import Path
 
 import onnx
 
+from engines.build.int8 import judged_by, quantize_target, run_target
 from engines.evaluate.bench.environment import LoadWatch
 from engines.evaluate.bench.passes import check_zoo_names
 from engines.evaluate.bench.timing import ROUNDS, time_session
+from exporter.core.numerics import Budget, budget_metric
+from passes import PassManager, pipeline
+from passes.calibration import calibrate
+from passes.quantize_ort import quiet_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class Int8Row:
 
 
 def quantize_peer(exported: Path, out: Path, batches: list[dict], activation) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static  # noqa: PLC0415 - ONNX Runtime's quantization tools load slowly
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -51,8 +56,6 @@ def quantize_peer(exported: Path, out: Path, batches: list[dict], activation) ->
 
         def get_next(self):
             return next(self.it, None)
-
-    from passes.quantize_ort import quiet_quantizer  # noqa: PLC0415
 
     with quiet_quantizer():
         quantize_static(str(exported), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -66,30 +69,23 @@ TRT_FORMS = ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric"
 def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list[dict],
             target: str) -> tuple[str, float]:
     """The model's metric for ``graph`` judged as ``target`` is; ``reference``: FP32 outputs on ``evaluation``."""
-    from engines.build.int8 import run_target  # noqa: PLC0415
-    from exporter.core.numerics import Budget, budget_metric  # noqa: PLC0415
 
     if name == "digits_cnn":
-        from exporter.zoo.digits import digits_split  # noqa: PLC0415
+        from exporter.zoo.digits import digits_split, logits_accuracy  # noqa: PLC0415 - imports torch
 
-        images, labels = digits_split("test")
-        logits = run_target(onnx.load(str(graph)), [{"x": images}], target)[0][0]
-        return "test accuracy", float((logits.argmax(1) == labels).mean())
+        logits = run_target(onnx.load(str(graph)), [{"x": digits_split("test")[0]}], target)[0][0]
+        return "test accuracy", logits_accuracy(logits)
     budget = Budget.parse(None, task)
     value = budget_metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
     return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
 
 
 def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Path = Path("build/.cache")) -> list[Int8Row]:
-    from onnxruntime.quantization import QuantType  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType  # noqa: PLC0415 - ONNX Runtime's quantization tools load slowly
 
-    from engines.build.int8 import quantize_target  # noqa: PLC0415
-    from exporter.core.numerics import Budget  # noqa: PLC0415
-    from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.resolve import resolve  # noqa: PLC0415
-    from exporter.zoo import BY_NAME  # noqa: PLC0415
-    from passes import PassManager, pipeline  # noqa: PLC0415
-    from passes.calibration import calibrate  # noqa: PLC0415
+    from exporter.export import export_onnx  # noqa: PLC0415 - imports torch
+    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
+    from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
 
     entry = BY_NAME[name]
     model = resolve(name, cache_dir)
@@ -115,7 +111,6 @@ def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Pat
         for _ in range(ROUNDS):  # interleaved rounds, so load drift hits every variant alike
             for label, path in graphs.items():
                 times[label] += time_session(path, feeds, threads, 2, max(1, runs // ROUNDS))
-        from engines.build.int8 import judged_by, run_target  # noqa: PLC0415
 
         reference = run_target(exported, evaluation, "ort")  # once: every variant is measured against it
         for label, path in graphs.items():

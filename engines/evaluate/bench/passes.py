@@ -21,6 +21,7 @@ import onnx
 
 from engines.evaluate.bench.timing import ROUNDS, time_session
 from exporter.core.errors import UsageError
+from passes import PassManager, pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ class PassBench:
 def bench_model(name: str, targets: list[str], threads: int = 2, warmup: int = 2, runs: int = 30,
                 cache_dir: Path = Path("build/.cache")) -> list[PassBench]:
     """Export ``name`` once, then time the exported graph against each target's optimized graph."""
-    from exporter.export import export_onnx  # noqa: PLC0415
-    from exporter.resolve import resolve  # noqa: PLC0415
-    from passes import PassManager, pipeline  # noqa: PLC0415
+    from exporter.export import export_onnx  # noqa: PLC0415 - imports torch
+    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch
 
     model = resolve(name, cache_dir)
     feeds = model.input_spec.random_feeds("opt", seed=0)

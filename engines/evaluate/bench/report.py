@@ -11,12 +11,14 @@ import json
 import logging
 from pathlib import Path
 
+from engines.bundle import read_manifest, update_report, write_atomic
+from exporter.core.errors import BundleError, UsageError
+
 logger = logging.getLogger(__name__)
 
 
 def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
     """``out/bench.json`` and ``out/bench.png``, each written to a temporary name and renamed."""
-    from engines.bundle import write_atomic  # noqa: PLC0415
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -30,10 +32,10 @@ def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
 
 def plot(doc: dict, target) -> None:
     """Draw the two panels as PNG into ``target`` (a path or a binary file object)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - matplotlib is heavy; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - matplotlib is heavy; only the plot needs it
 
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.5))
     for backend in doc["backends"]:
@@ -89,7 +91,6 @@ def _where(doc: dict) -> str:
 
 def check_comparable(docs: list[dict], allow_mixed: bool = False) -> None:
     """Refuse to put runs with different thread counts or CPU ISA classes in one table unless told."""
-    from exporter.core.errors import UsageError  # noqa: PLC0415
 
     kinds = {(doc["threads"], doc["environment"].get("cpu_isa")) for doc in docs}
     if len(kinds) > 1 and not allow_mixed:
@@ -112,7 +113,6 @@ def _opt(value, fmt: str) -> str:
 
 def load_results(paths) -> list[dict]:
     """bench.json documents, refusing files that are not one."""
-    from exporter.core.errors import UsageError  # noqa: PLC0415
 
     docs = []
     for path in paths:
@@ -134,8 +134,6 @@ def _batch_label(doc: dict) -> str:
 def record_in_bundles(doc: dict, json_path: Path) -> list[Path]:
     """Each benchmarked bundle's ``report.json`` gains a ``bench`` section: its own backends and the
     references (PyTorch eager, ONNX Runtime on the exported graph), re-hashed into its manifest."""
-    from engines.bundle import read_manifest, update_report  # noqa: PLC0415
-    from exporter.core.errors import BundleError  # noqa: PLC0415
 
     written = []
     for bundle in map(Path, doc["bundles"]):

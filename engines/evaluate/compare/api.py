@@ -26,10 +26,24 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import Manifest, read_manifest, update_report, verified_path, write_atomic
-from engines.runtime import ORDER, BundleView, unavailable
 from engines.evaluate.compare.data import CompareData, load_data
-from engines.evaluate.compare.runners import polygraphy_quiet
-from engines.evaluate.compare.tolerances import ERROR_STATS, OPTIONS, OutputTolerance, check_output_names, per_output, tolerances
+from engines.evaluate.compare.runners import (
+    PlanforgeRunner,
+    TorchRunner,
+    onnxrt_runner,
+    polygraphy_quiet,
+    tensorrt_runner,
+)
+from engines.evaluate.compare.tolerances import (
+    ERROR_STATS,
+    OPTIONS,
+    OutputTolerance,
+    check_output_names,
+    per_output,
+    tolerances,
+)
+from engines.runtime import ORDER, BundleView, unavailable
+from engines.runtime.cpu import detect
 from exporter.core.errors import ComparisonFailed, UsageError
 from exporter.core.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
 from exporter.core.spec import InputSpec
@@ -117,7 +131,7 @@ class CompareResult:
 
 def compare(request: CompareRequest) -> CompareResult:
     """Run every side on the same data, check each against the reference, write the report."""
-    from polygraphy.comparator import Comparator  # noqa: PLC0415
+    from polygraphy.comparator import Comparator  # noqa: PLC0415 - polygraphy is heavy
 
     bundle = Path(request.bundle)
     manifest = read_manifest(bundle)
@@ -146,7 +160,6 @@ def compare(request: CompareRequest) -> CompareResult:
 def _cpu(manifest: Manifest) -> dict:
     """This CPU's class beside the one the INT8 ONNX Runtime graph was validated on at build: the INT8
     ort sides' budget verdicts here re-validate it on this machine (``engines.build.int8``)."""
-    from engines.runtime.cpu import detect  # noqa: PLC0415
 
     report = manifest.int8_report("ort")
     return {**detect().to_json(), "int8_ort_validated_on": report.cpu_isa if report else None}
@@ -169,7 +182,6 @@ def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path):
 
 def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str], module,
            threads: int | None) -> tuple[list[Side], dict[str, str]]:
-    from engines.evaluate.compare.runners import PlanforgeRunner, TorchRunner, onnxrt_runner, tensorrt_runner  # noqa: PLC0415
 
     backends = manifest.backends
     exported = verified_path(bundle, manifest, "model.onnx")
@@ -201,7 +213,7 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
 
 
 def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task) -> PairResult:
-    from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415
+    from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415 - polygraphy is heavy
 
     ref_iters, act_iters = results[reference.runner.name], results[side.runner.name]
     names = list(ref_iters[0].keys())
@@ -268,9 +280,9 @@ def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
     """digits_cnn's test-split accuracy per runner (the zoo's one model with labelled data)."""
     if manifest.model.kind != "zoo" or manifest.model.name != "digits_cnn":
         return None
-    from polygraphy.comparator import Comparator  # noqa: PLC0415
+    from polygraphy.comparator import Comparator  # noqa: PLC0415 - polygraphy is heavy
 
-    from exporter.zoo.digits import digits_split  # noqa: PLC0415
+    from exporter.zoo.digits import digits_split, logits_accuracy  # noqa: PLC0415 - imports torch
 
     images, labels = digits_split("test")
     batch = manifest.inputs["x"].dims[0].max
@@ -280,7 +292,7 @@ def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
     accuracy = {}
     for side in sides:
         logits = np.concatenate([np.asarray(it["logits"]) for it in results[side.runner.name]])
-        accuracy[side.name] = float((logits.argmax(1) == labels).mean())
+        accuracy[side.name] = logits_accuracy(logits)
     return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import Manifest, golden_feeds, golden_points, verified_path
+from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet
 from exporter.core.errors import RuntimeInputError, UsageError
 from exporter.core.spec import InputSpec
 
@@ -71,9 +72,7 @@ def _golden(bundle: Path, manifest: Manifest) -> CompareData:
 
 
 def _random(spec: InputSpec, iterations: int, point: str, seed: int) -> CompareData:
-    from polygraphy.comparator import DataLoader  # noqa: PLC0415
-
-    from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet  # noqa: PLC0415
+    from polygraphy.comparator import DataLoader  # noqa: PLC0415 - polygraphy is heavy
 
     ranges = {}
     for tensor in spec:
@@ -96,7 +95,7 @@ def _random(spec: InputSpec, iterations: int, point: str, seed: int) -> CompareD
 def _zoo_entry(manifest: Manifest):
     if manifest.model.kind != "zoo":
         return None
-    from exporter.zoo import BY_NAME  # noqa: PLC0415
+    from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
 
     entry = BY_NAME.get(manifest.model.name)
     return entry if entry is not None and entry.calibration else None

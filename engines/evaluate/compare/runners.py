@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from engines.runtime import load
+from exporter.core.errors import InferenceError
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,6 @@ class TorchRunner(BaseRunner):
         flat = torch_outputs(self.module, {name: feed_dict[name] for name in self.spec.names})
         self.inference_time = time.perf_counter() - start
         if len(flat) != len(self.output_names):
-            from exporter.core.errors import InferenceError  # noqa: PLC0415
 
             raise InferenceError(f"the PyTorch model returns {len(flat)} tensors, the bundle has "
                                  f"{len(self.output_names)} outputs ({', '.join(self.output_names)})")
@@ -73,7 +75,7 @@ class TorchRunner(BaseRunner):
 
     def deactivate_impl(self):
         if self._old_threads is not None:
-            import torch  # noqa: PLC0415
+            import torch  # noqa: PLC0415 - imports torch
 
             torch.set_num_threads(self._old_threads)
             self._old_threads = None
@@ -89,8 +91,6 @@ class PlanforgeRunner(BaseRunner):
         self.engine = None
 
     def activate_impl(self):
-        from engines.runtime import load  # noqa: PLC0415
-
         self.engine = load(self.bundle, backend=self.backend, threads=self.threads)
 
     def get_input_metadata_impl(self):
@@ -110,8 +110,7 @@ class PlanforgeRunner(BaseRunner):
 def onnxrt_runner(path: Path, name: str, providers=("cpu",), optimize: bool = True):
     """Polygraphy's ONNX Runtime runner on a verified graph: its graph optimizations on, or off so the
     graph runs as written (the ``trt`` graph: Q/DQ emulated in float, see ``engines.build.int8``)."""
-    import onnxruntime as ort  # noqa: PLC0415
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx  # noqa: PLC0415
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx  # noqa: PLC0415 - polygraphy is heavy
 
     level = None if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=list(providers), graph_optimization_level=level),
@@ -120,8 +119,8 @@ def onnxrt_runner(path: Path, name: str, providers=("cpu",), optimize: bool = Tr
 
 def tensorrt_runner(plan: Path, name: str = "tensorrt"):
     """Polygraphy's TensorRT runner on the bundle's verified plan (a GPU and TensorRT required)."""
-    from polygraphy.backend.common import BytesFromPath  # noqa: PLC0415
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # noqa: PLC0415
+    from polygraphy.backend.common import BytesFromPath  # noqa: PLC0415 - polygraphy is heavy
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # noqa: PLC0415 - polygraphy is heavy
 
     return TrtRunner(EngineFromBytes(BytesFromPath(str(plan))), name=name)
 
