@@ -35,7 +35,7 @@ from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from exporter.core.errors import PassError
 from passes.base import Pass, PassResult
 from passes.infer_shapes import InferShapes
-from passes.quantize_trt import candidates, ensure_node_names
+from passes.quantization import candidates, ensure_node_names
 
 logger = logging.getLogger(__name__)
 

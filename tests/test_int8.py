@@ -6,12 +6,12 @@ import onnx
 import pytest
 from helpers import helper, make_model, ops, run_pass, seeded
 
-from engines.build.int8.data import load_calibration
-from engines.runtime.cpu import detect
 from engines.build.int8 import EMULATED, quantize_target
-from exporter.core.numerics import Budget
+from engines.build.int8.data import load_calibration
 from engines.build.int8.forms import candidates
+from engines.runtime.cpu import detect
 from exporter.core.errors import CalibrationError
+from exporter.core.numerics import Budget
 from exporter.core.spec import InputSpec
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, mse_range, save_ranges
 from passes.infer_shapes import InferShapes
@@ -167,9 +167,10 @@ def test_ort_forms_have_unsigned_activations_and_their_own_per_channel_weights(f
 
 
 def test_ort_units_cover_adds_between_two_convs_so_all_in_float_is_fp32():
-    from passes.quantize_ort import units
-    from passes.quantize_trt import candidates
     import onnx_graphsurgeon as gs
+
+    from passes.quantization import candidates
+    from passes.quantize_ort import units
 
     nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "W2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),

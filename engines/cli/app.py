@@ -206,8 +206,7 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
 @click.option("--allow-mixed", is_flag=True, help="Merge runs with different thread counts or CPU ISA classes.")
 def bench_summary(results, out, allow_mixed):
     """Summarize bench.json files as one Markdown table (largest batch per model)."""
-    from engines.evaluate.bench.report import (  # noqa: PLC0415 - per command: --help stays fast
-        check_comparable, load_results, summary_markdown)
+    from engines.evaluate.bench.report import check_comparable, load_results, summary_markdown  # noqa: PLC0415 - per command: --help stays fast
 
     docs = load_results(results)
     check_comparable(docs, allow_mixed)

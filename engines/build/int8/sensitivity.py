@@ -41,7 +41,8 @@ from exporter.core.errors import BuildError
 from exporter.core.numerics import Budget, budget_metric
 from passes import InferShapes, PassManager
 from passes.quantize_ort import QuantizeForOnnxRuntime, units as ort_units
-from passes.quantize_trt import QuantizeForTensorRT, candidates
+from passes.quantization import candidates
+from passes.quantize_trt import QuantizeForTensorRT
 from passes.verify import session
 
 logger = logging.getLogger(__name__)
