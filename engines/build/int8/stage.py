@@ -1,0 +1,61 @@
+"""The INT8 stage of a build: calibration data, activation ranges (cached in calibration.json) and
+the budgeted quantization of each target graph."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from engines.build.int8.data import load_calibration
+from engines.build.int8.sensitivity import Int8Result, quantize_target
+from engines.bundle import Calibration
+from engines.runtime.cpu import detect
+from exporter.core.numerics import Budget
+from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, save_ranges
+
+logger = logging.getLogger(__name__)
+
+
+def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: str, data_hash: str,
+               cache: Path | None) -> tuple[dict, str, bool]:
+    """(ranges, graph sha256, reused): from ``cache`` when graph, data and method match, else calibrated."""
+    graph_hash = graph_sha256(fp32)
+    if cache is not None and cache.is_file():
+        cached = load_ranges(cache, target, graph_hash, data_hash, method)
+        if cached is not None:
+            logger.info("INT8 %s: reusing calibration ranges from %s (graph and data unchanged)", target, cache)
+            return cached, graph_hash, True
+        logger.info("INT8 %s: %s does not match this graph, data and method; calibrating again", target, cache)
+    return calibrate(fp32, batches, method), graph_hash, False
+
+
+class Int8Stage:
+    """Calibration data, ranges (cached in calibration.json) and budgeted quantization per target."""
+
+    def __init__(self, root: Path, request, model, spec, cache: Path | None):
+        from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
+
+        entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
+        self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
+        self.data_hash = data_sha256(self.data.calibration)
+        self.budget = Budget.parse(request.budget, model.task)
+        self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
+        self.ranges: dict[str, dict] = {}
+        self.results: dict[str, Int8Result] = {}
+        self.reused: dict[str, bool] = {}
+
+    def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
+        ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
+                                                             self.data_hash, self.cache)
+        self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in sorted(ranges.items())}}
+        save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
+        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget,
+                                               ort_form=self.ort_form)
+        return self.results[target].model
+
+    def calibration(self) -> Calibration:
+        """The manifest's calibration section."""
+        return Calibration(self.method, self.data.source, self.data.samples, len(self.data.evaluation),
+                           self.data_hash, "calibration.json", dict(self.reused), self.budget, detect().isa)

@@ -1,0 +1,78 @@
+"""Shapes a build checks before it spends time: shape-tensor inputs get profile values from their
+value range, every profile's min and max shapes run on the exported graph, and the outputs' specs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+
+from engines.profiles import Profile
+from exporter.core.dtypes import ONNX_DTYPES
+from exporter.core.errors import UsageError
+from exporter.core.spec import InputSpec, OutputSpec
+from passes.verify import run_graph
+
+
+def output_specs(model: onnx.ModelProto) -> list[OutputSpec]:
+    specs = []
+    for out in model.graph.output:
+        ttype = out.type.tensor_type
+        shape = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in ttype.shape.dim)
+        specs.append(OutputSpec(out.name, ONNX_DTYPES.get(ttype.elem_type, str(ttype.elem_type)), shape))
+    return specs
+
+
+SHAPE_OPERANDS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Resize": 3}
+
+
+def shape_tensor_inputs(graph: onnx.ModelProto) -> list[str]:
+    """Integer graph inputs read as a shape operand (TensorRT shape tensors: profiles need their values)."""
+    inputs = {i.name for i in graph.graph.input if i.type.tensor_type.elem_type in (6, 7)}
+    return sorted({n.input[SHAPE_OPERANDS[n.op_type]] for n in graph.graph.node
+                   if n.op_type in SHAPE_OPERANDS and len(n.input) > SHAPE_OPERANDS[n.op_type]
+                   and n.input[SHAPE_OPERANDS[n.op_type]] in inputs})
+
+
+def with_shape_values(graph: onnx.ModelProto, spec: InputSpec, profiles: list[Profile]) -> list[Profile]:
+    """Shape-tensor inputs get profile values from the spec's value range lo..hi (min lo, opt and max hi-1)."""
+    names = shape_tensor_inputs(graph)
+    if not names or not profiles:
+        return profiles
+    values = {}
+    for name in names:
+        tensor = spec[name]
+        if tensor.value_range is None or tensor.rank != 1 or tensor.dims[0].is_dynamic:
+            raise UsageError(f"input {name!r} is a shape tensor (it feeds a shape operand); TensorRT profiles need "
+                             f"its values: give it a fixed length and a value range, e.g. {name}:int64:[2]:1..65")
+        n, (lo, hi) = tensor.dims[0].min, tensor.value_range
+        values[name] = ((lo,) * n, (hi - 1,) * n, (hi - 1,) * n)
+    return [dataclasses.replace(p, shape_values={**values, **p.shape_values}) for p in profiles]
+
+
+def check_profiles(graph: onnx.ModelProto, profiles: list[Profile]) -> None:
+    """Each profile's fixed dims equal the graph's, and the graph runs at its min and max shapes."""
+    inputs = {i.name: i for i in graph.graph.input}
+    for profile in profiles:
+        missing = [n for n in inputs if n not in profile.min]
+        if missing:
+            raise UsageError(f"profile {profile.name} does not cover inputs {', '.join(missing)}")
+        for point in ("min", "max"):
+            shapes = getattr(profile, point)
+            for name, shape in shapes.items():
+                dims = inputs[name].type.tensor_type.shape.dim
+                fixed = [(i, d.dim_value) for i, d in enumerate(dims) if d.HasField("dim_value")]
+                if len(dims) != len(shape) or any(shape[i] != v for i, v in fixed):
+                    raise UsageError(f"profile {profile.name}: input {name!r} {point} shape {list(shape)} does not "
+                                     f"fit the graph's dims {[d.dim_value or d.dim_param for d in dims]}")
+            rng = np.random.default_rng(0)
+            feeds = {n: (rng.standard_normal(s) if ONNX_DTYPES[inputs[n].type.tensor_type.elem_type].startswith("float")
+                         else np.ones(s)).astype(ONNX_DTYPES[inputs[n].type.tensor_type.elem_type])
+                     for n, s in shapes.items()}
+            try:
+                run_graph(graph, feeds)
+            except Exception as exc:  # noqa: BLE001 - ORT's own error types
+                raise UsageError(f"profile {profile.name}: the exported graph does not run at its {point} shapes "
+                                 f"{ {k: list(v) for k, v in shapes.items()} }: {str(exc).splitlines()[0][:200]}; "
+                                 "narrow the profile") from exc

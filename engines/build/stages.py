@@ -1,0 +1,205 @@
+"""The stages of ``planforge build``, each a small function: export (or load an .onnx MODEL), the
+reference outputs (parity with PyTorch, or ONNX Runtime on the .onnx file), the passes and
+precision per target, TensorRT, and the typed manifest. ``engines.build.pipeline`` runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from engines import __version__
+from engines.build.int8 import Int8Stage
+from engines.build.request import BuildRequest, target_precisions
+from engines.build.shapes import output_specs
+from engines.bundle import (Accuracy, Backends, Environment, ExportInfo, Manifest, ModelSource, OrtBackend,
+                            TrtBackend, golden_feeds, golden_key, golden_points)
+from engines.profiles import Profile
+from engines.runtime.cpu import detect
+from exporter.core.errors import BuildError, UsageError
+from exporter.core.numerics import graph_tolerance
+from exporter.core.spec import InputSpec
+from exporter.resolved import ResolvedModel
+from passes import PassManager, pipeline
+from passes.verify import run_graph, session
+from passes.convert_fp16 import fp32_nodes as kept
+from engines.trt.cache import build_or_reuse
+from passes.calibration import graph_sha256
+import onnxruntime
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onnx": "ort-graph",
+         "calibration.json": "calibration", "golden.npz": "golden", "report.json": "report",
+         "model.onnx.data": "external-data", "model.plan": "trt-plan", "model.layers.json": "trt-layers"}
+
+
+def roles(root: Path) -> dict[str, str]:
+    return {p.name: ROLES.get(p.name, "other") for p in root.iterdir()}
+
+
+def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec) -> tuple[ExportInfo, onnx.ModelProto]:
+    """``model.onnx`` in ``root``: exported from PyTorch, or the .onnx MODEL checked and copied. Returns the
+    export record and the graph as loaded (weights not needed: for shape checks)."""
+    exported = root / "model.onnx"
+    if model.module is not None:
+        from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
+
+        result = export_onnx(model.module, spec, model.output_names, exported, request.opset, request.exporter)
+        info = ExportInfo(result.exporter, result.fallback_reason, result.opset, round(result.seconds, 3),
+                          result.external_data, "pytorch")
+        return info, onnx.load(str(exported), load_external_data=False)
+    from exporter.export import save_checked  # noqa: PLC0415 - imports torch
+    from exporter.resolve import load_onnx  # noqa: PLC0415 - imports torch
+
+    source = load_onnx(model.onnx_path)
+    external = save_checked(source, exported)
+    opset = next((o.version for o in source.opset_import if o.domain in ("", "ai.onnx")), None)
+    return ExportInfo(None, None, opset, 0.0, external, "onnxruntime"), source
+
+
+def reference(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec) -> tuple[dict | None, dict]:
+    """golden.npz (reference inputs and outputs per shape point) and the parity report: PyTorch against
+    ONNX Runtime on the export, or, for an .onnx MODEL, ONNX Runtime on the file itself."""
+    if model.module is not None:
+        from exporter.parity import check_parity  # noqa: PLC0415 - imports torch
+
+        report = check_parity(model.module, root / "model.onnx", spec, request.parity_atol, request.parity_rtol,
+                              points=("opt",) if request.static else None)
+        for point, errs in report.points.items():
+            logger.info("parity at %s: %s", point, ", ".join(f"{n} max_abs={e.max_abs:.2g}" for n, e in errs.items()))
+        golden, parity = report.golden, report.to_json()
+    else:
+        golden, parity = _onnx_golden(model.onnx_path, spec, request.static), None
+    np.savez(root / "golden.npz", **golden)
+    with np.load(root / "golden.npz") as data:
+        return parity, {k: data[k] for k in data.files}
+
+
+def _onnx_golden(path: Path, spec: InputSpec, static: bool) -> dict:
+    from exporter.resolve import load_onnx  # noqa: PLC0415 - imports torch
+
+    source, golden = load_onnx(path), {}
+    for point in ("min", "max") if spec.is_dynamic and not static else ("opt",):
+        feeds = spec.random_feeds(point, seed=0)
+        try:
+            outputs = run_graph(source, feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT's own types
+            raise UsageError(
+                f"{path} does not run under ONNX Runtime at the {point} shapes "
+                f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0][:300]}. "
+                "Pass --input with the model's real ranges"
+            ) from exc
+        golden.update({golden_key(point, "in", k): v for k, v in feeds.items()})
+        golden.update({golden_key(point, "out", k): v for k, v in outputs.items()})
+    return golden
+
+
+@dataclasses.dataclass
+class TargetGraph:
+    """One target's graph after the passes and its precision, and what it recorded."""
+
+    target: str
+    precision: str
+    records: list[dict]
+    check: dict  # the graph against golden.npz
+    fp16_fp32_nodes: list[dict]
+
+
+def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelProto, frozen: list, golden: dict,
+             int8: Int8Stage | None, on_stage) -> TargetGraph:
+    """``model.<target>.onnx``: the target's passes (verified after each), then INT8 when asked."""
+    precision = target_precisions(request.precision)[target]
+    on_stage(f"passes ({target})")
+    steps = frozen + pipeline(target, "fp32" if int8 else precision, keep=request.keep_fp32)
+    verify = golden_feeds(golden) if request.verify_passes else []
+    optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
+    if int8 is not None:
+        on_stage(f"int8 ({target})")
+        optimized = int8.quantize(target, optimized)
+    name = f"model.{target}.onnx"
+    onnx.save_model(optimized, str(root / name))
+    fp32_nodes = []
+    if precision == "fp16":
+
+        fp32_nodes = kept(optimized, request.keep_fp32)
+    return TargetGraph(target, precision, [r.to_json() for r in records],
+                       check_graph(root / name, golden, precision, target), fp32_nodes)
+
+
+def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str) -> dict:
+    """The optimized graph against the reference outputs in golden.npz: the ``ort`` graph with ORT's
+    optimizations on (as it runs), the ``trt`` graph as written (float emulation, ``engines.build.int8``)."""
+    from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
+
+    sess = session(path, optimize=target != "trt")
+    names = [o.name for o in sess.get_outputs()]
+    points = {}
+    for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
+        actual = dict(zip(names, sess.run(names, feeds)))
+        expected = {n: golden[golden_key(point, "out", n)] for n in names}
+        points[point] = {n: compare(actual[n], expected[n], *graph_tolerance(precision, expected[n])).to_json()
+                         for n in names}
+    worst = {n: max(p[n]["max_abs"] for p in points.values()) for n in names}
+    ok = all(e["ok"] for p in points.values() for e in p.values())
+    if not ok:
+        raise BuildError(f"{path.name} ({precision}) differs from the reference beyond its budget: max abs "
+                         f"errors {worst}; keep sensitive nodes in FP32 with --keep-fp32 NAME_OR_OP")
+    return {"points": points, "worst": worst, "ok": ok, "precision": precision}
+
+
+def tensorrt(root: Path, request: BuildRequest, profiles: list[Profile], precision: str,
+             on_stage) -> tuple[TrtBackend, dict]:
+    """The TensorRT backend entry (a plan, or why not) and the TensorRT environment it built in."""
+
+    graph = root / "model.trt.onnx"
+    entry = build_or_reuse(graph, graph_sha256(onnx.load(str(graph))), profiles, request.trt,
+                           request.build_root / ".cache", root, request.force, request.require_trt, on_stage)
+    env = entry.pop("env", {})
+    return TrtBackend("model.trt.onnx", precision, **entry), env
+
+
+def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: str) -> Environment:
+    import torch  # noqa: PLC0415 - the build has torch; the runtime never reads this
+
+    return Environment(
+        python=platform.python_version(), platform=platform.platform(), machine=platform.machine(),
+        cpu_model=detect().model, cpu_isa=detect().isa, cpus=detect().cores,
+        torch=torch.__version__, onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
+        ort_providers=tuple(onnxruntime.get_available_providers()), tensorrt=trt_env.get("tensorrt"),
+        tensorrt_status=trt_skipped or f"TensorRT {trt_env.get('tensorrt')}",
+        cuda=trt_env.get("cuda", torch.version.cuda), gpu=trt_env.get("gpu"),
+        compute_capability=trt_env.get("compute_capability"),
+        hardware_compatibility_level=hardware_compatibility if trt_env else None)
+
+
+def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
+             profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
+             int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict) -> Manifest:
+    """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
+    return Manifest(
+        planforge_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        build_key=key,
+        model=ModelSource(model.name, model.kind, model.source, model.source_sha256, model.task),
+        inputs=spec, outputs=tuple(output_specs(graph)), profiles=tuple(profiles), precision=request.precision,
+        int8_float_layers=tuple(k for t in graphs for k in (int8.results[t].kept_float if int8 else ())),
+        fp16_fp32_nodes=tuple(n for g in graphs.values() for n in g.fp16_fp32_nodes),
+        calibration=int8.calibration() if int8 else None, export=export_info,
+        passes={t: g.records for t, g in graphs.items()},
+        backends=Backends(OrtBackend("model.ort.onnx", graphs["ort"].precision), trt_backend),
+        environment=environment(trt_env, trt_backend.skipped, request.trt.hardware_compatibility),
+        accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
+                          {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
+                          {t: r.report() for t, r in int8.results.items()} if int8 else None))
+
+
+def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:
+    report = {"parity": parity, "graphs": {f"model.{t}.onnx": g.check for t, g in graphs.items()}}
+    (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
