@@ -68,8 +68,16 @@ def tiny_manifest(**changes):
     """The smallest valid typed manifest (a one-input model, nothing built), for bundle-store tests."""
     import dataclasses
 
-    from engines.bundle import (Accuracy, Backends, Environment, ExportInfo, Manifest, ModelSource, OrtBackend,
-                                TrtBackend)
+    from engines.bundle import (
+        Accuracy,
+        Backends,
+        Environment,
+        ExportInfo,
+        Manifest,
+        ModelSource,
+        OrtBackend,
+        TrtBackend,
+    )
     from exporter.core.spec import InputSpec, OutputSpec
 
     manifest = Manifest("0", "2026-01-01T00:00:00+00:00", "key", ModelSource("m", "zoo", "m", "0" * 64),

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.evaluate.bench.bundles import Backend, BenchRequest, time_backend, bench
-from engines.evaluate.bench.report import summary_markdown, write_results
 from engines.build import BuildRequest, build
 from engines.bundle import read_manifest, verified_path
+from engines.evaluate.bench.bundles import Backend, BenchRequest, bench, time_backend
+from engines.evaluate.bench.report import summary_markdown, write_results
 from engines.runtime.cpu import detect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from helpers import tiny_manifest
 
 from engines.bundle import SCHEMA_VERSION, StagedBundle, read_manifest, verified_path

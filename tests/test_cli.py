@@ -217,3 +217,38 @@ def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(
     # peer runs the kernels as they are, so its accuracy depends on the CPU (it saturates without VNNI): not bounded
     assert rows["planforge int8 (ort form)"]["judged_by"] == f"ONNX Runtime CPU kernels on {detect().isa}"
     assert rows["planforge int8 (ort form)"]["value"] >= 0.9 and rows["fp32"]["value"] >= 0.95
+
+
+def test_a_target_that_cannot_be_int8_stays_fp32_unless_int8_is_required(run_cli, in_tmp):
+    """mlp's TensorRT form meets top-1 >= 0.99 only with every layer in float: that graph stays FP32."""
+    code, _, err = run_cli("build", "mlp", "--precision", "int8", "--require-int8", "trt")
+    assert code == 7 and "--require-int8 trt: model.trt.onnx cannot be INT8" in _one_error_line(err)
+    assert not (in_tmp / "build" / "mlp-int8").exists()
+    code, out, _ = run_cli("build", "mlp", "--precision", "int8")
+    assert code == 0 and "INT8 trt: model.trt.onnx stays FP32" in out and "INT8 ort: budget top1 >= 0.99 met" in out
+    manifest = read_manifest(in_tmp / "build" / "mlp-int8")
+    assert manifest.backends.trt.precision == "fp32" and manifest.backends.ort.precision == "int8"
+    trt, ort = manifest.int8_report("trt"), manifest.int8_report("ort")
+    assert not trt.quantized and "holds only with every layer in float" in trt.reason and ort.quantized
+    graphs = {t: onnx.load(str(in_tmp / "build" / "mlp-int8" / f"model.{t}.onnx")) for t in ("trt", "ort")}
+    assert not any(n.op_type == "QuantizeLinear" for n in graphs["trt"].graph.node)
+    assert any(n.op_type == "QuantizeLinear" for n in graphs["ort"].graph.node)
+
+
+def test_int8_upgrades_an_opset_12_graph_and_checks_the_upgrade(run_cli, in_tmp):
+    from helpers import helper, make_model, seeded
+
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
+    inits = {"W1": seeded((16, 8), 1), "b1": seeded((16,), 2), "W2": seeded((4, 16), 3), "b2": seeded((4,), 4)}
+    onnx.save(make_model(nodes, [("x", np.float32, ["n", 8])], [("y", np.float32, ["n", 4])], inits, opset=12),
+              in_tmp / "old.onnx")
+    code, out, err = run_cli("build", "old.onnx", "--precision", "int8", "--allow-random-calibration",
+                             "--input", "x:float32:[n=1..16@8,8]", "--budget", "relerr=0.5")
+    assert code == 0, err
+    for target in ("trt", "ort"):
+        graph = onnx.load(str(in_tmp / "build" / "old-int8" / f"model.{target}.onnx"))
+        assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 13
+        assert any(n.op_type == "DequantizeLinear" for n in graph.graph.node)
+    exported = onnx.load(str(in_tmp / "build" / "old-int8" / "model.onnx"))
+    assert exported.opset_import[0].version == 12  # the user's graph is kept as given

@@ -15,8 +15,8 @@ from engines.bundle import add_artifacts, read_manifest, verified_path
 from engines.evaluate.compare import CompareRequest, compare, cosine, top1
 from engines.evaluate.compare.data import load_data
 from engines.evaluate.compare.runners import TorchRunner
-from engines.runtime.cpu import detect
 from engines.evaluate.compare.tolerances import per_output, tolerances
+from engines.runtime.cpu import detect
 from exporter.core.errors import UsageError
 from exporter.core.numerics import Budget
 from exporter.core.spec import InputSpec
@@ -202,8 +202,11 @@ def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches
     with torch.no_grad():
         expected = [module(torch.from_numpy(b["x"])).numpy() for b in evaluation]
     got = [emulated.run(None, b)[0] for b in evaluation]
-    assert trt.budget["value"] == pytest.approx(float(np.mean(np.concatenate(
-        [e.argmax(-1) == g.argmax(-1) for e, g in zip(expected, got)]))))
+    # mlp's TensorRT form meets top-1 >= 0.99 only with every layer in float: that graph is FP32, not INT8
+    manifest = read_manifest(bundle)
+    assert manifest.backends.trt.precision == trt.precision == "fp32" and not manifest.int8_report("trt").quantized
+    assert trt.budget is None and trt.passed and not any(n.op_type == "QuantizeLinear"
+                                                         for n in onnx.load(str(bundle / "model.trt.onnx")).graph.node)
     assert trt.outputs["logits"]["max_abs"] == pytest.approx(max(float(np.abs(e - g).max()) for e, g in zip(expected, got)),
                                                              rel=1e-6)
     assert any("--graph-optimization-level ORT_DISABLE_ALL" in line and "model.trt.onnx" in line

@@ -5,9 +5,8 @@
 
 import functools
 
-import pytest
-
 import corpus
+import pytest
 
 SHARDS = 8
 

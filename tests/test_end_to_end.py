@@ -6,8 +6,8 @@ import pytest
 
 from engines import runtime
 from engines.build import BuildRequest, build
-from exporter.parity import torch_outputs
 from exporter.core.spec import InputSpec
+from exporter.parity import torch_outputs
 from exporter.zoo import BY_NAME
 
 CASES = {

@@ -7,9 +7,9 @@ import torch
 
 from exporter import export as export_mod
 from exporter.core.errors import ExportError, ParityError
+from exporter.core.spec import InputSpec
 from exporter.export import export_onnx
 from exporter.parity import check_parity, torch_outputs
-from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 from passes.verify import run_graph
 

@@ -11,11 +11,11 @@ from helpers import helper
 
 from engines.build import BuildRequest, build
 from engines.build.int8.data import load_calibration
+from engines.build.int8.forms import candidates
 from engines.evaluate.compare import CompareRequest, compare
+from engines.runtime import load
 from engines.runtime.cpu import detect
 from exporter.core.numerics import Budget, budget_metric
-from engines.build.int8.forms import candidates
-from engines.runtime import load
 from exporter.core.spec import InputSpec
 from exporter.zoo import BY_NAME
 from passes import PassManager, pipeline

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from exporter.parity import torch_outputs
-from exporter.zoo import BY_NAME, ENTRIES
-from exporter.zoo import digits
+from exporter.zoo import BY_NAME, ENTRIES, digits
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)

@@ -115,7 +115,10 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     if request.static:
 
         frozen, spec = [FreezeInputShapes(spec.shapes("opt"))], spec.frozen("opt")
-    int8 = Int8Stage(root, request, model, spec, calib_cache) if request.precision == "int8" else None
+    int8 = None
+    if request.precision == "int8":
+        graph = stages.int8_opset(graph, golden)
+        int8 = Int8Stage(root, request, model, spec, calib_cache)
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage) for t in TARGETS}
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)

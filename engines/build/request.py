@@ -35,6 +35,8 @@ class BuildRequest:
     allow_random_calibration: bool = False
     budget: str | None = None
     ort_int8_form: str = "auto"  # auto: measured among this CPU class's non-saturating forms
+    require_int8: tuple[str, ...] = ()  # trt, ort or all: a target that cannot be INT8 is an error, not float
+    int8_time_limit: float | None = 900.0  # seconds for each target's fallback search (None: no limit)
     profiles: tuple[str, ...] = ()
     profiles_auto: str | None = None
     static: bool = False
@@ -47,7 +49,7 @@ class BuildRequest:
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
                   "keep_fp32": sorted(self.keep_fp32), "calib": self.calib, "calib_method": self.calib_method,
                   "random_calibration": self.allow_random_calibration, "budget": self.budget,
-                  "ort_int8_form": self.ort_int8_form,
+                  "ort_int8_form": self.ort_int8_form, "require_int8": sorted(self.require_int8),
                   "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,
                   "trt": self.trt.to_json(),
                   "planforge": __version__, "schema": SCHEMA_VERSION}

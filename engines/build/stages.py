@@ -13,25 +13,36 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 
 from engines import __version__
 from engines.build.int8 import Int8Stage
 from engines.build.request import BuildRequest, target_precisions
 from engines.build.shapes import output_specs
-from engines.bundle import (Accuracy, Backends, Environment, ExportInfo, Manifest, ModelSource, OrtBackend,
-                            TrtBackend, golden_feeds, golden_key, golden_points)
+from engines.bundle import (
+    Accuracy,
+    Backends,
+    Environment,
+    ExportInfo,
+    Manifest,
+    ModelSource,
+    OrtBackend,
+    TrtBackend,
+    golden_feeds,
+    golden_key,
+    golden_points,
+)
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
+from engines.trt.cache import build_or_reuse
 from exporter.core.errors import BuildError, UsageError
 from exporter.core.numerics import graph_tolerance
 from exporter.core.spec import InputSpec
 from exporter.resolved import ResolvedModel
 from passes import PassManager, pipeline
-from passes.verify import run_graph, session
-from passes.convert_fp16 import fp32_nodes as kept
-from engines.trt.cache import build_or_reuse
 from passes.calibration import graph_sha256
-import onnxruntime
+from passes.convert_fp16 import fp32_nodes as kept
+from passes.verify import run_graph, session
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +112,39 @@ def _onnx_golden(path: Path, spec: InputSpec, static: bool) -> dict:
     return golden
 
 
+INT8_MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (the ``axis`` attribute)
+
+
+def int8_opset(graph: onnx.ModelProto, golden: dict) -> onnx.ModelProto:
+    """``graph`` at an opset INT8's Q/DQ can use: unchanged from 13 on; below, upgraded with ONNX's
+    version converter and checked on golden.npz's inputs against the original (FP32 tolerance), or
+    refused before any INT8 work."""
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), INT8_MIN_OPSET)
+    if opset >= INT8_MIN_OPSET:
+        return graph
+    from onnx import version_converter  # noqa: PLC0415 - only for old graphs
+
+    from exporter.parity import compare  # noqa: PLC0415 - imports torch
+
+    advice = f"export with --opset {INT8_MIN_OPSET} or later, or build FP32/FP16"
+    try:
+        upgraded = version_converter.convert_version(graph, INT8_MIN_OPSET)
+        upgraded.ir_version = min(upgraded.ir_version, graph.ir_version or upgraded.ir_version)
+        for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
+            before, after = run_graph(graph, feeds), run_graph(upgraded, feeds)
+            for name, value in before.items():
+                err = compare(after[name], value, *graph_tolerance("fp32", value))
+                if not err.ok:
+                    raise ValueError(f"output {name!r} at the {point} shapes differs by {err.max_abs:.3g}")
+    except Exception as exc:  # noqa: BLE001 - the converter and ONNX Runtime raise their own types
+        raise UsageError(f"INT8 needs opset {INT8_MIN_OPSET} or later (per-channel Q/DQ); the graph is opset {opset} "
+                         f"and ONNX's version converter could not upgrade it: {str(exc).splitlines()[0][:200]}; "
+                         f"{advice}") from exc
+    logger.info("INT8: upgraded the graph from opset %d to %d (ONNX's version converter; outputs checked)", opset,
+                INT8_MIN_OPSET)
+    return upgraded
+
+
 @dataclasses.dataclass
 class TargetGraph:
     """One target's graph after the passes and its precision, and what it recorded."""
@@ -123,6 +167,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     if int8 is not None:
         on_stage(f"int8 ({target})")
         optimized = int8.quantize(target, optimized)
+        precision = int8.precision(target)
     name = f"model.{target}.onnx"
     onnx.save_model(optimized, str(root / name))
     fp32_nodes = []
@@ -136,7 +181,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
 def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str) -> dict:
     """The optimized graph against the reference outputs in golden.npz: the ``ort`` graph with ORT's
     optimizations on (as it runs), the ``trt`` graph as written (float emulation, ``engines.build.int8``)."""
-    from exporter.parity import compare  # noqa: PLC0415 - exporter's comparison, one definition
+    from exporter.parity import compare  # noqa: PLC0415 - imports torch (exporter's comparison, one definition)
 
     sess = session(path, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]

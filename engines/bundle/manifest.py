@@ -180,6 +180,8 @@ class Int8Report:
     judged_by: str | None = None
     cpu_isa: str | None = None
     form: dict | None = None  # ort: {"form", "cpu_isa", "measured", "reason"}
+    quantized: bool = True  # False: the target's graph stayed float (``reason``); its backend precision says so
+    reason: str | None = None
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json(), kept_float=list(self.kept_float))

@@ -68,6 +68,12 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
               show_default=True, help="INT8 form of the ONNX Runtime graph. auto: the fastest accurate form among "
               "those that cannot saturate on this CPU's class (u8s8 with VNNI, AMX or ARM dot product; u8s8-rr or "
               "u8u8 without).")
+@click.option("--require-int8", multiple=True, type=click.Choice(["trt", "ort", "all"]),
+              help="Fail (exit 7) when this target's graph cannot be INT8 within the budget, instead of keeping it "
+                   "float (repeat, or all).")
+@click.option("--int8-time-limit", type=click.FloatRange(0), default=900.0, show_default=True,
+              help="Seconds for each target's INT8 fallback search; when they run out the best graph found is kept "
+                   "(0: no limit).")
 @click.option("--profile", "profiles", multiple=True, metavar="DIM=MIN..MAX@OPT,...",
               help="A TensorRT optimization profile, e.g. batch=1..8@4 (repeat for several).")
 @click.option("--profiles", "profiles_auto", metavar="auto:N[:DIM]", help="Split a dim's range into N profiles.")
@@ -82,7 +88,8 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--sparse-weights", is_flag=True)
 @click.option("--refit", is_flag=True)
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
-          calib, calib_method, allow_random_calibration, budget, ort_int8_form, profiles, profiles_auto, static,
+          calib, calib_method, allow_random_calibration, budget, ort_int8_form, require_int8, int8_time_limit,
+          profiles, profiles_auto, static,
           require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
     """Export MODEL, run the passes and write a bundle."""
     from engines.build import BuildRequest  # noqa: PLC0415 - per command: --help stays fast
@@ -94,7 +101,8 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
         model=model, out=out, inputs=tuple(inputs), precision=precision, force=force, opset=opset, exporter=exporter,
         parity_atol=parity_atol, parity_rtol=parity_rtol, verify_passes=verify_passes, keep_fp32=tuple(keep_fp32),
         calib=calib, calib_method=calib_method, allow_random_calibration=allow_random_calibration, budget=budget,
-        ort_int8_form=ort_int8_form, profiles=tuple(profiles), profiles_auto=profiles_auto, static=static,
+        ort_int8_form=ort_int8_form, require_int8=tuple(require_int8), int8_time_limit=int8_time_limit or None,
+        profiles=tuple(profiles), profiles_auto=profiles_auto, static=static,
         require_trt=require_trt,
         trt=TrtOptions(workspace_gib=workspace_gib, optimization_level=opt_level, strict_fp32=strict_fp32,
                        hardware_compatibility=hardware_compat, version_compatible=version_compatible,

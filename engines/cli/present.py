@@ -42,6 +42,11 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
     if worst is not None:
         console.print(f"parity PyTorch vs ONNX Runtime: max abs error {worst:.2g} (ok)")
     for target, report in (manifest.accuracy.int8 or {}).items():
+        if not report.quantized:
+            console.print(f"INT8 {target}: model.{target}.onnx stays FP32: {escape(report.reason or '')} "
+                          f"(all-INT8 {report.full_int8:.4f}; {_judged(report)}; --require-int8 {target} makes "
+                          "this an error)")
+            continue
         console.print(f"INT8 {target}: budget {report.budget} {'met' if report.met else 'NOT met'} "
                       f"({report.final:.4f}; all-INT8 {report.full_int8:.4f}; "
                       f"{len(report.kept_float)} of {report.candidates} layers kept in float; {_judged(report)})")

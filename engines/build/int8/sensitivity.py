@@ -28,20 +28,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from engines.build.int8.forms import FormChoice, choose
+from engines.build.int8.forms import candidates as form_candidates
 from engines.bundle import Int8Report
 from engines.runtime.cpu import detect
-from engines.build.int8.forms import FormChoice, candidates as form_candidates, choose
-from exporter.core.errors import BuildError
 from exporter.core.numerics import Budget, budget_metric
 from passes import InferShapes, PassManager
-from passes.quantize_ort import QuantizeForOnnxRuntime, units as ort_units
 from passes.quantization import candidates
+from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_ort import units as ort_units
 from passes.quantize_trt import QuantizeForTensorRT
 from passes.verify import session
 
@@ -78,19 +80,29 @@ class Int8Result:
     judged_by: str
     cpu_isa: str  # the CPU class the measurements ran on
     form: FormChoice | None = None  # ort: the Q/DQ form chosen for this CPU class
+    quantized: bool = True  # False: the target stays float (``reason`` says why); its graph holds no Q/DQ
+    reason: str | None = None
 
     def report(self) -> Int8Report:
         """The manifest's record of this result."""
         return Int8Report(self.budget, self.budget.met(self.final), self.full_int8, self.final, self.candidates,
                           tuple(self.kept_float), self.sensitivity, self.judged_by, self.cpu_isa,
-                          self.form.to_json() if self.form else None)
+                          self.form.to_json() if self.form else None, self.quantized, self.reason)
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
 def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
-                    on_step: Callable[[str], None] = lambda s: None, ort_form: str = "auto") -> Int8Result:
+                    on_step: Callable[[str], None] = lambda s: None, ort_form: str = "auto",
+                    time_limit: float | None = None) -> Int8Result:
     """Quantize ``fp32`` for ``target`` and fall back to float per layer until ``budget`` holds.
 
-    ``ort_form``: ``auto`` measures the candidate forms of this CPU's class, or one form, forced."""
+    ``ort_form``: ``auto`` measures the candidate forms of this CPU's class, or one form, forced.
+    ``time_limit``: seconds for the fallback search; when it runs out, the best graph found is kept.
+    A target whose budget holds only with every layer in float, or not at all, stays float
+    (``quantized=False``): a graph without Q/DQ is never called INT8."""
     reference = run_target(fp32, evaluation, target)
     ops = {n.name: n.op for n in UNITS[target](gs.import_onnx(fp32))}
     isa = detect().isa
@@ -116,30 +128,78 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
                 budget, judged_by(target))
     done = functools.partial(Int8Result, budget=budget, full_int8=full, candidates=len(ops),
                              judged_by=judged_by(target), cpu_isa=isa, form=choice)
+    if not has_qdq(model):
+        return _stays_float(done, fp32, target, full, {}, "the graph has no layer this target quantizes")
     if budget.met(full):
         return done(model, final=full, kept_float=[], sensitivity={})
     on_step(f"sensitivity ({target})")
-    model, value, excluded, sensitivity = _fall_back(ops, evaluate, budget, target, full)
-    kept = [{"name": n, "op": ops[n], "target": target,
-             "reason": f"sensitivity: quantized alone, {budget.metric} = {sensitivity[n]:.4f}"} for n in excluded]
+    search = FallbackSearch(ops, evaluate, budget, target, time_limit)
+    found = search.run()
+    if found is None:
+        return _stays_float(done, fp32, target, search.last, search.sensitivity, f"the budget {budget} is not met "
+                            f"even with every layer in float ({budget.metric} = {search.last:.4f})")
+    if not has_qdq(found[0]):
+        return _stays_float(done, fp32, target, found[1], search.sensitivity, f"the budget {budget} holds only "
+                            f"with every layer in float ({budget.metric} = {found[1]:.4f})")
+    model, value, excluded = found
+    kept = [{"name": n, "op": ops[n], "target": target, "reason": search.why(n)} for n in excluded]
     logger.info("INT8 %s: %d of %d layers kept in float; %s = %.4f", target, len(excluded), len(ops), budget.metric, value)
-    return done(model, final=value, kept_float=kept, sensitivity=sensitivity)
+    return done(model, final=value, kept_float=kept, sensitivity=search.sensitivity)
 
 
-def _fall_back(ops: dict[str, str], evaluate, budget: Budget, target: str, value: float):
-    """(model, value, layers in float, sensitivities): each layer quantized alone, then the most
-    sensitive left in float one by one until ``budget`` holds."""
-    sensitivity = {}
-    for name in ops:
-        _, value = evaluate(tuple(n for n in ops if n != name))
-        sensitivity[name] = value
-        logger.debug("sensitivity %s: %s alone quantized -> %.4f", target, name, value)
-    order = sorted(ops, key=lambda n: budget.loss(sensitivity[n]), reverse=True)
-    excluded: list[str] = []
-    for name in order:
-        excluded.append(name)
-        model, value = evaluate(tuple(excluded))
-        if budget.met(value):
-            return model, value, excluded, sensitivity
-    raise BuildError(f"INT8 ({target}) cannot meet the budget {budget} even with every layer in float "
-                     f"({budget.metric} = {value:.4f}); loosen --budget or build FP16/FP32")
+def _stays_float(done, fp32: onnx.ModelProto, target: str, value: float, sensitivity: dict, reason: str) -> Int8Result:
+    logger.warning("INT8 %s: %s; model.%s.onnx stays float", target, reason, target)
+    return done(fp32, final=value, kept_float=[], sensitivity=sensitivity, quantized=False, reason=reason)
+
+
+class FallbackSearch:
+    """Which layers stay in float: each layer's sensitivity (it alone quantized), then a bisection over
+    how many of the most sensitive stay in float: 1 + log2(N) evaluations after the N sensitivities,
+    where adding them one at a time took up to N. One INFO line per step (CLI logs show it on any
+    output). After ``time_limit`` seconds the layers not yet measured count as the most sensitive and
+    the bisection stops with the best graph found so far."""
+
+    def __init__(self, ops: dict[str, str], evaluate, budget: Budget, target: str, time_limit: float | None):
+        self.ops, self.evaluate, self.budget, self.target = ops, evaluate, budget, target
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.sensitivity: dict[str, float] = {}
+        self.last = float("nan")
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def why(self, name: str) -> str:
+        if name in self.sensitivity:
+            return f"sensitivity: quantized alone, {self.budget.metric} = {self.sensitivity[name]:.4f}"
+        return "not measured before the INT8 time limit: kept in float to be safe"
+
+    def run(self):
+        """(model, value, layers in float) for the fewest layers in float found to meet the budget, or None."""
+        for i, name in enumerate(self.ops, start=1):
+            if self.expired():
+                logger.warning("INT8 %s: time limit reached after %d of %d sensitivities", self.target, i - 1,
+                               len(self.ops))
+                break
+            _, self.sensitivity[name] = self.evaluate(tuple(n for n in self.ops if n != name))
+            logger.debug("sensitivity %s: %s alone quantized -> %.4f", self.target, name, self.sensitivity[name])
+        order = sorted(self.ops, key=lambda n: self.budget.loss(self.sensitivity.get(n, float("inf"))), reverse=True)
+        best = self._step(order, len(order))
+        if best is None:
+            return None
+        lo, hi = 0, len(order)  # lo: known not to meet the budget (all INT8); hi: meets it
+        while hi - lo > 1 and not self.expired():
+            mid = (lo + hi) // 2
+            found = self._step(order, mid)
+            if found is not None:
+                hi, best = mid, found
+            else:
+                lo = mid
+        return best
+
+    def _step(self, order: list[str], k: int):
+        model, value = self.evaluate(tuple(order[:k]))
+        self.last = value
+        met = self.budget.met(value)
+        logger.info("INT8 %s: %d of %d layers in float: %s = %.4f (budget %s): %s", self.target, k, len(order),
+                    self.budget.metric, value, self.budget, "met" if met else "not met")
+        return (model, value, order[:k]) if met else None

@@ -12,6 +12,7 @@ from engines.build.int8.data import load_calibration
 from engines.build.int8.sensitivity import Int8Result, quantize_target
 from engines.bundle import Calibration
 from engines.runtime.cpu import detect
+from exporter.core.errors import BuildError
 from exporter.core.numerics import Budget
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, save_ranges
 
@@ -42,6 +43,8 @@ class Int8Stage:
         self.data_hash = data_sha256(self.data.calibration)
         self.budget = Budget.parse(request.budget, model.task)
         self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
+        self.time_limit = request.int8_time_limit
+        self.required = {"trt", "ort"} if "all" in request.require_int8 else set(request.require_int8)
         self.ranges: dict[str, dict] = {}
         self.results: dict[str, Int8Result] = {}
         self.reused: dict[str, bool] = {}
@@ -51,9 +54,17 @@ class Int8Stage:
                                                              self.data_hash, self.cache)
         self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in sorted(ranges.items())}}
         save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
-        self.results[target] = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget,
-                                               ort_form=self.ort_form)
-        return self.results[target].model
+        result = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget, ort_form=self.ort_form,
+                                 time_limit=self.time_limit)
+        self.results[target] = result
+        if not result.quantized and target in self.required:
+            raise BuildError(f"--require-int8 {target}: model.{target}.onnx cannot be INT8: {result.reason}; "
+                             "loosen --budget, give more representative --calib data, or drop --require-int8")
+        return result.model
+
+    def precision(self, target: str) -> str:
+        """``int8``, or ``fp32`` for a target whose graph stayed float."""
+        return "int8" if self.results[target].quantized else "fp32"
 
     def calibration(self) -> Calibration:
         """The manifest's calibration section."""
