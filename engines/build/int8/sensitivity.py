@@ -153,11 +153,15 @@ def _stays_float(done, fp32: onnx.ModelProto, target: str, value: float, sensiti
 
 
 class FallbackSearch:
-    """Which layers stay in float: each layer's sensitivity (it alone quantized), then a bisection over
-    how many of the most sensitive stay in float: 1 + log2(N) evaluations after the N sensitivities,
-    where adding them one at a time took up to N. One INFO line per step (CLI logs show it on any
-    output). After ``time_limit`` seconds the layers not yet measured count as the most sensitive and
-    the bisection stops with the best graph found so far."""
+    """Which layers stay in float: each layer's sensitivity (it alone quantized), then the most sensitive
+    left in float one at a time until the budget holds, one INFO line per step (CLI logs show it on any
+    output). After ``time_limit`` seconds the layers not yet measured count as the most sensitive, and
+    once the search itself runs out of time every layer not yet tried stays in float too.
+
+    Tried and measured on resnet18 (16 held-out images, top-1 >= 0.99): a bisection over the count
+    (1 + log2 N evaluations) kept 22 of 26 (trt) and 33 of 48 (ort) layers in float where one at a time
+    kept 8 and 3: top-1 agreement on so few samples is not monotone in the count, so a faster search
+    needs a larger evaluation set first (issue 13)."""
 
     def __init__(self, ops: dict[str, str], evaluate, budget: Budget, target: str, time_limit: float | None):
         self.ops, self.evaluate, self.budget, self.target = ops, evaluate, budget, target
@@ -183,18 +187,15 @@ class FallbackSearch:
             _, self.sensitivity[name] = self.evaluate(tuple(n for n in self.ops if n != name))
             logger.debug("sensitivity %s: %s alone quantized -> %.4f", self.target, name, self.sensitivity[name])
         order = sorted(self.ops, key=lambda n: self.budget.loss(self.sensitivity.get(n, float("inf"))), reverse=True)
-        best = self._step(order, len(order))
-        if best is None:
-            return None
-        lo, hi = 0, len(order)  # lo: known not to meet the budget (all INT8); hi: meets it
-        while hi - lo > 1 and not self.expired():
-            mid = (lo + hi) // 2
-            found = self._step(order, mid)
+        for k in range(1, len(order) + 1):
+            if self.expired() and k < len(order):
+                logger.warning("INT8 %s: time limit reached; the %d layers not yet tried stay in float", self.target,
+                               len(order) - k + 1)
+                return self._step(order, len(order))
+            found = self._step(order, k)
             if found is not None:
-                hi, best = mid, found
-            else:
-                lo = mid
-        return best
+                return found
+        return None
 
     def _step(self, order: list[str], k: int):
         model, value = self.evaluate(tuple(order[:k]))
