@@ -45,23 +45,39 @@ PIPELINES: dict[tuple[str, str], tuple] = {
 }
 
 
-def pipeline(target: str, precision: str, **options) -> list:
+def pipeline(target: str, precision: str, skip: tuple[str, ...] = (), **options) -> list:
     """Fresh pass instances (and fixed-point groups) for ``target`` and ``precision``.
 
     ``options`` go to the passes whose constructor takes them (``keep=`` for ConvertToFp16).
+    ``skip``: pass names left out (``--skip-pass``); one that another pass requires is refused by the
+    pass manager, naming both.
     """
-
     key = (target, precision)
     if key not in PIPELINES:
         supported = ", ".join(f"{t}/{p}" for t, p in PIPELINES)
         raise UsageError(f"no pass pipeline for target {target!r} at precision {precision!r}; supported: {supported}")
-    return [_instantiate(step, dict(options, target=target)) for step in PIPELINES[key]]
+    known = {cls.__name__ for cls in _classes(PIPELINES[key])}
+    unknown = sorted(set(skip) - {cls.__name__ for key in PIPELINES for cls in _classes(PIPELINES[key])})
+    if unknown:
+        raise UsageError(f"--skip-pass {', '.join(unknown)}: no such pass; the {target}/{precision} pipeline runs "
+                         f"{', '.join(sorted(known))}")
+    steps = [s for s in (_instantiate(step, dict(options, target=target), set(skip)) for step in PIPELINES[key])
+             if s is not None]
+    return steps
 
 
-def _instantiate(step, options: dict):
-    """A class becomes an instance (given the options it takes); a tuple, a FixedPoint group."""
+def _classes(steps) -> list[type]:
+    return [c for step in steps for c in (_classes(step) if isinstance(step, tuple) else [step])]
+
+
+def _instantiate(step, options: dict, skip: set[str]):
+    """A class becomes an instance (given the options it takes); a tuple, a FixedPoint group; skipped
+    passes become None (and groups without passes too)."""
     if isinstance(step, tuple):
-        return FixedPoint([_instantiate(s, options) for s in step])
+        members = [m for m in (_instantiate(s, options, skip) for s in step) if m is not None]
+        return FixedPoint(members) if members else None
+    if step.__name__ in skip:
+        return None
     params = inspect.signature(step.__init__).parameters
     return step(**{k: v for k, v in options.items() if k in params})
 

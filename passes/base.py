@@ -35,6 +35,10 @@ class Pass:
 
     requires: ClassVar[tuple[type["Pass"], ...]] = ()
 
+    def hint(self) -> str:
+        """What a user can do when this pass breaks its numeric budget on their model."""
+        return f"skip this pass with --skip-pass {self.name} (and report the model: the pass should not fire there)"
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -193,6 +197,6 @@ class PassManager:
                 atol, rtol = tolerances[name]
                 raise PassError(
                     f"pass {p.name} changed output {name!r} by {err:.3g} (atol={atol:.3g}, rtol={rtol:g}) "
-                    f"at input shapes {shapes}; this is a bug in the pass: disable it or report it"
+                    f"at input shapes {shapes}; {p.hint()}"
                 )
             reference[k] = actual

@@ -14,9 +14,13 @@ stack. The rules here are few and explicit:
   the softmax and its input, exp/pow/sqrt/reciprocal, ranges and cumulative sums), when its
   op type or name is in the user's keep list, or when it holds a subgraph. Every other node that
   reads or writes float tensors computes in FP16.
-- FP32 initializers read only by FP16 nodes are stored as FP16, clipped to +-65504 (a -1e9
-  attention mask becomes -65504: still zero after softmax). Float ``Cast`` and ``Constant`` nodes
-  in FP16 regions produce FP16.
+- A node that reads a float initializer with values beyond FP16's +-65504 computes in FP32 (a
+  BatchNormalization whose running variance exceeds it; weights that large), recorded with the
+  reason, unless it is elementwise arithmetic (``CLIPPED_OPS``: Add, Sub, Mul, Div, Where, Max,
+  Min), where the large values are masks: a -1e9 attention mask becomes -65504, still zero after
+  softmax. That clipping is logged as a WARNING naming the constants.
+- FP32 initializers read only by FP16 nodes are stored as FP16. Float ``Cast`` and ``Constant``
+  nodes in FP16 regions produce FP16.
 - A ``Cast`` is inserted, once per tensor and direction, wherever a tensor crosses between the
   two precisions; graph inputs stay FP32 (cast on entry) and graph outputs stay FP32 (cast on exit,
   under the original name).
@@ -50,6 +54,7 @@ KEEP_FP32_OPS = frozenset({
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike", "Multinomial",
 })
 FIXED_FLOAT32_INPUTS = {"Resize": {2}, "Upsample": {1}}
+CLIPPED_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Max", "Min"})  # large constants here are masks
 
 
 def _is_float32(tensor: gs.Tensor) -> bool:
@@ -86,6 +91,10 @@ class ConvertToFp16(Pass):
     def budget(expected: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
         return {n: (fp16_atol(v), 0.0) for n, v in expected.items()}
 
+    def hint(self) -> str:
+        return ("keep the node that loses accuracy in FP32 with --keep-fp32 NAME_OR_OP (its name or op type, "
+                "see 'planforge inspect'), or skip the conversion with --skip-pass ConvertToFp16")
+
     def _keeps_fp32(self, node: gs.Node) -> str | None:
         if node.op in KEEP_FP32_OPS:
             return "op kept in FP32"
@@ -93,6 +102,12 @@ class ConvertToFp16(Pass):
             return "named in the keep list"
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
             return "holds a subgraph"
+        if node.op not in CLIPPED_OPS:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and _is_float32(tensor):
+                    peak = float(np.abs(np.asarray(tensor.values)).max(initial=0.0))
+                    if peak > FP16_MAX:
+                        return f"reads {tensor.name} with values up to {peak:.3g}, beyond FP16's {FP16_MAX:g}"
         return None
 
     def run(self, graph: gs.Graph) -> PassResult:
@@ -171,7 +186,7 @@ class ConvertToFp16(Pass):
     def _convert_initializers(self, graph: gs.Graph, half: set[int]) -> int:
         """FP32 constants read only by FP16 nodes become FP16 (one copy per constant)."""
         converted: dict[int, gs.Constant] = {}
-        clipped = 0
+        clipped, clipped_names = 0, set()
         for node in (n for n in graph.nodes if id(n) in half):
             fixed = FIXED_FLOAT32_INPUTS.get(node.op, set())
             for i, tensor in enumerate(list(node.inputs)):
@@ -179,7 +194,10 @@ class ConvertToFp16(Pass):
                     continue
                 if id(tensor) not in converted:
                     values = np.asarray(tensor.values)
-                    clipped += int(np.count_nonzero(np.abs(values) > FP16_MAX))
+                    over = int(np.count_nonzero(np.abs(values) > FP16_MAX))
+                    if over:
+                        clipped += over
+                        clipped_names.add(tensor.name)
                     readers_all_half = all(id(r) in half for r in tensor.outputs)
                     name = tensor.name if readers_all_half else fresh_name(graph, f"{tensor.name}_fp16")
                     new = gs.Constant(name, _to_half(values))
@@ -189,7 +207,9 @@ class ConvertToFp16(Pass):
                     converted[id(tensor)] = new
                 node.inputs[i] = converted[id(tensor)]
         if clipped:
-            logger.info("ConvertToFp16: %d weight values clipped to +-%g", clipped, FP16_MAX)
+            logger.warning("ConvertToFp16: %d values of %s clipped to +-%g (masks read by elementwise ops; keep a "
+                           "node in FP32 with --keep-fp32 to avoid it)", clipped, ", ".join(sorted(clipped_names)),
+                           FP16_MAX)
         return len(converted)
 
 

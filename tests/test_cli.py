@@ -252,3 +252,13 @@ def test_int8_upgrades_an_opset_12_graph_and_checks_the_upgrade(run_cli, in_tmp)
         assert any(n.op_type == "DequantizeLinear" for n in graph.graph.node)
     exported = onnx.load(str(in_tmp / "build" / "old-int8" / "model.onnx"))
     assert exported.opset_import[0].version == 12  # the user's graph is kept as given
+
+
+def test_skip_pass_on_the_command_line(run_cli, in_tmp):
+    code, _, _ = run_cli("export", "mlp", "-o", "mlp.onnx")
+    assert code == 0
+    code, out, _ = run_cli("optimize", "mlp.onnx", "-o", "o.onnx", "--target", "ort", "--skip-pass", "FuseGelu",
+                           "--input", "x:float32:[batch=1..4@2,64]")
+    assert code == 0 and "Gelu" not in [n.op_type for n in onnx.load("o.onnx").graph.node]
+    code, _, err = run_cli("build", "mlp", "--skip-pass", "FuseGelus")
+    assert code == 2 and "--skip-pass FuseGelus: no such pass" in _one_error_line(err)

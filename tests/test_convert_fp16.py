@@ -77,3 +77,34 @@ def test_fp16_casts_a_float_cast_of_an_integer_input_to_half():
     assert first.attribute[0].i == onnx.TensorProto.FLOAT16
     feeds = {"x": seeded((2, 4)), "mask": np.array([[1, 0, 1, 1], [0, 1, 1, 0]], np.int64)}
     _within_budget(model, out, feeds)
+
+
+def test_a_node_reading_values_beyond_fp16_stays_fp32_and_masks_are_clipped_with_a_warning(caplog):
+    """A BatchNormalization whose running variance exceeds 65504 keeps FP32 (recorded with the reason);
+    an elementwise Add of a -1e9 mask is still clipped to -65504, and the log names the constant."""
+    import logging
+
+    from passes.convert_fp16 import fp32_nodes
+
+    var = np.array([1.0, 2.0e5, 3.0, 7.0e4], F32)  # two channels beyond FP16's range
+    nodes = [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "mask"], ["y"], name="masked")]
+    inits = {"gamma": np.ones(4, F32), "beta": np.zeros(4, F32), "mean": np.zeros(4, F32), "var": var,
+             "mask": np.where(np.arange(3) < 2, 0.0, -1e9).astype(F32).reshape(1, 1, 1, 3)}
+    model = run_pass(InferShapes(), make_model(nodes, [("x", F32, [2, 4, 3, 3])], [("y", F32, [2, 4, 3, 3])],
+                                               inits))[1]
+    with caplog.at_level(logging.WARNING, logger="passes.convert_fp16"):
+        _, out = run_pass(ConvertToFp16(), model)
+    kept = {n["name"]: n["reason"] for n in fp32_nodes(out)}
+    assert "bn" in kept and "var with values up to 2e+05, beyond FP16's 65504" in kept["bn"]
+    var_out = next(i for i in out.graph.initializer if i.name == "var")
+    assert var_out.data_type == onnx.TensorProto.FLOAT  # not clipped: the node computes in FP32
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(var_out), var)
+    assert "1 values of mask clipped to +-65504" in caplog.text
+    feeds = {"x": seeded((2, 4, 3, 3), 5) * 300}
+    expected, actual = run_graph(model, feeds)["y"], run_graph(out, feeds)["y"]
+    finite = expected > -1e8  # the masked column: -1e9 in FP32, -65504 in FP16, both "masked"
+    budget = ConvertToFp16.budget({"y": np.where(finite, expected, 0)})["y"][0]
+    assert np.abs(actual[finite] - expected[finite]).max() <= budget
+    assert (actual[~finite] <= -65000).all()

@@ -143,7 +143,7 @@ def test_manager_enforces_declared_requirements():
 
 def test_manager_verification_names_the_pass_that_changed_the_numbers():
     manager = PassManager([InferShapes(), _FlipAddToSub()], verify_feeds=[FEEDS])
-    with pytest.raises(PassError, match="pass _FlipAddToSub changed output 'y'"):
+    with pytest.raises(PassError, match="pass _FlipAddToSub changed output 'y'.*--skip-pass _FlipAddToSub"):
         manager.run(_chain_model())
 
 
@@ -163,3 +163,25 @@ def test_every_pipeline_satisfies_its_own_requirements():
 
     for target, precision in PIPELINES:
         PassManager(pipeline(target, precision))
+
+
+def test_skip_pass_leaves_a_pass_out_refuses_unknown_names_and_keeps_requirements():
+    from exporter.core.errors import UsageError
+    from passes import pipeline
+
+    def names(steps):
+        return [n for s in steps for n in (names(s.passes) if hasattr(s, "passes") else [s.name])]
+
+    assert "FuseAttention" in names(pipeline("ort", "fp32"))
+    skipped = pipeline("ort", "fp32", skip=("FuseAttention", "FuseGelu"))
+    assert not {"FuseAttention", "FuseGelu"} & set(names(skipped)) and "FuseLayerNorm" in names(skipped)
+    PassManager(skipped)  # still a valid pipeline
+    assert names(pipeline("trt", "fp32", skip=("FuseAttention",))) == names(pipeline("trt", "fp32"))  # ort-only pass
+    with pytest.raises(UsageError, match="--skip-pass FuseAtention: no such pass; the ort/fp32 pipeline runs"):
+        pipeline("ort", "fp32", skip=("FuseAtention",))
+    with pytest.raises(PassError, match="requires InferShapes"):
+        PassManager(pipeline("trt", "fp16", skip=("InferShapes",)))
+    model = _chain_model()
+    out, records = PassManager(pipeline("ort", "fp32", skip=("FoldConstants",)), verify_feeds=[FEEDS]).run(model)
+    assert "FoldConstants" not in [r.name for r in records] and "Add" in ops(out)
+    assert_same_outputs(model, out, FEEDS)

@@ -30,6 +30,7 @@ class BuildRequest:
     verify_passes: bool = True
     build_root: Path = Path("build")
     keep_fp32: tuple[str, ...] = ()
+    skip_passes: tuple[str, ...] = ()  # pass names left out of both pipelines (--skip-pass)
     calib: str | None = None
     calib_method: str = "max"
     allow_random_calibration: bool = False
@@ -47,7 +48,7 @@ class BuildRequest:
         """What makes two builds the same: reuse a bundle only when this matches."""
         fields = {"model": self.model, "source_sha256": source_sha256, "inputs": str(spec), "precision": self.precision,
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
-                  "keep_fp32": sorted(self.keep_fp32), "calib": self.calib, "calib_method": self.calib_method,
+                  "keep_fp32": sorted(self.keep_fp32), "skip_passes": sorted(self.skip_passes), "calib": self.calib, "calib_method": self.calib_method,
                   "random_calibration": self.allow_random_calibration, "budget": self.budget,
                   "ort_int8_form": self.ort_int8_form, "require_int8": sorted(self.require_int8),
                   "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,

@@ -161,7 +161,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     """``model.<target>.onnx``: the target's passes (verified after each), then INT8 when asked."""
     precision = target_precisions(request.precision)[target]
     on_stage(f"passes ({target})")
-    steps = frozen + pipeline(target, "fp32" if int8 else precision, keep=request.keep_fp32)
+    steps = frozen + pipeline(target, "fp32" if int8 else precision, skip=request.skip_passes, keep=request.keep_fp32)
     verify = golden_feeds(golden) if request.verify_passes else []
     optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
     if int8 is not None:

@@ -49,7 +49,8 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
 
 
 def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
-                   verify: bool, keep_fp32: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
+                   verify: bool, keep_fp32: tuple[str, ...] = (),
+                   skip: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
     """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
 
     from exporter.parity import compare  # noqa: PLC0415 - imports torch
@@ -59,7 +60,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     spec = spec_from_onnx(model).override(inputs)
     points = ("min", "max") if spec.is_dynamic else ("opt",)
     feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
-    steps = pipeline(target, precision, keep=keep_fp32)
+    steps = pipeline(target, precision, skip=skip, keep=keep_fp32)
     optimized, records = PassManager(steps, verify_feeds=feeds if verify else None).run(model)
     worst: dict[str, float] = {}
     for f in feeds:

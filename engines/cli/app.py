@@ -40,6 +40,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+_skip_option = click.option("--skip-pass", "skip_passes", multiple=True, metavar="PASS",
+                            help="Leave this pass out of the pipelines (repeat), e.g. --skip-pass FuseAttention.")
 _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
                              help='Override an input, e.g. "x:float32:[batch=1..32@8,3,224,224]".')
 
@@ -87,10 +89,12 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--version-compatible", is_flag=True, help="Embed a lean runtime (loads on later TensorRT versions).")
 @click.option("--sparse-weights", is_flag=True)
 @click.option("--refit", is_flag=True)
+@_skip_option
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
           calib, calib_method, allow_random_calibration, budget, ort_int8_form, require_int8, int8_time_limit,
           profiles, profiles_auto, static,
-          require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit):
+          require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit,
+          skip_passes):
     """Export MODEL, run the passes and write a bundle."""
     from engines.build import BuildRequest  # noqa: PLC0415 - per command: --help stays fast
     from engines.build import build as run_build
@@ -100,6 +104,7 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
     request = BuildRequest(
         model=model, out=out, inputs=tuple(inputs), precision=precision, force=force, opset=opset, exporter=exporter,
         parity_atol=parity_atol, parity_rtol=parity_rtol, verify_passes=verify_passes, keep_fp32=tuple(keep_fp32),
+        skip_passes=tuple(skip_passes),
         calib=calib, calib_method=calib_method, allow_random_calibration=allow_random_calibration, budget=budget,
         ort_int8_form=ort_int8_form, require_int8=tuple(require_int8), int8_time_limit=int8_time_limit or None,
         profiles=tuple(profiles), profiles_auto=profiles_auto, static=static,
@@ -139,12 +144,14 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
-def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32):
+@_skip_option
+def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32, skip_passes):
     """Run the pass pipeline for one target on an .onnx file."""
     from engines.cli.actions import optimize_model  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import optimize_summary  # noqa: PLC0415 - per command: --help stays fast
 
-    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32))
+    records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32),
+                                    tuple(skip_passes))
     optimize_summary(console, out, records, worst)
 
 
