@@ -368,3 +368,14 @@ def test_fallback_search_past_its_time_limit_keeps_unmeasured_layers_in_float():
     _, value, excluded = found
     assert value == 1.0 and len(excluded) == 12
     assert search.why(excluded[0]).startswith("not measured before the INT8 time limit")
+
+
+def test_cosine_budget_takes_outputs_that_are_not_batch_first():
+    from exporter.core.numerics import budget_metric
+
+    rng = np.random.default_rng(0)
+    ref = [rng.standard_normal((4, 3)).astype(F32), rng.standard_normal((2, 4, 5)).astype(F32), np.float32(3.0)]
+    same = budget_metric(Budget("cosine", 0.99), [ref], [[x.copy() for x in ref]])
+    assert same == pytest.approx(1.0)
+    flipped = [ref[0], -ref[1], ref[2]]  # the time-major output reversed: its cosine is -1
+    assert budget_metric(Budget("cosine", 0.99), [ref], [flipped]) == pytest.approx((1 - 1 + 1) / 3)

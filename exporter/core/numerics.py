@@ -105,10 +105,13 @@ def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: lis
     if budget.metric == "cosine":
         cos = []
         for r, a in zip(reference, actual):
-            floats = [(x, y) for x, y in zip(r, a) if x.dtype.kind == "f"]
-            rr = np.concatenate([x.reshape(x.shape[0], -1) for x, _ in floats], axis=1)
-            aa = np.concatenate([y.reshape(y.shape[0], -1) for _, y in floats], axis=1)
-            cos.append(cosine_per_sample(rr, aa))
+            floats = [(np.atleast_1d(x), np.atleast_1d(y)) for x, y in zip(r, a) if x.dtype.kind == "f"]
+            if len({x.shape[0] for x, _ in floats}) == 1:  # batch-first outputs: one vector per sample
+                rr = np.concatenate([x.reshape(x.shape[0], -1) for x, _ in floats], axis=1)
+                aa = np.concatenate([y.reshape(y.shape[0], -1) for _, y in floats], axis=1)
+                cos.append(cosine_per_sample(rr, aa))
+            else:  # outputs whose first dims differ (time-major, state, scalars): one vector per output
+                cos += [cosine_per_sample(x.reshape(1, -1), y.reshape(1, -1)) for x, y in floats]
         return float(np.concatenate(cos).mean())
     worst = 0.0
     for r, a in zip(reference, actual):
