@@ -241,3 +241,40 @@ def test_a_changed_model_source_is_refused_as_reference_and_the_exported_graph_c
     assert result.ok and result.reference == "onnxruntime model.onnx"
     assert {p.runner for p in result.pairs} == ORT_SIDES - {"onnxruntime model.onnx"}
     assert json.loads((tmp_path / "r.json").read_text())["compare"]["reference"] == "onnxruntime model.onnx"
+
+
+def test_compare_repeats_the_build_verdict_on_the_stored_evaluation_batches(tmp_path, caplog):
+    """Any model, not only the zoo: the held-out batches travel in the bundle and are compare's default."""
+    import logging
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(10):  # every fifth batch is held out: 2 batches of 16 samples
+        np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
+    with caplog.at_level(logging.WARNING):
+        bundle = build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", calib=str(calib), build_root=tmp_path,
+                                    budget="cosine=0.99")).out
+    manifest = read_manifest(bundle)
+    assert manifest.calibration.evaluation_file == "evaluation.npz" and manifest.calibration.evaluation_samples == 32
+    assert manifest.artifacts["evaluation.npz"].role == "evaluation"
+    assert "only 32 held-out samples" not in caplog.text  # 32 is the documented minimum
+    result = compare(CompareRequest(bundle, report=tmp_path / "r.json", cache_dir=tmp_path / ".cache"))
+    assert result.data.source == "eval" and "evaluation.npz" in result.data.description
+    assert len(result.data.feeds) == 2
+    assert any(manifest.int8_report(t).quantized for t in ("ort", "trt"))
+    for target, runner in (("ort", "onnxruntime model.ort.onnx"), ("trt", "onnxruntime model.trt.onnx")):
+        report, pair = manifest.int8_report(target), next(p for p in result.pairs if p.runner == runner)
+        if report.quantized:  # the build's final metric, recomputed by compare against PyTorch
+            assert pair.budget["value"] == pytest.approx(report.final, abs=1e-4) and pair.budget["passed"]
+
+
+def test_a_small_held_out_set_is_warned_about(tmp_path, caplog):
+    import logging
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(5):
+        np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32))
+    with caplog.at_level(logging.WARNING):
+        build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", calib=str(calib), build_root=tmp_path))
+    assert "the budget is measured on only 4 held-out samples (fewer than 32)" in caplog.text

@@ -47,7 +47,8 @@ from passes.verify import run_graph, session
 logger = logging.getLogger(__name__)
 
 ROLES = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onnx": "ort-graph",
-         "calibration.json": "calibration", "golden.npz": "golden", "report.json": "report",
+         "calibration.json": "calibration", "evaluation.npz": "evaluation", "golden.npz": "golden",
+         "report.json": "report",
          "model.onnx.data": "external-data", "model.plan": "trt-plan", "model.layers.json": "trt-layers"}
 
 

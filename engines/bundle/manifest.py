@@ -156,6 +156,8 @@ class Calibration:
     reused: dict[str, bool]
     budget: Budget
     cpu_isa: str | None = None  # where the budget was measured
+    evaluation_file: str | None = None  # the held-out batches, kept for compare (None: too large)
+    evaluation_samples: int | None = None
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json())

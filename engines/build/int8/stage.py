@@ -11,12 +11,15 @@ import onnx
 from engines.build.int8.data import load_calibration
 from engines.build.int8.sensitivity import Int8Result, quantize_target
 from engines.bundle import Calibration
+from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from engines.runtime.cpu import detect
 from exporter.core.errors import BuildError
 from exporter.core.numerics import Budget
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, save_ranges
 
 logger = logging.getLogger(__name__)
+
+MIN_EVALUATION_SAMPLES = 32  # below this, a loud warning: the budget's verdict is coarse
 
 
 def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: str, data_hash: str,
@@ -48,6 +51,8 @@ class Int8Stage:
         self.ranges: dict[str, dict] = {}
         self.results: dict[str, Int8Result] = {}
         self.reused: dict[str, bool] = {}
+        self.evaluation_stored = save_evaluation(root / EVALUATION_FILE, self.data.evaluation)
+        _warn_if_small(self.data.evaluation)
 
     def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
         ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
@@ -69,4 +74,17 @@ class Int8Stage:
     def calibration(self) -> Calibration:
         """The manifest's calibration section."""
         return Calibration(self.method, self.data.source, self.data.samples, len(self.data.evaluation),
-                           self.data_hash, "calibration.json", dict(self.reused), self.budget, detect().isa)
+                           self.data_hash, "calibration.json", dict(self.reused), self.budget, detect().isa,
+                           EVALUATION_FILE if self.evaluation_stored else None, _samples(self.data.evaluation))
+
+
+def _samples(batches: list[dict]) -> int:
+    return sum(next(iter(b.values())).shape[0] if b else 0 for b in batches)
+
+
+def _warn_if_small(evaluation: list[dict]) -> None:
+    samples = _samples(evaluation)
+    if samples < MIN_EVALUATION_SAMPLES:
+        logger.warning("INT8: the budget is measured on only %d held-out samples (fewer than %d): one sample moves "
+                       "top-1 agreement by %.3f, so the verdict is coarse; give more calibration batches (every "
+                       "fifth is held out)", samples, MIN_EVALUATION_SAMPLES, 1 / max(samples, 1))

@@ -6,7 +6,9 @@
   point, values in each input's value range (integer inputs such as token ids stay valid; ``hi``
   is exclusive in the spec, inclusive in Polygraphy, so it is passed as ``hi - 1``), floats in
   [-1, 1] without one.
-- ``eval``: a zoo model's held-out evaluation batches, the data its INT8 budget was measured on.
+- ``eval``: the held-out batches the INT8 budget was measured on: the bundle's ``evaluation.npz``
+  (any model; sha256-checked), or for older bundles a zoo model's evaluation batches. The default
+  for INT8 bundles, so compare repeats the build's verdict.
 - ``PATH``: an ``.npz`` file (one iteration, keyed by input name) or a directory of them.
 
 Every iteration is checked against the input spec before any runner sees it.
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import Manifest, golden_feeds, golden_points, verified_path
+from engines.bundle.evaluation import load_evaluation
 from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet
 from exporter.core.errors import RuntimeInputError, UsageError
 from exporter.core.spec import InputSpec
@@ -45,13 +48,14 @@ def load_data(source: str, bundle: Path, manifest: Manifest, spec: InputSpec, it
               seed: int = 0, module=None) -> CompareData:
     """The feeds for ``source`` (see the module docstring); ``auto`` is ``eval`` for INT8 zoo bundles."""
     if source == "auto":
-        source = "eval" if manifest.precision == "int8" and _zoo_entry(manifest) is not None else "golden"
+        stored = manifest.calibration is not None and manifest.calibration.evaluation_file
+        source = "eval" if manifest.precision == "int8" and (stored or _zoo_entry(manifest) is not None) else "golden"
     if source == "golden":
         data = _golden(bundle, manifest)
     elif source == "random":
         data = _random(spec, iterations, point, seed)
     elif source == "eval":
-        data = _evaluation(manifest, module)
+        data = _evaluation(bundle, manifest, module)
     else:
         data = _files(Path(source))
     for i, feeds in enumerate(data.feeds):
@@ -101,10 +105,16 @@ def _zoo_entry(manifest: Manifest):
     return entry if entry is not None and entry.calibration else None
 
 
-def _evaluation(manifest: Manifest, module) -> CompareData:
+def _evaluation(bundle: Path, manifest: Manifest, module) -> CompareData:
+    stored = manifest.calibration.evaluation_file if manifest.calibration else None
+    if stored:
+        batches = load_evaluation(verified_path(bundle, manifest, stored))
+        return CompareData("eval", batches, f"{stored}: the {len(batches)} held-out batches the build's INT8 budget "
+                                            f"was measured on")
     entry = _zoo_entry(manifest)
     if entry is None or module is None:
-        raise UsageError(f"--data eval needs a zoo model with evaluation data and its PyTorch module; "
+        raise UsageError(f"--data eval needs the bundle's evaluation.npz (INT8 bundles) or a zoo model with "
+                         f"evaluation data and its PyTorch module; "
                          f"{manifest.model.name!r} has none. Use --data golden, random or a .npz path")
     _, evaluation = entry.calibration_data(module)
     return CompareData("eval", evaluation, f"the zoo's held-out evaluation batches for {entry.name} "
