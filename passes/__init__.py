@@ -56,14 +56,14 @@ def pipeline(target: str, precision: str, skip: tuple[str, ...] = (), **options)
     if key not in PIPELINES:
         supported = ", ".join(f"{t}/{p}" for t, p in PIPELINES)
         raise UsageError(f"no pass pipeline for target {target!r} at precision {precision!r}; supported: {supported}")
-    known = {cls.__name__ for cls in _classes(PIPELINES[key])}
-    unknown = sorted(set(skip) - {cls.__name__ for key in PIPELINES for cls in _classes(PIPELINES[key])})
+    anywhere = {cls.__name__ for steps in PIPELINES.values() for cls in _classes(steps)}  # both targets share skip
+    unknown = sorted(set(skip) - anywhere)
     if unknown:
+        here = sorted({cls.__name__ for cls in _classes(PIPELINES[key])})
         raise UsageError(f"--skip-pass {', '.join(unknown)}: no such pass; the {target}/{precision} pipeline runs "
-                         f"{', '.join(sorted(known))}")
-    steps = [s for s in (_instantiate(step, dict(options, target=target), set(skip)) for step in PIPELINES[key])
-             if s is not None]
-    return steps
+                         f"{', '.join(here)}")
+    instances = (_instantiate(step, dict(options, target=target), set(skip)) for step in PIPELINES[key])
+    return [s for s in instances if s is not None]
 
 
 def _classes(steps) -> list[type]:

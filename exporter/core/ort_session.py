@@ -8,6 +8,7 @@ NumPy-free; imports only onnxruntime, which every user of this module already ne
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -28,3 +29,15 @@ def create_session(source: bytes | str | Path, threads: int | None = None, optim
     """A session on a serialized model or a path."""
     model = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(model, session_options(threads, optimize), providers=list(providers))
+
+
+def time_runs(sess: ort.InferenceSession, feeds: dict, warmup: int, runs: int) -> list[float]:
+    """Milliseconds of ``runs`` timed ``sess.run`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return times

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-import time
 from typing import Callable
 
 import onnx
 
 from engines.runtime.cpu import saturates
 from exporter.core.errors import UsageError
+from exporter.core.ort_session import time_runs
 from passes.quantize_ort import FORMS
 from passes.verify import session
 
@@ -66,7 +66,8 @@ def choose(forms: tuple[str, ...], isa: str, quantize: Callable[[str], onnx.Mode
         names = [o.name for o in sess.get_outputs()]
         outputs = [sess.run(names, b) for b in batches]
         value = score(outputs)
-        measured[form] = {"metric": value, "latency_ms": round(_median_ms(sess, names, batches[0]), 4)}
+        latency = statistics.median(time_runs(sess, batches[0], warmup=1, runs=TIMED_RUNS))
+        measured[form] = {"metric": value, "latency_ms": round(float(latency), 4)}
         models[form] = model
         logger.info("INT8 ort form %s on %s: metric %.4f, %.3f ms per held-out batch", form, isa, value,
                     measured[form]["latency_ms"])
@@ -87,14 +88,3 @@ def _reason(form: str, forms: tuple[str, ...], accurate: list[str], isa: str) ->
     parts = ([f"faster than {', '.join(slower)} at the same accuracy"] if slower else []) + \
             ([f"more accurate than {', '.join(lost)}"] if lost else [])
     return f"{form}: {'; '.join(parts)} ({why})"
-
-
-def _median_ms(sess, names: list[str], feeds: dict) -> float:
-    sess.run(names, feeds)  # warm-up
-    times = []
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        sess.run(names, feeds)
-        times.append((time.perf_counter() - start) * 1000)
-    return float(statistics.median(times))
-

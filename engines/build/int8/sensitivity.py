@@ -1,6 +1,6 @@
 """INT8 with an accuracy budget: quantize, measure, and keep the most sensitive layers in float.
 
-1. Quantize every candidate layer (``passes.quantize_trt.candidates``: Conv, ConvTranspose, Gemm,
+1. Quantize every candidate layer (``passes.quantization.candidates``: Conv, ConvTranspose, Gemm,
    MatMul, including attention's activation-activation MatMuls, Gather embeddings, residual
    Adds; for the ``ort`` target also the other Adds and Muls ONNX Runtime's quantizer quantizes,
    ``passes.quantize_ort.units``) and measure the budget's metric against the FP32 graph on
