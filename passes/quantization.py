@@ -9,6 +9,8 @@ and symmetric per-channel weight scales. No pass here: ``QuantizeForTensorRT`` a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -77,6 +79,21 @@ def quantized_inputs(node: gs.Node, graph_quantized: set[str]) -> list[tuple[int
             return []  # a constant left operand (rare): not a layout TensorRT fuses
         out.append((i, kind))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What the sensitivity analysis keeps in float as one: an anchor layer and the nodes that follow it
+    into the same quantized tensor (for ONNX Runtime, a Conv and its Relu), excluded together."""
+
+    name: str  # the anchor node's name
+    op: str
+    nodes: tuple[str, ...]  # every node name excluded with it, the anchor first
+
+
+def trt_units(graph: gs.Graph) -> list[Unit]:
+    """The TensorRT form's units: each candidate layer on its own (Q/DQ sits only on their inputs)."""
+    return [Unit(n.name, n.op, (n.name,)) for n in candidates(graph)]
 
 
 def candidates(graph: gs.Graph) -> list[gs.Node]:

@@ -31,11 +31,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from exporter.core.errors import PassError
 from passes.base import Pass, PassResult
 from passes.infer_shapes import InferShapes
-from passes.quantization import candidates, ensure_node_names
+from passes.quantization import Unit, candidates, ensure_node_names
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +90,71 @@ class QuantizeForOnnxRuntime(Pass):
                                       "form": self.form.name})
 
 
-def units(graph: gs.Graph) -> list[gs.Node]:
-    """What the sensitivity analysis may keep in float for this target, in graph order: the shared
-    candidates plus every other Add and Mul, which ONNX Runtime's quantizer also quantizes (QLinearAdd,
-    QLinearMul) and which are often the sensitive ones (MobileNetV2's residual Adds between two Convs:
-    with only the candidates in float, top-1 agreement stayed at 0.69). ONNX Runtime quantizes more
-    (Pad, Sigmoid, Concat, Softmax, ...); making those units too measured worse on resnet18 (21 of 48
-    layers in float instead of 3, since ONNX Runtime fuses Conv and Relu and they want to leave INT8
-    together): they need grouping first (issue 13)."""
-    chosen = {n.name for n in candidates(graph)}
-    return [n for n in graph.nodes if n.name in chosen or n.op in ("Add", "Mul")]
+def quantizable_ops() -> frozenset[str]:
+    """The op types ``quantize_static`` quantizes in QDQ format when none are named: its QLinear and QDQ
+    registries together (read from the installed ONNX Runtime, so a new release's list is followed)."""
+    return frozenset(QLinearOpsRegistry) | frozenset(QDQRegistry)
+
+
+# Ops whose output ONNX Runtime quantizes with its input's range or fuses into the op before (Relu, Clip
+# after a Conv), or that only move or select values: they join the unit of the layer that feeds them, so
+# a layer kept in float takes its activation and data movement with it (measured: as separate units a
+# resnet18 Conv in float still had its Relu's Q/DQ on its output, 21 of 48 units ended in float).
+FOLLOWERS = frozenset({"Relu", "Clip", "LeakyRelu", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                       "Slice", "MaxPool", "AveragePool", "GlobalAveragePool", "Split", "Pad", "Resize", "TopK",
+                       "Concat", "Where", "Gather", "GatherElements", "CumSum", "ArgMax"})
+
+
+def units(graph: gs.Graph) -> list[Unit]:
+    """Everything ONNX Runtime's quantizer would quantize in this graph, as sensitivity units in graph order,
+    so that every unit in float is the float graph. A tensor stays float only when its producer and every
+    consumer are excluded (the quantizer Q/DQs a tensor any quantized node marks), so units are grouped:
+    each anchor (a candidate layer, Add, Mul, Softmax, Sigmoid, a normalization, ...) with the followers
+    (``FOLLOWERS``) that read its output, directly or through ops the quantizer does not touch. A follower
+    fed by a graph input (an input Pad, a Transpose of the raw input) is a unit of its own."""
+    ensure_node_names(graph)
+    quantizable, chosen = quantizable_ops(), {n.name for n in candidates(graph)}
+    owner: dict[str, int] = {}  # node name -> index into groups
+    groups: list[list[gs.Node]] = []
+    for node in graph.nodes:
+        if node.name not in chosen and (node.op not in quantizable or not _moves_floats(node)):
+            continue
+        if node.name not in chosen and node.op in FOLLOWERS:
+            upstream = _feeding_unit(node, owner, quantizable)
+            if upstream is not None:
+                owner[node.name] = upstream
+                groups[upstream].append(node)
+                continue
+        owner[node.name] = len(groups)
+        groups.append([node])
+    return [Unit(g[0].name, g[0].op, tuple(n.name for n in g)) for g in groups]
+
+
+def _moves_floats(node: gs.Node) -> bool:
+    """Whether a node reads or writes a float activation (shape arithmetic on int64 is never quantized)."""
+    def is_float(tensor: gs.Variable) -> bool:
+        try:
+            return tensor.dtype is None or np.issubdtype(np.dtype(tensor.dtype), np.floating)
+        except TypeError:  # a type NumPy has no dtype for (bfloat16 as an ONNX enum): not ours to judge
+            return True
+
+    return any(is_float(t) for t in list(node.inputs) + list(node.outputs) if isinstance(t, gs.Variable))
+
+
+def _feeding_unit(node: gs.Node, owner: dict[str, int], quantizable: frozenset[str], depth: int = 8) -> int | None:
+    """The unit of the nearest quantized node upstream of ``node``'s first variable input, walking up through
+    nodes the quantizer leaves alone (Erf, Div, Shape arithmetic), or None at a graph input."""
+    current = node
+    for _ in range(depth):
+        source = next((t for t in current.inputs if isinstance(t, gs.Variable) and t.inputs), None)
+        if source is None:
+            return None
+        current = source.inputs[0]
+        if current.name in owner:
+            return owner[current.name]
+        if current.op in quantizable:
+            return None
+    return None
 
 
 class _FromOrtQuantization(logging.Filter):

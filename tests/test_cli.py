@@ -69,7 +69,7 @@ def test_zoo_lists_every_model_with_its_inputs(run_cli):
     (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
     (("build", "bad_models.py:plain", "--precision", "int8"), 6, "INT8 needs calibration data"),
     (("build", "bad_models.py:plain", "--precision", "int8", "--calib", "nowhere"), 6, "neither a directory"),
-    (("build", "mlp", "--precision", "int8", "--budget", "top5=0.9"), 2, "expected top1=0.99"),
+    (("build", "mlp", "--precision", "int8", "--budget", "top5=0.9"), 2, "expected [OUTPUT:]METRIC[@STAT]=VALUE, e.g. top1=0.99"),
     (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
     (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
 ])
@@ -229,7 +229,7 @@ def test_a_target_that_cannot_be_int8_stays_fp32_unless_int8_is_required(run_cli
     manifest = read_manifest(in_tmp / "build" / "mlp-int8")
     assert manifest.backends.trt.precision == "fp32" and manifest.backends.ort.precision == "int8"
     trt, ort = manifest.int8_report("trt"), manifest.int8_report("ort")
-    assert not trt.quantized and "holds only with every layer in float" in trt.reason and ort.quantized
+    assert not trt.quantized and "holds only with every unit in float" in trt.reason and ort.quantized
     graphs = {t: onnx.load(str(in_tmp / "build" / "mlp-int8" / f"model.{t}.onnx")) for t in ("trt", "ort")}
     assert not any(n.op_type == "QuantizeLinear" for n in graphs["trt"].graph.node)
     assert any(n.op_type == "QuantizeLinear" for n in graphs["ort"].graph.node)

@@ -193,6 +193,36 @@ def test_ort_units_cover_adds_between_two_convs_so_all_in_float_is_fp32():
     np.testing.assert_allclose(run_graph(all_float, feeds)["y"], expected, atol=1e-6, rtol=1e-6)
 
 
+def test_ort_units_reach_every_tensor_the_quantizer_touches_with_followers_grouped():
+    import onnx_graphsurgeon as gs
+
+    from passes.quantize_ort import units
+
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], name="pad", mode="reflect"),  # fed by the graph input
+             helper.make_node("Conv", ["p", "W"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["m"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["m"], ["s"], name="sigmoid"),
+             helper.make_node("Concat", ["s", "m"], ["y"], name="concat", axis=1)]
+    model = make_model(nodes, [("x", F32, [1, 3, 6, 6])], [("y", F32, [1, 8, 3, 3])],
+                       {"W": seeded((4, 3, 3, 3), 1), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)})
+    model = run_pass(InferShapes(), model)[1]
+    feeds = {"x": seeded((1, 3, 6, 6), 2)}
+    ranges = {t: (-4.0, 4.0) for t in ("x", "p", "c", "r", "m", "s", "y")}
+    found = units(gs.import_onnx(model))
+    assert [u.nodes for u in found] == [("pad",), ("conv", "relu", "pool"), ("sigmoid", "concat")]
+    expected = run_graph(model, feeds)["y"]
+
+    everything = tuple(n for u in found for n in u.nodes)
+    _, all_float = run_pass(QuantizeForOnnxRuntime(ranges=ranges, exclude=everything), model)
+    assert "QuantizeLinear" not in ops(all_float)  # every unit in float is the float graph
+    np.testing.assert_allclose(run_graph(all_float, feeds)["y"], expected, atol=1e-6, rtol=1e-6)
+    _, input_pad_only = run_pass(QuantizeForOnnxRuntime(ranges=ranges, exclude=everything[1:]), model)
+    q_inputs = {n.input[0] for n in input_pad_only.graph.node if n.op_type == "QuantizeLinear"}
+    assert "x" in q_inputs  # quantizing the input Pad alone quantizes the graph input: a unit of its own
+    assert np.abs(run_graph(input_pad_only, feeds)["y"] - expected).max() > 1e-4
+
+
 # calibration -----------------------------------------------------------------------------------
 
 def _mlp():
@@ -335,39 +365,55 @@ def test_cosine_budget_fails_a_sample_that_collapsed_to_zero():
     assert not Budget("cosine", 0.99).met(budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]))
 
 
-def _search(n_layers, needed, time_limit=None):
-    """A FallbackSearch over layers l0..l{n-1} whose budget holds once the ``needed`` most harmful are in float."""
-    from engines.build.int8.sensitivity import FallbackSearch
+def _search(n_layers, heavy, time_limit=None, seen=None):
+    """A FallbackSearch over units l0..l{n-1}, the ``heavy`` ones (by index) far more harmful than the rest:
+    the error of a graph is the sum of its quantized units' harm (as squared errors roughly add), and the
+    budget holds once every heavy unit is in float."""
+    from engines.build.int8.sensitivity import FallbackSearch, Trial
+    from passes.quantization import Unit
 
-    harm = {f"l{i}": (i * 7) % n_layers + 1 for i in range(n_layers)}  # a distinct harm per layer
-    worst = sorted(harm, key=harm.get, reverse=True)[:needed]
+    names = [f"l{i}" for i in range(n_layers)]
+    harm = {n: (1.0 + i) if i in heavy else 1e-4 * (1 + i % 3) for i, n in enumerate(names)}
     calls = []
 
     def evaluate(excluded):
         calls.append(tuple(excluded))
-        remaining = [n for n in harm if n not in excluded]
-        if len(calls) <= n_layers and len(remaining) == 1:  # the sensitivities come first: one layer alone
-            return ("model", 1.0 - 0.01 * harm[remaining[0]])
-        return (("model", tuple(excluded)), 0.0 if set(worst) - set(excluded) else 1.0)
+        quantized = [n for n in names if n not in excluded]
+        met = not any(names[i] in quantized for i in heavy)
+        return Trial(tuple(excluded), 1.0 if met else 0.5, sum(harm[n] for n in quantized))
 
-    search = FallbackSearch({n: "MatMul" for n in harm}, evaluate, Budget("top1", 0.99), "trt", time_limit)
-    return search, search.run(), worst, calls
+    units = [Unit(n, "MatMul", (n, f"{n}_relu")) for n in names]  # an anchor with a follower
+    def strip_followers(excluded):
+        (seen if seen is not None else []).append(tuple(excluded))
+        return evaluate(tuple(e for e in excluded if not e.endswith("_relu")))
 
-
-def test_fallback_search_keeps_the_most_sensitive_layers_in_float_and_no_more():
-    for needed in (1, 5, 20):
-        search, found, worst, calls = _search(40, needed=needed)
-        _, value, excluded = found
-        assert value == 1.0 and excluded == worst  # exactly the most sensitive, in order of sensitivity
-        assert len(calls) == 40 + needed  # the sensitivities, then one evaluation per layer added
+    search = FallbackSearch(units, strip_followers, Budget("top1", 0.99), "trt", time_limit)
+    return search, search.run(), [names[i] for i in sorted(heavy, reverse=True)], calls
 
 
-def test_fallback_search_past_its_time_limit_keeps_unmeasured_layers_in_float():
-    search, found, _, calls = _search(12, needed=3, time_limit=0.0)
+def test_fallback_search_keeps_the_most_sensitive_units_in_float_with_fewer_evaluations_than_units():
+    for heavy in ({7}, {3, 20, 33}, {0, 1, 2, 3, 4, 5}):
+        search, found, worst, calls = _search(40, heavy)
+        trial, kept = found
+        assert trial.value == 1.0 and [u.name for u in kept] == worst  # exactly the heavy ones, worst first
+        assert search.evaluations == len(calls) < 40  # group testing: not one evaluation per unit
+        assert all(search.why(n).startswith("sensitivity: quantized alone") for n in worst)
+
+
+def test_fallback_search_reverts_a_unit_with_its_followers():
+    seen = []
+    search, found, _, _ = _search(9, {4}, seen=seen)
+    trial, kept = found
+    assert [u.nodes for u in kept] == [("l4", "l4_relu")] and trial.value == 1.0
+    assert ("l4", "l4_relu") in seen  # the follower was excluded with its anchor
+
+
+def test_fallback_search_past_its_time_limit_keeps_unmeasured_units_in_float():
+    search, found, _, calls = _search(12, {1, 5}, time_limit=0.0)
     assert search.sensitivity == {} and len(calls) == 1  # nothing measured: only "all in float" was tried
-    _, value, excluded = found
-    assert value == 1.0 and len(excluded) == 12
-    assert search.why(excluded[0]).startswith("not measured before the INT8 time limit")
+    trial, kept = found
+    assert trial.value == 1.0 and len(kept) == 12
+    assert search.why(kept[0].name).startswith("not measured before the INT8 time limit")
 
 
 def test_cosine_budget_takes_outputs_that_are_not_batch_first():
@@ -379,3 +425,62 @@ def test_cosine_budget_takes_outputs_that_are_not_batch_first():
     assert same == pytest.approx(1.0)
     flipped = [ref[0], -ref[1], ref[2]]  # the time-major output reversed: its cosine is -1
     assert budget_metric(Budget("cosine", 0.99), [ref], [flipped]) == pytest.approx((1 - 1 + 1) / 3)
+
+
+def test_budgets_per_output_with_statistics_parse_measure_and_round_trip():
+    from exporter.core.errors import UsageError
+    from exporter.core.numerics import budget_metric
+
+    rng = np.random.default_rng(0)
+    probs, boxes = rng.standard_normal((8, 5)).astype(F32), rng.uniform(0, 100, (8, 4)).astype(F32)
+    noisy_boxes = boxes.copy()
+    noisy_boxes[0, 0] += 10.0  # one outlier: 10% of the max |box| on one element, nothing elsewhere
+    flipped = probs.copy()
+    flipped[0] = -flipped[0]  # one sample's top-1 changes
+    names = ["probs", "boxes"]
+    ref, act = [[probs, boxes]], [[flipped, noisy_boxes]]
+
+    top1 = Budget.parse("probs:top1=0.85", None)
+    assert (top1.output, top1.metric, str(top1)) == ("probs", "top1", "probs:top1 >= 0.85")
+    assert budget_metric(top1, ref, act, names) == pytest.approx(7 / 8) and top1.met(7 / 8)
+    worst = Budget.parse("boxes:relerr=0.05", None)
+    value = budget_metric(worst, ref, act, names)
+    assert value == pytest.approx(10.0 / boxes.max(), rel=1e-5) and not worst.met(value)
+    quantile = Budget.parse("boxes:relerr@p90=0.05", None)  # one element in 32: the 90th percentile ignores it
+    assert budget_metric(quantile, ref, act, names) == 0.0 and quantile.met(0.0)
+    per_sample = Budget.parse("boxes:relerr@sample=0.05", None)
+    assert budget_metric(per_sample, ref, act, names) == pytest.approx(10.0 / boxes[0].max(), rel=1e-5)
+    cosine_min = Budget.parse("probs:cosine@min=0.5", None)
+    assert budget_metric(cosine_min, ref, act, names) == pytest.approx(-1.0)
+    for budget in (top1, worst, quantile, per_sample, cosine_min):
+        assert Budget.from_json(budget.to_json()) == budget
+    with pytest.raises(UsageError, match="no output 'logits'"):
+        Budget.parse("logits:top1=0.9", None).check_outputs(names)
+    with pytest.raises(UsageError, match="budget statistic top1@p99"):
+        Budget.parse("top1@p99=0.9", None)
+
+
+def test_a_user_metric_decides_the_budget_with_named_outputs_and_feeds(tmp_path):
+    from exporter.core.errors import UsageError
+    from exporter.core.numerics import budget_metric
+
+    hook = tmp_path / "task.py"
+    hook.write_text("import numpy as np\n"
+                    "def pitch_bins(reference, candidate, feeds):\n"
+                    "    same = float(np.mean(np.argmax(reference['probs'], -1) == np.argmax(candidate['probs'], -1)))\n"
+                    "    assert set(feeds) == {'x'} and feeds['x'].shape[0] == reference['probs'].shape[0]\n"
+                    "    return same, same >= 0.9\n")
+    budget = Budget.parse(None, None, metric_hook=f"{hook}:pitch_bins")
+    assert budget.metric == "user" and str(budget) == f"{hook}:pitch_bins passes"
+    rng = np.random.default_rng(1)
+    probs = [rng.standard_normal((4, 6)).astype(F32) for _ in range(3)]
+    feeds = [{"x": rng.standard_normal((4, 2)).astype(F32)} for _ in range(3)]
+    same = budget_metric(budget, [[p] for p in probs], [[p + 1e-3] for p in probs], ["probs"], feeds)
+    assert same == 1.0 and budget.met(same)
+    bad = budget_metric(budget, [[p] for p in probs], [[-p] for p in probs], ["probs"], feeds)
+    assert bad == 0.0 and not budget.met(bad) and budget.loss(bad) > budget.loss(same)
+    assert Budget.from_json(budget.to_json()) == budget
+    with pytest.raises(UsageError, match="--budget and --metric both given"):
+        Budget.parse("top1=0.9", None, metric_hook=f"{hook}:pitch_bins")
+    with pytest.raises(UsageError, match="has no function 'missing'"):
+        budget_metric(Budget("user", 0.0, hook=f"{hook}:missing"), [[probs[0]]], [[probs[0]]], ["probs"], feeds[:1])

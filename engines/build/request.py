@@ -35,6 +35,8 @@ class BuildRequest:
     calib_method: str = "max"
     allow_random_calibration: bool = False
     budget: str | None = None
+    state: tuple[str, ...] = ()  # --state OUT:IN: the INT8 budget runs its batches as a sequence
+    metric_hook: str | None = None  # --metric file.py:function (an absolute path): a user metric as the budget
     ort_int8_form: str = "auto"  # auto: measured among this CPU class's non-saturating forms
     require_int8: tuple[str, ...] = ()  # trt, ort or all: a target that cannot be INT8 is an error, not float
     int8_time_limit: float | None = 900.0  # seconds for each target's fallback search (None: no limit)
@@ -50,6 +52,7 @@ class BuildRequest:
                   "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
                   "keep_fp32": sorted(self.keep_fp32), "skip_passes": sorted(self.skip_passes), "calib": self.calib, "calib_method": self.calib_method,
                   "random_calibration": self.allow_random_calibration, "budget": self.budget,
+                  "metric_hook": self.metric_hook, "state": list(self.state),
                   "ort_int8_form": self.ort_int8_form, "require_int8": sorted(self.require_int8),
                   "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,
                   "trt": self.trt.to_json(),

@@ -158,19 +158,22 @@ class Calibration:
     cpu_isa: str | None = None  # where the budget was measured
     evaluation_file: str | None = None  # the held-out batches, kept for compare (None: too large)
     evaluation_samples: int | None = None
+    state: tuple[tuple[str, str], ...] = ()  # --state (output, input) pairs: the budget ran as a sequence
 
     def to_json(self) -> dict:
-        return dict(dataclasses.asdict(self), budget=self.budget.to_json())
+        return dict(dataclasses.asdict(self), budget=self.budget.to_json(), state=[list(p) for p in self.state])
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
-        return cls(**dict(_fields(cls, data), budget=_budget(data["budget"])))
+        return cls(**dict(_fields(cls, data), budget=_budget(data["budget"]),
+                          state=tuple(tuple(p) for p in data.get("state", ()))))
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8Report:
-    """One target's INT8 verdict: the budget, all-INT8 and final metric, what stayed in float, how it
-    was judged (float emulation for trt, this CPU class's kernels for ort) and the ort form chosen."""
+    """One target's INT8 verdict: the budget, all-INT8 and final metric, what stayed in float (units:
+    ``name``, ``op``, ``reason``, and ``with``: the nodes excluded with it), the sensitivity (relative
+    squared output error per unit), how it was judged (float emulation for trt, this CPU class's kernels for ort) and the ort form chosen."""
 
     budget: Budget
     met: bool
@@ -184,6 +187,7 @@ class Int8Report:
     form: dict | None = None  # ort: {"form", "cpu_isa", "measured", "reason"}
     quantized: bool = True  # False: the target's graph stayed float (``reason``); its backend precision says so
     reason: str | None = None
+    evaluations: int | None = None  # quantized graphs the search measured (None: a bundle from before it was recorded)
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json(), kept_float=list(self.kept_float))

@@ -64,8 +64,15 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
               show_default=True)
 @click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
-@click.option("--budget", metavar="METRIC=VALUE", help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 "
-              "[default by task].")
+@click.option("--budget", metavar="[OUTPUT:]METRIC[@STAT]=VALUE",
+              help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 [default by task]; OUTPUT: one output "
+                   "(probs:top1=0.99); STAT: relerr@mean|pNN|sample|channel, cosine@min|pNN (boxes:relerr@p99=0.05).")
+@click.option("--metric", "metric_hook", metavar="FILE.py:FUNCTION",
+              help="A task metric as the INT8 budget: FUNCTION(reference, candidate, feeds) -> (score, passed), "
+                   "dicts of arrays over the held-out batches; compare uses it too.")
+@click.option("--state", "state", multiple=True, metavar="OUTPUT:INPUT",
+              help="A stateful model's output that feeds an input on the next call (repeat): the INT8 budget and "
+                   "compare run their batches as a sequence, each graph feeding its own state back (drift counts).")
 @click.option("--ort-int8-form", type=click.Choice(["auto", "u8s8", "u8s8-rr", "u8u8"]), default="auto",
               show_default=True, help="INT8 form of the ONNX Runtime graph. auto: the fastest accurate form among "
               "those that cannot saturate on this CPU's class (u8s8 with VNNI, AMX or ARM dot product; u8s8-rr or "
@@ -91,7 +98,7 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--refit", is_flag=True)
 @_skip_option
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
-          calib, calib_method, allow_random_calibration, budget, ort_int8_form, require_int8, int8_time_limit,
+          calib, calib_method, allow_random_calibration, budget, metric_hook, state, ort_int8_form, require_int8, int8_time_limit,
           profiles, profiles_auto, static,
           require_trt, workspace_gib, opt_level, strict_fp32, hardware_compat, version_compatible, sparse_weights, refit,
           skip_passes):
@@ -106,7 +113,8 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
         parity_atol=parity_atol, parity_rtol=parity_rtol, verify_passes=verify_passes, keep_fp32=tuple(keep_fp32),
         skip_passes=tuple(skip_passes),
         calib=calib, calib_method=calib_method, allow_random_calibration=allow_random_calibration, budget=budget,
-        ort_int8_form=ort_int8_form, require_int8=tuple(require_int8), int8_time_limit=int8_time_limit or None,
+        metric_hook=str(Path(metric_hook.rpartition(":")[0]).resolve()) + ":" + metric_hook.rpartition(":")[2]
+        if metric_hook and ".py:" in metric_hook else metric_hook, state=tuple(state), ort_int8_form=ort_int8_form, require_int8=tuple(require_int8), int8_time_limit=int8_time_limit or None,
         profiles=tuple(profiles), profiles_auto=profiles_auto, static=static,
         require_trt=require_trt,
         trt=TrtOptions(workspace_gib=workspace_gib, optimization_level=opt_level, strict_fp32=strict_fp32,

@@ -49,7 +49,8 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
             continue
         console.print(f"INT8 {target}: budget {report.budget} {'met' if report.met else 'NOT met'} "
                       f"({report.final:.4f}; all-INT8 {report.full_int8:.4f}; "
-                      f"{len(report.kept_float)} of {report.candidates} layers kept in float; {_judged(report)})")
+                      f"{len(report.kept_float)} of {report.candidates} units kept in float"
+                      f"{f' after {report.evaluations} evaluations' if report.evaluations else ''}; {_judged(report)})")
     if backends.trt.skipped:
         console.print(f"TensorRT skipped: {escape(backends.trt.skipped)}")
 

@@ -8,7 +8,8 @@
   collapsed to zero on a sample fails a cosine budget instead of passing it.
 - INT8 budgets: ``top1=0.99`` (top-1 agreement with FP32 on the first output), ``cosine=0.99``
   (mean per-sample cosine over all float outputs), ``relerr=0.05`` (max |INT8 - FP32| / max |FP32|
-  per output).
+  per output); ``OUTPUT:`` picks one output, ``@STAT`` another statistic (relerr: mean, pNN,
+  sample, channel; cosine: min, pNN); ``user``: a ``file.py:function`` decides (``metric_hook``).
 
 NumPy and the standard library only.
 """
@@ -57,51 +58,129 @@ def top1_agreement(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
     return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
 
 
+def relative_squared_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+    """sum ||actual - ref||^2 / sum ||ref||^2 per float output over batches, averaged over outputs: a
+    continuous error that orders INT8 sensitivities where a coarse metric (top-1 on few samples) ties."""
+    errors = []
+    for k in range(len(reference[0]) if reference else 0):
+        if reference[0][k].dtype.kind != "f":
+            continue
+        num = sum(float(np.square(a[k].astype(np.float64) - r[k]).sum()) for r, a in zip(reference, actual))
+        den = sum(float(np.square(r[k].astype(np.float64)).sum()) for r in reference)
+        errors.append(num / den if den > 0 else float(num > 0))
+    return float(np.mean(errors)) if errors else 0.0
+
+
+class Score(float):
+    """A budget metric's value; ``passed`` is set where a user metric decides (None: the threshold does)."""
+
+    passed: bool | None = None
+
+    def __new__(cls, value: float, passed: bool | None = None) -> "Score":
+        obj = super().__new__(cls, value)
+        obj.passed = passed
+        return obj
+
+
+# Statistics a budget may take instead of its default (``METRIC@STAT``): relerr's default is ``max``
+# (the worst element over everything, normalized by the output's max |FP32|).
+RELERR_STATS = ("max", "mean", "sample", "channel")  # and pNN: the NN-th percentile of the elements' error
+COSINE_STATS = ("mean", "min")  # and pNN: the NN-th percentile of the per-sample cosines (p5: the worst 5%)
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """An INT8 accuracy budget: ``metric`` (top1 | cosine | relerr) against ``threshold``."""
+    """An INT8 accuracy budget: ``metric`` (top1 | cosine | relerr | user) against ``threshold``,
+    on one ``output`` (None: the metric's default: top1 the first output, the others every float
+    output) with a ``stat`` (``RELERR_STATS``, ``COSINE_STATS``, or ``pNN``). ``user``: ``hook`` names
+    ``file.py:function`` (``exporter.core.metric_hook``), which decides."""
 
     metric: str
     threshold: float
+    output: str | None = None
+    stat: str | None = None
+    hook: str | None = None
 
     def __post_init__(self):
-        if self.metric not in BUDGET_METRICS:
+        if self.metric not in BUDGET_METRICS + ("user",):
             raise UsageError(f"budget metric {self.metric!r}: expected one of {', '.join(BUDGET_METRICS)}")
+        if self.stat is not None and not _stat_ok(self.metric, self.stat):
+            allowed = {"relerr": RELERR_STATS, "cosine": COSINE_STATS}.get(self.metric, ())
+            raise UsageError(f"budget statistic {self.metric}@{self.stat}: expected "
+                             f"{' | '.join(allowed + ('pNN',)) if allowed else 'none for ' + self.metric}")
 
     @classmethod
-    def parse(cls, text: str | None, task: str | None) -> "Budget":
-        """``top1=0.99`` (the CLI's form); None: the task's default."""
+    def parse(cls, text: str | None, task: str | None, metric_hook: str | None = None) -> "Budget":
+        """``[OUTPUT:]METRIC[@STAT]=VALUE`` (the CLI's form: ``top1=0.99``, ``boxes:relerr@p99=0.05``,
+        ``cosine@min=0.98``); None: the task's default; ``metric_hook``: ``--metric file.py:function``."""
+        if metric_hook:
+            if text:
+                raise UsageError("--budget and --metric both given: a user metric decides on its own; give one")
+            return cls("user", 0.0, hook=metric_hook)
         text = text or DEFAULT_BUDGETS.get(task or "", "relerr=0.05")
-        metric, _, value = text.partition("=")
+        head, _, value = text.rpartition("=")
+        output, _, metric = head.rpartition(":")
+        metric, _, stat = metric.partition("@")
         if metric not in BUDGET_METRICS or not value:
-            raise UsageError(f"budget {text!r}: expected top1=0.99, cosine=0.99 or relerr=0.05")
+            raise UsageError(f"budget {text!r}: expected [OUTPUT:]METRIC[@STAT]=VALUE, e.g. top1=0.99, cosine=0.99, "
+                             "relerr=0.05, probs:top1=0.99 or boxes:relerr@p99=0.05")
         try:
-            return cls(metric, float(value))
+            threshold = float(value)
         except ValueError as exc:
             raise UsageError(f"budget {text!r}: {value!r} is not a number") from exc
+        return cls(metric, threshold, output or None, stat or None)
 
     def met(self, value: float) -> bool:
+        if self.metric == "user":
+            return bool(getattr(value, "passed", False))
         return value <= self.threshold if self.metric == "relerr" else value >= self.threshold
 
     def loss(self, value: float) -> float:
-        """Larger is worse, for ordering sensitivities."""
-        return value if self.metric == "relerr" else 1.0 - value
+        """Larger is worse, for ordering sensitivities (a user metric's score: higher is better)."""
+        return value if self.metric == "relerr" else (-value if self.metric == "user" else 1.0 - value)
+
+    def check_outputs(self, names: list[str]) -> None:
+        if self.output is not None and self.output not in names:
+            raise UsageError(f"budget {self}: no output {self.output!r}; the model's outputs are {', '.join(names)}")
 
     def to_json(self) -> dict:
-        return {"metric": self.metric, "threshold": self.threshold}
+        extra = {k: v for k, v in (("output", self.output), ("stat", self.stat), ("hook", self.hook)) if v}
+        return {"metric": self.metric, "threshold": self.threshold, **extra}
 
     @classmethod
     def from_json(cls, data: dict) -> "Budget":
-        return cls(data["metric"], float(data["threshold"]))
+        return cls(data["metric"], float(data["threshold"]), data.get("output"), data.get("stat"), data.get("hook"))
 
     def __str__(self) -> str:
-        return f"{self.metric} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}"
+        if self.metric == "user":
+            return f"{self.hook} passes"
+        name = f"{self.output + ':' if self.output else ''}{self.metric}{'@' + self.stat if self.stat else ''}"
+        return f"{name} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}"
 
 
-def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
-    """The budget's metric over batches (each a list of outputs in graph order)."""
+def _stat_ok(metric: str, stat: str) -> bool:
+    if stat.startswith("p"):
+        try:
+            return metric in ("relerr", "cosine") and 0.0 <= float(stat[1:]) <= 100.0
+        except ValueError:
+            return False
+    return stat in {"relerr": RELERR_STATS, "cosine": COSINE_STATS}.get(metric, ())
+
+
+def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]],
+                  names: list[str] | None = None, feeds: list[dict] | None = None) -> Score:
+    """The budget's metric over batches (each a list of outputs in graph order, named by ``names``)."""
+    if budget.metric == "user":
+        from exporter.core.metric_hook import call_metric  # noqa: PLC0415 - loads user code only when asked
+
+        return Score(*call_metric(budget.hook, reference, actual, names, feeds))
+    if budget.output is not None:
+        if names is None or budget.output not in names:
+            raise UsageError(f"budget {budget}: no output {budget.output!r} among {names}")
+        k = names.index(budget.output)
+        reference, actual = [[r[k]] for r in reference], [[a[k]] for a in actual]
     if budget.metric == "top1":
-        return top1_agreement([r[0] for r in reference], [a[0] for a in actual])
+        return Score(top1_agreement([r[0] for r in reference], [a[0] for a in actual]))
     if budget.metric == "cosine":
         cos = []
         for r, a in zip(reference, actual):
@@ -112,10 +191,44 @@ def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: lis
                 cos.append(cosine_per_sample(rr, aa))
             else:  # outputs whose first dims differ (time-major, state, scalars): one vector per output
                 cos += [cosine_per_sample(x.reshape(1, -1), y.reshape(1, -1)) for x, y in floats]
-        return float(np.concatenate(cos).mean())
+        values = np.concatenate(cos)
+        if budget.stat == "min":
+            return Score(values.min())
+        if budget.stat and budget.stat.startswith("p"):
+            return Score(np.percentile(values, float(budget.stat[1:])))
+        return Score(values.mean())
+    return Score(_relative_error(reference, actual, budget.stat or "max"))
+
+
+def _relative_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]], stat: str) -> float:
+    """The worst over float outputs of: |INT8 - FP32| normalized by the output's max |FP32| (``max``,
+    ``mean`` or the ``pNN`` percentile of the elements), by each sample's (``sample``: the worst sample's
+    max) or each channel's (``channel``: axis 1, the worst channel's max)."""
     worst = 0.0
-    for r, a in zip(reference, actual):
-        for x, y in zip(r, a):
-            scale = float(np.abs(x).max(initial=0.0)) or 1.0
-            worst = max(worst, float(np.abs(x.astype(np.float64) - y).max(initial=0.0)) / scale)
+    for k in range(len(reference[0]) if reference else 0):
+        if reference[0][k].dtype.kind != "f":
+            continue
+        refs = [np.atleast_1d(r[k]).astype(np.float64) for r in reference]
+        errs = [np.abs(np.atleast_1d(a[k]).astype(np.float64) - x) for a, x in zip(actual, refs)]
+        if stat in ("sample", "channel"):
+            axis = 0 if stat == "sample" else 1
+            per = []
+            for x, e in zip(refs, errs):
+                if x.ndim <= axis:
+                    x, e = x.reshape(1, -1), e.reshape(1, -1)
+                xx = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+                ee = np.moveaxis(e, axis, 0).reshape(e.shape[axis], -1)
+                scale = np.abs(xx).max(axis=1)
+                per.append(ee.max(axis=1) / np.where(scale > 0, scale, 1.0))
+            worst = max(worst, float(np.concatenate(per).max(initial=0.0)))
+            continue
+        scale = max(float(np.abs(x).max(initial=0.0)) for x in refs) or 1.0
+        flat = np.concatenate([e.reshape(-1) for e in errs]) / scale
+        if stat == "mean":
+            value = float(flat.mean()) if flat.size else 0.0
+        elif stat.startswith("p"):
+            value = float(np.percentile(flat, float(stat[1:]))) if flat.size else 0.0
+        else:
+            value = float(flat.max(initial=0.0))
+        worst = max(worst, value)
     return worst

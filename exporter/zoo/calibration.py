@@ -88,7 +88,7 @@ def digits(module, batch: int = 32):
     return calibration, evaluation
 
 
-def images(module, count: int = 80, batch: int = 4, size: int = 224, seed: int = 0, split: bool = True):
+def images(module, count: int = 160, batch: int = 4, size: int = 224, seed: int = 0, split: bool = True):
     """Smooth random images with per-image contrast and colour casts, ImageNet-normalized."""
     rng = np.random.default_rng(seed)
     low = rng.standard_normal((count, 3, size // 16, size // 16)).astype(np.float32)

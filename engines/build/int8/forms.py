@@ -23,6 +23,7 @@ import onnx
 from engines.runtime.cpu import saturates
 from exporter.core.errors import UsageError
 from exporter.core.ort_session import time_runs
+from exporter.core.sequence import StatePairs, run_sequence
 from passes.quantize_ort import FORMS
 from passes.verify import session
 
@@ -57,14 +58,15 @@ class FormChoice:
 
 
 def choose(forms: tuple[str, ...], isa: str, quantize: Callable[[str], onnx.ModelProto],
-           score: Callable[[list], float], loss: Callable[[float], float], batches: list[dict]) -> FormChoice:
+           score: Callable[[list], float], loss: Callable[[float], float], batches: list[dict],
+           state: StatePairs = ()) -> FormChoice:
     """Quantize in every form of ``forms``, measure each on ``batches``, keep the fastest accurate one."""
     measured, models = {}, {}
     for form in forms:
         model = quantize(form)
         sess = session(model, optimize=True)
         names = [o.name for o in sess.get_outputs()]
-        outputs = [sess.run(names, b) for b in batches]
+        outputs = run_sequence(lambda feed: sess.run(names, feed), names, batches, state)
         value = score(outputs)
         latency = statistics.median(time_runs(sess, batches[0], warmup=1, runs=TIMED_RUNS))
         measured[form] = {"metric": value, "latency_ms": round(float(latency), 4)}

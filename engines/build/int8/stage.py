@@ -15,6 +15,7 @@ from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from engines.runtime.cpu import detect
 from exporter.core.errors import BuildError
 from exporter.core.numerics import Budget
+from exporter.core.sequence import detect_state, parse_state
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, save_ranges
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,10 @@ class Int8Stage:
         entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
         self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
         self.data_hash = data_sha256(self.data.calibration)
-        self.budget = Budget.parse(request.budget, model.task)
+        self.budget = Budget.parse(request.budget, model.task, request.metric_hook)
         self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
         self.time_limit = request.int8_time_limit
+        self.requested_state, self.state = tuple(request.state), ()
         self.required = {"trt", "ort"} if "all" in request.require_int8 else set(request.require_int8)
         self.ranges: dict[str, dict] = {}
         self.results: dict[str, Int8Result] = {}
@@ -55,12 +57,14 @@ class Int8Stage:
         _warn_if_small(self.data.evaluation)
 
     def quantize(self, target: str, fp32: onnx.ModelProto) -> onnx.ModelProto:
+        self.state = parse_state(self.requested_state, [i.name for i in fp32.graph.input],
+                                 [o.name for o in fp32.graph.output]) if self.requested_state else _detected(fp32)
         ranges, graph_hash, self.reused[target] = ranges_for(fp32, target, self.data.calibration, self.method,
                                                              self.data_hash, self.cache)
         self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in sorted(ranges.items())}}
         save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
         result = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget, ort_form=self.ort_form,
-                                 time_limit=self.time_limit)
+                                 time_limit=self.time_limit, state=self.state)
         self.results[target] = result
         if not result.quantized and target in self.required:
             raise BuildError(f"--require-int8 {target}: model.{target}.onnx cannot be INT8: {result.reason}; "
@@ -75,7 +79,20 @@ class Int8Stage:
         """The manifest's calibration section."""
         return Calibration(self.method, self.data.source, self.data.samples, len(self.data.evaluation),
                            self.data_hash, "calibration.json", dict(self.reused), self.budget, detect().isa,
-                           EVALUATION_FILE if self.evaluation_stored else None, _samples(self.data.evaluation))
+                           EVALUATION_FILE if self.evaluation_stored else None, _samples(self.data.evaluation),
+                           tuple(self.state))
+
+
+def _detected(fp32: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
+    """State pairs read off the graph's names (``exporter.core.sequence.detect_state``), logged."""
+    def described(values):
+        return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
+
+    pairs = detect_state(described(fp32.graph.input), described(fp32.graph.output))
+    if pairs:
+        logger.info("INT8: %s look like state fed back; the budget runs the held-out batches as a sequence "
+                    "(--state OUT:IN names them yourself)", ", ".join(f"{o} -> {i}" for o, i in pairs))
+    return pairs
 
 
 def _samples(batches: list[dict]) -> int:

@@ -46,6 +46,7 @@ from engines.runtime import ORDER, BundleView, unavailable
 from engines.runtime.cpu import detect
 from exporter.core.errors import ComparisonFailed, UsageError
 from exporter.core.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
+from exporter.core.sequence import run_sequence
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -144,17 +145,43 @@ def compare(request: CompareRequest) -> CompareResult:
     sides, skipped = _sides(bundle, manifest, spec, outputs, module, request.threads)
     logger.info("comparing %s against %s on %s", ", ".join(s.name for s in sides[1:]), sides[0].name,
                 data.description)
+    state = manifest.calibration.state if manifest.calibration else ()
     with polygraphy_quiet():
-        results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
-                                 save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
+        if state:
+            results = _run_sequences(sides, data.feeds, state)
+        else:
+            results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
+                                     save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
     budget = manifest.calibration.budget if manifest.calibration else None
-    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task)
+    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds)
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
                            polygraphy_commands(bundle, manifest, pairs, request.save_inputs), _cpu(manifest))
     result.report = _write_report(bundle, result, request.report)
     return result
+
+
+def _run_sequences(sides: list[Side], feeds: list[dict], state) -> object:
+    """Polygraphy's RunResults for a stateful bundle: each runner runs the batches in order feeding its
+    own state outputs back (``exporter.core.sequence``); Comparator.run gives every runner the same
+    feeds, which would hide drift through the state."""
+    from polygraphy.comparator import IterationResult, RunResults  # noqa: PLC0415 - polygraphy is heavy
+
+    results = RunResults()
+    for side in sides:
+        with side.runner as runner:
+            names: list[str] = []
+
+            def infer(feed, runner=runner, names=names):
+                out = runner.infer(feed)
+                names[:] = list(out.keys())
+                return [np.ascontiguousarray(v) for v in out.values()]  # Polygraphy's comparator needs it
+
+            outputs = run_sequence(infer, names, feeds, state)  # ``names`` fills in on the first call
+            iterations = [IterationResult(dict(zip(names, out)), runner_name=runner.name) for out in outputs]
+        results.append((side.runner.name, iterations))
+    return results
 
 
 def _cpu(manifest: Manifest) -> dict:
@@ -212,7 +239,8 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
     return sides, skipped
 
 
-def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task) -> PairResult:
+def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task,
+                feeds: list[dict]) -> PairResult:
     from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415 - polygraphy is heavy
 
     ref_iters, act_iters = results[reference.runner.name], results[side.runner.name]
@@ -235,7 +263,7 @@ def _check_pair(results, reference: Side, side: Side, index: int, overrides: dic
     verdict = None
     if side.precision == "int8" and budget:
         verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in names] for it in ref_iters],
-                                  [[np.asarray(it[n]) for n in names] for it in act_iters])
+                                  [[np.asarray(it[n]) for n in names] for it in act_iters], names, feeds)
     passed = all(o["passed"] for o in outputs.values()) and (verdict is None or verdict["passed"])
     return PairResult(reference.name, side.name, side.precision, outputs, verdict, passed)
 
@@ -271,9 +299,9 @@ def top1(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
     return top1_agreement(reference, actual)
 
 
-def _budget_verdict(budget: Budget, reference: list, actual: list) -> dict:
-    value = budget_metric(budget, reference, actual)
-    return {"metric": budget.metric, "value": value, "budget": str(budget), "passed": budget.met(value)}
+def _budget_verdict(budget: Budget, reference: list, actual: list, names: list[str], feeds: list[dict]) -> dict:
+    value = budget_metric(budget, reference, actual, names, feeds)
+    return {"metric": budget.metric, "value": float(value), "budget": str(budget), "passed": budget.met(value)}
 
 
 def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:

@@ -79,7 +79,8 @@ def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: 
         scale = max((float(np.abs(a.astype(np.float64)).max(initial=0.0)) for a in arrays if a.size), default=0.0)
         atol, rtol = graph_tolerance(precision, np.array([scale]))
         stat, source = ("max" if precision == "fp16" else "elemwise"), "precision"
-        if precision == "int8" and budget and budget.metric == "relerr":
+        if precision == "int8" and budget and budget.metric == "relerr" and budget.stat in (None, "max") \
+                and budget.output in (None, name):
             atol, rtol, stat, source = budget.threshold * (scale or 1.0), 0.0, "max", "budget"
         tol = OutputTolerance(atol, rtol, stat, 0.99, source)
         given = {key: values.get(name, values.get("")) for key, values in overrides.items()}
