@@ -50,6 +50,15 @@ class Pass:
         """Per-output (atol, rtol) this pass may change outputs by; None: the manager's FP32 tolerance."""
         return None
 
+    def verification_model(self, before: onnx.ModelProto, after: onnx.ModelProto) -> onnx.ModelProto:
+        """The graph the manager runs to check this pass's numbers (default: its output as written)."""
+        return after
+
+    def repair(self, before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
+        """When the pass broke its budget: a change to its options that should fix it, described, after which
+        the manager runs it again on the graph as it was (None: no repair; the budget error stands)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{self.name}()"
 
@@ -164,8 +173,32 @@ class PassManager:
                 self._run_one(step, graph, model, reference, records)
         return to_model(graph, model), records
 
+    MAX_REPAIRS = 16
+
     def _run_one(self, p: Pass, graph: gs.Graph, model: onnx.ModelProto, reference, records: list) -> bool:
+        """Run ``p``; when verification fails and the pass can repair itself (``Pass.repair``), run it
+        again from the graph as it was, up to ``MAX_REPAIRS`` times."""
+        snapshot = to_model(graph, model) if self.verify_feeds and type(p).repair is not Pass.repair else None
+        for attempt in range(self.MAX_REPAIRS + 1):
+            try:
+                return self._run_once(p, graph, model, reference, records)
+            except PassError as exc:
+                failed = getattr(exc, "candidate", None)
+                if snapshot is None or failed is None or attempt == self.MAX_REPAIRS:
+                    raise
+                change = p.repair(snapshot, failed, exc.feeds)
+                if change is None:
+                    raise
+                logger.warning("%s broke its budget (%s); %s, and runs again", p.name, exc, change)
+                restored = gs.import_onnx(snapshot)
+                graph.nodes, graph.inputs, graph.outputs = restored.nodes, restored.inputs, restored.outputs
+                records.pop()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _run_once(self, p: Pass, graph: gs.Graph, model: onnx.ModelProto, reference, records: list) -> bool:
         before = op_counts(graph)
+        before_model = to_model(graph, model) if self.verify_feeds and type(p).verification_model is not \
+            Pass.verification_model else None
         start = time.perf_counter()
         try:
             result = p.run(graph)
@@ -180,14 +213,16 @@ class PassManager:
         log("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
             sum(before.values()), sum(record.nodes_after.values()))
         if result.changed and self.verify_feeds:
-            self._verify(p, to_model(graph, model), reference)
+            self._verify(p, to_model(graph, model), reference, before_model)
         return result.changed
 
-    def _verify(self, p: Pass, candidate: onnx.ModelProto, reference: list[dict[str, np.ndarray]]) -> None:
+    def _verify(self, p: Pass, candidate: onnx.ModelProto, reference: list[dict[str, np.ndarray]],
+                before: onnx.ModelProto | None = None) -> None:
         """Compare with the graph before the pass; the result becomes the next pass's reference."""
+        checked = p.verification_model(before, candidate) if before is not None else candidate
         for k, (feeds, expected) in enumerate(zip(self.verify_feeds, reference)):
             try:
-                actual = run_graph(candidate, feeds)
+                actual = run_graph(checked, feeds)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own types
                 raise PassError(f"after pass {p.name} the graph no longer runs under ONNX Runtime: {exc}") from exc
             tolerances = p.budget(expected) or {n: (self.atol, self.rtol) for n in expected}
@@ -195,8 +230,10 @@ class PassManager:
             if name is not None:
                 shapes = {key: list(v.shape) for key, v in feeds.items()}
                 atol, rtol = tolerances[name]
-                raise PassError(
+                error = PassError(
                     f"pass {p.name} changed output {name!r} by {err:.3g} (atol={atol:.3g}, rtol={rtol:g}) "
                     f"at input shapes {shapes}; {p.hint()}"
                 )
+                error.candidate, error.feeds = candidate, feeds  # for Pass.repair
+                raise error
             reference[k] = actual

@@ -86,6 +86,7 @@ class ConvertToFp16(Pass):
 
     def __init__(self, keep: tuple[str, ...] = ()):
         self.keep = frozenset(keep)
+        self.measured: tuple[str, ...] = ()  # nodes kept in FP32 after their FP16 error was measured (repair)
 
     @staticmethod
     def budget(expected: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
@@ -95,9 +96,26 @@ class ConvertToFp16(Pass):
         return ("keep the node that loses accuracy in FP32 with --keep-fp32 NAME_OR_OP (its name or op type, "
                 "see 'planforge inspect'), or skip the conversion with --skip-pass ConvertToFp16")
 
+    def verification_model(self, before, after):
+        """FP16 as stored: ONNX Runtime's CPU provider runs most FP16 ops by casting to FP32 and drops the
+        casts between neighbours, so an FP16 intermediate that overflows (a 160000 between two Muls)
+        never does there. The check runs ``emulate_fp16`` instead: ``before`` with each converted node's
+        float outputs and FP16 weights rounded through FP16 by explicit Casts, which it keeps."""
+        return emulate_fp16(before, after)
+
+    def repair(self, before, after, feeds) -> str | None:
+        """Keep in FP32 the node where FP16 error starts (``first_fp16_culprit``), measured on ``feeds``."""
+        name = first_fp16_culprit(before, emulate_fp16(before, after), feeds, skip=self.keep | set(self.measured))
+        if name is None:
+            return None
+        self.measured = (*self.measured, name)
+        return f"node {name!r} is where its FP16 error starts (measured): it is kept in FP32"
+
     def _keeps_fp32(self, node: gs.Node) -> str | None:
         if node.op in KEEP_FP32_OPS:
             return "op kept in FP32"
+        if node.name in self.measured:
+            return "its FP16 output broke the budget (measured)"
         if node.op in self.keep or node.name in self.keep:
             return "named in the keep list"
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
@@ -119,7 +137,10 @@ class ConvertToFp16(Pass):
             return PassResult(False)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         kept = sum(1 for n in graph.nodes if _float_tensors(n) and self._keeps_fp32(n))
-        return PassResult(True, {"fp16_nodes": len(half), "fp32_nodes": kept, "casts": casts, "weights": weights})
+        stats = {"fp16_nodes": len(half), "fp32_nodes": kept, "casts": casts, "weights": weights}
+        if self.measured:
+            stats["measured_fp32"] = list(self.measured)
+        return PassResult(True, stats)
 
     def _retype_outputs(self, graph: gs.Graph, half: set[int]) -> tuple[int, set[int]]:
         """FP16 nodes write FP16: output dtypes, Cast targets and Constant values change."""
@@ -213,10 +234,102 @@ class ConvertToFp16(Pass):
         return len(converted)
 
 
-def fp32_nodes(model, keep: tuple[str, ...] = ()) -> list[dict]:
-    """The float nodes of a converted ModelProto that compute in FP32, with the reason (for the manifest)."""
+def emulate_fp16(before, after):
+    """``before`` (FP32) computing as ``after`` stores: every float output of a node that ``after`` computes
+    in FP16 goes through Cast(FP16) -> Cast(FP32) under its own name, and every float initializer that
+    ``after`` holds in FP16 is rounded to FP16 values. Names are ``before``'s, so tensors line up."""
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    half_outputs = {o for n in after.graph.node for o in n.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in list(after.graph.value_info) + list(after.graph.output)}
+    half_inits = {i.name for i in after.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    model = onnx.ModelProto()
+    model.CopyFrom(before)
+    graph = model.graph
+    for init in graph.initializer:
+        if init.name in half_inits and init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(init)).astype(np.float32), init.name))
+    by_name = {n.name: n for n in after.graph.node if n.name}
+    cast_to_half = {o for n in after.graph.node if n.op_type == "Cast" and any(
+        a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute) for o in n.output}
+    nodes, rounded = [], set()
+    for node in graph.node:
+        twin = by_name.get(node.name)
+        if twin is not None and len(twin.input) == len(node.input):
+            for k, (name, converted) in enumerate(zip(node.input, twin.input)):
+                if name and converted != name and converted in cast_to_half:  # the pass cast this input to FP16
+                    if name not in rounded:
+                        nodes += [onnx.helper.make_node("Cast", [name], [f"{name}__in16"], to=onnx.TensorProto.FLOAT16),
+                                  onnx.helper.make_node("Cast", [f"{name}__in16"], [f"{name}__in32"],
+                                                        to=onnx.TensorProto.FLOAT)]
+                        rounded.add(name)
+                    node.input[k] = f"{name}__in32"
+        nodes.append(node)
+        for k, name in enumerate(node.output):
+            if name in half_outputs and types.get(name) == onnx.TensorProto.FLOAT16:
+                raw = f"{name}__fp32"
+                node.output[k] = raw
+                nodes += [onnx.helper.make_node("Cast", [raw], [f"{name}__fp16"], to=onnx.TensorProto.FLOAT16),
+                          onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], to=onnx.TensorProto.FLOAT)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def first_fp16_culprit(before, after, feeds: dict, skip=frozenset()) -> str | None:
+    """The node of ``before`` (FP32) whose output goes beyond the FP16 budget in ``after`` while every
+    input it reads is within it: where the error starts, not where it shows. Both graphs run with every
+    node output exposed; outputs keep their names through the conversion. If the error grows gradually
+    (no single start), the node with the largest growth from its inputs to its output."""
+    from passes.verify import run_graph  # noqa: PLC0415 - ONNX Runtime, only when repairing
+
+    reference, actual = run_graph(_all_outputs(before), feeds), run_graph(_all_outputs(after), feeds)
+
+    def error(name: str) -> float:
+        if name not in reference or name not in actual or reference[name].dtype.kind != "f":
+            return 0.0
+        r, a = reference[name].astype(np.float64), actual[name].astype(np.float64)
+        if r.shape != a.shape:
+            return 0.0
+        bound = fp16_atol(reference[name])
+        diff = np.where(np.isfinite(a), np.abs(a - r), np.inf)
+        return float(diff.max(initial=0.0)) / bound
+
+    growth: list[tuple[float, str]] = []
+    for node in before.graph.node:
+        if node.name in skip or not node.name:
+            continue
+        out = max((error(o) for o in node.output), default=0.0)
+        into = max((error(i) for i in node.input), default=0.0)
+        if out > 1.0 and into <= 1.0:
+            return node.name
+        if out > 1.0:
+            growth.append((out / max(into, 1e-12), node.name))
+    return max(growth)[1] if growth else None
+
+
+def _all_outputs(model):
+    """A copy of ``model`` whose outputs are every float node output (types left for ONNX Runtime to infer)."""
+    import onnx  # noqa: PLC0415
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output}
+    for node in copy.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                copy.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    return copy
+
+
+def fp32_nodes(model, keep: tuple[str, ...] = (), measured: tuple[str, ...] = ()) -> list[dict]:
+    """The float nodes of a converted ModelProto that compute in FP32, with the reason (for the manifest);
+    ``measured``: the nodes the pass kept after measuring (``ConvertToFp16.repair``)."""
     graph = gs.import_onnx(model)
     rule = ConvertToFp16(keep)
+    rule.measured = tuple(measured)
     return [{"name": n.name, "op": n.op, "reason": rule._keeps_fp32(n)}
             for n in graph.nodes if rule._keeps_fp32(n) and _float_tensors(n)]
 

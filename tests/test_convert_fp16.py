@@ -108,3 +108,42 @@ def test_a_node_reading_values_beyond_fp16_stays_fp32_and_masks_are_clipped_with
     budget = ConvertToFp16.budget({"y": np.where(finite, expected, 0)})["y"][0]
     assert np.abs(actual[finite] - expected[finite]).max() <= budget
     assert (actual[~finite] <= -65000).all()
+
+
+def test_a_node_whose_fp16_output_breaks_the_budget_is_measured_and_kept_in_fp32(caplog):
+    """(400 x)^2 overflows FP16 (up to 160000 > 65504) although every constant fits: the pass manager's
+    verification fails, the pass finds where the error starts (the square, then the Mul reading it
+    through a cast), keeps those in FP32 and runs again; the result meets the FP16 budget."""
+    from exporter.core.numerics import fp16_atol
+    from passes.base import PassManager
+    from passes.convert_fp16 import fp32_nodes
+
+    nodes = [helper.make_node("Mul", ["x", "c400"], ["m"], name="scale"),
+             helper.make_node("Mul", ["m", "m"], ["sq"], name="square"),
+             helper.make_node("Mul", ["sq", "c001"], ["y"], name="shrink"),
+             helper.make_node("Relu", ["y"], ["z"], name="relu")]
+    model = make_model(nodes, [("x", np.float32, [2, 64])], [("z", np.float32, [2, 64])],
+                       {"c400": np.array(400.0, np.float32), "c001": np.array(0.001, np.float32)})
+    feeds = [{"x": np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64)}]
+    expected = run_graph(model, feeds[0])["z"]
+    with caplog.at_level("WARNING"):
+        out, records = PassManager([InferShapes(), ConvertToFp16()], verify_feeds=feeds).run(model)
+    stats = next(r for r in records if r.name == "ConvertToFp16").stats
+    assert stats["measured_fp32"] == ["square", "shrink"]
+    assert "is where its FP16 error starts (measured)" in caplog.text
+    kept = {n["name"]: n["reason"] for n in fp32_nodes(out, (), tuple(stats["measured_fp32"]))}
+    assert kept == {"square": "its FP16 output broke the budget (measured)",
+                    "shrink": "its FP16 output broke the budget (measured)"}
+    assert {n.name: n.op_type for n in out.graph.node}["scale"] == "Mul"  # still FP16: its output fits
+    assert np.abs(run_graph(out, feeds[0])["z"] - expected).max() <= fp16_atol(expected)
+
+
+def test_fp16_repair_does_not_fire_when_the_budget_holds():
+    from passes.base import PassManager
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="r")]
+    model = make_model(nodes, [("x", np.float32, [2, 8])], [("z", np.float32, [2, 4])], {"W": seeded((8, 4), 1)})
+    feeds = [{"x": seeded((2, 8), 2)}]
+    out, records = PassManager([InferShapes(), ConvertToFp16()], verify_feeds=feeds).run(model)
+    assert "measured_fp32" not in next(r for r in records if r.name == "ConvertToFp16").stats
+    assert np.abs(run_graph(out, feeds[0])["z"] - run_graph(model, feeds[0])["z"]).max() < 1e-2

@@ -15,7 +15,7 @@ from exporter.core.numerics import Budget
 from exporter.core.spec import InputSpec
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, mse_range, save_ranges
 from passes.infer_shapes import InferShapes
-from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
 from passes.quantize_trt import QuantizeForTensorRT
 from passes.verify import run_graph
 
@@ -221,6 +221,35 @@ def test_ort_units_reach_every_tensor_the_quantizer_touches_with_followers_group
     q_inputs = {n.input[0] for n in input_pad_only.graph.node if n.op_type == "QuantizeLinear"}
     assert "x" in q_inputs  # quantizing the input Pad alone quantizes the graph input: a unit of its own
     assert np.abs(run_graph(input_pad_only, feeds)["y"] - expected).max() > 1e-4
+
+
+def test_the_compute_forms_quantize_layers_but_not_the_residual_arithmetic_around_them():
+    import onnx_graphsurgeon as gs
+
+    from passes.quantize_ort import units
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+             helper.make_node("Add", ["h", "x"], ["r"], name="residual"),
+             helper.make_node("LayerNormalization", ["r", "g", "b"], ["n"], name="norm", axis=-1),
+             helper.make_node("Relu", ["n"], ["y"], name="act")]
+    model = make_model(nodes, [("x", F32, [4, 8])], [("y", F32, [4, 8])],
+                       {"W": seeded((8, 8), 1), "g": np.ones(8, F32), "b": np.zeros(8, F32)})
+    model = run_pass(InferShapes(), model)[1]
+    feeds = {"x": seeded((4, 8), 2)}
+    ranges = calibrate(model, [feeds], "max")
+    expected = run_graph(model, feeds)["y"]
+    graph = gs.import_onnx(model)
+    assert [u.name for u in units(graph)] == ["proj", "residual", "norm"]  # every op the quantizer knows
+    compute = units(graph, FORMS["u8s8-compute"].op_types)
+    assert [u.nodes for u in compute] == [("proj", "act")]  # the Relu joins the layer upstream of the float norm
+    _, quantized = run_pass(QuantizeForOnnxRuntime(ranges=ranges, form="u8s8-compute"), model)
+    q_tensors = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "h"} <= q_tensors and not q_tensors & {"r", "n"}  # the Add's and the norm's outputs stay float
+    assert np.abs(run_graph(quantized, feeds)["y"] - expected).max() <= 0.05 * np.abs(expected).max()
+    _, all_float = run_pass(QuantizeForOnnxRuntime(ranges=ranges, form="u8s8-compute",
+                                                   exclude=tuple(n for u in compute for n in u.nodes)), model)
+    assert "QuantizeLinear" not in ops(all_float)
+    np.testing.assert_allclose(run_graph(all_float, feeds)["y"], expected, atol=1e-6, rtol=1e-6)
 
 
 # calibration -----------------------------------------------------------------------------------

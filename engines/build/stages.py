@@ -173,8 +173,8 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     onnx.save_model(optimized, str(root / name))
     fp32_nodes = []
     if precision == "fp16":
-
-        fp32_nodes = kept(optimized, request.keep_fp32)
+        measured = tuple(n for r in records if r.name == "ConvertToFp16" for n in r.stats.get("measured_fp32", ()))
+        fp32_nodes = kept(optimized, request.keep_fp32, measured)
     return TargetGraph(target, precision, [r.to_json() for r in records],
                        check_graph(root / name, golden, precision, target), fp32_nodes)
 

@@ -73,10 +73,11 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--state", "state", multiple=True, metavar="OUTPUT:INPUT",
               help="A stateful model's output that feeds an input on the next call (repeat): the INT8 budget and "
                    "compare run their batches as a sequence, each graph feeding its own state back (drift counts).")
-@click.option("--ort-int8-form", type=click.Choice(["auto", "u8s8", "u8s8-rr", "u8u8"]), default="auto",
+@click.option("--ort-int8-form", type=click.Choice(["auto", "u8s8", "u8s8-rr", "u8u8", "u8s8-compute",
+                                                   "u8s8-rr-compute", "u8u8-compute"]), default="auto",
               show_default=True, help="INT8 form of the ONNX Runtime graph. auto: the fastest accurate form among "
               "those that cannot saturate on this CPU's class (u8s8 with VNNI, AMX or ARM dot product; u8s8-rr or "
-              "u8u8 without).")
+              "u8u8 without), each over every op or (-compute) over Conv/Gemm/MatMul layers only.")
 @click.option("--require-int8", multiple=True, type=click.Choice(["trt", "ort", "all"]),
               help="Fail (exit 7) when this target's graph cannot be INT8 within the budget, instead of keeping it "
                    "float (repeat, or all).")

@@ -5,7 +5,10 @@ dot product) only ``u8s8``, the fastest form there; where ONNX Runtime's U8xS8 k
 in 16 bits (x86 without VNNI) ``u8s8-rr`` and ``u8u8``, never ``u8s8``, which saturates there
 (one layer's relative error 0.398 with the kernels against 0.0087 emulated, measured on AVX2).
 
-Each candidate is quantized in full and measured on the held-out batches: the budget's metric and
+Each form comes twice: over every op ONNX Runtime's quantizer knows, and over compute layers only
+(``-compute``: Conv, Gemm, MatMul and the data movement between them, not the elementwise arithmetic,
+normalizations and softmax; ``passes.quantize_ort.COMPUTE_OPS``). Each candidate is quantized in full
+and measured on the held-out batches: the budget's metric and
 the median latency of the first batch, with ONNX Runtime's graph optimizations on (as the bundle
 runs). The fastest candidate whose loss is within ``SLACK`` of the best candidate's wins; the
 record keeps every measurement and the reason.
@@ -42,7 +45,8 @@ def candidates(isa: str, asked: str = "auto") -> tuple[str, ...]:
             logger.warning("INT8 ort: form u8s8 forced on a %s CPU, whose U8xS8 kernels sum pairs in 16 bits and "
                            "can saturate; the budget is still measured here", isa)
         return (asked,)
-    return ("u8s8-rr", "u8u8") if saturates(isa) else ("u8s8",)
+    base = ("u8s8-rr", "u8u8") if saturates(isa) else ("u8s8",)
+    return base + tuple(f"{f}-compute" for f in base)  # each over every op, and over compute layers only
 
 
 @dataclasses.dataclass

@@ -45,7 +45,7 @@ from exporter.core.numerics import Budget, budget_metric, relative_squared_error
 from exporter.core.sequence import StatePairs, run_sequence
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
-from passes.quantize_ort import QuantizeForOnnxRuntime
+from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
 from passes.quantize_ort import units as ort_units
 from passes.quantize_trt import QuantizeForTensorRT
 from passes.verify import session
@@ -53,7 +53,6 @@ from passes.verify import session
 logger = logging.getLogger(__name__)
 
 QUANTIZERS = {"trt": QuantizeForTensorRT, "ort": QuantizeForOnnxRuntime}
-UNITS = {"trt": trt_units, "ort": ort_units}  # what each target's sensitivity analysis may keep in float
 
 
 EMULATED = "float emulation (ONNX Runtime, graph optimizations off)"
@@ -124,7 +123,6 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     names = [o.name for o in fp32.graph.output]
     budget.check_outputs(names)
     measure = functools.partial(budget_metric, budget, reference, names=names, feeds=evaluation)
-    units = UNITS[target](gs.import_onnx(fp32))
     isa = detect().isa
 
     def quantize(exclude: tuple[str, ...], form: str | None) -> onnx.ModelProto:
@@ -136,6 +134,9 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     if target == "ort":
         choice = choose(form_candidates(isa, ort_form), isa, lambda f: quantize((), f),
                         measure, budget.loss, evaluation, state)
+    # what can stay float: what this target's quantizer touches (for ort, in the op set of the chosen form)
+    graph = gs.import_onnx(fp32)
+    units = ort_units(graph, FORMS[choice.form].op_types) if choice else trt_units(graph)
 
     def evaluate(exclude: tuple[str, ...]) -> Trial:
         model = quantize(exclude, choice.form if choice else None)
@@ -152,7 +153,7 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     if budget.met(full.value):
         return done(full.model, final=full.value, kept_float=[], sensitivity={}, evaluations=1)
     on_step(f"sensitivity ({target})")
-    search = FallbackSearch(units, evaluate, budget, target, time_limit)
+    search = FallbackSearch(units, evaluate, budget, target, time_limit, full.error)
     found = search.run()
     evaluations = search.evaluations + 1
     if found is None:
@@ -215,12 +216,14 @@ class FallbackSearch:
     everywhere (the real-model suite, ``make test-real``, is the judge)."""
 
     def __init__(self, units: list[Unit], evaluate: Callable[[tuple[str, ...]], Trial], budget: Budget,
-                 target: str, time_limit: float | None):
+                 target: str, time_limit: float | None, full_error: float = float("inf")):
         self.units, self.evaluate, self.budget, self.target = units, evaluate, budget, target
         self.deadline = None if time_limit is None else time.monotonic() + time_limit
         self.sensitivity: dict[str, float] = {}
         self.shared: set[str] = set()  # units ranked by their group's error, never measured alone
-        self.last, self.last_model, self.evaluations = float("nan"), None, 0
+        self.last, self.last_model, self.last_error, self.evaluations = float("nan"), None, full_error, 0
+        self.met_errors: list[float] = []
+        self.failed_errors: list[float] = []
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -248,13 +251,14 @@ class FallbackSearch:
         for i, group in enumerate(groups):
             if self.expired():
                 break
-            trial = self._alone(group)
+            trial = self._record(self._alone(group))
             heapq.heappush(queue, (-self.budget.loss(trial.value), -trial.error, i, group))
             if len(group) == 1:
                 self.sensitivity[group[0].name] = trial.error
             logger.info("INT8 %s: group %d/%d (%d units from %s) alone: error %.3g, %s = %.4f", self.target, i + 1,
                         len(groups), len(group), group[0].name, trial.error, self.budget.metric, trial.value)
         reverted: list[Unit] = []
+        failing = 0  # the longest prefix of ``reverted`` known to fail the budget
         order = len(groups)
         while queue:
             if self.expired():
@@ -266,7 +270,7 @@ class FallbackSearch:
             *_, item = heapq.heappop(queue)
             if len(item) > 1:  # a group: measure its units alone
                 for unit in item:
-                    trial = self._alone([unit])
+                    trial = self._record(self._alone([unit]))
                     self.sensitivity[unit.name] = trial.error
                     order += 1
                     heapq.heappush(queue, (-self.budget.loss(trial.value), -trial.error, order, [unit]))
@@ -274,13 +278,42 @@ class FallbackSearch:
                             ", ".join(f"{self.sensitivity[u.name]:.3g}" for u in item))
                 continue
             reverted.append(item[0])
+            # squared errors roughly add: the last measured graph's error less what was reverted since
+            predicted = self.last_error - sum(self.sensitivity.get(u.name, 0.0) for u in reverted[failing:])
+            if queue and predicted > max(self.tolerable(), self.last_error / 2):
+                continue  # predicted to fail: revert more before measuring (at least every halving)
             found = self._step(reverted)
-            if found is not None:
-                self._share(queue)
-                return found
+            if found is None:
+                failing = len(reverted)
+                continue
+            self._share(queue)
+            return self._narrow(reverted, failing, found)
         if len(reverted) < len(self.units):  # the time limit cut the ranking short: the rest were never measured
             return self._step(reverted + [u for u in self.units if u not in reverted])
         return None
+
+    def _record(self, trial: Trial) -> Trial:
+        """Learn the error the budget tolerates from every measured graph."""
+        (self.met_errors if self.budget.met(trial.value) else self.failed_errors).append(trial.error)
+        return trial
+
+    def tolerable(self) -> float:
+        """The largest relative squared error seen to meet the budget, below any seen to fail it."""
+        met = [e for e in self.met_errors if e < min(self.failed_errors, default=float("inf"))]
+        return max(met, default=0.0)
+
+    def _narrow(self, reverted: list[Unit], failing: int, found: tuple[Trial, list[Unit]]):
+        """After a jump (several units reverted between two measurements), bisect for the shortest prefix
+        of ``reverted`` that meets the budget: the jump may have gone past it."""
+        good = len(found[1])
+        while good - failing > 1 and not self.expired():
+            middle = (good + failing) // 2
+            trial = self._step(reverted[:middle], f"narrowing {failing + 1}..{good}")
+            if trial is None:
+                failing = middle
+            else:
+                good, found = middle, trial
+        return found
 
     def _share(self, queue) -> None:
         """Units of groups never split get their group's error, shared, for the manifest."""
@@ -290,12 +323,12 @@ class FallbackSearch:
                     self.sensitivity[unit.name] = -error / len(item)
                     self.shared.add(unit.name)
 
-    def _step(self, in_float: list[Unit]) -> tuple[Trial, list[Unit]] | None:
+    def _step(self, in_float: list[Unit], what: str = "") -> tuple[Trial, list[Unit]] | None:
         self.evaluations += 1
-        trial = self.evaluate(tuple(n for u in in_float for n in u.nodes))
-        self.last, self.last_model = trial.value, trial.model
+        trial = self._record(self.evaluate(tuple(n for u in in_float for n in u.nodes)))
+        self.last, self.last_model, self.last_error = trial.value, trial.model, trial.error
         met = self.budget.met(trial.value)
-        logger.info("INT8 %s: %d of %d units in float (latest %s): %s = %.4f (budget %s): %s", self.target,
-                    len(in_float), len(self.units), in_float[-1].name, self.budget.metric, trial.value, self.budget,
-                    "met" if met else "not met")
+        logger.info("INT8 %s: %d of %d units in float (%s): error %.3g, %s = %.4f (budget %s): %s", self.target,
+                    len(in_float), len(self.units), what or f"latest {in_float[-1].name}", trial.error,
+                    self.budget.metric, trial.value, self.budget, "met" if met else "not met")
         return (trial, list(in_float)) if met else None

@@ -103,6 +103,11 @@ def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Pat
             graphs[f"planforge int8 ({target} form)"] = Path(tmp) / f"pf_{target}.onnx"
             onnx.save_model(result.model, str(graphs[f"planforge int8 ({target} form)"]))
             kept[f"planforge int8 ({target} form)"] = len(result.kept_float)
+            if result.form is not None and result.kept_float:  # the same form with no unit in float
+                label = f"planforge int8 ({target} form, every unit INT8)"
+                graphs[label] = Path(tmp) / f"pf_{target}_all.onnx"
+                onnx.save_model(result.form.model, str(graphs[label]))
+                kept[label] = 0
         for label, activation in (("peer quantize_static U8/S8", QuantType.QUInt8),
                                   ("peer quantize_static S8/S8 symmetric", QuantType.QInt8)):
             graphs[label] = Path(tmp) / f"peer_{activation.name}.onnx"
