@@ -77,3 +77,16 @@ def run_sequence(infer: Callable[[dict], list[np.ndarray]], output_names: Sequen
                 feed.update({k: np.ascontiguousarray(v, dtype=np.asarray(feed[k]).dtype) for k, v in carried.items()})
         results.append([np.asarray(x) for x in infer(feed)])
     return results
+
+
+def judged_outputs(names: Sequence[str], state: StatePairs) -> list[int]:
+    """Indices of the outputs a budget without an output of its own judges: all but the state fed back,
+    whose error counts through the outputs it drives over the sequence (an LSTM's cell state has its
+    own scale; a relative bound on it says little of the task). All, when nothing else is left."""
+    fed = {out for out, _ in state}
+    kept = [i for i, n in enumerate(names) if n not in fed]
+    return kept or list(range(len(names)))
+
+
+def select(batches: list[list], indices: list[int]) -> list[list]:
+    return [[b[i] for i in indices] for b in batches]

@@ -42,7 +42,7 @@ from engines.build.int8.forms import candidates as form_candidates
 from engines.bundle import Int8Report
 from engines.runtime.cpu import detect
 from exporter.core.numerics import Budget, budget_metric, relative_squared_error
-from exporter.core.sequence import StatePairs, run_sequence
+from exporter.core.sequence import StatePairs, judged_outputs, run_sequence, select
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
 from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 QUANTIZERS = {"trt": QuantizeForTensorRT, "ort": QuantizeForOnnxRuntime}
 
 
+SMALL = 16  # up to this many units, each is measured alone (groups would cost more than they save)
 EMULATED = "float emulation (ONNX Runtime, graph optimizations off)"
 
 
@@ -122,7 +123,13 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     reference = run_target(fp32, evaluation, target, state)
     names = [o.name for o in fp32.graph.output]
     budget.check_outputs(names)
-    measure = functools.partial(budget_metric, budget, reference, names=names, feeds=evaluation)
+    judged = judged_outputs(names, state) if budget.output is None and budget.metric != "user" else \
+        list(range(len(names)))
+
+    def measure(outputs: list[list[np.ndarray]]):
+        return budget_metric(budget, select(reference, judged), select(outputs, judged),
+                             names=[names[i] for i in judged], feeds=evaluation)
+
     isa = detect().isa
 
     def quantize(exclude: tuple[str, ...], form: str | None) -> onnx.ModelProto:
@@ -194,7 +201,8 @@ class FallbackSearch:
     """Which units stay in float: a best-first search that measures units only where it must, one INFO
     line per step (CLI logs show it on any output).
 
-    The units in graph order are cut into about sqrt(N) contiguous groups, and each group is quantized
+    The units in graph order are cut into about sqrt(N) contiguous groups (single units up to ``SMALL``
+    of them), and each group is quantized
     alone (everything else float). Then, repeatedly, the item with the largest error is taken: a group is
     split, each of its units measured alone; a unit goes to float, and the budget is checked. Items are
     ordered by the budget's own metric measured alone, then by the relative squared output error
@@ -241,7 +249,7 @@ class FallbackSearch:
         return self.evaluate(tuple(n for u in self.units if u.name not in keep for n in u.nodes))
 
     def _groups(self) -> list[list[Unit]]:
-        size = max(1, round(math.sqrt(len(self.units)))) if len(self.units) > 4 else 1
+        size = max(1, round(math.sqrt(len(self.units)))) if len(self.units) > SMALL else 1
         return [self.units[i:i + size] for i in range(0, len(self.units), size)]
 
     def run(self) -> tuple[Trial, list[Unit]] | None:

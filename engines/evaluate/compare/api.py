@@ -46,7 +46,7 @@ from engines.runtime import ORDER, BundleView, unavailable
 from engines.runtime.cpu import detect
 from exporter.core.errors import ComparisonFailed, UsageError
 from exporter.core.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
-from exporter.core.sequence import run_sequence
+from exporter.core.sequence import judged_outputs, run_sequence
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def compare(request: CompareRequest) -> CompareResult:
             results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
                                      save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
     budget = manifest.calibration.budget if manifest.calibration else None
-    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds)
+    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds, state)
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
@@ -240,13 +240,15 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
 
 
 def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task,
-                feeds: list[dict]) -> PairResult:
+                feeds: list[dict], state=()) -> PairResult:
     from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415 - polygraphy is heavy
 
     ref_iters, act_iters = results[reference.runner.name], results[side.runner.name]
     names = list(ref_iters[0].keys())
     references = {n: [np.asarray(it[n]) for it in ref_iters] for n in names}
-    tols = tolerances(side.precision, references, budget if side.precision == "int8" else None, overrides)
+    judged = [names[i] for i in judged_outputs(names, state)] if budget and budget.output is None and \
+        budget.metric != "user" else names  # the outputs the budget judges, as the build did (engines.build.int8)
+    tols = tolerances(side.precision, references, budget if side.precision == "int8" else None, overrides, judged)
     func = SimpleCompareFunc(atol={n: _bound(t.atol) for n, t in tols.items()},
                              rtol={n: t.rtol for n, t in tols.items()},
                              check_error_stat={n: t.stat for n, t in tols.items()},
@@ -262,8 +264,8 @@ def _check_pair(results, reference: Side, side: Side, index: int, overrides: dic
                          "cosine": cosine(ref, act), "top1": top1(ref, act) if task == "classification" else None}
     verdict = None
     if side.precision == "int8" and budget:
-        verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in names] for it in ref_iters],
-                                  [[np.asarray(it[n]) for n in names] for it in act_iters], names, feeds)
+        verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in judged] for it in ref_iters],
+                                  [[np.asarray(it[n]) for n in judged] for it in act_iters], judged, feeds)
     passed = all(o["passed"] for o in outputs.values()) and (verdict is None or verdict["passed"])
     return PairResult(reference.name, side.name, side.precision, outputs, verdict, passed)
 

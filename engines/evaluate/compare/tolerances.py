@@ -72,7 +72,7 @@ class OutputTolerance:
 
 
 def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: Budget | None,
-               overrides: dict[str, dict]) -> dict[str, OutputTolerance]:
+               overrides: dict[str, dict], judged: list[str] | None = None) -> dict[str, OutputTolerance]:
     """Per output: the precision's default (see the module docstring), then the user's overrides."""
     out = {}
     for name, arrays in references.items():
@@ -80,7 +80,7 @@ def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: 
         atol, rtol = graph_tolerance(precision, np.array([scale]))
         stat, source = ("max" if precision == "fp16" else "elemwise"), "precision"
         if precision == "int8" and budget and budget.metric == "relerr" and budget.stat in (None, "max") \
-                and budget.output in (None, name):
+                and budget.output in (None, name) and (judged is None or name in judged):
             atol, rtol, stat, source = budget.threshold * (scale or 1.0), 0.0, "max", "budget"
         tol = OutputTolerance(atol, rtol, stat, 0.99, source)
         given = {key: values.get(name, values.get("")) for key, values in overrides.items()}
