@@ -12,11 +12,16 @@ BENCH_ARGS ?=
 
 .PHONY: engine test test-real corpus compare bench bench-passes bench-int8 venv zoo clean
 
+# Third-party ONNX files the tests build (PaddleOCR's models in rapidocr, Silero's VAD): their packages
+# are installed without dependencies, for the files only.
+ONNX_FILE_PACKAGES = rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
+
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(ONNX_FILE_PACKAGES)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -26,12 +27,12 @@ from exporter import zoo
 from exporter.core.dtypes import ONNX_DTYPES
 from exporter.core.errors import ExportError, UsageError
 from exporter.core.files import sha256_file
-from exporter.core.spec import Dim, InputSpec, TensorSpec
+from exporter.core.spec import Dim, InputSpec, TensorSpec, assumed_dims
 from exporter.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ONNX_RANGE = (1, 4, 16)  # min, opt, max for a symbolic dim of a .onnx MODEL without --input
+DEFAULT_ONNX_RANGE = (1, 4, 16)  # min, opt, max for a leading dynamic dim of a .onnx MODEL without --input
 
 
 def resolve(model: str, cache_dir: Path) -> ResolvedModel:
@@ -186,7 +187,9 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 
 
 def spec_from_onnx(model: onnx.ModelProto) -> InputSpec:
-    """Input spec from graph inputs: named dims get ranges DEFAULT_ONNX_RANGE, to be refined by --input."""
+    """Input spec from graph inputs. A dim is dynamic when it has a name, no value, or a value of -1 or 0
+    (exporters write all three); its range is DEFAULT_ONNX_RANGE, marked assumed (``check_assumed``)
+    until ``--input`` gives it. Dims keep the file's name where it is one, so inputs sharing it share."""
     initializers = {i.name for i in model.graph.initializer}
     tensors = []
     for inp in (i for i in model.graph.input if i.name not in initializers):
@@ -194,25 +197,48 @@ def spec_from_onnx(model: onnx.ModelProto) -> InputSpec:
         dtype = ONNX_DTYPES.get(ttype.elem_type)
         if dtype is None:
             raise ExportError(f"input {inp.name!r} has ONNX element type {ttype.elem_type}, which planforge does not feed")
+        if not ttype.HasField("shape"):
+            raise UsageError(f"input {inp.name!r} has no shape in the ONNX file (not even a rank); give it with "
+                             f"--input \"{inp.name}:{dtype}:[...]\"")
         dims = []
         for axis, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(Dim.fixed(d.dim_value))
-            else:
-                name = d.dim_param if d.dim_param.isidentifier() else f"{inp.name}_dim{axis}".replace(".", "_")
-                dims.append(Dim(name, DEFAULT_ONNX_RANGE[0], DEFAULT_ONNX_RANGE[1], DEFAULT_ONNX_RANGE[2]))
+                continue
+            name = re.sub(r"\W", "_", d.dim_param) if d.dim_param and re.search(r"[A-Za-z]", d.dim_param) else ""
+            if not name or not name[0].isalpha() and name[0] != "_":
+                name = re.sub(r"\W", "_", f"{inp.name}_dim{axis}")
+                name = name if name[0].isalpha() or name[0] == "_" else f"_{name}"
+            dims.append(Dim(name, *DEFAULT_ONNX_RANGE, assumed=True))
         tensors.append(TensorSpec(inp.name, dtype, tuple(dims)))
     return InputSpec(tuple(tensors))
+
+
+def check_assumed(spec: InputSpec, source: str) -> None:
+    """After ``--input``: a leading (batch) dim still without a range gets DEFAULT_ONNX_RANGE with a WARNING
+    naming it; any other dynamic dim without one is refused with the ``--input`` to write."""
+    assumed = assumed_dims(spec)
+    inner = [(t, a, d) for t, a, d in assumed if a != 0]
+    if inner:
+        examples = " ".join(f"--input \"{_example(spec[t])}\"" for t in dict.fromkeys(t for t, _, _ in inner))
+        raise UsageError(
+            f"{source}: dynamic dims without a range: "
+            + ", ".join(f"{t} axis {a} ({d.name})" for t, a, d in inner)
+            + f"; planforge does not guess image sizes or sequence lengths. Give them, e.g. {examples}")
+    if assumed:
+        low, opt, high = DEFAULT_ONNX_RANGE
+        logger.warning("%s: assuming %s = %d..%d@%d (leading dims without a range in the file); --input sets them",
+                       source, ", ".join(f"{t} axis 0 ({d.name})" for t, _, d in assumed), low, high, opt)
+
+
+def _example(tensor) -> str:
+    dims = ",".join(f"{d.name}=MIN..MAX@OPT" if d.assumed and i else str(d) for i, d in enumerate(tensor.dims))
+    return f"{tensor.name}:{tensor.dtype}:[{dims}]"
 
 
 def _resolve_onnx(path: Path) -> ResolvedModel:
     model = load_onnx(path)
     spec = spec_from_onnx(model)
-    if spec.is_dynamic:
-        logger.warning(
-            "%s has symbolic dims %s; assuming %d..%d@%d for each. Pass --input to give the real ranges",
-            path.name, ", ".join(spec.symbols()), DEFAULT_ONNX_RANGE[0], DEFAULT_ONNX_RANGE[2], DEFAULT_ONNX_RANGE[1],
-        )
     outputs = tuple(o.name for o in model.graph.output)
     return ResolvedModel(path.stem, "onnx", str(path), spec, outputs, sha256_file(path).hexdigest(), onnx_path=path)
 

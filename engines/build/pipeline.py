@@ -34,11 +34,12 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     start = time.perf_counter()
     if request.precision not in PRECISIONS:
         raise UsageError(f"precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
-    from exporter.resolve import resolve  # noqa: PLC0415 - imports torch; keep `engines` import light
+    from exporter.resolve import check_assumed, resolve  # noqa: PLC0415 - imports torch; keep `engines` light
 
     on_stage("resolve")
     model = resolve(request.model, request.build_root / ".cache")
     spec = model.input_spec.override(request.inputs)
+    check_assumed(spec, request.model)
     profiles = [] if request.static else profiles_for(spec, request.profiles, request.profiles_auto)
     spec = envelope(spec, profiles)
     out = Path(request.out) if request.out else default_out(model.name, request.precision, request.build_root)
@@ -110,7 +111,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         on_stage("parity")
     parity, golden = stages.reference(root, request, model, spec)
     graph = onnx.load(str(root / "model.onnx"))
-    check_profiles(graph, profiles)
+    check_profiles(graph, profiles, spec)
     frozen = []
     if request.static:
 
@@ -123,4 +124,4 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env)
+                           trt_env, golden)

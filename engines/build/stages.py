@@ -227,14 +227,14 @@ def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: 
 
 def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
-             int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict) -> Manifest:
+             int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None) -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         build_key=key,
         model=ModelSource(model.name, model.kind, model.source, model.source_sha256, model.task),
-        inputs=spec, outputs=tuple(output_specs(graph)), profiles=tuple(profiles), precision=request.precision,
+        inputs=spec, outputs=tuple(output_specs(graph, spec, golden)), profiles=tuple(profiles), precision=request.precision,
         int8_float_layers=tuple(k for t in graphs for k in (int8.results[t].kept_float if int8 else ())),
         fp16_fp32_nodes=tuple(n for g in graphs.values() for n in g.fp16_fp32_nodes),
         calibration=int8.calibration() if int8 else None, export=export_info,

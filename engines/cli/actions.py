@@ -54,10 +54,11 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
 
     from exporter.parity import compare  # noqa: PLC0415 - imports torch
-    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
+    from exporter.resolve import check_assumed, load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(source)
     spec = spec_from_onnx(model).override(inputs)
+    check_assumed(spec, str(source))
     points = ("min", "max") if spec.is_dynamic else ("opt",)
     feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
     steps = pipeline(target, precision, skip=skip, keep=keep_fp32)

@@ -141,7 +141,7 @@ class Runner:
             value = value.detach().cpu().numpy()  # torch itself is never imported here
         if not isinstance(value, np.ndarray):
             raise RuntimeInputError(f"input {name!r}: expected a NumPy array (or a torch tensor), found {type(value).__name__}")
-        return np.ascontiguousarray(value)
+        return value if value.flags.c_contiguous else np.ascontiguousarray(value)  # (that makes 0-d arrays 1-d)
 
     def _run(self, feeds: dict) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -27,8 +27,10 @@ from exporter.core.errors import RuntimeInputError, UsageError
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 POINTS = ("min", "opt", "max")
 _DIM_RE = re.compile(r"^(?P<name>[A-Za-z_]\w*)(=(?P<min>\d+)\.\.(?P<max>\d+)(@(?P<opt>\d+))?)?$")
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TENSOR_RE = re.compile(
-    r"^(?P<name>[^:\[\]]+):(?P<dtype>\w+):\[(?P<dims>[^\]]*)\](:(?P<lo>-?\d+)\.\.(?P<hi>-?\d+))?$"
+    r"^(?:\"(?P<quoted>[^\"]+)\"|'(?P<single>[^']+)'|(?P<name>[^:\[\]\"']+)):(?P<dtype>\w+):\[(?P<dims>[^\]]*)\]"
+    rf"(:(?P<lo>{_NUMBER})\.\.(?P<hi>{_NUMBER}))?$"
 )
 
 
@@ -40,6 +42,7 @@ class Dim:
     min: int
     opt: int
     max: int
+    assumed: bool = dataclasses.field(default=False, compare=False)  # a range planforge guessed (ONNX input)
 
     def __post_init__(self):
         if not 0 <= self.min <= self.opt <= self.max:
@@ -72,6 +75,11 @@ class Dim:
         return f"Dim({self.name!r}, {self.min}, {self.opt}, {self.max})"
 
 
+def assumed_dims(spec: "InputSpec") -> list[tuple[str, int, Dim]]:
+    """(input, axis, dim) for every dim whose range was guessed, not given (``Dim.assumed``)."""
+    return [(t.name, axis, d) for t in spec.tensors for axis, d in enumerate(t.dims) if d.assumed]
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """A named input: dtype, dims, and the value range random data is drawn from."""
@@ -79,7 +87,7 @@ class TensorSpec:
     name: str
     dtype: str
     dims: tuple[Dim, ...]
-    value_range: tuple[int, int] | None = None
+    value_range: tuple[float, float] | None = None  # integers for integer dtypes
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -91,6 +99,10 @@ class TensorSpec:
                 f"input {self.name!r}: value range {self.value_range[0]}..{self.value_range[1]} "
                 "is empty; write lo..hi with lo < hi (hi is excluded)"
             )
+        if self.value_range is not None and not self.dtype.startswith(("float", "bfloat")) and any(
+                float(v) != int(v) for v in self.value_range):
+            raise UsageError(f"input {self.name!r}: {self.dtype} values need an integer range, found "
+                             f"{self.value_range[0]}..{self.value_range[1]}")
 
     @property
     def rank(self) -> int:
@@ -104,11 +116,12 @@ class TensorSpec:
         """Dims and value range as the spec writes them: ``[batch=1..32@8,3]`` or ``[2]:1..65``."""
         text = f"[{','.join(str(d) for d in self.dims)}]"
         if self.value_range is not None:
-            text += f":{self.value_range[0]}..{self.value_range[1]}"
+            text += f":{_number(self.value_range[0])}..{_number(self.value_range[1])}"
         return text
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.dtype}:{self.layout}"
+        name = f'"{self.name}"' if re.search(r"[:\[\]'\s]", self.name) else self.name
+        return f"{name}:{self.dtype}:{self.layout}"
 
     def __repr__(self) -> str:
         return f"TensorSpec.parse({str(self)!r})"
@@ -116,17 +129,28 @@ class TensorSpec:
     @classmethod
     def parse(cls, text: str, known: Mapping[str, Dim] | None = None) -> "TensorSpec":
         """Parse ``name:dtype:[dims][:lo..hi]``; bare dim names resolve through ``known``."""
-        match = _TENSOR_RE.match(text.replace(" ", ""))
+        match = _TENSOR_RE.match(text.strip() if text.strip()[:1] in "\"'" else text.replace(" ", ""))
         if not match:
             raise UsageError(
                 f"input spec {text!r} is not of the form name:dtype:[dims][:lo..hi], "
-                "for example x:float32:[batch=1..32@8,3,224,224]"
+                "for example x:float32:[batch=1..32@8,3,224,224] or x:float32:[1,3,8,8]:-2.1..2.6; "
+                "quote a name that holds ':' (\"input:0\":float32:[1,3])"
             )
         dims = tuple(_parse_dim(tok, text, known or {}) for tok in match["dims"].split(",") if tok)
         value_range = None
         if match["lo"] is not None:
-            value_range = (int(match["lo"]), int(match["hi"]))
-        return cls(match["name"], match["dtype"], dims, value_range)
+            value_range = (_parse_number(match["lo"]), _parse_number(match["hi"]))
+        name = match["quoted"] or match["single"] or match["name"]
+        return cls(name, match["dtype"], dims, value_range)
+
+
+def _parse_number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and re.fullmatch(r"-?\d+", text) else value
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def _parse_dim(token: str, text: str, known: Mapping[str, Dim]) -> Dim:
