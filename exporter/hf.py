@@ -90,5 +90,5 @@ def resolve_hf_dir(path: Path):
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         sha256_file(file, digest)
-    return ResolvedModel(path.name, "hf", str(path), spec, ("last_hidden_state",), digest.hexdigest(),
+    return ResolvedModel(path.name, "hf", str(path.resolve()), spec, ("last_hidden_state",), digest.hexdigest(),
                          "embedding", EncoderOutputs(model).eval())

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import inspect
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -98,7 +99,8 @@ def _resolve_python(model: str) -> ResolvedModel:
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"factory {path}:{factory_name}() raised {type(exc).__name__}: {exc}") from exc
     module, input_spec, outputs = _unpack_factory_result(result, f"{path}:{factory_name}")
-    return ResolvedModel(path.stem, "python", model, input_spec, outputs,
+    source = f"{path.resolve()}:{factory_name}"  # absolute: compare and bench run from anywhere
+    return ResolvedModel(path.stem, "python", source, input_spec, outputs,
                          sha256_file(path).hexdigest(), None, module.eval())
 
 
@@ -240,14 +242,36 @@ def _resolve_onnx(path: Path) -> ResolvedModel:
     model = load_onnx(path)
     spec = spec_from_onnx(model)
     outputs = tuple(o.name for o in model.graph.output)
-    return ResolvedModel(path.stem, "onnx", str(path), spec, outputs, sha256_file(path).hexdigest(), onnx_path=path)
+    return ResolvedModel(path.stem, "onnx", str(path.resolve()), spec, outputs, sha256_file(path).hexdigest(),
+                         onnx_path=path)
+
+
+def source_path(source: str) -> str:
+    """The file or directory part of a model source (``file.py:factory`` -> ``file.py``)."""
+    return source.rsplit(":", 1)[0] if ".py:" in source else source
+
+
+def relative_source(source: str, bundle: Path) -> str | None:
+    """``source`` written relative to the bundle directory (for bundles moved with their model), or None
+    for zoo names."""
+    path = Path(source_path(source))
+    if not path.is_absolute():
+        return None
+    relative = os.path.relpath(path, Path(bundle).resolve())
+    return relative + source[len(source_path(source)):]
 
 
 def resolve_bundle_model(source: str, source_sha256: str, cache_dir: Path,
-                         hint: str = "rebuild the bundle") -> ResolvedModel:
-    """The PyTorch model a bundle was built from (its manifest's model ``source``), refused when that
-    source no longer hashes to the recorded ``source_sha256`` (comparing or timing another model would
-    mislead)."""
+                         hint: str = "rebuild the bundle", bundle: Path | None = None,
+                         relative: str | None = None) -> ResolvedModel:
+    """The PyTorch model a bundle was built from (its manifest's model ``source``, an absolute path, or
+    ``relative`` to the ``bundle`` when the recorded path is gone: the two were moved together), refused
+    when that source no longer hashes to the recorded ``source_sha256`` (comparing or timing another model
+    would mislead)."""
+    if relative and bundle is not None and not Path(source_path(source)).exists():
+        moved = Path(bundle) / source_path(relative)
+        if moved.exists():
+            source = str(moved.resolve()) + relative[len(source_path(relative)):]
     resolved = resolve(source, Path(cache_dir))
     if resolved.source_sha256 != source_sha256:
         raise UsageError(f"the model {source} is not the one the bundle was built from (its source sha256 "

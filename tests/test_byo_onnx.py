@@ -120,3 +120,32 @@ def test_silero_vad_onnx_builds_when_the_profile_check_feeds_its_sr_value_range(
         got = engine.infer(feeds)
     expected = _original(SILERO, feeds)
     np.testing.assert_allclose(got["output"], expected[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_bundle_records_its_source_absolutely_and_finds_it_again_when_moved_with_it(run_cli, in_tmp, tmp_path):
+    """Built from ../project/m.py; compare runs from another directory, then after project and bundle
+    move together; a changed source is refused by its hash."""
+    import os
+    import shutil
+
+    project = in_tmp / "project"
+    project.mkdir()
+    (project / "m.py").write_text("import torch\n"
+                                  "def model():\n"
+                                  "    torch.manual_seed(0)\n"
+                                  "    return torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), ['x:float32:[b=1..4@2,4]']\n")
+    os.chdir(project)
+    code, _, err = run_cli("build", "m.py:model", "-o", str(project / "bundle"))
+    assert code == 0, err
+    manifest = read_manifest(project / "bundle")
+    assert manifest.model.source == f"{(project / 'm.py').resolve()}:model" and manifest.model.relative == "../m.py:model"
+    os.chdir(in_tmp)
+    code, out, err = run_cli("compare", str(project / "bundle"), "--reference", "pytorch")
+    assert code == 0, out + err
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(project), str(moved))
+    code, out, err = run_cli("compare", str(moved / "bundle"), "--reference", "pytorch")
+    assert code == 0, out + err  # found beside the bundle, same hash
+    (moved / "m.py").write_text((moved / "m.py").read_text().replace("Linear(4, 3)", "Linear(4, 3, bias=False)"))
+    code, out, err = run_cli("compare", str(moved / "bundle"), "--reference", "pytorch")
+    assert code == 2 and "is not the one the bundle was built from" in err

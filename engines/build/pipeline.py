@@ -34,7 +34,7 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     start = time.perf_counter()
     if request.precision not in PRECISIONS:
         raise UsageError(f"precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
-    from exporter.resolve import check_assumed, resolve  # noqa: PLC0415 - imports torch; keep `engines` light
+    from exporter.resolve import check_assumed, relative_source, resolve  # noqa: PLC0415 - imports torch
 
     on_stage("resolve")
     model = resolve(request.model, request.build_root / ".cache")
@@ -52,6 +52,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     with StagedBundle(out, replace=out.exists()) as stage:
         manifest = _build_into(stage.path, request, model, spec, profiles, key, clock,
                                old_cache if old_cache.is_file() else None)
+        manifest = dataclasses.replace(manifest, model=dataclasses.replace(
+            manifest.model, relative=relative_source(model.source, out)))
         seconds = clock.finish()
         on_stage("write")
         manifest = stage.commit(dataclasses.replace(manifest, build_seconds=seconds), stages.roles(stage.path))

@@ -47,9 +47,10 @@ class ModelSource:
 
     name: str
     kind: str  # zoo | python | onnx | hf
-    source: str
+    source: str  # an absolute path for files and directories (a zoo name otherwise)
     source_sha256: str
     task: str | None = None
+    relative: str | None = None  # the source's path relative to the bundle (found there when both moved)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -144,7 +144,7 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
               tmp: Path) -> tuple[list[Backend], dict[str, str]]:
 
     backends, skipped = [], {}
-    module = _module(manifests[0], request.cache_dir, skipped)
+    module = _module(manifests[0], request.cache_dir, skipped, bundles[0])
     if module is not None:
         backends.append(_torch_backend(module, manifests[0].inputs, threads))
     exported = verified_path(bundles[0], manifests[0], "model.onnx")
@@ -168,14 +168,15 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
     return backends, skipped
 
 
-def _module(manifest: Manifest, cache_dir: Path, skipped: dict):
+def _module(manifest: Manifest, cache_dir: Path, skipped: dict, bundle: Path):
     model = manifest.model
     if model.kind == "onnx":
         skipped["pytorch eager"] = "the bundles were built from an ONNX file"
         return None
     from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundles")
+    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundles", bundle,
+                                    model.relative)
     return resolved.module
 
 

@@ -140,7 +140,7 @@ def compare(request: CompareRequest) -> CompareResult:
     outputs = manifest.output_names
     overrides = request.overrides()
     check_output_names(overrides, outputs)
-    module = _pytorch_module(manifest, request.reference, request.cache_dir)
+    module = _pytorch_module(manifest, request.reference, request.cache_dir, bundle)
     data = load_data(request.data, bundle, manifest, spec, request.iterations, request.point, request.seed, module)
     sides, skipped = _sides(bundle, manifest, spec, outputs, module, request.threads)
     logger.info("comparing %s against %s on %s", ", ".join(s.name for s in sides[1:]), sides[0].name,
@@ -192,7 +192,7 @@ def _cpu(manifest: Manifest) -> dict:
     return {**detect().to_json(), "int8_ort_validated_on": report.cpu_isa if report else None}
 
 
-def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path):
+def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path, bundle: Path):
     """The PyTorch module the bundle came from, or None when the reference is the exported graph."""
     model = manifest.model
     if reference == "onnx" or (model.kind == "onnx" and reference == "auto"):
@@ -202,8 +202,8 @@ def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path):
                          "there is no PyTorch model to compare against. Use --reference onnx")
     from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
-    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundle, or compare against the exported graph "
-                                                      "with --reference onnx")
+    resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundle, or compare "
+                                    "against the exported graph with --reference onnx", bundle, model.relative)
     return resolved.module
 
 
