@@ -76,11 +76,12 @@ def _dynamo_shapes(module: torch.nn.Module, spec: InputSpec) -> dict | None:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and warnings; keep them for -v (DEBUG) only."""
+    """The exporters print progress and warnings; their own logging shows only where every library's debug
+    logging is on (the CLI's -vv); their stdout and warnings come back as planforge DEBUG lines (-v)."""
     out = io.StringIO()
     chatty = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [lg.level for lg in chatty]
-    quiet_level = logging.DEBUG if logger.isEnabledFor(logging.DEBUG) else logging.ERROR
+    quiet_level = logging.DEBUG if logging.getLogger().isEnabledFor(logging.DEBUG) else logging.ERROR
     for lg in chatty:
         lg.setLevel(quiet_level)
     try:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from engines import runtime
 from engines.bundle import read_manifest
 
 
@@ -262,3 +263,46 @@ def test_skip_pass_on_the_command_line(run_cli, in_tmp):
     assert code == 0 and "Gelu" not in [n.op_type for n in onnx.load("o.onnx").graph.node]
     code, _, err = run_cli("build", "mlp", "--skip-pass", "FuseGelus")
     assert code == 2 and "--skip-pass FuseGelus: no such pass" in _one_error_line(err)
+
+
+def test_version_quiet_and_verbose_anywhere(run_cli, in_tmp):
+    from engines import __version__
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.strip() == f"planforge {__version__}"
+    code, out, err = run_cli("build", "mlp", "-o", "m", "-v")  # -v after the command
+    assert code == 0
+    debug = [ln for ln in err.splitlines() if ln.startswith("DEBUG")]
+    assert any("parity" in ln for ln in debug)  # planforge's own debug lines
+    assert not any("OpSchema" in ln or "Converter:_bind" in ln for ln in debug)  # not onnxscript's (-vv)
+    assert len(err.splitlines()) < 400
+    code, out, err = run_cli("build", "mlp", "-o", "m", "--force", "-q")
+    assert code == 0 and "INFO" not in err and "bundle" in out  # results still print
+    code, _, err = run_cli("inspect", "no/such/bundle", "-v")
+    assert code == 2 and "Traceback" in err  # -v after the command: the traceback too
+
+
+def test_json_output_and_run_inputs_from_npz_or_a_bare_npy(run_cli, in_tmp):
+    import json
+
+    code, out, _ = run_cli("zoo", "--json")
+    assert code == 0 and {e["name"] for e in json.loads(out)} >= {"mlp", "resnet18"}
+    code, _, err = run_cli("build", "mlp", "-o", "b")
+    assert code == 0, err
+    code, out, _ = run_cli("inspect", "b", "--json")
+    assert code == 0 and json.loads(out)["model"]["name"] == "mlp"
+    x = np.linspace(-1, 1, 3 * 64, dtype=np.float32).reshape(3, 64)
+    np.save("x.npy", x)
+    np.savez("feeds.npz", x=x)
+    with runtime.load(in_tmp / "b") as engine:
+        expected = engine.infer({"x": x})["logits"]
+    for given in (["--input", "x.npy"], ["--input", "feeds.npz"], ["--input", "x=x.npy"]):
+        code, out, err = run_cli("run", "b", *given, "--json", "--save-outputs", "out.npz")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["backend"] == "ort-cpu" and doc["outputs"]["logits"]["shape"] == [3, 10]
+        np.testing.assert_allclose(np.load("out.npz")["logits"], expected, rtol=1e-6, atol=1e-6)
+    code, _, err = run_cli("run", "b", "--input", "feeds.npz", "--save-outputs", "out.txt")
+    assert code == 2 and "expected a .npz file name" in _one_error_line(err)
+    code, out, err = run_cli("compare", "b", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True

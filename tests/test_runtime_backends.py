@@ -31,35 +31,33 @@ def _copy(bundle, tmp_path, edit=None):
     return copy
 
 
-def test_auto_logs_one_warning_per_skipped_backend_with_its_reason(bundle, caplog):
-    with caplog.at_level(logging.WARNING, logger="engines.runtime"):
+def test_auto_logs_one_info_line_naming_the_backends_this_machine_lacks(bundle, caplog):
+    with caplog.at_level(logging.INFO, logger="engines.runtime"):
         engine = runtime.load(bundle)
     assert engine.backend == "ort-cpu"
-    skipped = [r.getMessage() for r in caplog.records]
-    assert len(skipped) == 2
-    assert skipped[0].startswith("skipping TensorRT: the bundle has no TensorRT plan")
-    assert skipped[1].startswith("skipping ONNX Runtime CUDA: onnxruntime has no CUDAExecutionProvider")
+    records = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(records) == 1 and records[0][0] == "INFO"  # no WARNING for what a CPU machine lacks
+    assert records[0][1].startswith("running on ONNX Runtime CPU (trt: the bundle has no TensorRT plan")
+    assert "ort-cuda: onnxruntime has no CUDAExecutionProvider" in records[0][1]
 
 
 def test_a_plan_here_is_skipped_because_tensorrt_cannot_load(bundle, tmp_path, caplog):
     copy = _copy(bundle, tmp_path, add_plan_artifact)
-    with caplog.at_level(logging.WARNING, logger="engines.runtime"):
+    with caplog.at_level(logging.INFO, logger="engines.runtime"):
         assert runtime.load(copy).backend == "ort-cpu"
-    assert "skipping TensorRT: " in caplog.text and ("native libraries" in caplog.text or "not installed" in caplog.text)
+    assert "(trt: " in caplog.text and ("native libraries" in caplog.text or "not installed" in caplog.text)
     with pytest.raises(BundleError, match="cannot run on TensorRT"):
         runtime.load(copy, backend="trt")
 
 
-def test_a_truncated_plan_is_refused_before_anything_reads_it(bundle, tmp_path, caplog):
+def test_a_truncated_plan_is_refused_before_anything_reads_it_even_under_auto(bundle, tmp_path):
     def truncated(copy, manifest):
         add_plan_artifact(copy, manifest, b"\x00" * 4096)
         (copy / "model.plan").write_bytes(b"\x00" * 100)
     copy = _copy(bundle, tmp_path, truncated)
-    with caplog.at_level(logging.WARNING, logger="engines.runtime"):
-        assert runtime.load(copy).backend == "ort-cpu"
-    assert "model.plan does not match the sha256" in caplog.text
-    with pytest.raises(BundleError, match="model.plan does not match the sha256"):
-        runtime.load(copy, backend="trt")
+    for backend in ("auto", "trt"):  # the sha256 mismatch first, not "no backend can run it here"
+        with pytest.raises(BundleError, match="model.plan does not match the sha256"):
+            runtime.load(copy, backend=backend)
 
 
 def test_the_cpu_fallback_never_runs_an_fp16_graph(bundle, tmp_path):

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from engines.bundle.manifest import SCHEMA_VERSION, Artifact, Manifest
-from exporter.core.errors import BuildError, BundleError
+from exporter.core.errors import BuildError, BundleError, IntegrityError
 from exporter.core.files import sha256_file, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def verified_path(bundle: Path, manifest: Manifest, name: str) -> Path:
     if not path.is_file():
         raise BundleError(f"{bundle}: artifact {name} is missing; rebuild the bundle")
     if path.stat().st_size != entry.size or sha256_file(path).hexdigest() != entry.sha256:
-        raise BundleError(
+        raise IntegrityError(
             f"{bundle}: {name} does not match the sha256 in the manifest (changed or truncated "
             "after the build); refusing to load it. Rebuild the bundle or restore the file"
         )

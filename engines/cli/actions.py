@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import tempfile
@@ -16,6 +17,7 @@ from engines.cli.present import inspect_bundle, inspect_onnx
 from engines.runtime import load
 from exporter.core.dtypes import ONNX_DTYPES
 from exporter.core.errors import PassError, RuntimeInputError, UsageError
+from exporter.core.files import write_atomic
 from exporter.core.numerics import graph_tolerance
 from passes import PassManager, pipeline
 from passes.verify import run_graph
@@ -103,20 +105,82 @@ def inspect_path(console, path: Path) -> None:
                  describe(model.graph.output), dict(ops))
 
 
-def run_bundle(bundle: Path, inputs: tuple[str, ...], random_point: str | None, backend: str):
+def run_bundle(bundle: Path, inputs: tuple[str, ...], random_point: str | None, backend: str,
+               save_outputs: Path | None = None):
+    """(backend used, outputs): inputs read and checked before the engine loads."""
+    spec = read_manifest(bundle).inputs
+    if random_point:
+        feeds = spec.random_feeds(random_point, seed=0)
+    else:
+        feeds = read_feeds(inputs, spec.names)
+        if not feeds:
+            raise UsageError(f"give --input [NAME=]FILE for {', '.join(spec.names)} or --random opt")
+        spec.check_feeds(feeds)
+    if save_outputs is not None and Path(save_outputs).suffix != ".npz":
+        raise UsageError(f"--save-outputs {save_outputs}: expected a .npz file name")
     with load(bundle, backend=backend) as engine:
-        if random_point:
-            feeds = engine.input_specs.random_feeds(random_point, seed=0)
-        else:
-            feeds = {}
-            for item in inputs:
-                name, sep, file = item.partition("=")
+        outputs = engine.infer(feeds)
+        used = engine.backend
+    if save_outputs is not None:
+        write_atomic(Path(save_outputs), _npz_bytes(outputs))
+    return used, outputs
+
+
+def read_feeds(items: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray]:
+    """``NAME=FILE.npy``, ``FILE.npz`` (arrays named after inputs) or ``FILE.npy`` for a single input."""
+    feeds: dict[str, np.ndarray] = {}
+    for item in items:
+        name, sep, file = item.partition("=") if "=" in item else ("", "", item)
+        path = Path(file)
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+                if sep:
+                    if name not in arrays:
+                        raise UsageError(f"--input {item}: {path} has no array {name!r} (it has {', '.join(arrays)})")
+                    arrays = {name: arrays[name]}
+                feeds.update(arrays)
+            else:
                 if not sep:
-                    raise UsageError(f"--input {item!r}: expected NAME=FILE.npy")
-                try:
-                    feeds[name] = np.load(file, allow_pickle=False)
-                except (OSError, ValueError) as exc:
-                    raise RuntimeInputError(f"--input {name}: cannot read {file} as a .npy array ({exc})") from exc
-            if not feeds:
-                raise UsageError(f"give --input NAME=FILE.npy for {', '.join(engine.input_specs.names)} or --random opt")
-        return engine.backend, engine.infer(feeds)
+                    if len(names) != 1:
+                        raise UsageError(f"--input {item}: the model has inputs {', '.join(names)}; write NAME=FILE.npy "
+                                         "or give an .npz holding them by name")
+                    name = names[0]
+                feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RuntimeInputError(f"--input {item}: cannot read {path} as a NumPy array ({exc})") from exc
+    return feeds
+
+
+def summarize_outputs(outputs: dict[str, np.ndarray]) -> dict[str, dict]:
+    summary = {}
+    for name, value in outputs.items():
+        v = value.astype(np.float64) if value.size else np.zeros(1)
+        summary[name] = {"dtype": str(value.dtype), "shape": list(value.shape), "min": float(v.min()),
+                         "max": float(v.max()), "mean": float(v.mean())}
+    return summary
+
+
+def describe_path(path: Path) -> dict:
+    """``inspect --json``: a bundle's manifest, or an .onnx file's inputs, outputs and op counts."""
+    if path.is_dir():
+        return read_manifest(path).to_json()
+    from exporter.resolve import load_onnx  # noqa: PLC0415 - imports torch
+
+    model = load_onnx(path)
+    initializers = {i.name for i in model.graph.initializer}
+
+    def describe(values):
+        return [{"name": v.name, "dtype": ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?"),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"path": str(path), "inputs": describe(i for i in model.graph.input if i.name not in initializers),
+            "outputs": describe(model.graph.output),
+            "ops": dict(collections.Counter(n.op_type for n in model.graph.node))}
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

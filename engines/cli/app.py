@@ -6,6 +6,7 @@ tracebacks and debug logging. Ctrl-C exits 130 and leaves no partial bundle.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from engines import __version__
 from exporter.core.errors import PlanforgeError
 
 logger = logging.getLogger("planforge")
@@ -23,25 +25,45 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 
-def _setup_logging(verbose: bool) -> None:
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, rich_tracebacks=verbose)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+OURS = ("planforge", "engines", "exporter", "passes")  # the loggers -v turns to DEBUG
+GLOBAL_FLAGS = {"-v": ("verbose", 1), "--verbose": ("verbose", 1), "-vv": ("verbose", 2), "-q": ("quiet", 1),
+                "--quiet": ("quiet", 1)}
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    """planforge's own records at INFO (DEBUG with -v, WARNING with -q); everyone else's (onnxscript, the
+    exporter, torch: thousands of lines) at WARNING, DEBUG only with -vv."""
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, rich_tracebacks=verbose > 0)
+    logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format="%(message)s",
                         handlers=[handler], force=True)
-    for noisy in ("onnxscript", "onnx_ir", "torch", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    for name in OURS:
+        logging.getLogger(name).setLevel(level)
+
+
+def _hoist_global_flags(argv: list[str]) -> list[str]:
+    """-v, -vv, -q anywhere before ``--`` count as if given before the command (``planforge build m -v``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+@click.option("-v", "--verbose", count=True, help="planforge's debug logging and tracebacks (-vv: every library's "
+                                                    "debug logging too). Accepted after the command as well.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only (results still print).")
+@click.version_option(__version__, "--version", prog_name="planforge", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """planforge: PyTorch -> ONNX -> graph passes -> TensorRT / ONNX Runtime bundles."""
-    ctx.obj = {"verbose": verbose}
-    _setup_logging(verbose)
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
+    _setup_logging(verbose, quiet)
 
 
 _skip_option = click.option("--skip-pass", "skip_passes", multiple=True, metavar="PASS",
                             help="Leave this pass out of the pipelines (repeat), e.g. --skip-pass FuseAttention.")
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Print machine-readable JSON on stdout instead of the table.")
 _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
                              help='Override an input, e.g. "x:float32:[batch=1..32@8,3,224,224]".')
 
@@ -166,26 +188,40 @@ def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32, s
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-def inspect(path):
+@_json_option
+def inspect(path, as_json):
     """Describe a bundle directory or an .onnx file."""
-    from engines.cli.actions import inspect_path  # noqa: PLC0415 - per command: --help stays fast
+    from engines.cli.actions import describe_path, inspect_path  # noqa: PLC0415 - per command: --help stays fast
 
+    if as_json:
+        _print_json(describe_path(path))
+        return
     inspect_path(console, path)
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="Feed an input from a .npy file.")
+@click.option("--input", "inputs", multiple=True, metavar="[NAME=]FILE",
+              help="Inputs from files: NAME=FILE.npy, FILE.npz (arrays named after the inputs), or FILE.npy alone "
+                   "for a single-input model (repeat).")
 @click.option("--random", "random_point", type=click.Choice(["min", "opt", "max"]),
               help="Feed seeded random inputs at this shape point instead of files.")
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True)
-def run(bundle, inputs, random_point, backend):
+@click.option("--save-outputs", type=click.Path(path_type=Path), help="Write the outputs to this .npz file.")
+@_json_option
+def run(bundle, inputs, random_point, backend, save_outputs, as_json):
     """Run one inference on BUNDLE and print output summaries."""
-    from engines.cli.actions import run_bundle  # noqa: PLC0415 - per command: --help stays fast
+    from engines.cli.actions import run_bundle, summarize_outputs  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import output_summary  # noqa: PLC0415 - per command: --help stays fast
 
-    used, outputs = run_bundle(bundle, inputs, random_point, backend)
+    used, outputs = run_bundle(bundle, inputs, random_point, backend, save_outputs)
+    if as_json:
+        _print_json({"backend": used, "outputs": summarize_outputs(outputs),
+                     "saved": str(save_outputs) if save_outputs else None})
+        return
     output_summary(console, used, outputs)
+    if save_outputs:
+        console.print(f"wrote {save_outputs}")
 
 
 @cli.command()
@@ -200,7 +236,8 @@ def run(bundle, inputs, random_point, backend):
               help="Time ONNX Runtime's quantize_static beside INT8 bundles.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench.json and bench.png "
               "[build/bench/<model>].")
-def bench(bundles, batches, warmup, iterations, threads, peer, out):
+@_json_option
+def bench(bundles, batches, warmup, iterations, threads, peer, out, as_json):
     """Time one model's BUNDLES against PyTorch eager and ONNX Runtime, per batch size."""
     from engines.cli.present import bench_bundle_table  # noqa: PLC0415 - per command: --help stays fast
     from engines.evaluate.bench.bundles import BenchRequest  # noqa: PLC0415 - per command: --help stays fast
@@ -220,6 +257,9 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out):
 
         doc = run_bench(request, on_step=step, on_total=lambda n: progress.update(task, total=n))
     json_path, png_path, reports = save(doc, request)
+    if as_json:
+        _print_json(doc)
+        return
     bench_bundle_table(console, doc)
     console.print(f"wrote {json_path} and {png_path}; the bench section of {', '.join(map(str, reports))}")
 
@@ -284,8 +324,9 @@ def bench_passes(models, targets, threads, runs, int8, out):
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
 @click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON.")
 @click.option("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime.")
+@_json_option
 def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error_quantile, reference, report,
-            save_inputs, threads):
+            save_inputs, threads, as_json):
     """Compare every artifact of BUNDLE with its reference (Polygraphy); exit 4 when one fails."""
     from engines.cli.present import compare_table  # noqa: PLC0415 - per command: --help stays fast
     from engines.evaluate.compare import CompareRequest  # noqa: PLC0415 - per command: --help stays fast
@@ -295,7 +336,10 @@ def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error
         bundle=bundle, data=data, iterations=iterations, point=point, seed=seed, atol=tuple(atol), rtol=tuple(rtol),
         error_stat=tuple(error_stat), quantile=tuple(error_quantile), reference=reference, report=report,
         save_inputs=save_inputs, threads=threads))
-    compare_table(console, result)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        compare_table(console, result)
     result.raise_for_failures()
 
 
@@ -311,18 +355,31 @@ def triton_repo(bundle, out):
 
 
 @cli.command()
-def zoo():
+@_json_option
+def zoo(as_json):
     """List the zoo models and their inputs."""
     from engines.cli.present import zoo_table  # noqa: PLC0415 - per command: --help stays fast
     from exporter.zoo import ENTRIES  # noqa: PLC0415 - per command: --help stays fast
 
+    if as_json:
+        _print_json([{"name": e.name, "task": e.task, "inputs": list(e.inputs), "outputs": list(e.outputs),
+                      "description": e.description} for e in ENTRIES])
+        return
     zoo_table(console, ENTRIES)
 
 
+def _print_json(doc) -> None:
+    """One JSON document on stdout (logs and progress go to stderr)."""
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
 def main(argv: list[str] | None = None) -> int:
-    verbose = any(a in ("-v", "--verbose") for a in (argv if argv is not None else sys.argv[1:]))
+    argv = _hoist_global_flags(list(argv if argv is not None else sys.argv[1:]))
+    verbose = any(GLOBAL_FLAGS.get(a, ("", 0))[0] == "verbose" for a in argv)
     try:
-        cli.main(args=argv, prog_name="planforge", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="planforge", standalone_mode=False)
+        if isinstance(code, int) and code:  # --version and --help return through here
+            return code
     except click.exceptions.Abort:
         err_console.print("interrupted: nothing was written")
         return 130
@@ -343,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
                           markup=False, highlight=False, soft_wrap=True)
         return 70
+    finally:
+        for name in OURS:  # an in-process caller's logging is left as it was
+            logging.getLogger(name).setLevel(logging.NOTSET)
     return 0
 
 

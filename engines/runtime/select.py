@@ -28,7 +28,7 @@ from engines.runtime.cpu import detect
 from engines.runtime.ort import OrtRunner
 from engines.runtime.trt import TrtRunner
 from engines.runtime.trt import unavailable as trt_unavailable
-from exporter.core.errors import BundleError, InferenceError
+from exporter.core.errors import BundleError, InferenceError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -99,19 +99,23 @@ def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: in
     order = ORDER if backend == "auto" else (backend,)
     reasons = []
     for i, name in enumerate(order):
-        reason = unavailable(name, loaded)
+        reason = unavailable(name, loaded)  # what this machine lacks (no GPU, no TensorRT): expected
         runner = None
         if reason is None:
             try:
                 runner = _construct(name, loaded, device, threads, cuda_graphs)
+            except IntegrityError:
+                raise  # a tampered artifact is refused, not skipped for the next backend
             except BundleError as exc:
                 reason = str(exc)
+                logger.warning("skipping %s: %s", _label(name), reason)  # the bundle's problem: say it loudly
         if runner is None:
             if backend != "auto":
                 raise BundleError(f"{bundle}: cannot run on {_label(name)}: {reason}")
-            logger.warning("skipping %s: %s", _label(name), reason)
             reasons.append(f"{name}: {reason}")
             continue
+        if reasons:
+            logger.info("running on %s (%s)", _label(name), "; ".join(reasons))
         if fallback_on_error:
             rest = ORDER[ORDER.index(name) + 1:]
             runner._fallback_factory = lambda rest=rest: _first_available(rest, loaded, device, threads)

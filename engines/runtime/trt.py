@@ -30,7 +30,7 @@ from engines.bundle import Manifest, verified_path
 from engines.profiles import select
 from engines.runtime.base import Runner
 from engines.trt.status import tensorrt_status
-from exporter.core.errors import BundleError, InferenceError
+from exporter.core.errors import BundleError, InferenceError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def unavailable(bundle: Path, manifest: Manifest) -> str | None:
         return f"the bundle has no TensorRT plan ({entry.skipped or 'not built'})"
     try:
         verified_path(bundle, manifest, entry.plan)
+    except IntegrityError:
+        raise  # tampered or truncated: refused, not a reason to try the next backend
     except BundleError as exc:
         return str(exc)
     available, reason = tensorrt_status()

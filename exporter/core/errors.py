@@ -67,6 +67,10 @@ class BundleError(PlanforgeError):
     exit_code = 9
 
 
+class IntegrityError(BundleError):
+    """An artifact does not match the sha256 its manifest records: never skipped over, never loaded."""
+
+
 class RuntimeInputError(PlanforgeError):
     """Feeds given to ``infer`` do not match the bundle's input spec."""
 
