@@ -124,9 +124,9 @@ def test_export_inspect_and_run(run_cli, in_tmp):
     code, out, _ = run_cli("inspect", "b")
     assert code == 0 and "passes (ort)" in out
     np.save("x.npy", np.ones((3, 64), np.float32))
-    code, out, _ = run_cli("run", "b", "--input", "x=x.npy")
+    code, out, _ = run_cli("run", "b", "--feed", "x=x.npy")
     assert code == 0 and "[3, 10]" in out and "ort-cpu" in out
-    code, _, err = run_cli("run", "b", "--input", "x=missing.npy")
+    code, _, err = run_cli("run", "b", "--feed", "x=missing.npy")
     assert code == 10 and "cannot read missing.npy" in _one_error_line(err)
 
 
@@ -150,7 +150,7 @@ def test_ctrl_c_mid_build_leaves_no_partial_bundle(in_tmp):
 def test_bench_writes_one_result_per_model_and_target(run_cli, in_tmp):
     import json
 
-    code, out, _ = run_cli("bench-passes", "mlp", "--runs", "2", "-o", "b.json")
+    code, out, _ = run_cli("bench-passes", "mlp", "--iterations", "2", "-o", "b.json")
     assert code == 0 and "optimized ms" in out
     rows = json.loads((in_tmp / "b.json").read_text())["results"]
     assert [(r["model"], r["target"]) for r in rows] == [("mlp", "ort"), ("mlp", "trt")]
@@ -203,13 +203,13 @@ def test_int8_build_prints_the_budget_met_and_bench_int8_compares_with_the_peer(
     assert "float emulation" in out and f"measured on {detect().isa}" in out
     manifest = read_manifest(in_tmp / "build" / "digits_cnn-int8").to_json()
     assert manifest["calibration"]["method"] == "percentile" and manifest["artifacts"]["calibration.json"]
-    code, out, _ = run_cli("bench-passes", "digits_cnn", "--int8", "--runs", "2", "-o", "b8.json")
+    code, out, _ = run_cli("bench-passes", "digits_cnn", "--int8", "--iterations", "2", "-o", "b8.json")
     assert code == 0 and "peer quantize_static U8/S8" in out
     doc = json.loads((in_tmp / "b8.json").read_text())
     rows = {r["variant"]: r for r in doc["results"]}
     assert set(rows) == {"fp32", "planforge int8 (ort form)", "planforge int8 (trt form)",
                          "peer quantize_static U8/S8", "peer quantize_static S8/S8 symmetric"}
-    assert doc["environment"]["cpu_isa"] == detect().isa and doc["threads"] == 2
+    assert doc["environment"]["cpu_isa"] == detect().isa and doc["threads"] == os.cpu_count()  # 0: all cores
     assert all(r["metric"] == "test accuracy" and 0 <= r["value"] <= 1.0 and r["latency_ms"] > 0 for r in rows.values())
     # the TensorRT forms are judged by float emulation: the same verdict on every CPU
     for variant in ("planforge int8 (trt form)", "peer quantize_static S8/S8 symmetric"):
@@ -296,13 +296,13 @@ def test_json_output_and_run_inputs_from_npz_or_a_bare_npy(run_cli, in_tmp):
     np.savez("feeds.npz", x=x)
     with runtime.load(in_tmp / "b") as engine:
         expected = engine.infer({"x": x})["logits"]
-    for given in (["--input", "x.npy"], ["--input", "feeds.npz"], ["--input", "x=x.npy"]):
+    for given in (["--feed", "x.npy"], ["--feed", "feeds.npz"], ["--feed", "x=x.npy"]):
         code, out, err = run_cli("run", "b", *given, "--json", "--save-outputs", "out.npz")
         assert code == 0, err
         doc = json.loads(out)
         assert doc["backend"] == "ort-cpu" and doc["outputs"]["logits"]["shape"] == [3, 10]
         np.testing.assert_allclose(np.load("out.npz")["logits"], expected, rtol=1e-6, atol=1e-6)
-    code, _, err = run_cli("run", "b", "--input", "feeds.npz", "--save-outputs", "out.txt")
+    code, _, err = run_cli("run", "b", "--feed", "feeds.npz", "--save-outputs", "out.txt")
     assert code == 2 and "expected a .npz file name" in _one_error_line(err)
     code, out, err = run_cli("compare", "b", "--json")
     assert code == 0 and json.loads(out)["ok"] is True

@@ -7,7 +7,9 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import pytest
+from helpers import helper, make_model, seeded
 
 from engines import runtime
 from engines.build import BuildRequest, build
@@ -94,3 +96,25 @@ def test_runtime_imports_without_torch_onnx_graphsurgeon_or_polygraphy(mlp_bundl
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(2, 10)"
+
+
+def test_the_runtime_api_says_what_went_wrong_for_an_array_a_closed_runner_and_an_id_out_of_range(tmp_path):
+    from exporter.core.errors import UsageError
+
+    onnx_path = tmp_path / "emb.onnx"
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["vectors"])]
+    onnx.save(make_model(nodes, [("ids", np.int64, ["n", 3])], [("vectors", np.float32, ["n", 3, 4])],
+                         {"table": seeded((10, 4), 1)}), onnx_path)
+    result = build(BuildRequest(str(onnx_path), inputs=("ids:int64:[n=1..4@2,3]:0..10",), build_root=tmp_path))
+    ids = np.array([[1, 2, 9]], np.int64)
+    with runtime.load(result.out) as engine:
+        by_array = engine.infer(ids)["vectors"]  # one input: the array alone
+        np.testing.assert_allclose(by_array, seeded((10, 4), 1)[ids], rtol=0, atol=0)
+        with pytest.raises(RuntimeInputError, match=r"values 1\.\.10 fall outside the spec's range 0\.\.10"):
+            engine.infer({"ids": np.array([[1, 2, 10]], np.int64)})
+    with pytest.raises(UsageError, match="runner is closed"):
+        engine.infer({"ids": ids})
+    with runtime.load(result.out, check_values=False) as engine:  # opted out: ONNX Runtime's own error
+        with pytest.raises(Exception) as caught:
+            engine.infer({"ids": np.array([[1, 2, 10]], np.int64)})
+        assert "fall outside" not in str(caught.value)

@@ -133,12 +133,12 @@ def test_a_failure_at_inference_time_is_a_clear_error_and_is_counted(tmp_path, b
     onnx.save(model, str(tmp_path / "gather.onnx"))
     out = build(BuildRequest(str(tmp_path / "gather.onnx"), out=tmp_path / "b", build_root=build_root,
                              inputs=("index:int64:[n=1..4@2]:0..3",))).out
-    with runtime.load(out) as engine:
+    with runtime.load(out, check_values=False) as engine:  # the spec's range check would refuse 7 first
         assert engine.infer({"index": np.array([2, 0])})["y"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
         with pytest.raises(InferenceError, match="ort-cpu failed to run: .*fallback_on_error=True"):
             engine.infer({"index": np.array([7, 0])})
         assert engine.stats()["errors"] == 1 and engine.stats()["calls"] == 2
-    with runtime.load(out, fallback_on_error=True) as engine:
+    with runtime.load(out, fallback_on_error=True, check_values=False) as engine:
         with pytest.raises(InferenceError, match="no backend left to retry"):
             engine.infer({"index": np.array([7])})
         assert engine.stats()["errors"] == 1

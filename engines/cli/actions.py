@@ -114,7 +114,7 @@ def run_bundle(bundle: Path, inputs: tuple[str, ...], random_point: str | None, 
     else:
         feeds = read_feeds(inputs, spec.names)
         if not feeds:
-            raise UsageError(f"give --input [NAME=]FILE for {', '.join(spec.names)} or --random opt")
+            raise UsageError(f"give --feed [NAME=]FILE for {', '.join(spec.names)} or --random opt")
         spec.check_feeds(feeds)
     if save_outputs is not None and Path(save_outputs).suffix != ".npz":
         raise UsageError(f"--save-outputs {save_outputs}: expected a .npz file name")
@@ -138,18 +138,18 @@ def read_feeds(items: tuple[str, ...], names: list[str]) -> dict[str, np.ndarray
                     arrays = {k: data[k] for k in data.files}
                 if sep:
                     if name not in arrays:
-                        raise UsageError(f"--input {item}: {path} has no array {name!r} (it has {', '.join(arrays)})")
+                        raise UsageError(f"--feed {item}: {path} has no array {name!r} (it has {', '.join(arrays)})")
                     arrays = {name: arrays[name]}
                 feeds.update(arrays)
             else:
                 if not sep:
                     if len(names) != 1:
-                        raise UsageError(f"--input {item}: the model has inputs {', '.join(names)}; write NAME=FILE.npy "
+                        raise UsageError(f"--feed {item}: the model has inputs {', '.join(names)}; write NAME=FILE.npy "
                                          "or give an .npz holding them by name")
                     name = names[0]
                 feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise RuntimeInputError(f"--input {item}: cannot read {path} as a NumPy array ({exc})") from exc
+            raise RuntimeInputError(f"--feed {item}: cannot read {path} as a NumPy array ({exc})") from exc
     return feeds
 
 

@@ -72,19 +72,23 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [build/<model>[-<precision>]].")
 @_input_option
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16: the TensorRT graph in FP16 (the CPU fallback stays FP32); int8: both graphs with Q/DQ.")
 @click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
-@click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
-@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
-@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the export.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx exporter; auto: dynamo, the TorchScript one where dynamo fails.")
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True,
+              help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check.")
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True,
+              help="Relative tolerance of the parity check.")
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
 @click.option("--calib", metavar="SOURCE", help="INT8 calibration data: a directory of .npz/.npy batches or "
               "module:function (zoo models bring their own).")
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
-              show_default=True)
+              show_default=True, help="How activation ranges are taken from the calibration data.")
 @click.option("--allow-random-calibration", is_flag=True, help="Accept random calibration data (accuracy unknown).")
 @click.option("--budget", metavar="[OUTPUT:]METRIC[@STAT]=VALUE",
               help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 [default by task]; OUTPUT: one output "
@@ -115,10 +119,10 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--strict-fp32", is_flag=True, help="Clear TF32 so FP32 layers match ONNX Runtime.")
 @click.option("--hardware-compat", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
-              default="none", show_default=True)
+              default="none", show_default=True, help="TensorRT hardware compatibility level of the plan.")
 @click.option("--version-compatible", is_flag=True, help="Embed a lean runtime (loads on later TensorRT versions).")
-@click.option("--sparse-weights", is_flag=True)
-@click.option("--refit", is_flag=True)
+@click.option("--sparse-weights", is_flag=True, help="Let TensorRT use 2:4 structured-sparse kernels where weights allow.")
+@click.option("--refit", is_flag=True, help="Build a refittable plan (weights can be replaced without a rebuild).")
 @_skip_option
 def build(model, out, inputs, precision, force, opset, exporter, parity_atol, parity_rtol, verify_passes, keep_fp32,
           calib, calib_method, allow_random_calibration, budget, metric_hook, state, ort_int8_form, require_int8, int8_time_limit,
@@ -154,10 +158,13 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the .onnx file.")
 @_input_option
-@click.option("--opset", type=int, default=18, show_default=True)
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True)
-@click.option("--parity-atol", type=float, default=1e-4, show_default=True)
-@click.option("--parity-rtol", type=float, default=1e-3, show_default=True)
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the export.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="torch.onnx exporter; auto: dynamo, the TorchScript one where dynamo fails.")
+@click.option("--parity-atol", type=float, default=1e-4, show_default=True,
+              help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check.")
+@click.option("--parity-rtol", type=float, default=1e-3, show_default=True,
+              help="Relative tolerance of the parity check.")
 def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
     """Export MODEL to ONNX and check parity with PyTorch (no passes, no bundle)."""
     from engines.cli.actions import export_model  # noqa: PLC0415 - per command: --help stays fast
@@ -169,8 +176,10 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the optimized graph.")
-@click.option("--target", type=click.Choice(["trt", "ort"]), required=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--target", type=click.Choice(["trt", "ort"]), required=True,
+              help="Whose pass pipeline: TensorRT's (standard ops) or ONNX Runtime's (its contrib fusions).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 converts the graph (the trt target's FP16 form).")
 @_input_option
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
@@ -201,12 +210,13 @@ def inspect(path, as_json):
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, metavar="[NAME=]FILE",
+@click.option("--feed", "inputs", multiple=True, metavar="[NAME=]FILE",
               help="Inputs from files: NAME=FILE.npy, FILE.npz (arrays named after the inputs), or FILE.npy alone "
-                   "for a single-input model (repeat).")
+                   "for a single-input model (repeat). (--input is the input spec everywhere else.)")
 @click.option("--random", "random_point", type=click.Choice(["min", "opt", "max"]),
               help="Feed seeded random inputs at this shape point instead of files.")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort-cuda", "ort-cpu"]), default="auto", show_default=True,
+              help="auto: TensorRT, then ONNX Runtime CUDA, then CPU, the first this machine can run.")
 @click.option("--save-outputs", type=click.Path(path_type=Path), help="Write the outputs to this .npz file.")
 @_json_option
 def run(bundle, inputs, random_point, backend, save_outputs, as_json):
@@ -283,13 +293,19 @@ def bench_summary(results, out, allow_mixed):
 @click.argument("models", nargs=-1)
 @click.option("--target", "targets", multiple=True, type=click.Choice(["trt", "ort"]), default=("ort", "trt"),
               show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per graph.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads for ONNX Runtime (0: all cores).")
+@click.option("--iterations", "runs", type=click.IntRange(1), default=30, show_default=True,
+              help="Timed runs per graph.")
 @click.option("--int8", is_flag=True, help="INT8 against ONNX Runtime's quantize_static instead of the passes.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
 def bench_passes(models, targets, threads, runs, int8, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
+    import os  # noqa: PLC0415
+
     from engines.cli.present import bench_int8_table, bench_table  # noqa: PLC0415 - per command: --help stays fast
+
+    threads = threads or os.cpu_count() or 1  # explicit, so every speed figure names its thread count
 
     if int8:
         from engines.evaluate.bench.int8 import bench_int8  # noqa: PLC0415 - per command: --help stays fast
@@ -310,10 +326,11 @@ def bench_passes(models, targets, threads, runs, int8, out):
               help="golden (the bundle's golden.npz), random (Polygraphy's DataLoader from the input spec), eval "
                    "(a zoo model's evaluation batches), or an .npz file / directory of them. auto: eval for INT8 zoo "
                    "bundles, else golden.")
-@click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Batches of random data.")
+@click.option("--batches", "iterations", type=click.IntRange(1), default=4, show_default=True,
+              help="Batches of random data (--data random).")
 @click.option("--point", type=click.Choice(["min", "opt", "max"]), default="opt", show_default=True,
               help="Shape point of random data.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random data.")
 @click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance, e.g. 1e-3 or logits:1e-3.")
 @click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance.")
 @click.option("--error-stat", multiple=True, metavar="[OUTPUT:]STAT",
@@ -323,7 +340,8 @@ def bench_passes(models, targets, threads, runs, int8, out):
               help="PyTorch (auto when the bundle came from a PyTorch model) or ONNX Runtime on the exported graph.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
 @click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON.")
-@click.option("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="CPU threads for PyTorch and ONNX Runtime (0: all cores).")
 @_json_option
 def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error_quantile, reference, report,
             save_inputs, threads, as_json):

@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.bundle import Manifest
 from engines.profiles import Profile, select
-from exporter.core.errors import InferenceError, RuntimeInputError
+from exporter.core.errors import InferenceError, RuntimeInputError, UsageError
 from exporter.core.spec import InputSpec, OutputSpec
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,21 @@ class Runner:
     def stats(self) -> dict:
         return dict(self._stats.snapshot(), backend=self.backend)
 
+    check_values = True  # integer inputs are checked against the spec's value range (runtime.load(check_values=))
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise UsageError(f"this {self.backend} runner is closed (close() was called or its with-block ended); "
+                             "load the bundle again")
+        if not isinstance(feeds, Mapping):
+            if len(self.input_spec) == 1 and (isinstance(feeds, np.ndarray) or _is_torch(feeds)):
+                feeds = {self.input_spec.names[0]: feeds}  # one input: an array alone is enough
+            else:
+                raise RuntimeInputError(f"infer() takes a dict of input name -> array (inputs: "
+                                        f"{', '.join(self.input_spec.names)}), found {type(feeds).__name__}")
         arrays = {name: self._prepare(name, value) for name, value in feeds.items()}
-        self.input_spec.check_feeds({k: _Meta(v) if _is_torch(v) else v for k, v in arrays.items()})
+        self.input_spec.check_feeds({k: _Meta(v) if _is_torch(v) else v for k, v in arrays.items()},
+                                    values=self.check_values)
         if self._profiles:
             shapes = {k: tuple(v.shape) for k, v in arrays.items()}
             if select(self._profiles, shapes) is None:
@@ -146,8 +158,11 @@ class Runner:
     def _run(self, feeds: dict) -> dict[str, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    _closed = False
+
     def close(self) -> None:
         """Release the backend's resources."""
+        self._closed = True
         if self._fallback is not None:
             self._fallback.close()
 

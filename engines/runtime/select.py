@@ -87,11 +87,12 @@ def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
-         fallback_on_error: bool = False, cuda_graphs: bool = False) -> Runner:
+         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True) -> Runner:
     """Load ``bundle`` on the first backend that fits (``auto``) or the one named.
 
     ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
-    repeated static shapes.
+    repeated static shapes. ``check_values``: integer inputs are checked against the spec's value range
+    on every call (one min and max per integer input; False skips it).
     """
     if backend not in BACKENDS:
         raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -116,6 +117,7 @@ def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: in
             continue
         if reasons:
             logger.info("running on %s (%s)", _label(name), "; ".join(reasons))
+        runner.check_values = check_values
         if fallback_on_error:
             rest = ORDER[ORDER.index(name) + 1:]
             runner._fallback_factory = lambda rest=rest: _first_available(rest, loaded, device, threads)

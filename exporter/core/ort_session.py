@@ -20,7 +20,7 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors reach the caller as the exception's text, once, uncoloured
     return options
 
 

@@ -297,8 +297,9 @@ class InputSpec:
         rng = np.random.default_rng(seed)
         return {t.name: random_array(t, t.shape(point), rng) for t in self.tensors}
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Raise ``RuntimeInputError`` unless names, dtypes and shapes fit this spec."""
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], values: bool = False) -> None:
+        """Raise ``RuntimeInputError`` unless names, dtypes and shapes fit this spec; with ``values``, integer
+        inputs also within their declared value range (a token id past the vocabulary would reach a Gather)."""
         missing = [n for n in self.names if n not in feeds]
         extra = [n for n in feeds if n not in self.names]
         if missing or extra:
@@ -311,6 +312,8 @@ class InputSpec:
         bound: dict[str, tuple[int, str]] = {}
         for tensor in self.tensors:
             _check_one(tensor, feeds[tensor.name], bound)
+            if values and tensor.value_range is not None and tensor.dtype.startswith(("int", "uint")):
+                _check_values(tensor, feeds[tensor.name])
 
 
 _NP_DTYPES = {name: np.dtype(name) for name in ("float32", "float16", "float64", "int64", "int32", "int8", "uint8",
@@ -348,6 +351,18 @@ def _check_one(tensor: TensorSpec, value: np.ndarray, bound: dict[str, tuple[int
                     f"input {tensor.name!r}: dim {dim.name!r} is {size}, but input {first[1]!r} "
                     f"has {dim.name}={first[0]}; inputs sharing a dim must agree"
                 )
+
+
+def _check_values(tensor: TensorSpec, value) -> None:
+    array = np.asarray(value) if isinstance(value, np.ndarray) else None
+    if array is None or not array.size:
+        return
+    lo, hi = tensor.value_range
+    low, high = int(array.min()), int(array.max())
+    if low < lo or high >= hi:
+        raise RuntimeInputError(f"input {tensor.name!r}: values {low}..{high} fall outside the spec's range {lo}..{hi} "
+                                f"(hi excluded), e.g. a token id past the vocabulary; fix the input, or load with "
+                                "check_values=False to skip this check")
 
 
 def random_array(tensor: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
