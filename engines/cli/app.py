@@ -62,6 +62,20 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 _skip_option = click.option("--skip-pass", "skip_passes", multiple=True, metavar="PASS",
                             help="Leave this pass out of the pipelines (repeat), e.g. --skip-pass FuseAttention.")
+def _export_options(command):
+    """The export and parity options ``build`` and ``export`` share."""
+    for option in reversed((
+            click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the export."),
+            click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+                         show_default=True, help="torch.onnx exporter; auto: dynamo, TorchScript where dynamo fails."),
+            click.option("--parity-atol", type=float, default=1e-4, show_default=True,
+                         help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check."),
+            click.option("--parity-rtol", type=float, default=1e-3, show_default=True,
+                         help="Relative tolerance of the parity check."))):
+        command = option(command)
+    return command
+
+
 _json_option = click.option("--json", "as_json", is_flag=True,
                             help="Print machine-readable JSON on stdout instead of the table.")
 _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
@@ -75,13 +89,7 @@ _input_option = click.option("--input", "inputs", multiple=True, metavar="SPEC",
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="fp16: the TensorRT graph in FP16 (the CPU fallback stays FP32); int8: both graphs with Q/DQ.")
 @click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the export.")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="torch.onnx exporter; auto: dynamo, the TorchScript one where dynamo fails.")
-@click.option("--parity-atol", type=float, default=1e-4, show_default=True,
-              help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check.")
-@click.option("--parity-rtol", type=float, default=1e-3, show_default=True,
-              help="Relative tolerance of the parity check.")
+@_export_options
 @click.option("--verify-passes/--no-verify-passes", default=True, show_default=True,
               help="Check numbers under ONNX Runtime after every pass.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
@@ -158,13 +166,7 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the .onnx file.")
 @_input_option
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the export.")
-@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
-              help="torch.onnx exporter; auto: dynamo, the TorchScript one where dynamo fails.")
-@click.option("--parity-atol", type=float, default=1e-4, show_default=True,
-              help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check.")
-@click.option("--parity-rtol", type=float, default=1e-3, show_default=True,
-              help="Relative tolerance of the parity check.")
+@_export_options
 def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
     """Export MODEL to ONNX and check parity with PyTorch (no passes, no bundle)."""
     from engines.cli.actions import export_model  # noqa: PLC0415 - per command: --help stays fast
