@@ -29,16 +29,17 @@ def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
                                 inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",),
                                 profiles=("batch=1..4@2", "batch=5..8@8"))).out
     names = write_repository(bundle, tmp_path / "repo")
-    assert names == ["bert_tiny_ort"]  # no plan on this machine: no tensorrt_plan model
-    config = text_format.Parse((tmp_path / "repo/bert_tiny_ort/config.pbtxt").read_text(), ModelConfig())
+    assert names == ["bert_tiny_fp32_ort"]  # no plan on this machine: no tensorrt_plan model
+    config = text_format.Parse((tmp_path / "repo/bert_tiny_fp32_ort/config.pbtxt").read_text(), ModelConfig())
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
     assert [(i.name, list(i.dims)) for i in config.input] == [("input_ids", [-1]), ("attention_mask", [-1])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("last_hidden_state", [-1, 128]), ("pooler_output", [128])]
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 8]
-    assert (tmp_path / "repo/bert_tiny_ort/1/model.onnx").read_bytes() == (bundle / "model.ort.onnx").read_bytes()
+    assert (tmp_path / "repo/bert_tiny_fp32_ort/1/model.onnx").read_bytes() == (bundle / "model.ort.onnx").read_bytes()
+    assert config.instance_group[0].kind == ModelConfig().instance_group.add().KIND_CPU
 
 
-def test_a_plan_becomes_a_tensorrt_model_with_one_instance_per_profile(build_root, tmp_path):
+def test_a_plan_becomes_a_tensorrt_model_whose_instances_may_use_every_profile(build_root, tmp_path):
     ModelConfig = _model_config()
     bundle = build(BuildRequest("mlp", out=build_root / "mlp-triton", build_root=build_root,
                                 profiles=("batch=1..8@4", "batch=9..64@32"))).out
@@ -47,17 +48,37 @@ def test_a_plan_becomes_a_tensorrt_model_with_one_instance_per_profile(build_roo
     manifest = json.loads((copy / "manifest.json").read_text())
     add_plan_artifact(copy, manifest)  # copied into the repository, never deserialized
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert write_repository(copy, tmp_path / "repo") == ["mlp_trt", "mlp_ort"]
-    config = text_format.Parse((tmp_path / "repo/mlp_trt/config.pbtxt").read_text(), ModelConfig())
+    assert write_repository(copy, tmp_path / "repo") == ["mlp_fp32_trt", "mlp_fp32_ort"]
+    config = text_format.Parse((tmp_path / "repo/mlp_fp32_trt/config.pbtxt").read_text(), ModelConfig())
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 64
-    assert [list(g.profile) for g in config.instance_group] == [["0"], ["1"]]
-    assert all(g.kind == ModelConfig().instance_group.add().KIND_GPU for g in config.instance_group)
+    # model_config.proto: ``profile`` is the set available to the group; the server picks by shape, so one
+    # group lists both (a group pinned to profile 0 would get batches of 40 it cannot take)
+    assert [list(g.profile) for g in config.instance_group] == [["0", "1"]]
+    assert config.instance_group[0].kind == ModelConfig().instance_group.add().KIND_GPU
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 32]
 
 
 def test_a_static_bundle_is_not_batched(build_root, tmp_path):
     ModelConfig = _model_config()
     bundle = build(BuildRequest("mlp", out=build_root / "mlp-static-triton", static=True, build_root=build_root)).out
     write_repository(bundle, tmp_path / "repo")
-    config = text_format.Parse((tmp_path / "repo/mlp_ort/config.pbtxt").read_text(), ModelConfig())
+    config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [8, 64]
     assert not config.HasField("dynamic_batching")
+
+
+def test_names_carry_the_precision_and_versions_are_not_overwritten_without_force(build_root, tmp_path, run_cli):
+    ModelConfig = _model_config()
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-opt1", build_root=build_root,
+                                inputs=("x:float32:[batch=1..8@1,64]",))).out
+    repo = tmp_path / "repo"
+    code, out, _ = run_cli("triton-repo", bundle, "-o", repo)
+    assert code == 0 and (repo / "mlp_fp32_ort" / "1" / "model.onnx").is_file()
+    config = text_format.Parse((repo / "mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
+    assert config.HasField("dynamic_batching") and list(config.dynamic_batching.preferred_batch_size) == []  # opt 1
+    code, _, err = run_cli("triton-repo", bundle, "-o", repo)
+    assert code == 2 and "mlp_fp32_ort already have version 1; pass --force" in err
+    code, _, _ = run_cli("triton-repo", bundle, "-o", repo, "--version", "2", "--name", "digits")
+    assert code == 0 and (repo / "digits_ort" / "2" / "model.onnx").is_file()
+    code, _, _ = run_cli("triton-repo", bundle, "-o", repo, "--force")
+    assert code == 0 and sorted(p.name for p in repo.iterdir()) == ["digits_ort", "mlp_fp32_ort"]

@@ -366,12 +366,15 @@ def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error
 @cli.command("triton-repo")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Triton model repository.")
-def triton_repo(bundle, out):
+@click.option("--name", help="Model name prefix [<model>_<precision>]; the models are NAME_trt and NAME_ort.")
+@click.option("--version", "model_version", type=int, default=1, show_default=True, help="The model version directory.")
+@click.option("--force", is_flag=True, help="Replace an existing version of these models.")
+def triton_repo(bundle, out, name, model_version, force):
     """Write BUNDLE as Triton models (tensorrt_plan and onnxruntime_onnx) with config.pbtxt."""
     from engines.deploy.triton import write_repository  # noqa: PLC0415 - per command: --help stays fast
 
-    for name in write_repository(bundle, out):
-        console.print(f"wrote {out / name} (config.pbtxt, 1/)")
+    for model in write_repository(bundle, out, name, model_version, force):
+        console.print(f"wrote {out / model} (config.pbtxt, {model_version}/)")
 
 
 @cli.command()

@@ -1,13 +1,19 @@
 """``planforge triton-repo BUNDLE -o model_repository/``: hand a bundle to NVIDIA Triton.
 
-Writes one model per backend the bundle has: ``<name>_trt`` (``tensorrt_plan``, the engine) when a
-plan was built, and ``<name>_ort`` (``onnxruntime_onnx``, the ``ort`` graph). Each ``config.pbtxt``
-lists inputs and outputs with Triton data types and dims (-1 for dynamic). When every input and
-output starts with the same symbolic dim (the batch), Triton batches: ``max_batch_size`` is the
-largest batch any profile accepts, the batch dim is left out of ``dims``, and dynamic batching
-prefers the profiles' opt batch sizes. Instance groups: one GPU instance per TensorRT profile for
-the plan, one CPU instance for the ONNX Runtime graph. Artifacts are checked against the manifest's
-sha256 before they are copied. The files are staged and renamed into place.
+Writes one model per backend the bundle has: ``<name>_<precision>_trt`` (``tensorrt_plan``, the engine)
+when a plan was built, and ``<name>_<precision>_ort`` (``onnxruntime_onnx``, the ``ort`` graph), as
+version ``<version>/`` (1 by default); ``name`` defaults to the model's. An existing model version is
+refused unless ``force``. Each ``config.pbtxt`` lists inputs and outputs with Triton data types and
+dims (-1 for dynamic). When every input and output starts with the same symbolic dim (the batch),
+Triton batches: ``max_batch_size`` is the largest batch any profile accepts, the batch dim is left out
+of ``dims``, and dynamic batching prefers the profiles' opt batch sizes above 1 (none listed when no
+opt exceeds 1). Instance groups: for a plan, one GPU group whose ``profile`` lists every optimization
+profile: Triton's ``model_config.proto`` says the field is the set of profiles available to the
+group and the server picks the one that fits each request's shapes (one group pinned per profile
+would send a batch of 40 to an instance whose profile stops at 4). The ONNX Runtime graph gets a CPU
+group, or a GPU group when the bundle's ``ort`` graph is FP16 (CUDA's; the CPU fallback never runs
+FP16). Artifacts are checked against the manifest's sha256 before they are copied. The files are
+staged and renamed into place.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 from engines.bundle import Manifest, read_manifest, verified_path
-from exporter.core.errors import BundleError
+from exporter.core.errors import BundleError, UsageError
+from exporter.core.files import write_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -60,40 +67,52 @@ def config_text(manifest: Manifest, model_name: str, platform: str) -> str:
         dims = [d if isinstance(d, int) else -1 for d in output.shape][skip:]
         lines.append(_tensor("output", output.name, output.dtype, dims))
     if batch:
-        preferred = sorted({p.opt[first.name][0] for p in profiles}) or [first.dims[0].opt]
-        lines.append("dynamic_batching {\n  preferred_batch_size: [ " + ", ".join(map(str, preferred))
-                     + " ]\n  max_queue_delay_microseconds: 100\n}\n")
-    if platform == "tensorrt_plan" and len(profiles) > 1:
-        for i in range(len(profiles)):
-            lines.append(f'instance_group {{\n  count: 1\n  kind: KIND_GPU\n  profile: [ "{i}" ]\n}}\n')
+        opts = sorted({p.opt[first.name][0] for p in profiles}) or [first.dims[0].opt]
+        preferred = [b for b in opts if b > 1]
+        lines.append("dynamic_batching {\n" + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+                                              if preferred else "") + "  max_queue_delay_microseconds: 100\n}\n")
+    if platform == "tensorrt_plan":
+        listed = "".join(f'\n  profile: [ {", ".join(chr(34) + str(i) + chr(34) for i in range(len(profiles)))} ]'
+                         if len(profiles) > 1 else "")
+        lines.append(f"instance_group {{\n  count: 1\n  kind: KIND_GPU{listed}\n}}\n")
     else:
-        kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_CPU"
+        kind = "KIND_GPU" if manifest.backends.ort.precision == "fp16" else "KIND_CPU"
         lines.append(f"instance_group {{\n  count: 1\n  kind: {kind}\n}}\n")
     return "".join(lines)
 
 
-def write_repository(bundle: Path, out: Path) -> list[str]:
-    """Write (or replace) the models of ``bundle`` in the Triton repository ``out``; return their names."""
+def write_repository(bundle: Path, out: Path, name: str | None = None, version: int = 1,
+                     force: bool = False) -> list[str]:
+    """Write the models of ``bundle`` into the Triton repository ``out`` as ``version``; return their names.
+    An existing version of one of them is refused unless ``force`` (then replaced)."""
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
-    name = manifest.model.name.replace("-", "_")
+    if version < 1:
+        raise UsageError(f"--version {version}: Triton model versions are positive integers")
+    base = (name or f"{manifest.model.name}_{manifest.precision}").replace("-", "_")
+    if not all(c.isalnum() or c in "_." for c in base):
+        raise UsageError(f"--name {base!r}: use letters, digits, '_' and '.' (it is a directory and a Triton name)")
     models = []
     if manifest.backends.trt.plan:
         plan = verified_path(bundle, manifest, manifest.backends.trt.plan)
-        models.append((f"{name}_trt", "tensorrt_plan", plan, "model.plan"))
+        models.append((f"{base}_trt", "tensorrt_plan", plan, "model.plan"))
     ort_graph = verified_path(bundle, manifest, manifest.backends.ort.graph)
-    models.append((f"{name}_ort", "onnxruntime_onnx", ort_graph, "model.onnx"))
+    models.append((f"{base}_ort", "onnxruntime_onnx", ort_graph, "model.onnx"))
+    existing = [m[0] for m in models if (out / m[0] / str(version)).exists()]
+    if existing and not force:
+        raise UsageError(f"{out}: {', '.join(existing)} already have version {version}; pass --force to replace it, "
+                         "--version N for another version, or --name for another model name")
     out.mkdir(parents=True, exist_ok=True)
     for model_name, platform, source, filename in models:
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.partial-", dir=out))
+        target = out / model_name
+        target.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target))
         try:
-            (staging / "1").mkdir()
-            shutil.copyfile(source, staging / "1" / filename)
-            (staging / "config.pbtxt").write_text(config_text(manifest, model_name, platform))
-            target = out / model_name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            shutil.copyfile(source, staging / filename)
+            if (target / str(version)).exists():
+                shutil.rmtree(target / str(version))
+            os.replace(staging, target / str(version))
+            write_atomic(target / "config.pbtxt", config_text(manifest, model_name, platform).encode())
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [m[0] for m in models]
