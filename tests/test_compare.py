@@ -278,3 +278,20 @@ def test_a_small_held_out_set_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", calib=str(calib), build_root=tmp_path))
     assert "the budget is measured on only 4 held-out samples (fewer than 32)" in caplog.text
+
+
+def test_compare_data_takes_the_calibration_layouts_npy_npz_and_directories(run_cli, in_tmp):
+    code, _, err = run_cli("build", "mlp", "-o", "b")
+    assert code == 0, err
+    rng = np.random.default_rng(0)
+    (in_tmp / "batches").mkdir()
+    for i in range(3):
+        np.save(in_tmp / "batches" / f"{i}.npy", rng.standard_normal((2, 64)).astype(np.float32))
+    np.savez(in_tmp / "one.npz", x=rng.standard_normal((4, 64)).astype(np.float32))
+    for data, count in (("batches", 3), ("one.npz", 1), ("batches/1.npy", 1)):
+        code, out, err = run_cli("compare", "b", "--data", data, "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["ok"] and doc["data"]["iterations"] == count
+    code, _, err = run_cli("compare", "b", "--data", "nothing_here")
+    assert code == 2 and "no such file" in err

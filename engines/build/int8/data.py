@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.core.errors import CalibrationError, RuntimeInputError
+from exporter.core.errors import CalibrationError, RuntimeInputError, UsageError
+from exporter.core.files import load_batches
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -68,27 +69,13 @@ def load_calibration(source: str | None, spec: InputSpec, zoo_entry=None, module
 
 
 def _read_dir(path: Path, spec: InputSpec) -> list[dict]:
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
-    if not files:
-        raise CalibrationError(f"calibration directory {path} holds no .npz or .npy files; expected one batch per file")
-    batches = []
-    for file in files:
-        try:
-            if file.suffix == ".npz":
-                with np.load(file, allow_pickle=False) as data:
-                    batch = {k: data[k] for k in data.files}
-            else:
-                if len(spec) != 1:
-                    raise CalibrationError(
-                        f"{file}: a .npy file holds one array, but the model takes {len(spec)} inputs "
-                        f"({', '.join(spec.names)}); use .npz files keyed by input name"
-                    )
-                batch = {spec.names[0]: np.load(file, allow_pickle=False)}
-        except (OSError, ValueError) as exc:
-            raise CalibrationError(f"{file} is not a readable NumPy file ({exc})") from exc
+    try:
+        pairs = load_batches(path, spec.names, with_files=True)
+    except UsageError as exc:
+        raise CalibrationError(f"calibration data: {exc}") from exc
+    for file, batch in pairs:
         _check(batch, spec, str(file))
-        batches.append(batch)
-    return batches
+    return [batch for _, batch in pairs]
 
 
 def _call(source: str) -> list[dict]:

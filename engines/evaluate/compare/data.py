@@ -26,6 +26,7 @@ from engines.bundle import Manifest, golden_feeds, golden_points, verified_path
 from engines.bundle.evaluation import load_evaluation
 from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet
 from exporter.core.errors import RuntimeInputError, UsageError
+from exporter.core.files import load_batches
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def load_data(source: str, bundle: Path, manifest: Manifest, spec: InputSpec, it
     elif source == "eval":
         data = _evaluation(bundle, manifest, module)
     else:
-        data = _files(Path(source))
+        data = _files(Path(source), spec.names)
     for i, feeds in enumerate(data.feeds):
         try:
             spec.check_feeds(feeds)
@@ -121,23 +122,13 @@ def _evaluation(bundle: Path, manifest: Manifest, module) -> CompareData:
                                            f"({len(evaluation)} batches, the INT8 budget's data)")
 
 
-def _files(path: Path) -> CompareData:
-    if path.is_dir():
-        files = sorted(path.glob("*.npz"))
-        if not files:
-            raise UsageError(f"--data {path}: the directory holds no .npz files; expected one .npz per iteration "
-                             "keyed by input name")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise UsageError(f"--data {path!s}: expected golden, random, eval, an .npz file or a directory of them; "
-                         "no such file")
-    feeds = []
-    for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                feeds.append({k: data[k] for k in data.files})
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"--data {file}: not a readable .npz of arrays ({exc}); save inputs with "
-                             "numpy.savez(path, name=array, ...)") from None
-    return CompareData(str(path), feeds, f"{len(files)} .npz file(s) from {path}")
+def _files(path: Path, names: list[str]) -> CompareData:
+    """An .npz/.npy file or a directory of them, the layouts ``--calib DIR`` takes (``load_batches``)."""
+    if not path.exists():
+        raise UsageError(f"--data {path!s}: expected golden, random, eval, an .npz/.npy file or a directory of "
+                         "them; no such file")
+    try:
+        feeds = load_batches(path, names)
+    except UsageError as exc:
+        raise UsageError(f"--data {exc}") from None
+    return CompareData(str(path), feeds, f"{len(feeds)} batch file(s) from {path}")
