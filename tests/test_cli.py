@@ -306,3 +306,15 @@ def test_json_output_and_run_inputs_from_npz_or_a_bare_npy(run_cli, in_tmp):
     assert code == 2 and "expected a .npz file name" in _one_error_line(err)
     code, out, err = run_cli("compare", "b", "--json")
     assert code == 0 and json.loads(out)["ok"] is True
+
+
+def test_inspect_shows_every_pass_that_ran_and_when_the_bundle_was_built(run_cli, in_tmp):
+    code, _, err = run_cli("build", "mlp", "-o", "b")
+    assert code == 0, err
+    code, out, _ = run_cli("inspect", "b")
+    manifest = read_manifest(in_tmp / "b")
+    ran = len(manifest.passes["trt"])
+    changed = sum(1 for r in manifest.passes["trt"] if r["changed"])
+    assert code == 0 and f"passes (trt): {ran} ran, {changed} changed the graph" in out
+    assert "(reused)" not in out and f"built {manifest.created}" in out
+    assert out.count("FoldConstants") >= 2  # passes that did not change the graph are listed too

@@ -25,8 +25,9 @@ def human_size(size: int) -> str:
     return str(size)
 
 
-def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool, seconds: float) -> None:
-    table = Table(title=f"bundle {out}" + (" (reused)" if reused else f" built in {seconds:.1f} s"))
+def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool, seconds: float,
+                  title: str | None = None) -> None:
+    table = Table(title=title or f"bundle {out}" + (" (reused)" if reused else f" built in {seconds:.1f} s"))
     table.add_column("artifact")
     table.add_column("role")
     table.add_column("size", justify="right")
@@ -76,11 +77,14 @@ def inspect_bundle(console: Console, path: Path, manifest: Manifest) -> None:
         _row(io, "out", output.name, output.dtype, str(list(output.shape)))
     console.print(io)
     for target, records in manifest.passes.items():
-        console.print(pass_table(f"passes ({target})", [r for r in records if r["changed"]]))
+        changed = sum(1 for r in records if r["changed"])
+        console.print(pass_table(f"passes ({target}): {len(records)} ran, {changed} changed the graph", records))
         if records:
             console.print(op_diff_table(f"ops before/after ({target})", records[0]["nodes_before"],
                                         records[-1]["nodes_after"]))
-    build_summary(console, path, manifest, reused=True, seconds=0.0)
+    seconds = sum(manifest.build_seconds.values())
+    built = f"built {manifest.created}" + (f" in {seconds:.1f} s" if seconds else "")
+    build_summary(console, path, manifest, reused=False, seconds=0.0, title=f"bundle {path} ({built})")
 
 
 def pass_table(title: str, records: list[dict]) -> Table:
