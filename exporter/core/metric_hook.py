@@ -14,41 +14,22 @@ orders the fallback's sensitivities) and whether the candidate passes. ``referen
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from exporter.core.errors import UsageError
+from exporter.core.loading import import_function
 
 
 @functools.lru_cache(maxsize=8)
 def load_metric(source: str):
     """The callable ``file.py:function`` or ``module:function`` names."""
-    target, _, name = source.rpartition(":")
-    if not target or not name:
-        raise UsageError(f"--metric {source!r}: expected path/to/file.py:function or module:function")
     try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise UsageError(f"--metric {source!r}: {path} does not exist")
-            spec = importlib.util.spec_from_file_location(f"planforge_metric_{abs(hash(str(path.resolve())))}", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
+        return import_function(source, "--metric")
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
         raise UsageError(f"--metric {source}: importing it raised {type(exc).__name__}: {exc}") from exc
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise UsageError(f"--metric {source}: {target} has no function {name!r}")
-    return function
 
 
 def _joined(batches: list[np.ndarray]):

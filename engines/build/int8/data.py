@@ -11,16 +11,14 @@ Every fifth batch is held out for the accuracy budget unless the source provides
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from exporter.core.errors import CalibrationError, RuntimeInputError, UsageError
 from exporter.core.files import load_batches
+from exporter.core.loading import import_function
 from exporter.core.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -79,17 +77,9 @@ def _read_dir(path: Path, spec: InputSpec) -> list[dict]:
 
 
 def _call(source: str) -> list[dict]:
-    target, _, name = source.rpartition(":")
     try:
-        if target.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(f"planforge_calib_{abs(hash(target))}", target)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        batches = list(getattr(module, name)())
-    except CalibrationError:
+        batches = list(import_function(source, "--calib")())
+    except (CalibrationError, UsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
         raise CalibrationError(f"calibration function {source} failed: {type(exc).__name__}: {exc}") from exc
