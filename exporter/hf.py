@@ -85,7 +85,7 @@ def resolve_hf_dir(path: Path):
     max_len = min(int(getattr(config, "max_position_embeddings", 512)), 128)
     spec = InputSpec.parse([
         f"input_ids:int64:[batch=1..8@2,seq=1..{max_len}@16]:0..{vocab}",
-        "attention_mask:int64:[batch,seq]:1..2",
+        "attention_mask:int64:[batch,seq]:0..2",  # the valid range (the runtime checks it), as the zoo writes it
     ])
     digest = hashlib.sha256()
     for file in sorted(p for p in path.iterdir() if p.is_file()):
