@@ -23,7 +23,7 @@ SAMPLE_RATE, CHUNK, CONTEXT = 16000, 512, 64
 
 
 def package_dir() -> Path | None:
-    loaded = sys.modules.get("silero_vad")  # a stub of ours once module() ran: its __spec__ is None
+    loaded = sys.modules.get("silero_vad")  # the package once imported (the same check as the stubbed models)
     if loaded is not None and getattr(loaded, "__path__", None):
         return Path(list(loaded.__path__)[0])
     spec = importlib.util.find_spec("silero_vad")
