@@ -1,7 +1,11 @@
 """``planforge compare``: Polygraphy comparisons of every bundle artifact against its reference."""
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -176,12 +180,18 @@ def test_similarity_metrics():
     assert top1([np.zeros((4,), np.float32)], [np.zeros((4,), np.float32)]) is None  # not class scores
 
 
-def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches(tmp_path):
-    bundle = build(BuildRequest("mlp", out=tmp_path / "mlp-int8", precision="int8", build_root=tmp_path)).out
-    result = compare(CompareRequest(bundle, cache_dir=tmp_path / ".cache"))
+@pytest.fixture(scope="module")
+def mlp_int8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    return build(BuildRequest("mlp", out=root / "mlp-int8", precision="int8", build_root=root)).out, root
+
+
+def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches(mlp_int8, tmp_path):
+    bundle, root = mlp_int8
+    result = compare(CompareRequest(bundle, cache_dir=root / ".cache", save_inputs=tmp_path / "inputs.json"))
 
     assert result.data.source == "eval"  # auto: the data the budget was measured on at build time
-    module = BY_NAME["mlp"].build(tmp_path)
+    module = BY_NAME["mlp"].build(root)
     _, evaluation = BY_NAME["mlp"].calibration_data(module)
     sess = ort.InferenceSession(str(bundle / "model.ort.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
@@ -212,6 +222,43 @@ def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches
     assert any("--graph-optimization-level ORT_DISABLE_ALL" in line and "model.trt.onnx" in line
                for line in result.polygraphy)
     assert result.cpu["cpu_isa"] == detect().isa == result.cpu["int8_ort_validated_on"]
+
+
+def test_polygraphy_lines_work_as_printed_and_fail_when_the_graph_is_worse(mlp_int8, tmp_path):
+    """The printed ``polygraphy run`` lines run from any directory, write nothing there, pass on the bundle
+    (the INT8 line judging the budget as compare did), and fail on a graph with a damaged weight."""
+    bundle, root = mlp_int8
+    assert compare(CompareRequest(bundle, cache_dir=root / ".cache")).polygraphy == []  # no inputs saved: no lines
+    inputs = tmp_path / "saved" / "inputs.json"
+    inputs.parent.mkdir()
+    result = compare(CompareRequest(bundle, cache_dir=root / ".cache", save_inputs=inputs))
+    assert result.ok and len(result.polygraphy) == 3  # reference, ort (INT8: the budget script), trt
+    int8_line = next(line for line in result.polygraphy if "model.ort.onnx" in line)
+    assert "--compare-func-script" in int8_line and "inf" not in int8_line.split()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    polygraphy = str(Path(sys.executable).with_name("polygraphy"))
+    printed = {}
+    for line in result.polygraphy:
+        run = subprocess.run([polygraphy, *shlex.split(line)[1:]], cwd=work, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        printed[line] = run.stdout + run.stderr
+    assert list(work.iterdir()) == [] and (inputs.parent / "inputs.ref_outputs.json").is_file()
+    pair = next(p for p in result.pairs if p.runner == "onnxruntime model.ort.onnx")
+    assert f"planforge budget top1 >= 0.99: {pair.budget['value']:.6g} over {len(result.data.feeds)} batches: PASSED" \
+        in printed[int8_line]
+
+    # the INT8 line on a graph whose first MatMul weight is scrambled: the budget fails, so does the line
+    model = onnx.load(str(bundle / "model.ort.onnx"))
+    weight = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2)
+    values = onnx.numpy_helper.to_array(weight)
+    weight.CopyFrom(onnx.numpy_helper.from_array(np.random.default_rng(0).permutation(values.ravel())
+                                                 .reshape(values.shape), weight.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    run = subprocess.run([polygraphy, *shlex.split(int8_line.replace(str(bundle / "model.ort.onnx"), str(damaged)))[1:]],
+                         cwd=work, capture_output=True, text=True)
+    assert run.returncode != 0 and "FAILED" in run.stdout + run.stderr
 
 
 def test_digits_gets_its_test_accuracy_per_side(build_root, tmp_path):

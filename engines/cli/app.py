@@ -341,7 +341,7 @@ def bench_passes(models, targets, threads, runs, int8, out):
 @click.option("--reference", type=click.Choice(["auto", "pytorch", "onnx"]), default="auto", show_default=True,
               help="PyTorch (auto when the bundle came from a PyTorch model) or ONNX Runtime on the exported graph.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
-@click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON.")
+@click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON and print polygraphy run lines that repeat the checks on them.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for PyTorch and ONNX Runtime (0: all cores).")
 @_json_option

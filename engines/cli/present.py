@@ -210,9 +210,14 @@ def compare_table(console: Console, result) -> None:
                       f"{'budget met' if all(verdicts) else 'budget NOT met'}"
                       + ("" if built == here else " (another CPU class: its integer kernels differ)"))
     console.print(f"wrote {escape(str(result.report))}")
-    console.print("the same ONNX Runtime checks with Polygraphy's CLI (--save-inputs writes inputs.json):")
-    for line in result.polygraphy:
-        console.print(f"  {escape(line)}", soft_wrap=True)
+    if result.polygraphy:
+        console.print("the same ONNX Runtime checks with Polygraphy's CLI (run the first line first):")
+        for line in result.polygraphy:
+            console.print(f"  {escape(line)}", soft_wrap=True)
+    elif result.stateful:
+        console.print("no polygraphy run lines: Polygraphy runs each batch on its own and cannot feed the state back")
+    else:
+        console.print("add --save-inputs FILE.json for polygraphy run lines that repeat these checks")
 
 
 def bench_bundle_table(console: Console, doc: dict) -> None:

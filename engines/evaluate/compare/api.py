@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class CompareResult:
     polygraphy: list[str]
     cpu: dict = dataclasses.field(default_factory=dict)  # this CPU's class; where the INT8 ort graph was validated
     report: Path | None = None
+    stateful: bool = False  # state fed back between batches: Polygraphy's CLI cannot repeat it
 
     @property
     def ok(self) -> bool:
@@ -157,7 +159,8 @@ def compare(request: CompareRequest) -> CompareResult:
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides)
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
-                           polygraphy_commands(bundle, manifest, pairs, request.save_inputs), _cpu(manifest))
+                           polygraphy_commands(bundle, manifest, pairs, request.save_inputs, len(data.feeds)),
+                           _cpu(manifest), stateful=bool(state))
     result.report = _write_report(bundle, result, request.report)
     return result
 
@@ -326,26 +329,83 @@ def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
     return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
 
 
-def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult], inputs: Path | None) -> list[str]:
-    """``polygraphy run`` lines that repeat the ONNX Runtime comparisons (exported graph as reference)."""
-    load = shlex.quote(str(inputs)) if inputs else "inputs.json"
-    ref = shlex.quote(str(bundle / "model.onnx"))
-    lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs ref_outputs.json"]
+def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult], inputs: Path | None,
+                        batches: int) -> list[str]:
+    """``polygraphy run`` lines that repeat the ONNX Runtime comparisons (exported graph as reference).
+
+    They need the inputs saved (``--save-inputs``): without them there are none, and the CLI says how
+    to get them. The reference outputs go beside the inputs, not into the working directory. An INT8
+    pair is judged by its budget, which Polygraphy's elementwise checks cannot express: its line loads
+    a compare script written beside the inputs (``budget_script``) that computes the budget's metric
+    with planforge's own code over all the batches, so the line fails exactly when compare fails.
+    Stateful bundles get none: Polygraphy runs each batch on its own and cannot feed the state back."""
+    if inputs is None or (manifest.calibration and manifest.calibration.state):
+        return []
+    inputs = Path(inputs).resolve()
+    load, ref_path = shlex.quote(str(inputs)), inputs.with_name(f"{inputs.stem}.ref_outputs.json")
+    ref = shlex.quote(str(bundle.resolve() / "model.onnx"))
+    lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs {shlex.quote(str(ref_path))}"]
     as_written = manifest.backends.trt.graph  # run without ORT's optimizations
     for pair in pairs:
         graph = pair.runner.removeprefix("onnxruntime ")
         if not pair.runner.startswith("onnxruntime ") or graph == "model.onnx":
             continue
-        tols = {n: o["tolerance"] for n, o in pair.outputs.items()}
         args = []
-        for key, flag in (("atol", "--atol"), ("rtol", "--rtol"), ("stat", "--check-error-stat")):
-            values = {n: t[key] if t[key] is not None else "inf" for n, t in tols.items()}
-            args += [flag, *(f"{n}:{v}" for n, v in values.items())]
+        if pair.budget is not None:
+            module = re.sub(r"\W", "_", f"{inputs.stem}_{graph.removesuffix('.onnx')}_budget")  # Polygraphy imports it
+            script = budget_script(inputs.with_name(f"{module}.py"),
+                                   manifest.calibration.budget, list(pair.outputs), batches)
+            args += ["--compare-func-script", str(script)]
+        else:
+            tols = {n: o["tolerance"] for n, o in pair.outputs.items()}
+            for key, flag in (("atol", "--atol"), ("rtol", "--rtol"), ("stat", "--check-error-stat")):
+                args += [flag, *(f"{n}:{t[key]}" for n, t in tols.items())]
+            if any(t["stat"] == "quantile" for t in tols.values()):
+                args += ["--error-quantile", *(f"{n}:{t['quantile']}" for n, t in tols.items())]
         if graph == as_written:
             args += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
-        lines.append(f"polygraphy run {shlex.quote(str(bundle / graph))} --onnxrt --load-inputs {load} "
-                     f"--load-outputs ref_outputs.json {' '.join(shlex.quote(a) for a in args)}")
+        lines.append(f"polygraphy run {shlex.quote(str(bundle.resolve() / graph))} --onnxrt --load-inputs {load} "
+                     f"--load-outputs {shlex.quote(str(ref_path))} {' '.join(shlex.quote(a) for a in args)}")
     return lines
+
+
+BUDGET_SCRIPT = '''"""Polygraphy compare function written by `planforge compare`: the INT8 budget {budget}.
+
+Polygraphy calls it once per batch; it keeps the outputs and, at the last of the {batches} batches,
+judges the budget over all of them with planforge's own metric (exporter.core.numerics), as compare
+did. Earlier batches pass: the budget is a statistic over the whole data set, not per batch.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+
+from exporter.core.numerics import Budget, budget_metric
+
+BUDGET = Budget.from_json({spec})
+NAMES = {names}
+BATCHES = {batches}
+_seen = {{"reference": [], "actual": []}}
+
+
+def compare_outputs(reference, actual):
+    _seen["reference"].append([np.asarray(reference[n]) for n in NAMES])
+    _seen["actual"].append([np.asarray(actual[n]) for n in NAMES])
+    if len(_seen["reference"]) < BATCHES:
+        return OrderedDict((n, True) for n in NAMES)
+    score = budget_metric(BUDGET, _seen["reference"], _seen["actual"], NAMES)
+    passed = BUDGET.met(score)
+    print(f"planforge budget {{BUDGET}}: {{float(score):.6g}} over {{BATCHES}} batches: "
+          f"{{'PASSED' if passed else 'FAILED'}}")
+    return OrderedDict((n, bool(passed)) for n in NAMES)
+'''
+
+
+def budget_script(path: Path, budget: Budget, names: list[str], batches: int) -> Path:
+    """Write the compare script of an INT8 line (see ``polygraphy_commands``) to ``path``."""
+    text = BUDGET_SCRIPT.format(budget=budget, batches=batches, spec=repr(budget.to_json()), names=repr(names))
+    write_atomic(path, text.encode())
+    return path
 
 
 def _write_report(bundle: Path, result: CompareResult, report: Path | None) -> Path:
