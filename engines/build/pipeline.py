@@ -123,7 +123,8 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         graph = stages.int8_opset(graph, golden)
         int8 = Int8Stage(root, request, model, spec, calib_cache)
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage) for t in TARGETS}
+    ort_graph = stages.share_graph(root)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env, golden)
+                           trt_env, golden, ort_graph)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import filecmp
 import json
 import logging
 import platform
@@ -89,9 +90,28 @@ def reference(root: Path, request: BuildRequest, model: ResolvedModel, spec: Inp
         golden, parity = report.golden, report.to_json()
     else:
         golden, parity = _onnx_golden(model.onnx_path, spec, request.static), None
-    np.savez(root / "golden.npz", **golden)
-    with np.load(root / "golden.npz") as data:
-        return parity, {k: data[k] for k in data.files}
+    np.savez(root / "golden.npz", **capped_golden(golden))
+    return parity, golden
+
+
+GOLDEN_CAP = 16 * 2**20  # bytes of golden.npz; the build itself checks every point in memory
+
+
+def capped_golden(golden: dict[str, np.ndarray], cap: int | None = None) -> dict[str, np.ndarray]:
+    """What golden.npz stores: the shape points, smallest first, while they fit in ``cap`` bytes; the
+    smallest is always kept. A large model's max point (resnet18 at batch 32: 19 MiB of inputs) would
+    otherwise make golden data bigger than the model; ``compare`` then checks the points that were kept."""
+    cap = GOLDEN_CAP if cap is None else cap
+    sizes = {p: sum(v.nbytes for k, v in golden.items() if k.startswith(f"{p}/")) for p in golden_points(golden)}
+    kept, total = [], 0
+    for point in sorted(sizes, key=sizes.get):
+        if kept and total + sizes[point] > cap:
+            logger.info("golden.npz: left out the %s point (%.1f MiB; golden data is capped at %d MiB)",
+                        point, sizes[point] / 2**20, cap // 2**20)
+            continue
+        kept.append(point)
+        total += sizes[point]
+    return {k: v for k, v in golden.items() if k.split("/", 1)[0] in kept}
 
 
 def _onnx_golden(path: Path, spec: InputSpec, static: bool) -> dict:
@@ -200,6 +220,18 @@ def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, targe
     return {"points": points, "worst": worst, "ok": ok, "precision": precision}
 
 
+def share_graph(root: Path) -> str:
+    """The ort backend's graph file: ``model.trt.onnx`` when both targets produced the same bytes (typical
+    at FP32, where no pass differs between them), stored once and named in the manifest for both; else
+    ``model.ort.onnx``."""
+    ort, trt = root / "model.ort.onnx", root / "model.trt.onnx"
+    if not filecmp.cmp(ort, trt, shallow=False):
+        return ort.name
+    ort.unlink()
+    logger.info("model.ort.onnx and model.trt.onnx are identical: stored once as model.trt.onnx for both backends")
+    return trt.name
+
+
 def tensorrt(root: Path, request: BuildRequest, profiles: list[Profile], precision: str,
              on_stage) -> tuple[TrtBackend, dict]:
     """The TensorRT backend entry (a plan, or why not) and the TensorRT environment it built in."""
@@ -227,7 +259,8 @@ def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: 
 
 def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
-             int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None) -> Manifest:
+             int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None,
+             ort_graph: str = "model.ort.onnx") -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
@@ -239,7 +272,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         fp16_fp32_nodes=tuple(n for g in graphs.values() for n in g.fp16_fp32_nodes),
         calibration=int8.calibration() if int8 else None, export=export_info,
         passes={t: g.records for t, g in graphs.items()},
-        backends=Backends(OrtBackend("model.ort.onnx", graphs["ort"].precision), trt_backend),
+        backends=Backends(OrtBackend(ort_graph, graphs["ort"].precision), trt_backend),
         environment=environment(trt_env, trt_backend.skipped, request.trt.hardware_compatibility),
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},

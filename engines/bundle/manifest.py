@@ -238,6 +238,7 @@ class Manifest:
     build_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    packed: dict | None = None  # ``planforge pack``: what it came from, runtime_only, what it left out
 
     @property
     def output_names(self) -> list[str]:
@@ -261,6 +262,7 @@ class Manifest:
             "environment": self.environment.to_json(), "accuracy": self.accuracy.to_json(),
             "build_seconds": self.build_seconds,
             "artifacts": {name: a.to_json() for name, a in self.artifacts.items()},
+            **({"packed": self.packed} if self.packed else {}),
         }
 
     @classmethod
@@ -281,7 +283,7 @@ class Manifest:
                 backends=Backends.from_json(data["backends"]), environment=Environment.from_json(data["environment"]),
                 accuracy=Accuracy.from_json(data["accuracy"]), build_seconds=data.get("build_seconds") or {},
                 artifacts={n: Artifact(**_fields(Artifact, a)) for n, a in data["artifacts"].items()},
-                schema_version=SCHEMA_VERSION)
+                schema_version=SCHEMA_VERSION, packed=data.get("packed"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{where} is missing or has a malformed {exc!s}; rebuild the bundle") from exc
 

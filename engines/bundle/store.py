@@ -119,6 +119,9 @@ def read_manifest(bundle: Path) -> Manifest:
 def verified_path(bundle: Path, manifest: Manifest, name: str) -> Path:
     """The artifact's path, after its size and sha256 matched the manifest."""
     entry = manifest.artifacts.get(name)
+    if entry is None and manifest.packed and name in manifest.packed.get("omitted", ()):
+        raise BundleError(f"{bundle} is a runtime-only pack (planforge pack --runtime-only): it holds what the runtime "
+                          f"loads, not {name}; run this on the full bundle it was packed from")
     if entry is None:
         raise BundleError(f"{bundle}: the manifest does not list {name!r}; rebuild the bundle")
     path = Path(bundle) / name

@@ -378,6 +378,22 @@ def triton_repo(bundle, out, name, model_version, force):
 
 
 @cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Where to write the packed bundle.")
+@click.option("--runtime-only", is_flag=True,
+              help="Only what the runtime loads (ONNX Runtime graph, TensorRT plan): no exported graph, golden or "
+                   "evaluation data, calibration or reports.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+def pack(bundle, out, runtime_only, force):
+    """Copy BUNDLE to OUT after verifying every artifact, with its own manifest (--runtime-only: for production)."""
+    from engines.bundle.pack import pack as run_pack  # noqa: PLC0415 - per command: --help stays fast
+
+    result = run_pack(bundle, out, runtime_only, force)
+    left = f"; left out {', '.join(result.omitted)}" if result.omitted else ""
+    console.print(f"wrote {out}: {len(result.manifest.artifacts)} artifact(s), {result.size / 2**20:.1f} MiB{left}")
+
+
+@cli.command()
 @_json_option
 def zoo(as_json):
     """List the zoo models and their inputs."""

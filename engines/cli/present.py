@@ -205,7 +205,7 @@ def compare_table(console: Console, result) -> None:
     built, here = result.cpu.get("int8_ort_validated_on"), result.cpu.get("cpu_isa")
     if built:
         verdicts = [p.budget["passed"] for p in result.pairs if p.budget
-                    and (p.runner.endswith("model.ort.onnx") or p.runner.startswith("planforge ort"))]
+                    and (p.target == "ort" or p.runner.startswith("planforge ort"))]
         console.print(f"INT8 ONNX Runtime graph: validated on {built} at build; re-validated here on {here}: "
                       f"{'budget met' if all(verdicts) else 'budget NOT met'}"
                       + ("" if built == here else " (another CPU class: its integer kernels differ)"))

@@ -84,6 +84,7 @@ class Side:
     precision: str
     runner: object
     artifact: str | None = None
+    target: str | None = None  # the graph's target (ort: run optimized, trt: as written), None otherwise
 
 
 @dataclasses.dataclass
@@ -94,6 +95,8 @@ class PairResult:
     outputs: dict[str, dict]
     budget: dict | None
     passed: bool
+    graph: str | None = None  # the bundle's graph this side ran under ONNX Runtime
+    target: str | None = None
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -222,9 +225,11 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
     for target in ("ort", "trt"):
         entry = backends.for_target(target)
         if entry.graph in manifest.artifacts:
-            name = f"onnxruntime {entry.graph}"
+            # one graph for both targets (identical bytes): the trt side runs it as written, the ort side optimized
+            shared = target == "trt" and backends.ort.graph == entry.graph
+            name = f"onnxruntime {entry.graph}{' as written' if shared else ''}"
             runner = onnxrt_runner(verified_path(bundle, manifest, entry.graph), name, optimize=target != "trt")
-            sides.append(Side(name, entry.precision, runner, entry.graph))
+            sides.append(Side(name, entry.precision, runner, entry.graph, target))
     loaded, skipped = BundleView(bundle), {}
     for backend in ORDER:
         if (reason := unavailable(backend, loaded)) is not None:
@@ -270,7 +275,8 @@ def _check_pair(results, reference: Side, side: Side, index: int, overrides: dic
         verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in judged] for it in ref_iters],
                                   [[np.asarray(it[n]) for n in judged] for it in act_iters], judged, feeds)
     passed = all(o["passed"] for o in outputs.values()) and (verdict is None or verdict["passed"])
-    return PairResult(reference.name, side.name, side.precision, outputs, verdict, passed)
+    graph = side.artifact if side.target else None
+    return PairResult(reference.name, side.name, side.precision, outputs, verdict, passed, graph, side.target)
 
 
 def _bound(atol: float | None) -> float:
@@ -345,14 +351,13 @@ def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult
     load, ref_path = shlex.quote(str(inputs)), inputs.with_name(f"{inputs.stem}.ref_outputs.json")
     ref = shlex.quote(str(bundle.resolve() / "model.onnx"))
     lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs {shlex.quote(str(ref_path))}"]
-    as_written = manifest.backends.trt.graph  # run without ORT's optimizations
     for pair in pairs:
-        graph = pair.runner.removeprefix("onnxruntime ")
-        if not pair.runner.startswith("onnxruntime ") or graph == "model.onnx":
+        graph = pair.graph
+        if graph is None:  # the exported graph, PyTorch, planforge's runtime, TensorRT
             continue
         args = []
         if pair.budget is not None:
-            module = re.sub(r"\W", "_", f"{inputs.stem}_{graph.removesuffix('.onnx')}_budget")  # Polygraphy imports it
+            module = re.sub(r"\W", "_", f"{inputs.stem}_{pair.target}_budget")  # Polygraphy imports it
             script = budget_script(inputs.with_name(f"{module}.py"),
                                    manifest.calibration.budget, list(pair.outputs), batches)
             args += ["--compare-func-script", str(script)]
@@ -362,7 +367,7 @@ def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult
                 args += [flag, *(f"{n}:{t[key]}" for n, t in tols.items())]
             if any(t["stat"] == "quantile" for t in tols.values()):
                 args += ["--error-quantile", *(f"{n}:{t['quantile']}" for n, t in tols.items())]
-        if graph == as_written:
+        if pair.target == "trt":  # float emulation: the graph as written, without ORT's optimizations
             args += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
         lines.append(f"polygraphy run {shlex.quote(str(bundle.resolve() / graph))} --onnxrt --load-inputs {load} "
                      f"--load-outputs {shlex.quote(str(ref_path))} {' '.join(shlex.quote(a) for a in args)}")
