@@ -55,7 +55,8 @@ def _graph_runner(bundle: Path, target: str):
     options = ort.SessionOptions()
     if target == "trt":
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(bundle / f"model.{target}.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = read_manifest(bundle).backends.for_target(target).graph  # one file when both targets wrote the same
+    session = ort.InferenceSession(str(bundle / graph), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
