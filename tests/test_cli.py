@@ -318,3 +318,10 @@ def test_inspect_shows_every_pass_that_ran_and_when_the_bundle_was_built(run_cli
     assert code == 0 and f"passes (trt): {ran} ran, {changed} changed the graph" in out
     assert "(reused)" not in out and f"built {manifest.created}" in out
     assert out.count("FoldConstants") >= 2  # passes that did not change the graph are listed too
+
+
+def test_error_messages_reach_a_non_terminal_without_colour_codes(tmp_path, run_cli):
+    source = tmp_path / "coloured.py"
+    source.write_text("def make():\n    raise ValueError('\\x1b[91mweights missing\\x1b[0m')\n")
+    code, _, err = run_cli("build", f"{source}:make", "-o", tmp_path / "b")
+    assert code != 0 and "weights missing" in err and "\x1b" not in err and "Traceback" not in err

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from engines import __version__
-from exporter.core.errors import PlanforgeError
+from exporter.core.errors import PlanforgeError, plain
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -431,18 +431,23 @@ def main(argv: list[str] | None = None) -> int:
     except PlanforgeError as exc:
         if verbose:
             logger.exception("error")
-        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err_console.print(_for_stderr(f"error: {exc}"), markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
         if verbose:
             logger.exception("internal error")
-        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+        err_console.print(_for_stderr(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)"),
                           markup=False, highlight=False, soft_wrap=True)
         return 70
     finally:
         for name in OURS:  # an in-process caller's logging is left as it was
             logging.getLogger(name).setLevel(logging.NOTSET)
     return 0
+
+
+def _for_stderr(text: str) -> str:
+    """Colour codes only for a terminal: a log file or CI gets plain text."""
+    return text if err_console.is_terminal else plain(text)
 
 
 def entry() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.bundle import Manifest
 from engines.profiles import Profile, select
-from exporter.core.errors import InferenceError, RuntimeInputError, UsageError
+from exporter.core.errors import InferenceError, RuntimeInputError, UsageError, plain
 from exporter.core.spec import InputSpec, OutputSpec
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Runner:
             self._metrics.observe(ms, error)
 
     def _on_failure(self, feeds, exc: Exception):
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        reason = f"{type(exc).__name__}: {plain(str(exc)).splitlines()[0][:300] if str(exc) else ''}"
         if self._fallback_factory is None:
             raise InferenceError(f"{self.backend} failed to run: {reason}; load with fallback_on_error=True "
                                  "to retry such calls on the next backend") from exc

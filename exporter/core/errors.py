@@ -6,6 +6,15 @@ and exits with the class's ``exit_code``. This module is the shared foundation o
 packages: it imports nothing but the standard library.
 """
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without ANSI escape sequences (ONNX Runtime and the exporters colour some messages)."""
+    return _ANSI.sub("", text)
+
 
 class PlanforgeError(Exception):
     """Base class: a problem the user can fix, reported without a traceback."""
