@@ -124,7 +124,8 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         int8 = Int8Stage(root, request, model, spec, calib_cache)
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage) for t in TARGETS}
     ort_graph = stages.share_graph(root)
+    compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env, golden, ort_graph)
+                           trt_env, golden, ort_graph, compat)

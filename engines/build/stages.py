@@ -232,6 +232,22 @@ def share_graph(root: Path) -> str:
     return trt.name
 
 
+def trt_check(root: Path, request: BuildRequest) -> dict:
+    """The TensorRT compatibility check of ``model.trt.onnx`` (``engines.trt.compat``), before any TensorRT
+    call: one INFO line; with ``--require-trt`` a refusal fails the build here."""
+    from engines.trt.compat import check_model  # noqa: PLC0415
+
+    report = check_model(onnx.load(str(root / "model.trt.onnx")), graph="model.trt.onnx")
+    logger.info("%s", report.summary())
+    for finding in report.findings:
+        logger.debug("%s %s (%s) %s: %s", finding.status, finding.node, finding.op, finding.rule, finding.message)
+    if request.require_trt and not report.ok:
+        first = report.refused[0]
+        raise BuildError(f"--require-trt: {report.summary()}; first: {first.node} ({first.op}): {first.message}. "
+                         f"{first.hint}. planforge check-trt BUNDLE_OR_MODEL lists them all")
+    return report.to_json()
+
+
 def tensorrt(root: Path, request: BuildRequest, profiles: list[Profile], precision: str,
              on_stage) -> tuple[TrtBackend, dict]:
     """The TensorRT backend entry (a plan, or why not) and the TensorRT environment it built in."""
@@ -260,7 +276,7 @@ def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: 
 def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
              int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None,
-             ort_graph: str = "model.ort.onnx") -> Manifest:
+             ort_graph: str = "model.ort.onnx", compat: dict | None = None) -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
@@ -276,7 +292,8 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         environment=environment(trt_env, trt_backend.skipped, request.trt.hardware_compatibility),
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
-                          {t: r.report() for t, r in int8.results.items()} if int8 else None))
+                          {t: r.report() for t, r in int8.results.items()} if int8 else None),
+        trt_check=compat)
 
 
 def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:

@@ -239,6 +239,7 @@ class Manifest:
     artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     packed: dict | None = None  # ``planforge pack``: what it came from, runtime_only, what it left out
+    trt_check: dict | None = None  # the TensorRT compatibility check of the trt graph (engines.trt.compat)
 
     @property
     def output_names(self) -> list[str]:
@@ -263,6 +264,7 @@ class Manifest:
             "build_seconds": self.build_seconds,
             "artifacts": {name: a.to_json() for name, a in self.artifacts.items()},
             **({"packed": self.packed} if self.packed else {}),
+            **({"trt_check": self.trt_check} if self.trt_check else {}),
         }
 
     @classmethod
@@ -283,7 +285,7 @@ class Manifest:
                 backends=Backends.from_json(data["backends"]), environment=Environment.from_json(data["environment"]),
                 accuracy=Accuracy.from_json(data["accuracy"]), build_seconds=data.get("build_seconds") or {},
                 artifacts={n: Artifact(**_fields(Artifact, a)) for n, a in data["artifacts"].items()},
-                schema_version=SCHEMA_VERSION, packed=data.get("packed"))
+                schema_version=SCHEMA_VERSION, packed=data.get("packed"), trt_check=data.get("trt_check"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{where} is missing or has a malformed {exc!s}; rebuild the bundle") from exc
 

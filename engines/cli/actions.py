@@ -86,6 +86,40 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     return [r.to_json() for r in records], worst
 
 
+def trt_graph(source: str, inputs: tuple[str, ...] = (), as_is: bool = False) -> tuple[onnx.ModelProto, str]:
+    """The graph TensorRT would get from ``source``: a bundle's trt graph (verified), or the ``trt`` pipeline's
+    output for an .onnx file or a MODEL (exported first); ``as_is``: an .onnx file unchanged."""
+    from engines.bundle import verified_path  # noqa: PLC0415
+
+    path = Path(source)
+    if path.is_dir() and (path / "manifest.json").exists():
+        manifest = read_manifest(path)
+        graph = verified_path(path, manifest, manifest.backends.trt.graph)
+        return onnx.load(str(graph)), str(graph)
+    from exporter.resolve import check_assumed, load_onnx, resolve, spec_from_onnx  # noqa: PLC0415 - imports torch
+
+    if source.endswith(".onnx"):
+        model = load_onnx(path)
+        if as_is:
+            return model, str(path)
+        spec = spec_from_onnx(model).override(inputs)
+        check_assumed(spec, source)
+        described = f"the trt pipeline's output for {source}"
+    else:
+        if as_is:
+            raise UsageError(f"--as-is takes an .onnx file; {source} is a MODEL, which is exported first")
+        from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
+
+        resolved = resolve(source, Path("build") / ".cache")
+        spec = resolved.input_spec.override(inputs)
+        with tempfile.TemporaryDirectory(prefix="planforge-check-trt-") as tmp:
+            export_onnx(resolved.module, spec, resolved.output_names, Path(tmp) / "model.onnx")
+            model = onnx.load(str(Path(tmp) / "model.onnx"))
+        described = f"the trt pipeline's output for {source} (exported)"
+    optimized, _ = PassManager(pipeline("trt", "fp32")).run(model)
+    return optimized, described
+
+
 def inspect_path(console, path: Path) -> None:
     if path.is_dir():
 

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from engines import __version__
-from exporter.core.errors import PlanforgeError, plain
+from exporter.core.errors import PlanforgeError, TensorRTRefusal, plain
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -375,6 +375,30 @@ def triton_repo(bundle, out, name, model_version, force):
 
     for model in write_repository(bundle, out, name, model_version, force):
         console.print(f"wrote {out / model} (config.pbtxt, {model_version}/)")
+
+
+@cli.command("check-trt")
+@click.argument("source")
+@click.option("--trt-version", default="11.1", show_default=True,
+              help="Whose ONNX parser operator table to check against (engines/trt/compat/data).")
+@_input_option
+@click.option("--as-is", is_flag=True, help="Check an .onnx file unchanged instead of the trt pipeline's output for it.")
+@_json_option
+def check_trt(source, trt_version, inputs, as_is, as_json):
+    """Predict on this CPU what TensorRT will refuse in SOURCE (a bundle, an .onnx file or a MODEL); exit 12 on any."""
+    from engines.cli.actions import trt_graph  # noqa: PLC0415 - per command: --help stays fast
+    from engines.cli.present import compat_table  # noqa: PLC0415 - per command: --help stays fast
+    from engines.trt.compat import check_model  # noqa: PLC0415 - per command: --help stays fast
+
+    model, described = trt_graph(source, tuple(inputs), as_is)
+    report = check_model(model, trt_version, described)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        compat_table(console, report)
+    if not report.ok:
+        first = report.refused[0]
+        raise TensorRTRefusal(f"{report.summary()}; first: {first.node} ({first.op}): {first.message}. {first.hint}")
 
 
 @cli.command()

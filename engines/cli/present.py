@@ -52,6 +52,11 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
                       f"({report.final:.4f}; all-INT8 {report.full_int8:.4f}; "
                       f"{len(report.kept_float)} of {report.candidates} units kept in float"
                       f"{f' after {report.evaluations} evaluations' if report.evaluations else ''}; {_judged(report)})")
+    if manifest.trt_check:
+        check = manifest.trt_check
+        console.print(f"TensorRT {check['tensorrt_version']} compatibility: {check['nodes']} nodes, {check['refused']} "
+                      f"refused, {check['check']} to check" + (" (planforge check-trt BUNDLE lists them)"
+                                                              if check["findings"] else ""))
     if backends.trt.skipped:
         console.print(f"TensorRT skipped: {escape(backends.trt.skipped)}")
 
@@ -240,3 +245,15 @@ def bench_bundle_table(console: Console, doc: dict) -> None:
     console.print(table)
     for name, reason in doc["skipped"].items():
         console.print(f"not benchmarked: {escape(name)}: {escape(reason)}")
+
+
+def compat_table(console: Console, report) -> None:
+    """``check-trt``: one row per finding (refused first), then the summary line."""
+    if report.findings:
+        table = Table(title=f"{report.graph}: TensorRT {report.tensorrt_version} ONNX parser")
+        for col in ("status", "node", "op", "rule", "finding", "fix"):
+            table.add_column(col, overflow="fold")
+        for f in sorted(report.findings, key=lambda f: f.status != "refused"):
+            table.add_row(f.status, escape(f.node), f.op, f.rule, escape(f.message), escape(f.hint))
+        console.print(table)
+    console.print(report.summary())

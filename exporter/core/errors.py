@@ -90,3 +90,9 @@ class InferenceError(PlanforgeError):
     """A backend failed while running a call (TensorRT execution error, CUDA out of memory)."""
 
     exit_code = 11
+
+
+class TensorRTRefusal(PlanforgeError):
+    """The TensorRT compatibility check found nodes the TensorRT ONNX parser or builder refuses."""
+
+    exit_code = 12
