@@ -282,9 +282,9 @@ def first_fp16_culprit(before, after, feeds: dict, skip=frozenset()) -> str | No
     input it reads is within it: where the error starts, not where it shows. Both graphs run with every
     node output exposed; outputs keep their names through the conversion. If the error grows gradually
     (no single start), the node with the largest growth from its inputs to its output."""
-    from passes.verify import run_graph  # noqa: PLC0415 - ONNX Runtime, only when repairing
+    from passes.verify import expose_outputs, run_graph  # noqa: PLC0415 - ONNX Runtime, only when repairing
 
-    reference, actual = run_graph(_all_outputs(before), feeds), run_graph(_all_outputs(after), feeds)
+    reference, actual = run_graph(expose_outputs(before), feeds), run_graph(expose_outputs(after), feeds)
 
     def error(name: str) -> float:
         if name not in reference or name not in actual or reference[name].dtype.kind != "f":
@@ -307,21 +307,6 @@ def first_fp16_culprit(before, after, feeds: dict, skip=frozenset()) -> str | No
         if out > 1.0:
             growth.append((out / max(into, 1e-12), node.name))
     return max(growth)[1] if growth else None
-
-
-def _all_outputs(model):
-    """A copy of ``model`` whose outputs are every float node output (types left for ONNX Runtime to infer)."""
-    import onnx  # noqa: PLC0415
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    known = {o.name for o in copy.graph.output}
-    for node in copy.graph.node:
-        for name in node.output:
-            if name and name not in known:
-                copy.graph.output.append(onnx.ValueInfoProto(name=name))
-                known.add(name)
-    return copy
 
 
 def fp32_nodes(model, keep: tuple[str, ...] = (), measured: tuple[str, ...] = ()) -> list[dict]:

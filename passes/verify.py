@@ -14,6 +14,20 @@ def session(model: onnx.ModelProto | str, optimize: bool = False, threads: int =
     return create_session(source, threads, optimize)
 
 
+def expose_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are every node output (types left for ONNX Runtime to infer), for
+    comparing intermediate tensors; run it with graph optimizations off so nothing is fused differently."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output}
+    for node in copy.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                copy.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    return copy
+
+
 def run_graph(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from engines import __version__
-from exporter.core.errors import PlanforgeError, TensorRTRefusal, plain
+from exporter.core.errors import ComparisonFailed, PlanforgeError, TensorRTRefusal, UsageError, plain
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -199,11 +199,23 @@ def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32, s
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--layers", is_flag=True, help="Per node of each graph: the precision it computes in and the PyTorch "
+              "module it came from (and TensorRT's layers when the bundle has an engine).")
 @_json_option
-def inspect(path, as_json):
+def inspect(path, layers, as_json):
     """Describe a bundle directory or an .onnx file."""
     from engines.cli.actions import describe_path, inspect_path  # noqa: PLC0415 - per command: --help stays fast
 
+    if layers:
+        from engines.bundle import read_manifest  # noqa: PLC0415
+        from engines.cli.present import layers_table  # noqa: PLC0415 - per command: --help stays fast
+        from engines.evaluate.layers import bundle_layers  # noqa: PLC0415 - imports onnx
+
+        if not Path(path).is_dir():
+            raise UsageError(f"--layers takes a bundle directory; {path} is not one")
+        doc = bundle_layers(path, read_manifest(path))
+        _print_json(doc) if as_json else layers_table(console, doc)
+        return
     if as_json:
         _print_json(describe_path(path))
         return
@@ -375,6 +387,37 @@ def triton_repo(bundle, out, name, model_version, force):
 
     for model in write_repository(bundle, out, name, model_version, force):
         console.print(f"wrote {out / model} (config.pbtxt, {model_version}/)")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--side", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True,
+              help="Whose graph against the FP32 export (auto: the one that is not FP32, trt first).")
+@click.option("--data", default="auto", show_default=True,
+              help="auto (evaluation batches, else golden), golden, random, eval, or .npz/.npy files as compare takes.")
+@click.option("--batches", type=click.IntRange(1), default=1, show_default=True, help="How many batches of the data.")
+@click.option("--limit", type=click.IntRange(1), default=10, show_default=True, help="At most this many layers listed.")
+@click.option("--int8-relerr", type=click.FloatRange(0, min_open=True), default=0.25, show_default=True,
+              help="An INT8 tensor diverges past this max abs error relative to max|FP32|.")
+@click.option("--bisect", is_flag=True, help="Keep groups of the suspected nodes in float to name the smallest set "
+              "that brings the outputs within budget.")
+@_json_option
+def debug(bundle, side, data, batches, limit, int8_relerr, bisect, as_json):
+    """Find the first layer where BUNDLE's FP16/INT8 graph diverges from the FP32 export; exit 4 when one does."""
+    from engines.cli.present import debug_table  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.debug import DebugRequest  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.debug import debug as run_debug
+
+    result = run_debug(DebugRequest(bundle, side, data, batches, limit, bisect, int8_relerr))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        debug_table(console, result)
+    if not result.ok:
+        first = result.first[0]
+        raise ComparisonFailed(f"{result.graph} diverges from the FP32 export first at {first.tensor} "
+                               f"({first.node}, {first.op}, {first.module}): max abs error {first.max_abs:.3g} "
+                               f"against a bound of {first.bound:.3g}")
 
 
 @cli.command("check-trt")

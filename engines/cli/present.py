@@ -257,3 +257,44 @@ def compat_table(console: Console, report) -> None:
             table.add_row(f.status, escape(f.node), f.op, f.rule, escape(f.message), escape(f.hint))
         console.print(table)
     console.print(report.summary())
+
+
+def debug_table(console: Console, result) -> None:
+    """``debug``: where the error starts (node, op, PyTorch module, error, bound), then the outputs."""
+    console.print(f"{escape(result.graph)} ({result.precision}) against model.onnx (FP32) on {escape(result.data)}: "
+                  f"{result.compared} tensors compared, {len(result.diverging)} over their bound")
+    rows = [("diverges here", t) for t in result.first] + [("output", t) for t in result.outputs]
+    table = Table()
+    for col in ("", "tensor", "node", "op", "module", "max abs err", "bound", "err/bound", "inputs err/bound"):
+        table.add_column(col, justify="right" if "err" in col or col == "bound" else "left", overflow="fold")
+    for kind, t in rows:
+        table.add_row(kind, escape(t.tensor), escape(t.node), t.op, escape(t.module), f"{t.max_abs:.3g}",
+                      f"{t.bound:.3g}", f"{t.ratio:.2f}", f"{t.inputs_ratio:.2f}")
+    console.print(table)
+    if result.bisect:
+        b = result.bisect
+        console.print(f"bisect: keeping {', '.join(map(escape, b['kept']))} in float brings the outputs within "
+                      f"budget ({b['metric']}) after {b['evaluations']} evaluations" if b.get("passed") else
+                      f"bisect: {escape(b.get('reason', 'no set of the suspected nodes brings the outputs within budget'))}")
+
+
+def layers_table(console: Console, doc: dict) -> None:
+    """``inspect --layers``: per graph, every node's precision and module, then the counts."""
+    if not doc["modules_recorded"]:
+        console.print("the exported graph has no PyTorch name scopes (not a dynamo export): modules are unknown")
+    for name, graph in doc["graphs"].items():
+        table = Table(title=f"{escape(name)} ({'/'.join(graph['targets'])}, {graph['precision']})")
+        for col in ("node", "op", "precision", "module"):
+            table.add_column(col, overflow="fold")
+        for row in graph["nodes"]:
+            table.add_row(escape(row["node"]), row["op"], row["precision"], escape(row["module"]))
+        console.print(table)
+        console.print(f"{escape(name)}: " + ", ".join(f"{k} {v}" for k, v in sorted(graph["counts"].items())))
+    if doc["trt_layers"]:
+        table = Table(title="TensorRT engine layers (model.layers.json)")
+        for col in ("layer", "type", "precision", "ONNX nodes", "modules"):
+            table.add_column(col, overflow="fold")
+        for row in doc["trt_layers"]:
+            table.add_row(escape(row["layer"]), row["type"], row["precision"], escape(", ".join(row["onnx_nodes"])),
+                          escape(", ".join(row["modules"])))
+        console.print(table)
