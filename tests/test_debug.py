@@ -123,3 +123,47 @@ def test_tensorrt_layer_json_maps_fused_layers_back_to_onnx_nodes_and_modules(re
     assert rows[0]["onnx_nodes"] == [conv.name, relu.name] and rows[0]["precision"] == "fp16"
     assert rows[0]["modules"] == sorted({where.module(conv), where.module(relu)}) and "bn1 (BatchNorm2d)" in rows[0]["modules"]
     assert rows[1] == {"layer": "some_reformat_layer", "type": "", "precision": "?", "onnx_nodes": [], "modules": []}
+
+
+OUTLIER = '''import torch
+
+
+class Outlier(torch.nn.Module):
+    """b's input has one channel 300x the others that b ignores: per-tensor INT8 of that input zeroes the rest."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            self.a.weight[0] *= 100.0
+            self.a.bias[0] = 300.0
+            self.b.weight[:, 0] = 0.0
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def make():
+    return Outlier().eval(), ["x:float32:[batch=1..8@4,16]"]
+'''
+
+
+def test_bisect_names_the_layer_whose_float_precision_brings_the_outputs_within_budget(tmp_path, run_cli):
+    (tmp_path / "outlier.py").write_text(OUTLIER)
+    bundle = build(BuildRequest(f"{tmp_path / 'outlier.py'}:make", out=tmp_path / "b", precision="int8",
+                                budget="relerr=0.9", allow_random_calibration=True, build_root=tmp_path)).out
+    assert read_manifest(bundle).int8_report("trt").kept_float == ()  # the loose budget kept every layer INT8
+    result = debug(DebugRequest(bundle, side="trt", bisect=True, budget="relerr=0.05"))
+    assert not result.ok and result.first[0].module == "b (Linear)"
+    assert result.bisect["passed"] and result.bisect["kept"] == [result.first[0].node]
+    assert float(result.bisect["metric"].split()[1]) <= 0.05
+    code, out, err = run_cli("debug", bundle, "--bisect", "--budget", "relerr=0.05")
+    assert code == 4 and f"keeping {result.first[0].node} in float brings the outputs within budget" in \
+        out.replace("\n", " ")
+
+
+def test_bisect_on_an_fp32_graph_says_there_is_nothing_to_keep(resnet, tmp_path):
+    planted, _, _ = _plant(resnet, tmp_path, lambda n, m: n.op_type == "Conv" and m.startswith("layers.1.0"))
+    result = debug(DebugRequest(planted, side="trt", bisect=True))
+    assert not result.bisect["passed"] and "FP32" in result.bisect["reason"]

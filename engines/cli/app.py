@@ -401,14 +401,16 @@ def triton_repo(bundle, out, name, model_version, force):
               help="An INT8 tensor diverges past this max abs error relative to max|FP32|.")
 @click.option("--bisect", is_flag=True, help="Keep groups of the suspected nodes in float to name the smallest set "
               "that brings the outputs within budget.")
+@click.option("--budget", metavar="[OUTPUT:]METRIC[@STAT]=VALUE",
+              help="--bisect: the budget the outputs must meet [the bundle's INT8 budget; relerr=0.02 for FP16].")
 @_json_option
-def debug(bundle, side, data, batches, limit, int8_relerr, bisect, as_json):
+def debug(bundle, side, data, batches, limit, int8_relerr, bisect, budget, as_json):
     """Find the first layer where BUNDLE's FP16/INT8 graph diverges from the FP32 export; exit 4 when one does."""
     from engines.cli.present import debug_table  # noqa: PLC0415 - per command: --help stays fast
     from engines.evaluate.debug import DebugRequest  # noqa: PLC0415 - per command: --help stays fast
     from engines.evaluate.debug import debug as run_debug
 
-    result = run_debug(DebugRequest(bundle, side, data, batches, limit, bisect, int8_relerr))
+    result = run_debug(DebugRequest(bundle, side, data, batches, limit, bisect, int8_relerr, budget))
     if as_json:
         _print_json(result.to_json())
     else:

@@ -51,6 +51,7 @@ class DebugRequest:
     limit: int = 10
     bisect: bool = False
     int8_relerr: float = INT8_RELERR
+    budget: str | None = None  # --bisect: the budget the outputs must meet (default: the bundle's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,8 @@ def debug(request: DebugRequest) -> DebugResult:
     if request.bisect and first:
         from engines.evaluate.bisect import bisect  # noqa: PLC0415
 
-        result.bisect = bisect(manifest, bundle, side, exported, candidate, feeds, [r.node for r in first], bound)
+        result.bisect = bisect(manifest, bundle, side, exported, candidate, feeds, [r.node for r in first],
+                               request.budget)
     return result
 
 

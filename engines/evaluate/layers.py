@@ -108,8 +108,8 @@ def bundle_layers(bundle, manifest) -> dict:
         rows = node_precisions(model, where)
         graphs[entry.graph] = {"targets": [target], "precision": entry.precision, "counts": counts(rows), "nodes": rows}
     layers = None
-    trt = manifest.backends.trt
-    if trt.plan and trt.layers and trt.layers in manifest.artifacts:
-        graph = onnx.load(str(verified_path(bundle, manifest, trt.graph)))
-        layers = trt_layers(verified_path(bundle, manifest, trt.layers).read_text(), where, graph)
+    engine = manifest.backends.trt
+    if engine.plan and engine.layers and engine.layers in manifest.artifacts:
+        graph = onnx.load(str(verified_path(bundle, manifest, engine.graph)))
+        layers = trt_layers(verified_path(bundle, manifest, engine.layers).read_text(), where, graph)
     return {"graphs": graphs, "trt_layers": layers, "modules_recorded": where.available}

@@ -120,35 +120,16 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     A target whose budget holds only with every unit in float, or not at all, stays float
     (``quantized=False``): a graph without Q/DQ is never called INT8. ``state``: the evaluation batches
     are a sequence and each graph feeds its own state back (drift through the state counts)."""
-    reference = run_target(fp32, evaluation, target, state)
-    names = [o.name for o in fp32.graph.output]
-    budget.check_outputs(names)
-    judged = judged_outputs(names, state) if budget.output is None and budget.metric != "user" else \
-        list(range(len(names)))
-
-    def measure(outputs: list[list[np.ndarray]]):
-        return budget_metric(budget, select(reference, judged), select(outputs, judged),
-                             names=[names[i] for i in judged], feeds=evaluation)
-
+    trials = TargetTrials(fp32, target, ranges, evaluation, budget, state)
     isa = detect().isa
-
-    def quantize(exclude: tuple[str, ...], form: str | None) -> onnx.ModelProto:
-        options = {"form": form} if form else {}
-        quantizer = QUANTIZERS[target](ranges=ranges, exclude=exclude, **options)
-        return PassManager([InferShapes(), quantizer], quiet=True).run(fp32)[0]
-
     choice = None
     if target == "ort":
-        choice = choose(form_candidates(isa, ort_form), isa, lambda f: quantize((), f),
-                        measure, budget.loss, evaluation, state)
+        choice = choose(form_candidates(isa, ort_form), isa, lambda f: trials.quantize((), f),
+                        trials.measure, budget.loss, evaluation, state)
+        trials.form = choice.form
     # what can stay float: what this target's quantizer touches (for ort, in the op set of the chosen form)
-    graph = gs.import_onnx(fp32)
-    units = ort_units(graph, FORMS[choice.form].op_types) if choice else trt_units(graph)
-
-    def evaluate(exclude: tuple[str, ...]) -> Trial:
-        model = quantize(exclude, choice.form if choice else None)
-        outputs = run_target(model, evaluation, target, state)
-        return Trial(model, measure(outputs), relative_squared_error(reference, outputs))
+    units = trials.units()
+    evaluate = trials.evaluate
 
     full = evaluate(())
     logger.info("INT8 %s: all %d units quantized: %s = %.4f (budget %s; %s)", target, len(units), budget.metric,
@@ -181,6 +162,42 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
                 len(units), budget.metric, trial.value, evaluations)
     return done(trial.model, final=trial.value, kept_float=kept, sensitivity=search.sensitivity,
                 evaluations=evaluations)
+
+
+class TargetTrials:
+    """Quantize ``fp32`` for ``target`` with some units left in float, and judge the result against the FP32
+    graph the way ``target`` is judged: the one definition of a trial, for the build's fallback search and
+    ``planforge debug --bisect``."""
+
+    def __init__(self, fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
+                 state: StatePairs = (), form: str | None = None):
+        self.fp32, self.target, self.ranges, self.evaluation, self.budget = fp32, target, ranges, evaluation, budget
+        self.state, self.form = state, form
+        self.reference = run_target(fp32, evaluation, target, state)
+        names = [o.name for o in fp32.graph.output]
+        budget.check_outputs(names)
+        self.names = names
+        self.judged = judged_outputs(names, state) if budget.output is None and budget.metric != "user" else \
+            list(range(len(names)))
+
+    def measure(self, outputs: list[list[np.ndarray]]):
+        return budget_metric(self.budget, select(self.reference, self.judged), select(outputs, self.judged),
+                             names=[self.names[i] for i in self.judged], feeds=self.evaluation)
+
+    def quantize(self, exclude: tuple[str, ...], form: str | None = None) -> onnx.ModelProto:
+        form = form or self.form
+        options = {"form": form} if form else {}
+        quantizer = QUANTIZERS[self.target](ranges=self.ranges, exclude=exclude, **options)
+        return PassManager([InferShapes(), quantizer], quiet=True).run(self.fp32)[0]
+
+    def units(self) -> list[Unit]:
+        graph = gs.import_onnx(self.fp32)
+        return ort_units(graph, FORMS[self.form].op_types) if self.target == "ort" else trt_units(graph)
+
+    def evaluate(self, exclude: tuple[str, ...]) -> Trial:
+        model = self.quantize(exclude)
+        outputs = run_target(model, self.evaluation, self.target, self.state)
+        return Trial(model, self.measure(outputs), relative_squared_error(self.reference, outputs))
 
 
 def _qdq_ops(model: onnx.ModelProto) -> str:
