@@ -255,3 +255,60 @@ def test_a_refused_operator_fails_a_require_trt_build_before_any_tensorrt_call(t
     assert "1 refused" in out
     code, _, err = run_cli("build", path, "-o", tmp_path / "c", "--require-trt")
     assert code == 7 and "Unique" in err and "--require-trt" in err and not (tmp_path / "c").exists()
+
+
+SMALL = {"resnet18": ("x:float32:[batch=1..2@1,3,32,32]",), "mobilenet_v2": ("x:float32:[batch=1..2@1,3,32,32]",),
+         "vit_tiny": ("x:float32:[batch=1..2@1,3,224,224]",),
+         "bert_tiny": ("input_ids:int64:[batch=1..2@1,seq=4..16@8]:0..30522", "attention_mask:int64:[batch,seq]:1..2")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "mobilenet_v2", "vit_tiny", "bert_tiny", "gpt_tiny", "digits_cnn"])
+def test_every_zoo_models_trt_graph_is_clean_in_fp32_and_fp16(name, build_root, tmp_path):
+    from exporter.export import export_onnx
+    from exporter.resolve import resolve
+    from passes import PassManager, pipeline
+
+    resolved = resolve(name, build_root / ".cache")
+    spec = resolved.input_spec.override(SMALL.get(name, ()))
+    export_onnx(resolved.module, spec, resolved.output_names, tmp_path / "model.onnx")
+    exported = onnx.load(str(tmp_path / "model.onnx"))
+    for precision in ("fp32", "fp16"):
+        graph, _ = PassManager(pipeline("trt", precision)).run(exported)
+        report = check_model(graph)
+        assert report.findings == (), (precision, [(f.node, f.rule, f.message) for f in report.findings])
+        assert report.nodes == len(graph.graph.node)
+
+
+@pytest.mark.parametrize("graph, expected", [
+    (model([helper.make_node("GridSample", ["x", "g"], ["y"], name="n")], [("x", F, (1, 1, 4, 4, 4)),
+                                                                         ("g", F, (1, 2, 2, 2, 3))], [("y", F, None)],
+           opset=20), [("rank", "n")]),
+    (model([helper.make_node("GridSample", ["x", "g"], ["y"], name="n")], [("x", F, (1, 1, 4, 4)), ("g", F, (1, 2, 2, 2))],
+           [("y", F, None)]), []),
+    (unary("EyeLike", shape=(3, 3)), []),
+    (unary("EyeLike", shape=("n", 3)), [("static-shape", "n")]),
+    (unary("RandomNormalLike", seed=1.0), [("attribute", "n")]),
+    (unary("RandomNormalLike"), []),
+    (model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")], [("x", F, (2, 3)), ("axis", I64, ())],
+           [("y", F, None)]), [("constant-input", "n")]),
+    (model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")], [("x", F, (2, 3))], [("y", F, None)],
+           [("axis", np.int64(1))]), []),
+    (model([helper.make_node("If", ["c"], ["y"], name="n",
+                             then_branch=helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "t", [],
+                                                           [helper.make_tensor_value_info("t", F, (2,))]),
+                             else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "e", [],
+                                                           [helper.make_tensor_value_info("e", F, (2,))]))],
+           [("c", TensorProto.BOOL, ()), ("x", F, (2,))], [("y", F, None)]), [("control-flow", "n")]),
+    (model([helper.make_node("If", ["c"], ["y"], name="n",
+                             then_branch=helper.make_graph([helper.make_node("Unique", ["x"], ["t"], name="u")], "t", [],
+                                                           [helper.make_tensor_value_info("t", F, None)]),
+                             else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "e", [],
+                                                           [helper.make_tensor_value_info("e", F, None)]))],
+           [("c", TensorProto.BOOL, ()), ("x", F, (2,))], [("y", F, None)]), [("control-flow", "n"),
+                                                                               ("unsupported-op", "u")]),
+    (model([helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="n", hidden_size=2)], [("x", F, (1, 2, 3))],
+           [("y", F, None)], [("w", np.zeros((1, 8, 3), np.float32)), ("r", np.zeros((1, 8, 2), np.float32))]), []),
+])
+def test_more_restrictions_each_with_a_case_that_passes(graph, expected):
+    assert rules(graph) == expected
