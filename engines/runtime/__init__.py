@@ -8,7 +8,8 @@ CUDA binding and prometheus-client only when used.
 """
 
 from engines.runtime.base import Runner, Stats
+from engines.runtime.batching import Batching
 from engines.runtime.ort import OrtRunner
 from engines.runtime.select import BACKENDS, ORDER, BundleView, load, unavailable
 
-__all__ = ["BACKENDS", "ORDER", "BundleView", "OrtRunner", "Runner", "Stats", "load", "unavailable"]
+__all__ = ["BACKENDS", "ORDER", "Batching", "BundleView", "OrtRunner", "Runner", "Stats", "load", "unavailable"]

@@ -94,6 +94,7 @@ class Runner:
     def stats(self) -> dict:
         return dict(self._stats.snapshot(), backend=self.backend)
 
+    bundle_path = None  # the bundle it was loaded from (set by engines.runtime.load)
     check_values = True  # integer inputs are checked against the spec's value range (runtime.load(check_values=))
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -49,3 +49,54 @@ class RunnerMetrics:
 
     def fallback(self) -> None:
         self.fallbacks.inc()
+
+
+_SERVER: dict = {}
+
+
+def _server_families() -> dict:
+    with _LOCK:
+        if not _SERVER:
+            labels = ("bundle",)
+            _SERVER.update(
+                depth=prometheus_client.Gauge("planforge_queue_depth", "requests waiting in the serving queue", labels),
+                wait=prometheus_client.Histogram("planforge_queue_wait_seconds", "time requests waited in the queue",
+                                                 labels, buckets=(.0001, .0005, .001, .002, .005, .01, .025, .05, .1,
+                                                                  .25, .5, 1)),
+                batch=prometheus_client.Histogram("planforge_batch_size", "requests' samples per executed batch",
+                                                  labels, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
+                hits=prometheus_client.Counter("planforge_cache_hits", "response cache hits", labels),
+                misses=prometheus_client.Counter("planforge_cache_misses", "response cache misses", labels),
+                rejected=prometheus_client.Counter("planforge_rejected", "requests refused: queue full", labels),
+                degraded=prometheus_client.Counter("planforge_degraded", "requests served by the lighter bundle",
+                                                   labels),
+            )
+        return _SERVER
+
+
+class ServerMetrics:
+    def __init__(self, bundle: str):
+        families = _server_families()
+        self._f = {k: f.labels(bundle=bundle) for k, f in families.items()}
+
+    @classmethod
+    def create(cls, server) -> "ServerMetrics":
+        return cls(server.manifest.model.name if server.manifest else "unknown")
+
+    def depth(self, n: int) -> None:
+        self._f["depth"].set(n)
+
+    def waited(self, seconds: float) -> None:
+        self._f["wait"].observe(seconds)
+
+    def batch(self, size: int) -> None:
+        self._f["batch"].observe(size)
+
+    def cache(self, hit: bool) -> None:
+        self._f["hits" if hit else "misses"].inc()
+
+    def rejected(self) -> None:
+        self._f["rejected"].inc()
+
+    def degraded(self) -> None:
+        self._f["degraded"].inc()

@@ -87,13 +87,56 @@ def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
-         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True) -> Runner:
+         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True,
+         batching=None, cache_bytes: int = 0, degrade_to: str | Path | None = None):
     """Load ``bundle`` on the first backend that fits (``auto``) or the one named.
 
     ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
     repeated static shapes. ``check_values``: integer inputs are checked against the spec's value range
     on every call (one min and max per integer input; False skips it).
+
+    Serving (``engines.runtime.server``): ``batching`` (a ``Batching``), ``cache_bytes`` (a response cache
+    of that many bytes; off at 0) or ``degrade_to`` (a lighter bundle of the same model, e.g. its INT8
+    build) return a ``Server`` over the runner: thread-safe ``infer``, ``infer_async``, ``stats()``.
     """
+    runner = _load(bundle, backend, device, threads, fallback_on_error, cuda_graphs, check_values)
+    if batching is None and not cache_bytes and degrade_to is None:
+        return runner
+    return _serve(runner, batching, cache_bytes, degrade_to, device, threads, check_values)
+
+
+def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, threads: int | None,
+           check_values: bool):
+    from engines.runtime.batching import Batching  # noqa: PLC0415 - only for serving
+    from engines.runtime.cache import ResponseCache  # noqa: PLC0415
+    from engines.runtime.server import Server  # noqa: PLC0415
+
+    view = BundleView(runner.bundle_path)
+    graph = view.backends.trt.plan if runner.backend == "trt" else view.backends.ort.graph
+    cache = ResponseCache(cache_bytes, view.manifest.artifacts[graph].sha256) if cache_bytes else None
+    degrade = _load(degrade_to, "auto", device, threads, False, False, check_values) if degrade_to else None
+    rest = ORDER[ORDER.index(runner.backend) + 1:] if runner.backend in ORDER else ()
+    fallback = next((r for r in (_try(name, view, device, threads) for name in rest) if r is not None), None)
+    owned = tuple(r for r in (runner, degrade, fallback) if r is not None)
+    try:
+        return Server(runner, batching or Batching(), cache, degrade, fallback, owned)
+    except Exception:
+        for r in owned:
+            r.close()
+        raise
+
+
+def _try(name: str, view: BundleView, device: int, threads: int | None) -> Runner | None:
+    if unavailable(name, view) is not None:
+        return None
+    try:
+        return _construct(name, view, device, threads)
+    except BundleError:
+        return None
+
+
+def _load(bundle: str | Path, backend: str, device: int, threads: int | None, fallback_on_error: bool,
+          cuda_graphs: bool, check_values: bool) -> Runner:
     if backend not in BACKENDS:
         raise BundleError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     loaded = BundleView(Path(bundle))
@@ -118,6 +161,7 @@ def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: in
         if reasons:
             logger.info("running on %s (%s)", _label(name), "; ".join(reasons))
         runner.check_values = check_values
+        runner.bundle_path = loaded.path
         if fallback_on_error:
             rest = ORDER[ORDER.index(name) + 1:]
             runner._fallback_factory = lambda rest=rest: _first_available(rest, loaded, device, threads)

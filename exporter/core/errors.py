@@ -96,3 +96,15 @@ class TensorRTRefusal(PlanforgeError):
     """The TensorRT compatibility check found nodes the TensorRT ONNX parser or builder refuses."""
 
     exit_code = 12
+
+
+class Overloaded(InferenceError):
+    """The serving queue is full: the request was refused at once (Triton's queue policy, REJECT)."""
+
+    exit_code = 13
+
+
+class DeadlineExceeded(InferenceError):
+    """A request waited in the serving queue past its deadline and was not run."""
+
+    exit_code = 14

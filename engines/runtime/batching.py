@@ -1,0 +1,157 @@
+"""How requests are put together into one batch and the results taken apart again.
+
+``Batching`` holds the serving options (after Triton's dynamic batcher and queue policy). ``Layout``
+is what a bundle allows: every input and output must lead with the same dynamic batch dim (a bundle
+whose batch dim is fixed or absent is refused, naming the input or output); requests whose other dims
+and dtypes match are concatenated along it. A dim declared paddable (``pad``; by default a transformer's
+sequence dim, when an ``attention_mask`` input carries it) lets requests of different lengths share a
+batch: each input is padded at the end with its pad value, and outputs carrying that dim (by name, in
+the manifest's output shapes) are trimmed back to each request's length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from exporter.core.errors import UsageError
+from exporter.core.spec import InputSpec, OutputSpec
+
+MASKS = ("attention_mask",)  # inputs whose zeros make padding invisible to the model
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """Serving options. ``max_batch``: None is the largest batch the bundle's profiles take.
+    ``max_delay_ms``: how long a forming batch may wait for more requests, only when requests are already
+    queueing (a lone caller never waits). ``max_queue``: requests waiting beyond it are refused
+    (``Overloaded``) or degraded. ``timeout_ms``: a request still queued past it is refused
+    (``DeadlineExceeded``) or degraded. ``pad``: ``"auto"``, None (no padding), or ``{dim: {input: pad
+    value}}``. ``breaker_failures`` consecutive failed runs open the circuit breaker for
+    ``breaker_cooldown_s``: batches go to the fallback runner meanwhile."""
+
+    max_batch: int | None = None
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    timeout_ms: float | None = None
+    pad: str | dict | None = "auto"
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 10.0
+
+    def __post_init__(self):
+        if self.max_batch is not None and self.max_batch < 1:
+            raise UsageError(f"max_batch {self.max_batch}: expected at least 1")
+        if self.max_delay_ms < 0 or self.max_queue < 1 or (self.timeout_ms is not None and self.timeout_ms <= 0):
+            raise UsageError("max_delay_ms >= 0, max_queue >= 1 and timeout_ms > 0 (or None) are expected")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    batch: str  # the batch dim's name
+    inputs: tuple[str, ...]
+    pad: dict[str, dict[str, float]]  # dim -> {input: pad value}
+    axes: dict[str, dict[str, int]]  # dim -> {input or output: axis}
+    max_batch: int
+
+    def key(self, feeds: Mapping[str, np.ndarray]) -> tuple:
+        """Requests with equal keys may share a batch: dtypes and non-batch dims, paddable dims left out."""
+        padded = {(name, axis) for dim in self.pad for name, axis in self.axes[dim].items()}
+        return tuple((n, feeds[n].dtype.str, tuple(None if (n, k) in padded else s for k, s in
+                                                  enumerate(feeds[n].shape) if k > 0)) for n in self.inputs)
+
+    def lengths(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+        out = {}
+        for dim, where in self.axes.items():
+            if dim in self.pad:
+                name = next(n for n in where if n in feeds)
+                out[dim] = feeds[name].shape[where[name]]
+        return out
+
+    def merge(self, requests: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One batch: each input concatenated along the batch axis, paddable dims padded to the longest."""
+        longest = {dim: max(self.lengths(r)[dim] for r in requests) for dim in self.pad}
+        merged = {}
+        for name in self.inputs:
+            parts = []
+            for r in requests:
+                array = r[name]
+                widths = [(0, 0)] * array.ndim
+                for dim, values in self.pad.items():
+                    if name in values:
+                        axis = self.axes[dim][name]
+                        widths[axis] = (0, longest[dim] - array.shape[axis])
+                if any(w != (0, 0) for w in widths):
+                    array = np.pad(array, widths, constant_values=self.pad_value(name))
+                parts.append(array)
+            merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return merged
+
+    def pad_value(self, name: str):
+        return next((values[name] for values in self.pad.values() if name in values), 0)
+
+    def split(self, outputs: Mapping[str, np.ndarray], sizes: list[int], lengths: list[dict[str, int]]) -> list[dict]:
+        """Each request's rows of every output, trimmed back along the paddable dims it carries."""
+        results, start = [], 0
+        for size, length in zip(sizes, lengths):
+            result = {}
+            for name, array in outputs.items():
+                part = array[start:start + size]
+                for dim, where in self.axes.items():
+                    if dim in self.pad and name in where:
+                        part = np.take(part, np.arange(length[dim]), axis=where[name])
+                result[name] = np.ascontiguousarray(part)
+            results.append(result)
+            start += size
+        return results
+
+
+def layout(spec: InputSpec, outputs: list[OutputSpec], options: Batching, profile_max: int | None) -> Layout:
+    """What the bundle allows (module docstring); a ``UsageError`` naming what prevents batching."""
+    batch = None
+    for tensor in spec:
+        first = tensor.dims[0] if tensor.dims else None
+        if first is None or first.name is None:
+            raise UsageError(f"cannot batch this bundle: input {tensor.name!r} has no dynamic leading (batch) dim "
+                             f"({tensor.text if hasattr(tensor, 'text') else tensor}); rebuild it with a dynamic batch, "
+                             "e.g. --input \"x:float32:[batch=1..32@8,...]\"")
+        if batch is None:
+            batch = first.name
+        elif first.name != batch:
+            raise UsageError(f"cannot batch this bundle: inputs lead with different dims ({batch!r}, {first.name!r})")
+    for out in outputs:
+        if not out.shape or out.shape[0] != batch:
+            raise UsageError(f"cannot batch this bundle: output {out.name!r} has shape {list(out.shape)}, not led by "
+                             f"the batch dim {batch!r}; its rows cannot be split back to the requests")
+    axes: dict[str, dict[str, int]] = {}
+    for tensor in spec:
+        for k, d in enumerate(tensor.dims):
+            if k > 0 and d.name is not None:
+                axes.setdefault(d.name, {})[tensor.name] = k
+    for out in outputs:
+        for k, d in enumerate(out.shape):
+            if k > 0 and isinstance(d, str) and d in axes:
+                axes[d][out.name] = k
+    pad = _pad(spec, options.pad, axes)
+    largest = max((d.max for t in spec for d in t.dims[:1]), default=1)
+    limit = min(x for x in (options.max_batch, profile_max, largest) if x is not None)
+    return Layout(batch, tuple(spec.names), pad, axes, limit)
+
+
+def _pad(spec: InputSpec, pad, axes: dict) -> dict[str, dict[str, float]]:
+    if pad is None:
+        return {}
+    if pad == "auto":
+        masks = [t for t in spec if t.name in MASKS]
+        dims = {d.name for t in masks for d in t.dims[1:] if d.name is not None}
+        return {dim: {name: 0 for name in axes.get(dim, {}) if name in spec.names} for dim in dims}
+    out = {}
+    for dim, values in dict(pad).items():
+        if dim not in axes:
+            raise UsageError(f"pad: {dim!r} is not a dynamic dim of the inputs (those are {', '.join(axes) or 'none'})")
+        missing = [n for n in axes[dim] if n in spec.names and n not in values]
+        if missing:
+            raise UsageError(f"pad: dim {dim!r} also appears in {', '.join(missing)}: give each a pad value")
+        out[dim] = dict(values)
+    return out
