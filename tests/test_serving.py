@@ -3,6 +3,7 @@ padding by sequence length, admission control, degradation, the circuit breaker,
 ``close()`` and the async API. Real bundles and real ONNX Runtime throughout."""
 
 import asyncio
+import json
 import threading
 import time
 
@@ -226,3 +227,46 @@ def test_close_drains_or_fails_pending_requests_and_leaves_no_thread(slow):
     futures = [drained.submit({"x": big[i:i + 1]}) for i in range(4)]
     drained.close()
     assert all(f.result()["logits"].shape == (1, 1000) for f in futures) and not drained._worker.is_alive()
+
+
+def test_queue_batch_and_cache_metrics_reach_prometheus_with_the_bundle_label(mlp):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    labels = {"bundle": "mlp"}
+
+    def value(name):
+        return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = {n: value(n) for n in ("planforge_batch_size_count", "planforge_cache_hits_total",
+                                    "planforge_cache_misses_total", "planforge_queue_wait_seconds_count")}
+    with load(mlp, batching=Batching(), cache_bytes=1 << 20) as server:
+        for _ in range(3):
+            server.infer({"x": _x(7)})
+        stats = server.stats()
+    assert value("planforge_cache_misses_total") == before["planforge_cache_misses_total"] + 1
+    assert value("planforge_cache_hits_total") == before["planforge_cache_hits_total"] + 2
+    assert value("planforge_batch_size_count") == before["planforge_batch_size_count"] + 1
+    assert value("planforge_queue_wait_seconds_count") == before["planforge_queue_wait_seconds_count"] + 1
+    assert stats["cache"]["hit_ratio"] == pytest.approx(2 / 3) and stats["queue_depth"] == 0
+    assert prometheus_client.REGISTRY.get_sample_value("planforge_queue_depth", labels) == 0
+
+
+def test_bench_serve_writes_rows_for_every_mode_and_level_with_the_machine(mlp, tmp_path, run_cli):
+    code, out, err = run_cli("bench-serve", mlp, "--concurrency", "1,4", "--duration", "0.3", "-o", tmp_path / "b",
+                             "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    modes = {(r["mode"], r["concurrency"]) for r in doc["rows"]}
+    assert modes == {(m, c) for m in ("unbatched", "batched", "batched+cache", "ceiling") for c in (1, 4)}
+    for r in doc["rows"]:
+        assert r["requests"] > 0 and r["throughput_per_s"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert all(r["mean_batch"] == 16 for r in doc["rows"] if r["mode"] == "ceiling")  # the largest batch it takes
+    assert any(r["cache_hit_ratio"] > 0.5 for r in doc["rows"] if r["mode"] == "batched+cache")  # Zipf repeats
+    env = doc["environment"]
+    assert env["cpu_isa"] and env["cpu_model"] and doc["threads"] >= 1 and "start" in env["load_1min"]
+    assert (tmp_path / "b" / "bench-serve.json").is_file() and (tmp_path / "b" / "bench-serve.png").stat().st_size > 0
+    open_loop = json.loads(run_cli("bench-serve", mlp, "--concurrency", "2", "--duration", "0.3", "--rate", "200",
+                                   "-o", tmp_path / "o", "--json")[1])
+    assert open_loop["open_loop_rate"] == 200 and 20 <= next(r for r in open_loop["rows"]
+                                                             if r["mode"] == "batched")["requests"] <= 120
+    code, _, err = run_cli("bench-serve", mlp, "--concurrency", "1,x")
+    assert code == 2 and "--concurrency" in err

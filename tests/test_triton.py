@@ -82,3 +82,25 @@ def test_names_carry_the_precision_and_versions_are_not_overwritten_without_forc
     assert code == 0 and (repo / "digits_ort" / "2" / "model.onnx").is_file()
     code, _, _ = run_cli("triton-repo", bundle, "-o", repo, "--force")
     assert code == 0 and sorted(p.name for p in repo.iterdir()) == ["digits_ort", "mlp_fp32_ort"]
+
+
+def test_the_dynamic_batcher_and_cache_match_the_in_process_serving_options(build_root, tmp_path):
+    """Moving from the runtime's Server to Triton keeps the delay, the preferred sizes and the queue policy."""
+    from engines.runtime.batching import Batching
+
+    ModelConfig = _model_config()
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-serve-triton", build_root=build_root,
+                                profiles=("batch=1..4@2", "batch=5..16@8"))).out
+    write_repository(bundle, tmp_path / "repo", batching=Batching(max_delay_ms=3, max_queue=64, timeout_ms=50),
+                     cache=True)
+    config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
+    batcher = config.dynamic_batching
+    assert batcher.max_queue_delay_microseconds == 3000 and list(batcher.preferred_batch_size) == [2, 8]
+    policy = batcher.default_queue_policy
+    assert policy.max_queue_size == 64 and policy.default_timeout_microseconds == 50000
+    assert policy.timeout_action == type(policy).REJECT
+    assert config.response_cache.enable
+    write_repository(bundle, tmp_path / "plain", batching=Batching())
+    plain = text_format.Parse((tmp_path / "plain/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
+    assert plain.dynamic_batching.max_queue_delay_microseconds == 2000 and not plain.response_cache.enable
+    assert plain.dynamic_batching.default_queue_policy.max_queue_size == 1024

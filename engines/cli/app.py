@@ -288,6 +288,48 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out, as_json):
     console.print(f"wrote {json_path} and {png_path}; the bench section of {', '.join(map(str, reports))}")
 
 
+@cli.command("bench-serve")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--concurrency", default="1,4,16,64", show_default=True, help="Closed-loop client counts, comma-separated.")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
+              help="Seconds per row.")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), help="Open loop: Poisson arrivals per second instead.")
+@click.option("--zipf", type=click.FloatRange(0), default=1.2, show_default=True,
+              help="Zipf exponent of the input draws (0: uniform).")
+@click.option("--max-delay-ms", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="The batcher's maximum queue delay.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench-serve.json and .png "
+              "[build/bench-serve/<model>].")
+@_json_option
+def bench_serve(bundle, concurrency, duration, rate, zipf, max_delay_ms, threads, out, as_json):
+    """Load-test the serving layer on BUNDLE: unbatched, batched, batched+cache, and the largest-batch ceiling."""
+    from engines.cli.present import serve_table  # noqa: PLC0415 - per command: --help stays fast
+    from engines.evaluate.bench.serve import (  # noqa: PLC0415
+        ServeBenchRequest,
+        check_request,  # noqa: PLC0415
+    )
+    from engines.evaluate.bench.serve import bench_serve as run
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+    except ValueError:
+        raise UsageError(f"--concurrency {concurrency!r}: expected integers separated by commas, e.g. 1,4,16") from None
+    manifest_name = read_manifest_name(bundle)
+    request = ServeBenchRequest(bundle, levels, duration, rate, zipf, threads or None, max_delay_ms,
+                                out=out or Path("build") / "bench-serve" / manifest_name)
+    check_request(request)
+    doc = run(request)
+    _print_json(doc) if as_json else serve_table(console, doc, request.out)
+
+
+def read_manifest_name(bundle: Path) -> str:
+    from engines.bundle import read_manifest  # noqa: PLC0415
+
+    return read_manifest(bundle).model.name
+
+
 @cli.command("bench-summary")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Markdown file to write.")
@@ -381,11 +423,19 @@ def compare(bundle, data, iterations, point, seed, atol, rtol, error_stat, error
 @click.option("--name", help="Model name prefix [<model>_<precision>]; the models are NAME_trt and NAME_ort.")
 @click.option("--version", "model_version", type=int, default=1, show_default=True, help="The model version directory.")
 @click.option("--force", is_flag=True, help="Replace an existing version of these models.")
-def triton_repo(bundle, out, name, model_version, force):
+@click.option("--max-delay-ms", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="The dynamic batcher's max_queue_delay (the in-process batcher's default).")
+@click.option("--max-queue", type=click.IntRange(1), default=1024, show_default=True,
+              help="Queue policy max_queue_size; past it Triton rejects, as the runtime refuses.")
+@click.option("--timeout-ms", type=click.FloatRange(0, min_open=True), help="Queue policy default timeout (REJECT).")
+@click.option("--cache", is_flag=True, help="Enable Triton's response cache for the models.")
+def triton_repo(bundle, out, name, model_version, force, max_delay_ms, max_queue, timeout_ms, cache):
     """Write BUNDLE as Triton models (tensorrt_plan and onnxruntime_onnx) with config.pbtxt."""
     from engines.deploy.triton import write_repository  # noqa: PLC0415 - per command: --help stays fast
+    from engines.runtime.batching import Batching  # noqa: PLC0415
 
-    for model in write_repository(bundle, out, name, model_version, force):
+    batching = Batching(max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms)
+    for model in write_repository(bundle, out, name, model_version, force, batching, cache):
         console.print(f"wrote {out / model} (config.pbtxt, {model_version}/)")
 
 

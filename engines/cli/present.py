@@ -298,3 +298,26 @@ def layers_table(console: Console, doc: dict) -> None:
             table.add_row(escape(row["layer"]), row["type"], row["precision"], escape(", ".join(row["onnx_nodes"])),
                           escape(", ".join(row["modules"])))
         console.print(table)
+
+
+def serve_table(console: Console, doc: dict, out) -> None:
+    """``bench-serve``: one row per mode and concurrency, the machine in the title, the targets below."""
+    env = doc["environment"]
+    table = Table(title=f"{doc['model']} ({doc['precision']}, {doc['backend']}): {env.get('cpu_model')} "
+                        f"({env.get('cpu_isa')}), {doc['threads']} thread(s), {doc['duration_s']:g} s per row, "
+                        f"load {env['load_1min']['start']}->{env['load_1min']['end']}")
+    for col in ("mode", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "rejected", "cache hits"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for r in doc["rows"]:
+        table.add_row(r["mode"], str(r["concurrency"]), f"{r['throughput_per_s']:.1f}", _ms(r["p50_ms"]),
+                      _ms(r["p90_ms"]), _ms(r["p99_ms"]), f"{r['mean_batch']:.2f}", str(r["rejected"]),
+                      f"{r['cache_hit_ratio']:.2f}" if "cache_hit_ratio" in r else "")
+    console.print(table)
+    for k, v in doc["targets"].items():
+        console.print(f"{k}: {v}")
+    if out is not None:
+        console.print(f"wrote {escape(str(out))}/bench-serve.json and bench-serve.png")
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from engines.bundle import Manifest, read_manifest, verified_path
+from engines.runtime.batching import Batching
 from exporter.core.errors import BundleError, UsageError
 from exporter.core.files import write_atomic
 
@@ -49,7 +50,12 @@ def _tensor(kind: str, name: str, dtype: str, dims: list) -> str:
     return f'{kind} {{\n  name: "{name}"\n  data_type: {TRITON_TYPES[dtype]}\n  dims: [ {dims_text} ]\n}}\n'
 
 
-def config_text(manifest: Manifest, model_name: str, platform: str) -> str:
+def config_text(manifest: Manifest, model_name: str, platform: str, batching: Batching | None = None,
+                cache: bool = False) -> str:
+    """config.pbtxt; the dynamic batcher gets the in-process batcher's delay and queue policy (``batching``,
+    ``engines.runtime.batching``: max_delay_ms, max_queue, timeout_ms with REJECT, as the runtime refuses),
+    so moving to Triton keeps the behaviour; ``cache``: Triton's response cache for the model."""
+    batching = batching or Batching()
     batch = _batch_dim(manifest)
     profiles = manifest.profiles
     first = manifest.inputs.tensors[0] if manifest.inputs.tensors else None
@@ -69,8 +75,14 @@ def config_text(manifest: Manifest, model_name: str, platform: str) -> str:
     if batch:
         opts = sorted({p.opt[first.name][0] for p in profiles}) or [first.dims[0].opt]
         preferred = [b for b in opts if b > 1]
+        policy = f"    max_queue_size: {batching.max_queue}\n    timeout_action: REJECT\n" + (
+            f"    default_timeout_microseconds: {round(batching.timeout_ms * 1000)}\n" if batching.timeout_ms else "")
         lines.append("dynamic_batching {\n" + (f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-                                              if preferred else "") + "  max_queue_delay_microseconds: 100\n}\n")
+                                              if preferred else "")
+                     + f"  max_queue_delay_microseconds: {round(batching.max_delay_ms * 1000)}\n"
+                     + "  default_queue_policy {\n" + policy + "  }\n}\n")
+    if cache:
+        lines.append("response_cache {\n  enable: true\n}\n")
     if platform == "tensorrt_plan":
         listed = "".join(f'\n  profile: [ {", ".join(chr(34) + str(i) + chr(34) for i in range(len(profiles)))} ]'
                          if len(profiles) > 1 else "")
@@ -82,7 +94,7 @@ def config_text(manifest: Manifest, model_name: str, platform: str) -> str:
 
 
 def write_repository(bundle: Path, out: Path, name: str | None = None, version: int = 1,
-                     force: bool = False) -> list[str]:
+                     force: bool = False, batching: Batching | None = None, cache: bool = False) -> list[str]:
     """Write the models of ``bundle`` into the Triton repository ``out`` as ``version``; return their names.
     An existing version of one of them is refused unless ``force`` (then replaced)."""
     bundle, out = Path(bundle), Path(out)
@@ -112,7 +124,7 @@ def write_repository(bundle: Path, out: Path, name: str | None = None, version: 
             if (target / str(version)).exists():
                 shutil.rmtree(target / str(version))
             os.replace(staging, target / str(version))
-            write_atomic(target / "config.pbtxt", config_text(manifest, model_name, platform).encode())
+            write_atomic(target / "config.pbtxt", config_text(manifest, model_name, platform, batching, cache).encode())
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [m[0] for m in models]

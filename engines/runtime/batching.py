@@ -5,7 +5,8 @@ is what a bundle allows: every input and output must lead with the same dynamic 
 whose batch dim is fixed or absent is refused, naming the input or output); requests whose other dims
 and dtypes match are concatenated along it. A dim declared paddable (``pad``; by default a transformer's
 sequence dim, when an ``attention_mask`` input carries it) lets requests of different lengths share a
-batch: each input is padded at the end with its pad value, and outputs carrying that dim (by name, in
+batch when their lengths fall in the same power-of-two bucket (padding at most doubles a request's
+work): each input is padded at the end with its pad value, and outputs carrying that dim (by name, in
 the manifest's output shapes) are trimmed back to each request's length.
 """
 
@@ -56,10 +57,12 @@ class Layout:
     max_batch: int
 
     def key(self, feeds: Mapping[str, np.ndarray]) -> tuple:
-        """Requests with equal keys may share a batch: dtypes and non-batch dims, paddable dims left out."""
+        """Requests with equal keys may share a batch: dtypes and non-batch dims; a paddable dim by its length's
+        power-of-two bucket, so padding at most doubles a request (a 5-token request does not run at 128)."""
         padded = {(name, axis) for dim in self.pad for name, axis in self.axes[dim].items()}
-        return tuple((n, feeds[n].dtype.str, tuple(None if (n, k) in padded else s for k, s in
-                                                  enumerate(feeds[n].shape) if k > 0)) for n in self.inputs)
+        return tuple((n, feeds[n].dtype.str, tuple(("bucket", max(int(s) - 1, 0).bit_length()) if (n, k) in padded
+                                                  else s for k, s in enumerate(feeds[n].shape) if k > 0))
+                     for n in self.inputs)
 
     def lengths(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
         out = {}

@@ -8,7 +8,9 @@ graceful degradation, a circuit breaker, and the statistics to watch them (after
 One worker thread forms batches: it takes the oldest request and every queued request with the same
 key (``engines.runtime.batching``) while the batch fits the bundle's profiles and ``max_batch``.
 A lone caller never waits: the worker waits up to ``max_delay_ms`` for more requests only when
-requests were already queueing behind the previous batch. A batch that fails is re-run request by
+requests were already queueing behind the previous batch, counted from when the batch starts
+forming, and only until the batch is as large as the load lately was (the last batch and what
+queued behind it): callers the last batch just answered have a moment to send again. A batch that fails is re-run request by
 request, so one bad input fails alone. Past ``max_queue`` a request is refused at once
 (``Overloaded``) and past its deadline it is not run (``DeadlineExceeded``), unless a lighter bundle
 of the same model is configured (``degrade_to``), which then serves it. After ``breaker_failures``
@@ -84,6 +86,7 @@ class Server:
         self._cond = threading.Condition()
         self._closing = self._closed = False
         self._busy = False  # requests were queueing behind the last batch: worth waiting to fill the next
+        self._recent = 2  # the samples in and behind the last batch: how far the next is worth filling
         self._failures, self._open_until = 0, 0.0
         self._counters = _Counters()
         self._metrics = _metrics(self)
@@ -153,14 +156,20 @@ class Server:
                 if not self._queue:
                     return
                 batch = self._take()
-                if self._busy and self.options.max_delay_ms > 0 and sum(r.size for r in batch) < self.layout.max_batch:
-                    until = batch[0].enqueued + self.options.max_delay_ms / 1000
+                # wait for more only under load, and only up to the size batches had lately (closed-loop
+                # callers cannot send more than that; waiting for max_batch would tax every batch)
+                goal = min(self.layout.max_batch, self._recent)
+                if self._busy and self.options.max_delay_ms > 0 and sum(r.size for r in batch) < goal:
+                    # from when this batch starts forming: callers served by the last batch are about to send
+                    # again (closed loop), and the oldest request may have waited through that whole batch
+                    until = time.monotonic() + self.options.max_delay_ms / 1000
                     while (left := until - time.monotonic()) > 0 and not self._closing:
                         self._cond.wait(left)
                         batch += self._take(batch)
-                        if sum(r.size for r in batch) >= self.layout.max_batch:
+                        if sum(r.size for r in batch) >= goal:
                             break
                 self._busy = bool(self._queue) or len(batch) > 1
+                self._recent = max(sum(r.size for r in batch) + sum(r.size for r in self._queue), 2)
                 depth = len(self._queue)
             self._metrics.depth(depth)
             try:

@@ -17,15 +17,16 @@ from exporter.core.errors import BundleError, UsageError
 logger = logging.getLogger(__name__)
 
 
-def write_results(doc: dict, out: Path) -> tuple[Path, Path]:
-    """``out/bench.json`` and ``out/bench.png``, each written to a temporary name and renamed."""
+def write_results(doc: dict, out: Path, name: str = "bench", draw=None) -> tuple[Path, Path]:
+    """``out/<name>.json`` and ``out/<name>.png`` (drawn by ``draw``, default ``plot``), each written to a
+    temporary name and renamed."""
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / "bench.json", out / "bench.png"
+    json_path, png_path = out / f"{name}.json", out / f"{name}.png"
     write_atomic(json_path, (json.dumps(doc, indent=2) + "\n").encode())
     png = io.BytesIO()
-    plot(doc, png)
+    (draw or plot)(doc, png)
     write_atomic(png_path, png.getvalue())
     return json_path, png_path
 
