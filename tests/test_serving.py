@@ -270,3 +270,37 @@ def test_bench_serve_writes_rows_for_every_mode_and_level_with_the_machine(mlp, 
                                                              if r["mode"] == "batched")["requests"] <= 120
     code, _, err = run_cli("bench-serve", mlp, "--concurrency", "1,x")
     assert code == 2 and "--concurrency" in err
+
+
+def test_a_dim_that_stands_twice_in_an_output_is_padded_and_trimmed_on_both_axes():
+    """An attention map [batch, seq, seq] comes back [1, L, L] for each request, not [1, L, longest]."""
+    from engines.runtime.batching import layout
+    from exporter.core.spec import InputSpec, OutputSpec
+
+    spec = InputSpec.parse(["input_ids:int64:[batch=1..8@2,seq=1..16@8]:0..100", "attention_mask:int64:[batch,seq]:0..2"])
+    outputs = [OutputSpec("attn", "float32", ("batch", "seq", "seq")), OutputSpec("pooled", "float32", ("batch", 4))]
+    plan = layout(spec, outputs, Batching(), None)
+    requests = [{"input_ids": np.full((1, n), 7, np.int64), "attention_mask": np.ones((1, n), np.int64)} for n in (3, 5)]
+    merged = plan.merge(requests)
+    assert merged["input_ids"].shape == (2, 5) and merged["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
+    attn = np.arange(2 * 5 * 5, dtype=np.float32).reshape(2, 5, 5)
+    parts = plan.split({"attn": attn, "pooled": np.zeros((2, 4), np.float32)}, [1, 1],
+                       [plan.lengths(r) for r in requests])
+    assert parts[0]["attn"].shape == (1, 3, 3) and parts[1]["attn"].shape == (1, 5, 5)
+    np.testing.assert_array_equal(parts[0]["attn"][0], attn[0, :3, :3])
+    assert plan.key(requests[0]) == plan.key({k: np.ones((1, 4), np.int64) for k in requests[0]})  # one bucket: 3..4
+    assert plan.key(requests[0]) != plan.key(requests[1])  # 5 is in the next power-of-two bucket
+
+
+def test_a_request_no_profile_takes_is_refused_at_submit_and_a_cancelled_one_does_not_disturb_its_batch(mlp, slow):
+    with load(mlp, batching=Batching()) as server:
+        with pytest.raises(RuntimeInputError):
+            server.infer({"x": _x(0, 17)})
+    big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
+    with load(slow, batching=Batching(max_delay_ms=0)) as server:
+        server.submit({"x": big})
+        _running(server)
+        cancelled = server.submit({"x": big[:1]})
+        kept = server.submit({"x": big[1:2]})
+        assert cancelled.cancel()
+        assert kept.result()["logits"].shape == (1, 1000) and cancelled.cancelled()

@@ -97,6 +97,8 @@ def _int8(manifest: Manifest, bundle, side: str, exported: onnx.ModelProto, feed
                 "measured on (another planforge version?); rebuild the bundle"), None, None, None
     budget = Budget.parse(budget_text, None) if budget_text else report.budget
     form = (report.form or {}).get("form") if side == "ort" else None
+    if side == "ort" and form is None:
+        return "the bundle records no ONNX Runtime INT8 form for this side; rebuild it", None, None, None
     trials = TargetTrials(fp32, side, ranges, feeds, budget, calibration.state, form)
     units = trials.units()
     kept = {n for k in report.kept_float for n in (k["name"], *k.get("with", ()))}

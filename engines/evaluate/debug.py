@@ -116,7 +116,9 @@ def debug(request: DebugRequest) -> DebugResult:
     producers = {o: n for n in candidate.graph.node for o in n.output}
     rows = []
     for name in sorted(errors, key=lambda n: order.get(n, -1)):
-        node = producers[name]
+        node = producers.get(name)
+        if node is None:  # a graph output no node writes (an input or initializer passed through)
+            continue
         max_abs, scale, limit = errors[name]
         reads = [errors[i][0] / errors[i][2] if errors[i][2] > 0 else 0.0 for i in _compared_inputs(node, producers, errors)]
         rows.append(TensorError(name, node.name, node.op_type, where.module(node, producers), max_abs, scale, limit,

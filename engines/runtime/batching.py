@@ -53,13 +53,13 @@ class Layout:
     batch: str  # the batch dim's name
     inputs: tuple[str, ...]
     pad: dict[str, dict[str, float]]  # dim -> {input: pad value}
-    axes: dict[str, dict[str, int]]  # dim -> {input or output: axis}
+    axes: dict[str, dict[str, tuple[int, ...]]]  # dim -> {input or output: the axes it is at}
     max_batch: int
 
     def key(self, feeds: Mapping[str, np.ndarray]) -> tuple:
         """Requests with equal keys may share a batch: dtypes and non-batch dims; a paddable dim by its length's
         power-of-two bucket, so padding at most doubles a request (a 5-token request does not run at 128)."""
-        padded = {(name, axis) for dim in self.pad for name, axis in self.axes[dim].items()}
+        padded = {(name, axis) for dim in self.pad for name, axes in self.axes[dim].items() for axis in axes}
         return tuple((n, feeds[n].dtype.str, tuple(("bucket", max(int(s) - 1, 0).bit_length()) if (n, k) in padded
                                                   else s for k, s in enumerate(feeds[n].shape) if k > 0))
                      for n in self.inputs)
@@ -69,7 +69,7 @@ class Layout:
         for dim, where in self.axes.items():
             if dim in self.pad:
                 name = next(n for n in where if n in feeds)
-                out[dim] = feeds[name].shape[where[name]]
+                out[dim] = feeds[name].shape[where[name][0]]
         return out
 
     def merge(self, requests: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -83,8 +83,8 @@ class Layout:
                 widths = [(0, 0)] * array.ndim
                 for dim, values in self.pad.items():
                     if name in values:
-                        axis = self.axes[dim][name]
-                        widths[axis] = (0, longest[dim] - array.shape[axis])
+                        for axis in self.axes[dim][name]:
+                            widths[axis] = (0, longest[dim] - array.shape[axis])
                 if any(w != (0, 0) for w in widths):
                     array = np.pad(array, widths, constant_values=self.pad_value(name))
                 parts.append(array)
@@ -103,7 +103,10 @@ class Layout:
                 part = array[start:start + size]
                 for dim, where in self.axes.items():
                     if dim in self.pad and name in where:
-                        part = np.take(part, np.arange(length[dim]), axis=where[name])
+                        index = [slice(None)] * part.ndim
+                        for axis in where[name]:  # a dim may stand twice ([batch, seq, seq] attention maps)
+                            index[axis] = slice(0, length[dim])
+                        part = part[tuple(index)]
                 result[name] = np.ascontiguousarray(part)
             results.append(result)
             start += size
@@ -127,15 +130,16 @@ def layout(spec: InputSpec, outputs: list[OutputSpec], options: Batching, profil
         if not out.shape or out.shape[0] != batch:
             raise UsageError(f"cannot batch this bundle: output {out.name!r} has shape {list(out.shape)}, not led by "
                              f"the batch dim {batch!r}; its rows cannot be split back to the requests")
-    axes: dict[str, dict[str, int]] = {}
+    axes: dict[str, dict[str, tuple[int, ...]]] = {}
     for tensor in spec:
         for k, d in enumerate(tensor.dims):
             if k > 0 and d.name is not None:
-                axes.setdefault(d.name, {})[tensor.name] = k
+                where = axes.setdefault(d.name, {})
+                where[tensor.name] = where.get(tensor.name, ()) + (k,)
     for out in outputs:
         for k, d in enumerate(out.shape):
             if k > 0 and isinstance(d, str) and d in axes:
-                axes[d][out.name] = k
+                axes[d][out.name] = axes[d].get(out.name, ()) + (k,)
     pad = _pad(spec, options.pad, axes)
     largest = max((d.max for t in spec for d in t.dims[:1]), default=1)
     limit = min(x for x in (options.max_batch, profile_max, largest) if x is not None)

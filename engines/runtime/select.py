@@ -111,18 +111,22 @@ def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, 
     from engines.runtime.cache import ResponseCache  # noqa: PLC0415
     from engines.runtime.server import Server  # noqa: PLC0415
 
-    view = BundleView(runner.bundle_path)
-    graph = view.backends.trt.plan if runner.backend == "trt" else view.backends.ort.graph
-    cache = ResponseCache(cache_bytes, view.manifest.artifacts[graph].sha256) if cache_bytes else None
-    degrade = _load(degrade_to, "auto", device, threads, False, False, check_values) if degrade_to else None
-    rest = ORDER[ORDER.index(runner.backend) + 1:] if runner.backend in ORDER else ()
-    fallback = next((r for r in (_try(name, view, device, threads) for name in rest) if r is not None), None)
-    owned = tuple(r for r in (runner, degrade, fallback) if r is not None)
-    try:
-        return Server(runner, batching or Batching(), cache, degrade, fallback, owned)
-    except Exception:
+    owned = [runner]
+    try:  # whatever fails below, the runners loaded so far are closed
+        view = BundleView(runner.bundle_path)
+        graph = view.backends.trt.plan if runner.backend == "trt" else view.backends.ort.graph
+        cache = ResponseCache(cache_bytes, view.manifest.artifacts[graph].sha256) if cache_bytes else None
+        degrade = _load(degrade_to, "auto", device, threads, False, False, check_values) if degrade_to else None
+        owned.append(degrade)
+        rest = ORDER[ORDER.index(runner.backend) + 1:] if runner.backend in ORDER else ()
+        fallback = next((r for r in (_try(name, view, device, threads) for name in rest) if r is not None), None)
+        owned.append(fallback)
+        return Server(runner, batching or Batching(), cache, degrade, fallback,
+                      tuple(r for r in owned if r is not None))
+    except BaseException:
         for r in owned:
-            r.close()
+            if r is not None:
+                r.close()
         raise
 
 

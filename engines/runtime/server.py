@@ -37,7 +37,7 @@ from engines.profiles import select
 from engines.runtime.base import LATENCY_BUCKETS_MS, Runner
 from engines.runtime.batching import Batching, Layout, layout
 from engines.runtime.cache import ResponseCache
-from exporter.core.errors import DeadlineExceeded, InferenceError, Overloaded, UsageError
+from exporter.core.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Server:
         self.input_spec, self.output_specs, self.manifest = runner.input_spec, runner.output_specs, runner.manifest
         self.backend = runner.backend
         self._profiles = list(runner.manifest.profiles) if runner.manifest else []
-        self.layout: Layout = layout(runner.input_spec, runner.output_specs, options, _profile_batch(self._profiles))
+        self.layout: Layout = layout(runner.input_spec, runner.output_specs, options, profile_batch(self._profiles))
         if degrade is not None:
             check_compatible(runner, degrade)
         self._owned = owned
@@ -115,6 +115,9 @@ class Server:
         if len(sizes) != 1 or next(iter(sizes)) > self.layout.max_batch:
             raise UsageError(f"a request's inputs must share one batch size of at most {self.layout.max_batch}; "
                              f"found {sorted(sizes)}")
+        if self._profiles and select(self._profiles, {k: v.shape for k, v in feeds.items()}) is None:
+            raise RuntimeInputError(f"no optimization profile accepts shapes { {k: list(v.shape) for k, v in feeds.items()} }"
+                                    f"; the bundle's profiles are {[p.to_json() for p in self._profiles]}")
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(feeds)
@@ -128,17 +131,22 @@ class Server:
         request = _Request(feeds, next(iter(sizes)), self.layout.key(feeds), self.layout.lengths(feeds),
                            concurrent.futures.Future(), now, now + timeout / 1000 if timeout else None, cache_key)
         with self._cond:
-            if len(self._queue) >= self.options.max_queue:
-                self._counters.rejected += 1
-                self._metrics.rejected()
-                if self.degrade is not None:
-                    return self._degraded(request, "the queue is full")
-                raise Overloaded(f"the serving queue is full ({self.options.max_queue} requests waiting); retry "
-                                 "later, add capacity, raise max_queue or configure degrade_to")
-            self._queue.append(request)
-            self._counters.requests += 1
-            self._cond.notify()
-        return request.future
+            if self._closing:  # close() may have begun since the check above
+                raise UsageError("this server is closed (close() was called or its with-block ended)")
+            full = len(self._queue) >= self.options.max_queue
+            if not full:
+                self._queue.append(request)
+                self._cond.notify()
+        with self._counters.lock:
+            self._counters.requests += not full
+            self._counters.rejected += full
+        if not full:
+            return request.future
+        self._metrics.rejected()
+        if self.degrade is not None:  # outside the lock: the worker and other callers go on meanwhile
+            return self._degraded(request, "the queue is full")
+        raise Overloaded(f"the serving queue is full ({self.options.max_queue} requests waiting); retry "
+                         "later, add capacity, raise max_queue or configure degrade_to")
 
     def _degraded(self, request: _Request, why: str) -> dict:
         with self._counters.lock:
@@ -185,12 +193,15 @@ class Server:
         taken, batch = [], list(batch or [])
         key = batch[0].key if batch else self._queue[0].key
         total = sum(r.size for r in batch)
+        check = len(self._profiles) > 1  # one profile is the spec's envelope: every request fits it
         for request in list(self._queue):
             if request.key != key or total + request.size > self.layout.max_batch:
                 continue
-            if self._profiles and not self._fits([*batch, *taken, request]):
-                continue
+            if check and (batch or taken) and not self._fits([*batch, *taken, request]):
+                continue  # the head always goes: submit() checked that a profile takes it alone
             self._queue.remove(request)
+            if not request.future.set_running_or_notify_cancel():
+                continue  # the caller cancelled it (asyncio.wait_for, Future.cancel)
             taken.append(request)
             total += request.size
         return taken
@@ -204,7 +215,8 @@ class Server:
             shape[0] = total
             for dim, axes in self.layout.axes.items():
                 if dim in longest and name in axes:
-                    shape[axes[name]] = longest[dim]
+                    for axis in axes[name]:
+                        shape[axis] = longest[dim]
             shapes[name] = tuple(shape)
         return select(self._profiles, shapes) is not None
 
@@ -250,8 +262,8 @@ class Server:
         self._succeeded(runner)
         parts = self.layout.split(outputs, [r.size for r in batch], [r.lengths for r in batch])
         for request, part in zip(batch, parts):
-            if self.cache is not None and request.cache_key is not None:
-                self.cache.put(request.cache_key, part)
+            if self.cache is not None and request.cache_key is not None and runner is self.runner:
+                self.cache.put(request.cache_key, part)  # never a fallback's or lighter bundle's outputs
             request.future.set_result(part)
 
     # --- the circuit breaker --------------------------------------------------------------------
@@ -332,7 +344,7 @@ def _settle(future: concurrent.futures.Future, compute) -> None:
         future.set_exception(exc)
 
 
-def _profile_batch(profiles) -> int | None:
+def profile_batch(profiles) -> int | None:
     """The largest batch some profile takes for every input at once."""
     if not profiles:
         return None

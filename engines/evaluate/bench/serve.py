@@ -82,8 +82,9 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
     with LoadWatch() as watch:
         plain = load(bundle, threads=request.threads)
         options = Batching(max_delay_ms=request.max_delay_ms)
-        targets_ = {"unbatched": plain, "batched": load(bundle, threads=request.threads, batching=options)}
+        targets_ = {"unbatched": plain}
         try:
+            targets_["batched"] = load(bundle, threads=request.threads, batching=options)
             for c in request.concurrency:  # modes interleaved per level: drift in the machine hits them alike
                 for mode in MODES:
                     on_step(f"{mode} x{c}")
@@ -96,8 +97,8 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
                 on_step(f"ceiling beside x{c}")  # measured per level too: this machine's speed drifts
                 rows.append(dict(_ceiling(plain, requests, request), concurrency=c))
         finally:
-            targets_["batched"].close()
-            plain.close()
+            for target in targets_.values():
+                target.close()
         rows.sort(key=lambda r: (MODES + ("ceiling",)).index(r["mode"]))
     manifest = read_manifest(bundle)
     doc = {"model": manifest.model.name, "bundle": str(bundle), "precision": manifest.precision,
@@ -180,8 +181,9 @@ def _ceiling(runner, requests: list[dict], request: ServeBenchRequest) -> dict:
     """One caller running the same request mix directly in the largest batches the bundle takes: the
     requests of the clients' Zipf stream grouped as the batcher groups them (same key, padded), no queue."""
     from engines.runtime.batching import layout  # noqa: PLC0415
+    from engines.runtime.server import profile_batch  # noqa: PLC0415
 
-    plan = layout(runner.input_spec, runner.output_specs, Batching(), _profile_batch(runner.manifest))
+    plan = layout(runner.input_spec, runner.output_specs, Batching(), profile_batch(runner.manifest.profiles))
     order = zipf_indices(len(requests), 100_000, request.zipf, seed=0)
     groups: dict[tuple, list[dict]] = {}
     batches = []
@@ -194,6 +196,7 @@ def _ceiling(runner, requests: list[dict], request: ServeBenchRequest) -> dict:
             groups[plan.key(r)] = []
         if len(batches) >= 64:
             break
+    batches += [(plan.merge(g), len(g)) for g in groups.values() if g]  # groups the draws never filled
     latencies, samples, stop, k = [], 0, time.perf_counter() + request.duration, 0
     began = time.perf_counter()
     while time.perf_counter() < stop:
@@ -206,12 +209,6 @@ def _ceiling(runner, requests: list[dict], request: ServeBenchRequest) -> dict:
     summary = _summary(latencies, done)
     summary["throughput_per_s"] = round(samples / done, 1)
     return {"mode": "ceiling", "concurrency": 1, **summary, "rejected": 0, "mean_batch": float(plan.max_batch)}
-
-
-def _profile_batch(manifest) -> int | None:
-    if not manifest.profiles:
-        return None
-    return max(min(s[0] for s in p.max.values() if s) for p in manifest.profiles)
 
 
 def _summary(latencies: list[float], seconds: float) -> dict:

@@ -75,7 +75,7 @@ def _domain(node: onnx.NodeProto, table: OperatorTable) -> Finding:
 
 def _types(node: onnx.NodeProto, index: GraphIndex, allowed: tuple[str, ...], version: str) -> list[Finding]:
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-        return []  # their types are the quantization rules' business (engines.trt.compat.check)
+        return []  # their types are the quantization rules' business (engines.trt.compat.qdq)
     k = DATA_INPUT.get(node.op_type, 0)
     names = [node.input[k]] if len(node.input) > k and node.input[k] else list(node.output[:1])
     if node.op_type == "Cast":
