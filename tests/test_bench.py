@@ -120,3 +120,16 @@ def test_cli_bench_writes_results_next_to_each_other(mlp_bundles, tmp_path, run_
         verified_path(mlp_bundles[0], manifest, name)
     code, out, _ = run_cli("bench-summary", tmp_path / "r" / "bench.json", "-o", tmp_path / "summary.md")
     assert code == 0 and "| mlp | 2 | planforge fp32 ort-cpu |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_transformer_is_benched_against_onnx_runtimes_own_transformers_optimizer(build_root):
+    """The anchor of the transformer work: ``onnxruntime.transformers.optimizer`` on the exported graph."""
+    bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-bench", build_root=build_root,
+                                inputs=("input_ids:int64:[batch=1..4@2,seq=4..32@16]:0..30522",))).out
+    doc = bench(BenchRequest((bundle,), batches=(2,), warmup=1, iterations=2, threads=1, cache_dir=build_root / ".cache"))
+    names = [b["name"] for b in doc["backends"]]
+    assert "onnxruntime transformers optimizer (bert)" in names, doc["skipped"]
+    row = next(b for b in doc["backends"] if b["name"] == "onnxruntime transformers optimizer (bert)")
+    assert row["build_seconds"] > 0 and row["points"][0]["p50_ms"] > 0
+    mlp = read_manifest(build(BuildRequest("mlp", out=build_root / "mlp-nobert", build_root=build_root)).out)
+    assert "input_ids" not in mlp.inputs.names  # models without token ids get no such row (see the mlp test above)

@@ -160,6 +160,10 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
             target = "trt" if backend == "trt" else "ort"
             backends.append(_runtime_backend(name, manifest.backends.for_target(target).precision, bundle, backend,
                                              threads, manifest.build_seconds.get("total")))
+    if request.peer and "input_ids" in manifests[0].inputs.names:
+        optimized = _transformers_optimizer_backend(exported, threads, tmp, skipped)
+        if optimized is not None:
+            backends.append(optimized)
     int8 = next((m for m in manifests if m.precision == "int8"), None)
     if request.peer and int8 is not None:
         peer = _peer_backend(exported, manifests[0], module, threads, tmp, skipped)
@@ -223,6 +227,25 @@ def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, thre
         state.pop("engine").close()
 
     return Backend(name, precision, build_seconds, load, close)
+
+
+def _transformers_optimizer_backend(exported: Path, threads: int, tmp: Path, skipped: dict) -> Backend | None:
+    """The anchor for transformers: ONNX Runtime's own ``onnxruntime.transformers.optimizer`` (model_type
+    bert, heads and hidden size detected) on the exported graph, run with ORT's optimizations on."""
+    name = "onnxruntime transformers optimizer (bert)"
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model  # noqa: PLC0415 - slow to import
+
+        start = time.perf_counter()
+        optimized = optimize_model(str(exported), model_type="bert", num_heads=0, hidden_size=0)
+        optimized.save_model_to_file(str(tmp / "ort-transformers.onnx"))
+        seconds = round(time.perf_counter() - start, 3)
+    except Exception as exc:  # noqa: BLE001 - the peer's own failures are reported, not fatal
+        skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return None
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    logger.info("%s: fused %s", name, fused or "nothing")
+    return _ort_backend(name, "fp32", tmp / "ort-transformers.onnx", threads, seconds)
 
 
 def _peer_backend(exported: Path, manifest: Manifest, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
