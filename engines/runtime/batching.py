@@ -55,12 +55,12 @@ class Layout:
     pad: dict[str, dict[str, float]]  # dim -> {input: pad value}
     axes: dict[str, dict[str, tuple[int, ...]]]  # dim -> {input or output: the axes it is at}
     max_batch: int
+    padded: frozenset = frozenset()  # (tensor, axis) pairs of the paddable dims, for ``key``
 
     def key(self, feeds: Mapping[str, np.ndarray]) -> tuple:
         """Requests with equal keys may share a batch: dtypes and non-batch dims; a paddable dim by its length's
         power-of-two bucket, so padding at most doubles a request (a 5-token request does not run at 128)."""
-        padded = {(name, axis) for dim in self.pad for name, axes in self.axes[dim].items() for axis in axes}
-        return tuple((n, feeds[n].dtype.str, tuple(("bucket", max(int(s) - 1, 0).bit_length()) if (n, k) in padded
+        return tuple((n, feeds[n].dtype.str, tuple(("bucket", max(int(s) - 1, 0).bit_length()) if (n, k) in self.padded
                                                   else s for k, s in enumerate(feeds[n].shape) if k > 0))
                      for n in self.inputs)
 
@@ -143,7 +143,8 @@ def layout(spec: InputSpec, outputs: list[OutputSpec], options: Batching, profil
     pad = _pad(spec, options.pad, axes)
     largest = max((d.max for t in spec for d in t.dims[:1]), default=1)
     limit = min(x for x in (options.max_batch, profile_max, largest) if x is not None)
-    return Layout(batch, tuple(spec.names), pad, axes, limit)
+    padded = frozenset((name, axis) for dim in pad for name, where in axes[dim].items() for axis in where)
+    return Layout(batch, tuple(spec.names), pad, axes, limit, padded)
 
 
 def _pad(spec: InputSpec, pad, axes: dict) -> dict[str, dict[str, float]]:

@@ -119,7 +119,10 @@ def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, 
         degrade = _load(degrade_to, "auto", device, threads, False, False, check_values) if degrade_to else None
         owned.append(degrade)
         rest = ORDER[ORDER.index(runner.backend) + 1:] if runner.backend in ORDER else ()
-        fallback = next((r for r in (_try(name, view, device, threads) for name in rest) if r is not None), None)
+        try:
+            fallback = _first_available(rest, view, device, threads)
+        except InferenceError:  # no other backend loads here: the breaker falls back to the lighter bundle
+            fallback = None
         owned.append(fallback)
         return Server(runner, batching or Batching(), cache, degrade, fallback,
                       tuple(r for r in owned if r is not None))
@@ -128,15 +131,6 @@ def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, 
             if r is not None:
                 r.close()
         raise
-
-
-def _try(name: str, view: BundleView, device: int, threads: int | None) -> Runner | None:
-    if unavailable(name, view) is not None:
-        return None
-    try:
-        return _construct(name, view, device, threads)
-    except BundleError:
-        return None
 
 
 def _load(bundle: str | Path, backend: str, device: int, threads: int | None, fallback_on_error: bool,
@@ -178,6 +172,8 @@ def _first_available(order: tuple[str, ...], bundle: BundleView, device: int, th
         if unavailable(name, bundle) is None:
             try:
                 return _construct(name, bundle, device, threads)
+            except IntegrityError:
+                raise  # a tampered artifact is refused, not skipped for the next backend (as in load)
             except BundleError as exc:
                 logger.warning("fallback %s unavailable: %s", name, exc)
     raise InferenceError(f"no backend left to retry on after {order}")
