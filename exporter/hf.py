@@ -92,3 +92,15 @@ def resolve_hf_dir(path: Path):
         sha256_file(file, digest)
     return ResolvedModel(path.name, "hf", str(path.resolve()), spec, ("last_hidden_state",), digest.hexdigest(),
                          "embedding", EncoderOutputs(model).eval())
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer a local Hugging Face directory ships (offline), or a UsageError saying it has none."""
+    try:
+        with _offline_and_quiet() as transformers:
+            return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+        raise UsageError(f"{path} has no tokenizer transformers can load ({type(exc).__name__}: {exc}); "
+                         "real text needs the model directory's tokenizer files") from exc

@@ -86,6 +86,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     model.ir_version = like.ir_version
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
+    for opset in model.opset_import:  # a pass may raise the default domain's opset (FuseStandardAttention)
+        if opset.domain in ("", "ai.onnx") and graph.opset and graph.opset > opset.version:
+            opset.version = graph.opset
     known = {o.domain for o in like.opset_import} | {"ai.onnx"}
     for domain in sorted({n.domain for n in model.graph.node} - known):
         model.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # contrib ops a pass added

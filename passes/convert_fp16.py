@@ -19,6 +19,8 @@ stack. The rules here are few and explicit:
   reason, unless it is elementwise arithmetic (``CLIPPED_OPS``: Add, Sub, Mul, Div, Where, Max,
   Min), where the large values are masks: a -1e9 attention mask becomes -65504, still zero after
   softmax. That clipping is logged as a WARNING naming the constants.
+- ONNX's fused ``Attention`` (opset 23) computes in FP16 with ``softmax_precision`` FLOAT: the
+  softmax inside it stays FP32, as the rule above keeps a ``Softmax`` node.
 - FP32 initializers read only by FP16 nodes are stored as FP16. Float ``Cast`` and ``Constant``
   nodes in FP16 regions produce FP16.
 - A ``Cast`` is inserted, once per tensor and direction, wherever a tensor crosses between the
@@ -148,6 +150,8 @@ class ConvertToFp16(Pass):
         for node in (n for n in graph.nodes if id(n) in half):
             if node.op == "Cast" and node.attrs.get("to") == 1:
                 node.attrs["to"] = 10
+            if node.op == "Attention" and node.domain in ("", "ai.onnx"):
+                node.attrs["softmax_precision"] = 1  # FLOAT: the fused softmax stays FP32, as a Softmax node would
             if node.op in ("Constant", "ConstantOfShape") and "value" in node.attrs:
                 value = node.attrs["value"]
                 if np.asarray(value.values).dtype == F32:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import fresh_name, int_list, is_graph_output
+from passes.graph_utils import constant_value, fresh_name, int_list, is_graph_output
 from passes.infer_shapes import InferShapes
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _selected(reader: gs.Node, dims: list) -> tuple[gs.Tensor, np.ndarray] | Non
         if idx is None or reader.attrs.get("axis", 0) != 0:
             return None
         picked = [dims[i] for i in idx]
-        scalar = isinstance(reader.inputs[1], gs.Constant) and reader.inputs[1].values.ndim == 0
+        scalar = constant_value(reader.inputs[1]).ndim == 0  # an initializer or a Constant node's output
         if not _static(picked):
             return None
         value = np.array(picked[0] if scalar else picked, dtype=np.int64)

@@ -1,6 +1,6 @@
 """Remove nodes whose output equals their input: ``Cast`` to the input's own type, ``Reshape`` to
 the input's own shape, ``Transpose`` with the identity permutation, ``Expand`` that broadcasts
-to the input's own shape.
+to the input's own shape, ``Concat`` of a single input (what a traced empty KV cache leaves).
 
 Shapes come from ``InferShapes``. A Reshape is a no-op when its constant target has the input's
 rank and every entry is 0 (copy, without ``allowzero``), the same static size, or the one ``-1``
@@ -25,6 +25,8 @@ def _noop_reason(node: gs.Node) -> str | None:
     """Why ``node`` is not a no-op (None when it is one)."""
     x = node.inputs[0]
     shape = x.shape
+    if node.op == "Concat":
+        return None if len(node.inputs) == 1 else "joins several inputs"
     if node.op == "Cast":
         out = node.outputs[0].dtype
         return None if x.dtype is not None and out is not None and x.dtype == out else "changes the type"
@@ -52,13 +54,13 @@ def _noop_reason(node: gs.Node) -> str | None:
 
 
 class RemoveNoOps(Pass):
-    """Replaces Cast/Reshape/Transpose/Expand(x) with x where they leave x unchanged."""
+    """Replaces Cast/Reshape/Transpose/Expand/Concat(x) with x where they leave x unchanged."""
 
     requires = (InferShapes,)
 
     def run(self, graph: gs.Graph) -> PassResult:
         removed: dict[str, int] = {}
-        for node in [n for n in graph.nodes if n.op in ("Cast", "Reshape", "Transpose", "Expand")]:
+        for node in [n for n in graph.nodes if n.op in ("Cast", "Reshape", "Transpose", "Expand", "Concat")]:
             if reason := _noop_reason(node) or bypass(node, graph):
                 logger.debug("keep %s: %s", node.name, reason)
                 continue

@@ -304,3 +304,35 @@ def test_a_request_no_profile_takes_is_refused_at_submit_and_a_cancelled_one_doe
         kept = server.submit({"x": big[1:2]})
         assert cancelled.cancel()
         assert kept.result()["logits"].shape == (1, 1000) and cancelled.cancelled()
+
+
+def test_trailing_padding_every_row_masks_is_cut_before_running_and_comes_back_as_zeros(root):
+    """A batch of short sentences padded to 24 runs at its longest real length (9); valid positions get
+    what the model gives the sentence alone, masked positions zeros; trim_padding=False changes nothing."""
+    bundle = build(BuildRequest("bert_tiny", out=root / "bert-pad", build_root=root,
+                                inputs=("input_ids:int64:[batch=1..8@2,seq=2..24@8]:0..30522",
+                                        "attention_mask:int64:[batch,seq]:0..2"))).out
+    rng = np.random.default_rng(1)
+    lengths = (5, 9, 3)
+    mask = np.zeros((3, 24), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    feeds = {"input_ids": rng.integers(1, 30522, (3, 24)).astype(np.int64) * mask, "attention_mask": mask}
+    plain = load(bundle)
+    padded = plain.infer(feeds)
+    with load(bundle, batching=Batching()) as server:
+        trimmed, before = server.layout.trim(feeds)
+        assert {k: v.shape for k, v in trimmed.items()} == {"input_ids": (3, 9), "attention_mask": (3, 9)}
+        assert before == {"seq": 24}
+        out = server.infer(feeds)
+    assert out["last_hidden_state"].shape == (3, 24, 128) and out["pooler_output"].shape == (3, 128)
+    for i, n in enumerate(lengths):
+        alone = plain.infer({k: v[i:i + 1, :n] for k, v in feeds.items()})
+        np.testing.assert_allclose(out["last_hidden_state"][i, :n], alone["last_hidden_state"][0], atol=1e-5)
+        np.testing.assert_allclose(out["last_hidden_state"][i, :n], padded["last_hidden_state"][i, :n], atol=1e-5)
+        assert not np.any(out["last_hidden_state"][i, 9:])
+    np.testing.assert_allclose(out["pooler_output"], padded["pooler_output"], atol=1e-5)
+    with load(bundle, batching=Batching(trim_padding=False)) as server:
+        np.testing.assert_array_equal(server.infer(feeds)["last_hidden_state"], padded["last_hidden_state"])
+    left = {k: v[:, ::-1].copy() for k, v in feeds.items()}  # left padding: nothing trailing to cut
+    assert server.layout.trim(left)[0]["input_ids"].shape == (3, 24)

@@ -330,6 +330,39 @@ def read_manifest_name(bundle: Path) -> str:
     return read_manifest(bundle).model.name
 
 
+@cli.command("bench-transformer")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("int8_bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), metavar="N", help="Batch sizes (repeat) [1, 8].")
+@click.option("--seq", "seqs", multiple=True, type=click.IntRange(1), metavar="L", help="Padded lengths (repeat) [32, 128].")
+@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Interleaved rounds.")
+@click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Timed runs per round and point.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="Threads for every backend.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench-transformer.json and .md "
+              "[build/bench-transformer/<model>].")
+@_json_option
+def bench_transformer(bundle, int8_bundle, batches, seqs, rounds, iterations, threads, out, as_json):
+    """Time a transformer BUNDLE (and its INT8_BUNDLE) against PyTorch, ONNX Runtime and its optimizer, on real text."""
+    from engines.evaluate.bench.transformer import (  # noqa: PLC0415 - per command: --help stays fast
+        TransformerBenchRequest,
+        bench_transformer,
+        markdown,
+        save,
+    )
+
+    request = TransformerBenchRequest(bundle, int8_bundle, tuple(batches) or (1, 8), tuple(seqs) or (32, 128),
+                                      rounds, iterations, threads)
+    doc = bench_transformer(request)
+    json_path, md_path = save(doc, out or Path("build") / "bench-transformer" / doc["model"])
+    if as_json:
+        _print_json(doc)
+        return
+    console.print(markdown(doc))
+    for k, v in doc["targets"].items():
+        console.print(f"{k}: {v}")
+    console.print(f"wrote {json_path} and {md_path}")
+
+
 @cli.command("bench-summary")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The Markdown file to write.")

@@ -38,6 +38,7 @@ class Batching:
     max_queue: int = 1024
     timeout_ms: float | None = None
     pad: str | dict | None = "auto"
+    trim_padding: bool = True
     breaker_failures: int = 3
     breaker_cooldown_s: float = 10.0
 
@@ -90,6 +91,41 @@ class Layout:
                 parts.append(array)
             merged[name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return merged
+
+    def trim(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """(feeds without the trailing positions that the attention mask zeroes in every row, the lengths
+        before). Trailing only: a left-padded batch keeps its padding (cutting it would move positions)."""
+        before, out = self.lengths(feeds), dict(feeds)
+        for dim, values in self.pad.items():
+            mask = next((n for n in MASKS if n in values), None)
+            if mask is None:
+                continue
+            axis = self.axes[dim][mask][0]
+            rows = np.any(feeds[mask] != 0, axis=tuple(a for a in range(feeds[mask].ndim) if a != axis))
+            used = np.flatnonzero(rows)
+            keep = int(used[-1]) + 1 if used.size else 1
+            if keep >= feeds[mask].shape[axis]:
+                continue
+            for name in values:
+                index = [slice(None)] * feeds[name].ndim
+                for a in self.axes[dim][name]:
+                    index[a] = slice(0, keep)
+                out[name] = np.ascontiguousarray(feeds[name][tuple(index)])
+        return out, before
+
+    def restore(self, outputs: Mapping[str, np.ndarray], before: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """Outputs padded back with zeros to the lengths a request had before ``trim``."""
+        result = dict(outputs)
+        for dim, where in self.axes.items():
+            if dim not in self.pad or dim not in before:
+                continue
+            for name in (n for n in where if n in outputs):
+                widths = [(0, 0)] * outputs[name].ndim
+                for axis in where[name]:
+                    widths[axis] = (0, before[dim] - outputs[name].shape[axis])
+                if any(w != (0, 0) for w in widths):
+                    result[name] = np.pad(outputs[name], widths)
+        return result
 
     def pad_value(self, name: str):
         return next((values[name] for values in self.pad.values() if name in values), 0)

