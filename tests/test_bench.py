@@ -133,3 +133,48 @@ def test_a_transformer_is_benched_against_onnx_runtimes_own_transformers_optimiz
     assert row["build_seconds"] > 0 and row["points"][0]["p50_ms"] > 0
     mlp = read_manifest(build(BuildRequest("mlp", out=build_root / "mlp-nobert", build_root=build_root)).out)
     assert "input_ids" not in mlp.inputs.names  # models without token ids get no such row (see the mlp test above)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A Hugging Face BERT directory with a tokenizer, made here (2 layers, 32 wide, seeded weights; the
+    vocabulary: the words of the benchmark's sentences)."""
+    import torch
+    import transformers as tf
+
+    from engines.evaluate.text import sentences
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    words = sorted({w.strip(".,;:()'\"").lower() for s in sentences()[:400] for w in s.split()} - {""})
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tf.BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(str(path))
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    tf.BertModel(config).eval().save_pretrained(str(path))
+    return path
+
+
+def test_bench_transformer_times_every_anchor_on_padded_real_text_and_writes_the_table(tiny_bert_dir, tmp_path,
+                                                                                        run_cli, build_root):
+    from engines.evaluate.bench.transformer import OPTIMIZER, TRIMMED, TransformerBenchRequest, bench_transformer
+
+    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
+    spec = (f"input_ids:int64:[batch=1..4@2,seq=1..32@32]:0..{vocab}", "attention_mask:int64:[batch,seq]:0..2")
+    bundle = build(BuildRequest(str(tiny_bert_dir), out=tmp_path / "tiny", build_root=build_root, inputs=spec)).out
+    doc = bench_transformer(TransformerBenchRequest(bundle, batches=(2,), seqs=(8, 32), rounds=2, iterations=1,
+                                                    threads=1, cache_dir=build_root / ".cache"))
+    names = list(dict.fromkeys(r["backend"] for r in doc["rows"]))
+    assert names == ["pytorch eager", "onnxruntime exported", OPTIMIZER, "planforge fp32 ort", TRIMMED], doc["skipped"]
+    for row in doc["rows"]:
+        assert row["median_ms"] > 0 and row["vs_export"] > 0 and row["vs_optimizer"] > 0
+    padding = {r["seq"]: r["padding"] for r in doc["rows"]}
+    assert 0 <= padding[8] < padding[32] < 1  # real sentence lengths: more padding at the longer length
+    assert doc["environment"]["cpu_isa"] and doc["threads"] == 1 and "fp32 vs export at 2 x 32 (>= 1.15)" in doc["targets"]
+    code, out, _ = run_cli("bench-transformer", bundle, "--batch", "1", "--seq", "16", "--rounds", "1",
+                           "--iterations", "1", "--threads", "1", "-o", tmp_path / "out")
+    assert code == 0 and "| planforge fp32 ort |" in out
+    table = (tmp_path / "out" / "bench-transformer.md").read_text()
+    assert "| backend | 1 x 16 |" in table and json.loads((tmp_path / "out" / "bench-transformer.json").read_text())
+    code, _, err = run_cli("bench-transformer", build(BuildRequest("mlp", out=tmp_path / "mlp", build_root=build_root)).out)
+    assert code == 2 and "Hugging Face text model" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -337,7 +338,8 @@ def read_manifest_name(bundle: Path) -> str:
 @click.option("--seq", "seqs", multiple=True, type=click.IntRange(1), metavar="L", help="Padded lengths (repeat) [32, 128].")
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Interleaved rounds.")
 @click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Timed runs per round and point.")
-@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="Threads for every backend.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads for every "
+              "backend (0: all cores).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench-transformer.json and .md "
               "[build/bench-transformer/<model>].")
 @_json_option
@@ -351,7 +353,7 @@ def bench_transformer(bundle, int8_bundle, batches, seqs, rounds, iterations, th
     )
 
     request = TransformerBenchRequest(bundle, int8_bundle, tuple(batches) or (1, 8), tuple(seqs) or (32, 128),
-                                      rounds, iterations, threads)
+                                      rounds, iterations, threads or os.cpu_count() or 1)
     doc = bench_transformer(request)
     json_path, md_path = save(doc, out or Path("build") / "bench-transformer" / doc["model"])
     if as_json:
