@@ -262,7 +262,7 @@ def _probabilities_consumer(softmax: gs.Node, bias: gs.Tensor | None) -> tuple[g
 
 def match_attention(softmax: gs.Node, graph: gs.Graph) -> AttentionMatch | str:
     """The attention block around ``softmax``, or the reason it is not one."""
-    if softmax.attrs.get("axis", -1) not in (-1, 3):
+    if softmax.attrs.get("axis", -1 if graph.opset >= 13 else 1) not in (-1, 3):  # the default was 1 before 13
         return "softmax is not over the last axis"
     reasons = []
     for scores_t, bias in _score_candidates(softmax):
@@ -282,6 +282,8 @@ def _match_from(softmax: gs.Node, scores_t: gs.Tensor, bias: gs.Tensor | None) -
         return NOT_SCORES
     if bias is not None and np.dtype(bias.dtype or np.float32) != np.dtype(np.float32):
         return "the attention bias is not float32"
+    if bias is not None and (bias.shape is None or not bias.shape or bias.shape[-1] == 1):
+        return "the attention bias does not span the keys (its last dim is 1 or unknown)"
     q_in, q_scale = peel_scale(qk.inputs[0])
     k_in, k_scale = peel_scale(qk.inputs[1])
     q, k = split_heads(q_in, [0, 2, 1, 3]), key_split(k_in)

@@ -42,9 +42,19 @@ def opset_blocker(graph: gs.Graph) -> str | None:
         return None
     if graph.opset < 18:
         return f"the graph is opset {graph.opset}; raising it to {ATTENTION_OPSET} needs opset 18 or later"
-    changed = sorted({n.op for n in graph.nodes if n.domain in ("", "ai.onnx") and
+    changed = sorted({n.op for n in _all_nodes(graph) if n.domain in ("", "ai.onnx") and
                       n.op in CHANGED_SINCE_18 and graph.opset < CHANGED_SINCE_18[n.op]})
     return f"{', '.join(changed)} changed meaning before opset {ATTENTION_OPSET}" if changed else None
+
+
+def _all_nodes(graph: gs.Graph):
+    """The graph's nodes and those of its If / Loop / Scan bodies, at any depth."""
+    for node in graph.nodes:
+        yield node
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, gs.Graph):
+                    yield from _all_nodes(sub)
 
 
 class FuseStandardAttention(Pass):
@@ -89,10 +99,24 @@ class FuseStandardAttention(Pass):
                                    outputs=[context]))
 
 
+MASKED = np.float32(-3.0e38)  # below any score, above float32's lowest (see full_bias)
+
+
 def full_bias(graph: gs.Graph, m: AttentionMatch, name: str, mask: gs.Tensor | None = None) -> gs.Tensor:
     """The bias (or the boolean ``mask`` given instead) as [B|1, N|1, S, T]: one broadcast over the query
-    positions ([B, 1, 1, T]) is expanded over S, as ONNX Runtime's CPU kernels index it by query position."""
+    positions ([B, 1, 1, T]) is expanded over S, as ONNX Runtime's CPU kernels index it by query position.
+
+    A float bias is first clamped to at least -3e38: exporters mask with float32's lowest value, which
+    ONNX Runtime's Attention kernel takes as "masked" and answers a fully masked row with zeros, where
+    the unfused softmax gives the mean of V (every score equally lowest). Above it, both agree; any
+    masked score still underflows to zero after the softmax. (One Max per layer; common-subexpression
+    elimination leaves one for the shared mask.)"""
     bias = m.bias if mask is None else mask
+    if mask is None:
+        floor = gs.Constant(fresh_name(graph, f"{name}_masked"), np.array(MASKED))
+        clamped = gs.Variable(fresh_name(graph, f"{name}_clamped"), dtype=np.float32, shape=bias.shape)
+        graph.nodes.append(gs.Node("Max", f"{name}_clamp", inputs=[bias, floor], outputs=[clamped]))
+        bias = clamped
     shape = bias.shape
     if shape is not None and len(shape) == 4 and (shape[2] != 1 or (m.q.shape or [None, None])[1] == 1):
         return bias

@@ -223,16 +223,40 @@ def test_a_minus_inf_mask_behind_the_nan_guard_becomes_a_boolean_mask_with_zeros
     assert not run_pass(FuseAttention(target="ort"), below_18)[0].changed
 
 
+@pytest.mark.parametrize("mask", ["padding", "bool"])
+def test_a_fully_masked_row_keeps_the_unfused_result_with_the_lowest_float_mask(mask):
+    """Exporters mask with float32's lowest value; a row with every key masked is then the mean of V in
+    the original graph, which ONNX Runtime's Attention answers with zeros unless the mask is clamped."""
+    model = _block(mask=mask, guard=mask == "bool")
+    feeds = _feeds(model)
+    feeds["attention_mask"][1] = 0
+    for fusion in (FuseAttention(target="ort"), FuseStandardAttention(target="trt")):
+        result, out = run_pass(fusion, model)
+        assert result.changed and "Max" in ops(out)
+        assert_same_outputs(model, out, feeds)
+        assert np.any(run_graph(out, feeds)["y"][1])
+
+
 def test_attention_is_left_alone_where_it_almost_matches():
     other_reader = _block()
     other_reader.graph.output.append(helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, ["batch", N, "seq", "seq"]))
     wrong_axis = _block()
     next(n for n in wrong_axis.graph.node if n.op_type == "Softmax").attribute[0].i = 2
-    for model in (other_reader, wrong_axis):
+    default_axis = _block(opset=12)  # before opset 13 a Softmax without axis normalises from axis 1 on
+    softmax = next(n for n in default_axis.graph.node if n.op_type == "Softmax")
+    del softmax.attribute[:]
+    per_query = _block(mask="full")  # a bias [B, N, S, 1] adds one value per query row: not a mask of the keys
+    per_query.graph.input[-1].type.tensor_type.shape.dim[-1].Clear()
+    per_query.graph.input[-1].type.tensor_type.shape.dim[-1].dim_value = 1
+    per_query = run_pass(InferShapes(), per_query)[1]
+    for model in (other_reader, wrong_axis, default_axis, per_query):
         for fusion in (FuseAttention(target="ort"), FuseStandardAttention(target="trt")):
             result, out = run_pass(fusion, model)
             assert not result.changed and ops(out) == ops(model)
-            assert_same_outputs(model, out, _feeds(model))
+            feeds = _feeds(model)
+            if "full_bias" in feeds:
+                feeds["full_bias"] = feeds["full_bias"][..., :1]
+            assert_same_outputs(model, out, feeds)
 
 
 def test_each_target_runs_only_its_own_fusion():

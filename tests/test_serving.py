@@ -336,3 +336,7 @@ def test_trailing_padding_every_row_masks_is_cut_before_running_and_comes_back_a
         np.testing.assert_array_equal(server.infer(feeds)["last_hidden_state"], padded["last_hidden_state"])
     left = {k: v[:, ::-1].copy() for k, v in feeds.items()}  # left padding: nothing trailing to cut
     assert server.layout.trim(left)[0]["input_ids"].shape == (3, 24)
+    one = {"input_ids": feeds["input_ids"][:1] * 0 + 7, "attention_mask": np.eye(1, 24, dtype=np.int64)}
+    with load(bundle, batching=Batching()) as server:  # trimmed to 1 the request would be below the spec's seq=2..
+        assert server._trimmed(one)[1] is None
+        np.testing.assert_array_equal(server.infer(one)["last_hidden_state"], plain.infer(one)["last_hidden_state"])

@@ -57,6 +57,7 @@ class Layout:
     axes: dict[str, dict[str, tuple[int, ...]]]  # dim -> {input or output: the axes it is at}
     max_batch: int
     padded: frozenset = frozenset()  # (tensor, axis) pairs of the paddable dims, for ``key``
+    trimmable: bool = False  # every output's dims are known by name or size: trimmed ones can be restored
 
     def key(self, feeds: Mapping[str, np.ndarray]) -> tuple:
         """Requests with equal keys may share a batch: dtypes and non-batch dims; a paddable dim by its length's
@@ -96,6 +97,8 @@ class Layout:
         """(feeds without the trailing positions that the attention mask zeroes in every row, the lengths
         before). Trailing only: a left-padded batch keeps its padding (cutting it would move positions)."""
         before, out = self.lengths(feeds), dict(feeds)
+        if not self.trimmable:
+            return out, before
         for dim, values in self.pad.items():
             mask = next((n for n in MASKS if n in values), None)
             if mask is None:
@@ -180,7 +183,8 @@ def layout(spec: InputSpec, outputs: list[OutputSpec], options: Batching, profil
     largest = max((d.max for t in spec for d in t.dims[:1]), default=1)
     limit = min(x for x in (options.max_batch, profile_max, largest) if x is not None)
     padded = frozenset((name, axis) for dim in pad for name, where in axes[dim].items() for axis in where)
-    return Layout(batch, tuple(spec.names), pad, axes, limit, padded)
+    trimmable = all(isinstance(d, int) or d in axes for out in outputs for d in out.shape[1:])
+    return Layout(batch, tuple(spec.names), pad, axes, limit, padded, trimmable)
 
 
 def _pad(spec: InputSpec, pad, axes: dict) -> dict[str, dict[str, float]]:

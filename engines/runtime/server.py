@@ -131,7 +131,7 @@ class Server:
         now = time.monotonic()
         before = None
         if self.options.trim_padding and self.layout.pad:
-            feeds, before = self.layout.trim(feeds)
+            feeds, before = self._trimmed(feeds)
         request = _Request(feeds, next(iter(sizes)), self.layout.key(feeds), self.layout.lengths(feeds),
                            concurrent.futures.Future(), now, now + timeout / 1000 if timeout else None, cache_key,
                            before)
@@ -152,6 +152,21 @@ class Server:
             return self._degraded(request, "the queue is full")
         raise Overloaded(f"the serving queue is full ({self.options.max_queue} requests waiting); retry "
                          "later, add capacity, raise max_queue or configure degrade_to")
+
+    def _trimmed(self, feeds: dict) -> tuple[dict, dict | None]:
+        """(feeds without trailing padding, the lengths before) when the shorter request still fits the
+        input spec and a profile (a spec's minimum length may exceed the real one); else (feeds, None)."""
+        trimmed, before = self.layout.trim(feeds)
+        if all(trimmed[k].shape == feeds[k].shape for k in feeds):
+            return feeds, None
+        shapes = {k: v.shape for k, v in trimmed.items()}
+        try:
+            self.input_spec.check_feeds(trimmed, values=False)
+        except RuntimeInputError:
+            return feeds, None
+        if self._profiles and select(self._profiles, shapes) is None:
+            return feeds, None
+        return trimmed, before
 
     def _degraded(self, request: _Request, why: str) -> dict:
         with self._counters.lock:
