@@ -60,13 +60,15 @@ compare: engine
 
 # MODEL's bundles per precision against PyTorch eager and ONNX Runtime, per batch size
 # (build/bench/MODEL/bench.json and bench.png). Without MODEL: every model in BENCH_MODELS, then
-# build/bench/summary.md (the table in the README).
+# build/bench/summary.md (the table in the README). MODEL=<Hugging Face directory>: bench-transformer.
 BENCH_MODELS ?= mlp digits_cnn resnet18 bert_tiny
 BENCH_PRECISIONS ?= fp32 int8
 MODEL_GIVEN = $(filter-out file,$(origin MODEL))
 BENCH_SET = $(if $(MODEL_GIVEN),$(MODEL),$(BENCH_MODELS))
 bench: venv
-	@set -e; for m in $(BENCH_SET); do \
+	@set -e; if [ -f "$(MODEL)/config.json" ]; then \
+	  $(MAKE) --no-print-directory bench-transformer TRANSFORMER="$(MODEL)"; exit 0; fi; \
+	for m in $(BENCH_SET); do \
 	  bundles=""; \
 	  for p in $(BENCH_PRECISIONS); do \
 	    $(BIN)/planforge build $$m --precision $$p $(ARGS) > /dev/null; \

@@ -21,6 +21,7 @@ Where between finite constants, or absent. Shapes in Reshape targets that export
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,6 +259,20 @@ def _probabilities_consumer(softmax: gs.Node, bias: gs.Tensor | None) -> tuple[g
     if len(readers) != 1 or readers[0].op != "MatMul" or readers[0].inputs[0] is not p:
         return "the probabilities are not multiplied by v (or have other readers)"
     return readers[0], guarded
+
+
+def attention_blocks(graph: gs.Graph, log: logging.Logger, check=lambda match: None) -> list[AttentionMatch]:
+    """Every attention block in the graph; each Softmax that is not one (or that ``check`` refuses, by
+    returning a reason) is logged at DEBUG on ``log`` with the reason."""
+    found = []
+    for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
+        match = match_attention(softmax, graph)
+        reason = match if isinstance(match, str) else check(match)
+        if reason:
+            log.debug("skip %s: %s", softmax.name, reason)
+            continue
+        found.append(match)
+    return found
 
 
 def match_attention(softmax: gs.Node, graph: gs.Graph) -> AttentionMatch | str:

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.attention_match import AttentionMatch, match_attention
+from passes.attention_match import AttentionMatch, attention_blocks
 from passes.base import Pass, PassResult
 from passes.fuse_standard_attention import ATTENTION_OPSET, full_bias, opset_blocker
 from passes.graph_utils import fresh_name
@@ -48,13 +48,7 @@ class FuseAttention(Pass):
     def run(self, graph: gs.Graph) -> PassResult:
         if self.target != "ort":
             return PassResult(False)
-        matches = []
-        for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-            match = match_attention(softmax, graph)
-            if isinstance(match, str):
-                logger.debug("skip %s: %s", softmax.name, match)
-                continue
-            matches.append(match)
+        matches = attention_blocks(graph, logger)
         if not matches:
             return PassResult(False)
         blocker = opset_blocker(graph)

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.attention_match import AttentionMatch, match_attention
+from passes.attention_match import AttentionMatch, attention_blocks
 from passes.base import Pass, PassResult
 from passes.graph_utils import fresh_name
 from passes.infer_shapes import InferShapes
@@ -68,15 +68,8 @@ class FuseStandardAttention(Pass):
     def run(self, graph: gs.Graph) -> PassResult:
         if self.target != "trt":
             return PassResult(False)
-        matches = []
-        for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-            match = match_attention(softmax, graph)
-            if isinstance(match, AttentionMatch) and match.bias is not None and len(match.bias.shape or ()) != 4:
-                match = "TensorRT's Attention needs a 4-D mask"
-            if isinstance(match, str):
-                logger.debug("skip %s: %s", softmax.name, match)
-                continue
-            matches.append(match)
+        matches = attention_blocks(graph, logger, lambda m: "TensorRT's Attention needs a 4-D mask"
+                                   if m.bias is not None and len(m.bias.shape or ()) != 4 else None)
         if matches and (blocker := opset_blocker(graph)):
             logger.info("FuseStandardAttention: %d attention blocks left unfused: %s", len(matches), blocker)
             return PassResult(False, {"unfused": len(matches)})
