@@ -17,7 +17,7 @@ stack. The rules here are few and explicit:
 - A node that reads a float initializer with values beyond FP16's +-65504 computes in FP32 (a
   BatchNormalization whose running variance exceeds it; weights that large), recorded with the
   reason, unless it is elementwise arithmetic (``CLIPPED_OPS``: Add, Sub, Mul, Div, Where, Max,
-  Min), where the large values are masks: a -1e9 attention mask becomes -65504, still zero after
+  Min), where the large values are masks: a -1e9 attention mask becomes -65000, still zero after
   softmax. That clipping is logged as a WARNING naming the constants.
 - ONNX's fused ``Attention`` (opset 23) computes in FP16 with ``softmax_precision`` FLOAT: the
   softmax inside it stays FP32, as the rule above keeps a ``Softmax`` node.
@@ -47,6 +47,9 @@ from passes.infer_shapes import InferShapes
 logger = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
+# What constants beyond FP16's range (masks) become: inside it, because ONNX Runtime's Attention takes exactly
+# FP16's lowest as "this row is fully masked" and answers zeros where the softmax it replaces gives mean(V).
+MASK_VALUE = 65000.0
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 KEEP_FP32_OPS = frozenset({
     "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "GroupNormalization",
@@ -234,7 +237,7 @@ class ConvertToFp16(Pass):
         if clipped:
             logger.warning("ConvertToFp16: %d values of %s clipped to +-%g (masks read by elementwise ops; keep a "
                            "node in FP32 with --keep-fp32 to avoid it)", clipped, ", ".join(sorted(clipped_names)),
-                           FP16_MAX)
+                           MASK_VALUE)
         return len(converted)
 
 
@@ -324,5 +327,7 @@ def fp32_nodes(model, keep: tuple[str, ...] = (), measured: tuple[str, ...] = ()
 
 
 def _to_half(values) -> np.ndarray:
-    return np.asarray(np.clip(np.asarray(values), -FP16_MAX, FP16_MAX), dtype=np.float16)  # 0-d stays an array
+    values = np.asarray(values)
+    values = np.where(np.abs(values) > FP16_MAX, np.sign(values) * MASK_VALUE, values)
+    return np.asarray(values, dtype=np.float16)  # 0-d stays an array
 

@@ -102,8 +102,11 @@ def full_bias(graph: gs.Graph, m: AttentionMatch, name: str, mask: gs.Tensor | N
     A float bias is first clamped to at least -3e38: exporters mask with float32's lowest value, which
     ONNX Runtime's Attention kernel takes as "masked" and answers a fully masked row with zeros, where
     the unfused softmax gives the mean of V (every score equally lowest). Above it, both agree; any
-    masked score still underflows to zero after the softmax. (One Max per layer; common-subexpression
-    elimination leaves one for the shared mask.)"""
+    masked score still underflows to zero after the softmax. A -inf bias (no exporter here writes one
+    without SDPA's guard, which takes the boolean path) becomes -3e38 too: a fully masked row is then the
+    mean of V instead of NaN. FP16 graphs keep the property: ConvertToFp16 moves such constants to -65000,
+    not to FP16's lowest. (One Max per layer; common-subexpression elimination leaves one for the shared
+    mask.)"""
     bias = m.bias if mask is None else mask
     if mask is None:
         floor = gs.Constant(fresh_name(graph, f"{name}_masked"), np.array(MASKED))

@@ -237,6 +237,21 @@ def test_a_fully_masked_row_keeps_the_unfused_result_with_the_lowest_float_mask(
         assert np.any(run_graph(out, feeds)["y"][1])
 
 
+def test_a_fully_masked_row_survives_fp16_conversion_of_the_fused_graph():
+    """ConvertToFp16 moves the mask into FP16's range; it must not land on FP16's lowest, which ONNX
+    Runtime's Attention also reads as "fully masked" (zeros instead of the mean of V)."""
+    from passes import PassManager, pipeline
+
+    model = _block(mask="padding")
+    feeds = _feeds(model)
+    feeds["attention_mask"][1] = 0
+    half, _ = PassManager(pipeline("trt", "fp16")).run(model)
+    assert "Attention" in ops(half) and "Softmax" not in ops(half)
+    expected, actual = run_graph(model, feeds)["y"], run_graph(half, feeds)["y"]
+    np.testing.assert_allclose(actual, expected, atol=2e-2 * np.abs(expected).max() + 1e-3)
+    assert np.abs(actual[1]).max() > 0.1 * np.abs(expected[1]).max()
+
+
 def test_attention_is_left_alone_where_it_almost_matches():
     other_reader = _block()
     other_reader.graph.output.append(helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, ["batch", N, "seq", "seq"]))
