@@ -104,16 +104,16 @@ class Layout:
             if mask is None:
                 continue
             axis = self.axes[dim][mask][0]
-            rows = np.any(feeds[mask] != 0, axis=tuple(a for a in range(feeds[mask].ndim) if a != axis))
+            rows = np.any(out[mask] != 0, axis=tuple(a for a in range(out[mask].ndim) if a != axis))
             used = np.flatnonzero(rows)
             keep = int(used[-1]) + 1 if used.size else 1
-            if keep >= feeds[mask].shape[axis]:
+            if keep >= out[mask].shape[axis]:
                 continue
             for name in values:
-                index = [slice(None)] * feeds[name].ndim
+                index = [slice(None)] * out[name].ndim
                 for a in self.axes[dim][name]:
                     index[a] = slice(0, keep)
-                out[name] = np.ascontiguousarray(feeds[name][tuple(index)])
+                out[name] = np.ascontiguousarray(out[name][tuple(index)])
         return out, before
 
     def restore(self, outputs: Mapping[str, np.ndarray], before: Mapping[str, int]) -> dict[str, np.ndarray]:

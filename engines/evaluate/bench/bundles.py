@@ -216,12 +216,12 @@ def ort_backend(name: str, precision: str, graph: Path, threads: int, build_seco
 
 
 def runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
-                     build_seconds: float | None) -> Backend:
-
+                    build_seconds: float | None, **options) -> Backend:
+    """The bundle as ``engines.runtime.load`` runs it (``options``: its other arguments, e.g. ``batching``)."""
     state = {}
 
     def load():
-        state["engine"] = load_bundle(bundle, backend=backend, threads=threads)
+        state["engine"] = load_bundle(bundle, backend=backend, threads=threads, **options)
         return state["engine"].infer
 
     def close():

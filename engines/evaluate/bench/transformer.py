@@ -45,7 +45,6 @@ from engines.evaluate.bench.bundles import (
 from engines.evaluate.bench.environment import LoadWatch
 from engines.evaluate.text import sentences
 from engines.runtime import Batching
-from engines.runtime import load as load_bundle
 from exporter.core.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -93,19 +92,6 @@ def text_feeds(bundle: Path, batches, seqs) -> dict[tuple[int, int], dict[str, n
     return feeds
 
 
-def _trimmed_backend(bundle: Path, threads: int) -> Backend:
-    state = {}
-
-    def load():
-        state["server"] = load_bundle(bundle, backend="ort-cpu", threads=threads, batching=Batching(trim_padding=True))
-        return state["server"].infer
-
-    def close():
-        state.pop("server").close()
-
-    return Backend(TRIMMED, "fp32", None, load, close)
-
-
 def backends(request: TransformerBenchRequest, tmp: Path, skipped: dict) -> list[Backend]:
     manifest = read_manifest(request.bundle)
     out = []
@@ -120,7 +106,8 @@ def backends(request: TransformerBenchRequest, tmp: Path, skipped: dict) -> list
     out.append(runtime_backend("planforge fp32 ort", "fp32", request.bundle, "ort-cpu", request.threads, None))
     if request.int8_bundle is not None:
         out.append(runtime_backend("planforge int8 ort", "int8", request.int8_bundle, "ort-cpu", request.threads, None))
-    out.append(_trimmed_backend(request.bundle, request.threads))
+    out.append(runtime_backend(TRIMMED, "fp32", request.bundle, "ort-cpu", request.threads, None,
+                               batching=Batching(trim_padding=True)))
     return out
 
 
