@@ -121,17 +121,8 @@ def _run(mode: str, target, requests: list[dict], concurrency: int, request: Ser
             order = zipf_indices(len(requests), 100_000, request.zipf, seed=k)
             i = 0
             while time.perf_counter() < stop:
-                start = time.perf_counter()
-                try:
-                    target.infer(requests[order[i % len(order)]])
-                except Overloaded:
-                    with lock:
-                        rejected[0] += 1
-                    continue
-                finally:
-                    i += 1
-                with lock:
-                    latencies.append((time.perf_counter() - start) * 1000)
+                _send(target, requests[order[i % len(order)]], time.perf_counter(), latencies, rejected, lock)
+                i += 1
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
         began = time.perf_counter()
@@ -152,19 +143,24 @@ def _run(mode: str, target, requests: list[dict], concurrency: int, request: Ser
     return row
 
 
+def _send(target, feeds, since: float, latencies: list, rejected: list, lock) -> None:
+    """One request: its latency from ``since`` (the send, or the scheduled arrival), or one more refusal."""
+    try:
+        target.infer(feeds)
+    except Overloaded:
+        with lock:
+            rejected[0] += 1
+        return
+    with lock:
+        latencies.append((time.perf_counter() - since) * 1000)
+
+
 def _open_loop(target, requests, concurrency, request, latencies, rejected, lock, stop) -> float:
     rng = np.random.default_rng(0)
     order = zipf_indices(len(requests), 1_000_000, request.zipf, seed=0)
 
     def send(i: int, due: float):
-        try:
-            target.infer(requests[order[i % len(order)]])
-        except Overloaded:
-            with lock:
-                rejected[0] += 1
-            return
-        with lock:
-            latencies.append((time.perf_counter() - due) * 1000)
+        _send(target, requests[order[i % len(order)]], due, latencies, rejected, lock)
 
     began = time.perf_counter()
     due, i = began, 0
