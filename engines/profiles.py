@@ -17,8 +17,8 @@ import dataclasses
 import math
 import re
 
-from exporter.core.errors import UsageError
-from exporter.core.spec import Dim, InputSpec
+from foundation.errors import UsageError
+from foundation.spec import Dim, InputSpec
 
 _RANGE = re.compile(r"^(?P<name>[A-Za-z_]\w*)=(?P<min>\d+)\.\.(?P<max>\d+)(@(?P<opt>\d+))?$")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from exporter.core.errors import ExportError
-from exporter.core.spec import InputSpec
+from foundation.errors import ExportError
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from exporter.core.errors import ExportError, UsageError
-from exporter.core.files import sha256_file
-from exporter.core.spec import InputSpec
+from foundation.errors import ExportError, UsageError
+from foundation.files import sha256_file
+from foundation.spec import InputSpec
 from exporter.resolved import ResolvedModel
 
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -15,51 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exporter.core.errors import ParityError
-from exporter.core.golden import golden_key
-from exporter.core.ort_session import create_session
-from exporter.core.spec import InputSpec
+from foundation.errors import ParityError
+from foundation.golden import golden_key
+from foundation.numerics import ArrayError, compare_arrays
+from foundation.ort_session import create_session
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
-
-REL_FLOOR = 1e-3  # relative error is reported over elements whose |reference| >= this
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputError:
-    max_abs: float
-    max_rel: float
-    ok: bool
-
-    def to_json(self) -> dict:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok}
-
-
-def compare(actual: np.ndarray, expected: np.ndarray, atol: float | None, rtol: float) -> OutputError:
-    """Errors of ``actual`` against ``expected``; ``atol=None`` records them without a pass/fail bound."""
-    if actual.shape != expected.shape:
-        return OutputError(float("inf"), float("inf"), False)
-    if expected.dtype.kind not in "fc":
-        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-        worst = float(diff.max()) if diff.size else 0.0
-        return OutputError(worst, worst, worst == 0.0)
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    nan_ok = np.array_equal(np.isnan(a), np.isnan(e))
-    finite = np.isfinite(a) & np.isfinite(e)
-    diff = np.abs(a - e)[finite]
-    ref = np.abs(e)[finite]
-    max_abs = float(diff.max()) if diff.size else 0.0
-    big = ref >= REL_FLOOR
-    max_rel = float((diff[big] / ref[big]).max()) if big.any() else 0.0
-    ok = nan_ok and (atol is None or bool(np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True)))
-    return OutputError(max_abs, max_rel, ok)
-
 
 @dataclasses.dataclass
 class ParityReport:
     atol: float
     rtol: float
-    points: dict[str, dict[str, OutputError]]  # point -> output -> error
+    points: dict[str, dict[str, ArrayError]]  # point -> output -> error
     golden: dict[str, np.ndarray]  # "<point>/in/<name>", "<point>/out/<name>"
 
     @property
@@ -113,7 +81,7 @@ def check_parity(
         actual = session.run(names, feeds)
         if len(expected) != len(actual):
             raise ParityError(f"PyTorch returns {len(expected)} outputs, the ONNX graph {len(actual)} ({names})")
-        report.points[point] = {n: compare(a, e, atol, rtol) for n, a, e in zip(names, actual, expected)}
+        report.points[point] = {n: compare_arrays(a, e, atol, rtol) for n, a, e in zip(names, actual, expected)}
         report.golden.update({golden_key(point, "in", k): v for k, v in feeds.items()})
         report.golden.update({golden_key(point, "out", n): e for n, e in zip(names, expected)})
         for name, err in report.points[point].items():

@@ -25,10 +25,10 @@ import onnx
 import torch
 
 from exporter import zoo
-from exporter.core.dtypes import ONNX_DTYPES
-from exporter.core.errors import ExportError, UsageError
-from exporter.core.files import sha256_file
-from exporter.core.spec import Dim, InputSpec, TensorSpec, assumed_dims
+from foundation.dtypes import ONNX_DTYPES
+from foundation.errors import ExportError, UsageError
+from foundation.files import sha256_file
+from foundation.spec import Dim, InputSpec, TensorSpec, assumed_dims
 from exporter.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from exporter.core.spec import InputSpec
+from foundation.spec import InputSpec
 
 
 @dataclasses.dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 from passes.base import FixedPoint, Pass, PassManager, PassRecord, PassResult
 from passes.cleanup import Cleanup
 from passes.convert_fp16 import ConvertToFp16

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from exporter.core.errors import PassError
+from foundation.errors import PassError
 from passes.verify import run_graph, worst_difference
 
 logger = logging.getLogger(__name__)

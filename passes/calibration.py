@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import calibrate as ort_calibrate
 
-from exporter.core.errors import CalibrationError
+from foundation.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from exporter.core.numerics import fp16_atol
+from foundation.numerics import compare_arrays, fp16_atol, where_error_starts
 from passes.base import Pass, PassResult
 from passes.graph_utils import fresh_name
 from passes.infer_shapes import InferShapes
@@ -285,35 +285,24 @@ def emulate_fp16(before, after):
 
 
 def first_fp16_culprit(before, after, feeds: dict, skip=frozenset()) -> str | None:
-    """The node of ``before`` (FP32) whose output goes beyond the FP16 budget in ``after`` while every
-    input it reads is within it: where the error starts, not where it shows. Both graphs run with every
-    node output exposed; outputs keep their names through the conversion. If the error grows gradually
-    (no single start), the node with the largest growth from its inputs to its output."""
+    """The node of ``before`` (FP32) where the FP16 error of ``after`` starts, not where it shows
+    (``foundation.numerics.where_error_starts``, the FP16 budget as each tensor's bound). Both graphs run
+    with every node output exposed; outputs keep their names through the conversion."""
     from passes.verify import expose_outputs, run_graph  # noqa: PLC0415 - ONNX Runtime, only when repairing
 
     reference, actual = run_graph(expose_outputs(before), feeds), run_graph(expose_outputs(after), feeds)
 
-    def error(name: str) -> float:
-        if name not in reference or name not in actual or reference[name].dtype.kind != "f":
+    def ratio(name: str) -> float:
+        ref, act = reference.get(name), actual.get(name)
+        if ref is None or act is None or ref.dtype.kind != "f" or ref.shape != act.shape:
             return 0.0
-        r, a = reference[name].astype(np.float64), actual[name].astype(np.float64)
-        if r.shape != a.shape:
-            return 0.0
-        bound = fp16_atol(reference[name])
-        diff = np.where(np.isfinite(a), np.abs(a - r), np.inf)
-        return float(diff.max(initial=0.0)) / bound
+        return compare_arrays(act, ref).max_abs / fp16_atol(ref)
 
-    growth: list[tuple[float, str]] = []
-    for node in before.graph.node:
-        if node.name in skip or not node.name:
-            continue
-        out = max((error(o) for o in node.output), default=0.0)
-        into = max((error(i) for i in node.input), default=0.0)
-        if out > 1.0 and into <= 1.0:
-            return node.name
-        if out > 1.0:
-            growth.append((out / max(into, 1e-12), node.name))
-    return max(growth)[1] if growth else None
+    nodes = [(node.name, max((ratio(o) for o in node.output), default=0.0),
+              max((ratio(i) for i in node.input), default=0.0))
+             for node in before.graph.node if node.name and node.name not in skip]
+    starts = where_error_starts(nodes)
+    return starts[0] if starts else None
 
 
 def fp32_nodes(model, keep: tuple[str, ...] = (), measured: tuple[str, ...] = ()) -> list[dict]:

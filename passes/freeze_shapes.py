@@ -11,7 +11,7 @@ import logging
 
 import onnx_graphsurgeon as gs
 
-from exporter.core.errors import PassError
+from foundation.errors import PassError
 from passes.base import Pass, PassResult
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from exporter.core.errors import PassError
+from foundation.errors import PassError
 from passes.base import Pass, PassResult
 from passes.infer_shapes import InferShapes
 from passes.quantization import Unit, candidates, ensure_node_names

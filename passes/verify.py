@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from exporter.core.ort_session import create_session
+from foundation.numerics import compare_arrays
+from foundation.ort_session import create_session
 
 
 def session(model: onnx.ModelProto | str, optimize: bool = False, threads: int = 0) -> ort.InferenceSession:
@@ -39,12 +40,8 @@ def worst_difference(actual: dict[str, np.ndarray], expected: dict[str, np.ndarr
                      tolerances: dict[str, tuple[float, float]]) -> tuple[str | None, float]:
     """The first output outside ``atol + rtol*|expected|`` and its max abs error, or (None, 0)."""
     for name, exp in expected.items():
-        atol, rtol = tolerances[name]
         act = actual.get(name)
-        if act is None or act.shape != exp.shape:
-            return name, float("inf")
-        a, e = act.astype(np.float64), exp.astype(np.float64)
-        if not np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True):
-            diff = np.abs(a - e)
-            return name, float(np.nanmax(diff)) if diff.size else float("inf")
+        error = compare_arrays(act, exp, *tolerances[name]) if act is not None else None
+        if error is None or not error.ok:
+            return name, error.max_abs if error is not None else float("inf")
     return None, 0.0

@@ -78,7 +78,7 @@ def tiny_manifest(**changes):
         OrtBackend,
         TrtBackend,
     )
-    from exporter.core.spec import InputSpec, OutputSpec
+    from foundation.spec import InputSpec, OutputSpec
 
     manifest = Manifest("0", "2026-01-01T00:00:00+00:00", "key", ModelSource("m", "zoo", "m", "0" * 64),
                         InputSpec.parse(["x:float32:[batch=1..4@2,8]"]), (OutputSpec("y", "float32", ("batch", 4)),),

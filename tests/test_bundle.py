@@ -6,7 +6,7 @@ import pytest
 from helpers import tiny_manifest
 
 from engines.bundle import SCHEMA_VERSION, StagedBundle, read_manifest, verified_path
-from exporter.core.errors import BundleError
+from foundation.errors import BundleError
 
 
 def _stage(out, replace=False, content=b"weights"):

@@ -13,7 +13,7 @@ from engines.build import BuildRequest, build, stages
 from engines.bundle import read_manifest, verified_path
 from engines.deploy.triton import write_repository
 from engines.evaluate.compare import CompareRequest, compare
-from exporter.core.errors import BundleError, IntegrityError, UsageError
+from foundation.errors import BundleError, IntegrityError, UsageError
 
 TINY = ("import torch\n\n\ndef make():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.Linear(8, 16), "
         "torch.nn.ReLU(), torch.nn.Linear(16, 4)), ['x:float32:[batch=1..64@8,8]']\n")

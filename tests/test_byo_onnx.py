@@ -16,8 +16,8 @@ from helpers import helper, make_model, seeded
 
 from engines import runtime
 from engines.bundle import read_manifest
-from exporter.core.errors import UsageError
-from exporter.core.spec import InputSpec, TensorSpec, assumed_dims
+from foundation.errors import UsageError
+from foundation.spec import InputSpec, TensorSpec, assumed_dims
 from exporter.resolve import check_assumed, spec_from_onnx
 
 

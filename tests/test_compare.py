@@ -21,9 +21,9 @@ from engines.evaluate.compare.data import load_data
 from engines.evaluate.compare.runners import TorchRunner
 from engines.evaluate.compare.tolerances import per_output, tolerances
 from engines.runtime.cpu import detect
-from exporter.core.errors import UsageError
-from exporter.core.numerics import Budget
-from exporter.core.spec import InputSpec
+from foundation.errors import UsageError
+from foundation.numerics import Budget
+from foundation.spec import InputSpec
 from exporter.zoo import BY_NAME
 
 ORT_SIDES = {"onnxruntime model.onnx", "onnxruntime model.ort.onnx", "onnxruntime model.trt.onnx", "planforge ort-cpu"}

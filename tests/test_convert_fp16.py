@@ -114,7 +114,7 @@ def test_a_node_whose_fp16_output_breaks_the_budget_is_measured_and_kept_in_fp32
     """(400 x)^2 overflows FP16 (up to 160000 > 65504) although every constant fits: the pass manager's
     verification fails, the pass finds where the error starts (the square, then the Mul reading it
     through a cast), keeps those in FP32 and runs again; the result meets the FP16 budget."""
-    from exporter.core.numerics import fp16_atol
+    from foundation.numerics import fp16_atol
     from passes.base import PassManager
     from passes.convert_fp16 import fp32_nodes
 

@@ -10,8 +10,8 @@ from helpers import helper, make_model, run_pass, seeded
 from engines.build.int8 import run_target
 from engines.build.int8.forms import candidates, choose
 from engines.runtime.cpu import CLASSES, detect, isa_class, parse_cpuinfo, saturates
-from exporter.core.errors import UsageError
-from exporter.core.numerics import Budget, budget_metric
+from foundation.errors import UsageError
+from foundation.numerics import Budget, budget_metric
 from passes import InferShapes, PassManager
 from passes.calibration import calibrate
 from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime

@@ -6,7 +6,7 @@ import pytest
 
 from engines import runtime
 from engines.build import BuildRequest, build
-from exporter.core.spec import InputSpec
+from foundation.spec import InputSpec
 from exporter.parity import torch_outputs
 from exporter.zoo import BY_NAME
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from exporter import export as export_mod
-from exporter.core.errors import ExportError, ParityError
-from exporter.core.spec import InputSpec
+from foundation.errors import ExportError, ParityError
+from foundation.spec import InputSpec
 from exporter.export import export_onnx
 from exporter.parity import check_parity, torch_outputs
 from exporter.zoo import BY_NAME

@@ -10,9 +10,9 @@ from engines.build.int8 import EMULATED, quantize_target
 from engines.build.int8.data import load_calibration
 from engines.build.int8.forms import candidates
 from engines.runtime.cpu import detect
-from exporter.core.errors import CalibrationError
-from exporter.core.numerics import Budget
-from exporter.core.spec import InputSpec
+from foundation.errors import CalibrationError
+from foundation.numerics import Budget
+from foundation.spec import InputSpec
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, mse_range, save_ranges
 from passes.infer_shapes import InferShapes
 from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
@@ -384,8 +384,8 @@ def test_budget_parsing_and_defaults():
 
 
 def test_cosine_budget_fails_a_sample_that_collapsed_to_zero():
-    """One definition of cosine (exporter.core.numerics): both all-zero agree; one all-zero does not."""
-    from exporter.core.numerics import budget_metric, cosine_per_sample
+    """One definition of cosine (foundation.numerics): both all-zero agree; one all-zero does not."""
+    from foundation.numerics import budget_metric, cosine_per_sample
 
     ref = np.array([[1.0, 2.0], [3.0, 4.0], [0.0, 0.0]], F32)
     collapsed = np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], F32)
@@ -446,7 +446,7 @@ def test_fallback_search_past_its_time_limit_keeps_unmeasured_units_in_float():
 
 
 def test_cosine_budget_takes_outputs_that_are_not_batch_first():
-    from exporter.core.numerics import budget_metric
+    from foundation.numerics import budget_metric
 
     rng = np.random.default_rng(0)
     ref = [rng.standard_normal((4, 3)).astype(F32), rng.standard_normal((2, 4, 5)).astype(F32), np.float32(3.0)]
@@ -457,8 +457,8 @@ def test_cosine_budget_takes_outputs_that_are_not_batch_first():
 
 
 def test_budgets_per_output_with_statistics_parse_measure_and_round_trip():
-    from exporter.core.errors import UsageError
-    from exporter.core.numerics import budget_metric
+    from foundation.errors import UsageError
+    from foundation.numerics import budget_metric
 
     rng = np.random.default_rng(0)
     probs, boxes = rng.standard_normal((8, 5)).astype(F32), rng.uniform(0, 100, (8, 4)).astype(F32)
@@ -490,8 +490,8 @@ def test_budgets_per_output_with_statistics_parse_measure_and_round_trip():
 
 
 def test_a_user_metric_decides_the_budget_with_named_outputs_and_feeds(tmp_path):
-    from exporter.core.errors import UsageError
-    from exporter.core.numerics import budget_metric
+    from foundation.errors import UsageError
+    from foundation.numerics import budget_metric
 
     hook = tmp_path / "task.py"
     hook.write_text("import numpy as np\n"

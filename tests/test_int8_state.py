@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from engines.bundle import read_manifest
-from exporter.core.numerics import Budget, budget_metric
-from exporter.core.sequence import run_sequence
+from foundation.numerics import Budget, budget_metric
+from foundation.sequence import run_sequence
 
 MODEL = textwrap.dedent('''
     import numpy as np
@@ -120,7 +120,7 @@ def test_a_user_metric_is_the_budget_in_build_and_compare(run_cli, cell, in_tmp)
 
 
 def test_state_pairs_are_read_off_the_names_when_not_given(run_cli, cell, in_tmp):
-    from exporter.core.sequence import detect_state
+    from foundation.sequence import detect_state
 
     assert detect_state([("chunk", 1, 2), ("context", 1, 2), ("state", 1, 3)],
                         [("prob", 1, 2), ("new_state", 1, 3), ("new_context", 1, 2)]) == \

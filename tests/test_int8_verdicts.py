@@ -15,8 +15,8 @@ from engines.build.int8.forms import candidates
 from engines.evaluate.compare import CompareRequest, compare
 from engines.runtime import load
 from engines.runtime.cpu import detect
-from exporter.core.numerics import Budget, budget_metric
-from exporter.core.spec import InputSpec
+from foundation.numerics import Budget, budget_metric
+from foundation.spec import InputSpec
 from exporter.zoo import BY_NAME
 from passes import PassManager, pipeline
 from passes.verify import run_graph, session

@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from helpers import assert_same_outputs, helper, make_model, ops, run_pass, seeded
 
-from exporter.core.errors import PassError
+from foundation.errors import PassError
 from passes import PIPELINES, Cleanup, FoldConstants, InferShapes, PassManager, PassResult
 from passes.base import Pass
 
@@ -166,7 +166,7 @@ def test_every_pipeline_satisfies_its_own_requirements():
 
 
 def test_skip_pass_leaves_a_pass_out_refuses_unknown_names_and_keeps_requirements():
-    from exporter.core.errors import UsageError
+    from foundation.errors import UsageError
     from passes import pipeline
 
     def names(steps):

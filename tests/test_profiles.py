@@ -8,10 +8,10 @@ import pytest
 
 from engines.build import BuildRequest, build
 from engines.profiles import Profile, auto_profiles, envelope, parse_profile, profiles_for, select
-from engines.trt.builder import TrtOptions
-from engines.trt.cache import engine_key, timing_cache_path
-from exporter.core.errors import BuildError, TensorRTUnavailable, UsageError
-from exporter.core.spec import InputSpec
+from engines.trt_build.builder import TrtOptions
+from engines.trt_build.cache import engine_key, timing_cache_path
+from foundation.errors import BuildError, TensorRTUnavailable, UsageError
+from foundation.spec import InputSpec
 
 SPEC = InputSpec.parse(["ids:int64:[batch=1..64@8,seq=1..128@32]", "mask:int64:[batch,seq]"])
 
@@ -105,7 +105,7 @@ def test_static_freezes_both_graphs_to_the_opt_shapes(build_root):
 
 def test_runtime_refuses_shapes_between_disjoint_profiles(build_root):
     from engines import runtime
-    from exporter.core.errors import RuntimeInputError
+    from foundation.errors import RuntimeInputError
 
     result = build(BuildRequest("mlp", out=build_root / "mlp-gap", profiles=("batch=1..4@2", "batch=9..16@12"),
                                 build_root=build_root))

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from helpers import helper, make_model
 
-from exporter.core.errors import ExportError, UsageError
+from foundation.errors import ExportError, UsageError
 from exporter.resolve import load_onnx, resolve
 
 
@@ -122,7 +122,7 @@ def test_hugging_face_directory_without_transformers_says_what_to_install(tmp_pa
                 if name.split(".")[0] == "transformers":
                     raise ImportError("blocked")
         sys.meta_path.insert(0, Block())
-        from exporter.core.errors import UsageError
+        from foundation.errors import UsageError
         from exporter.resolve import resolve
         try:
             resolve({str(tmp_path / "hf")!r}, {str(tmp_path)!r})

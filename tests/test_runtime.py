@@ -13,7 +13,7 @@ from helpers import helper, make_model, seeded
 
 from engines import runtime
 from engines.build import BuildRequest, build
-from exporter.core.errors import BundleError, RuntimeInputError
+from foundation.errors import BundleError, RuntimeInputError
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_runtime_imports_without_torch_onnx_graphsurgeon_or_polygraphy(mlp_bundl
 
 
 def test_the_runtime_api_says_what_went_wrong_for_an_array_a_closed_runner_and_an_id_out_of_range(tmp_path):
-    from exporter.core.errors import UsageError
+    from foundation.errors import UsageError
 
     onnx_path = tmp_path / "emb.onnx"
     nodes = [helper.make_node("Gather", ["table", "ids"], ["vectors"])]

@@ -12,7 +12,7 @@ from helpers import add_plan_artifact
 
 from engines import runtime
 from engines.build import BuildRequest, build
-from exporter.core.errors import BundleError, InferenceError
+from foundation.errors import BundleError, InferenceError
 
 
 @pytest.fixture(scope="module")

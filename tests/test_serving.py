@@ -1,4 +1,4 @@
-"""The serving layer (``engines.runtime.server``): dynamic batching that splits results back exactly,
+"""The serving layer (``engines.runtime.scheduler``): dynamic batching that splits results back exactly,
 padding by sequence length, admission control, degradation, the circuit breaker, the response cache,
 ``close()`` and the async API. Real bundles and real ONNX Runtime throughout."""
 
@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.build import BuildRequest, build
-from engines.runtime import Batching, load
+from engines.runtime import Batching, load, schedule
 from engines.runtime.cache import ResponseCache
-from exporter.core.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
+from foundation.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
 
 BERT = ("input_ids:int64:[batch=1..8@2,seq=2..24@8]:1..30522", "attention_mask:int64:[batch,seq]:1..2")
 
@@ -53,7 +53,7 @@ def test_many_threads_each_get_exactly_the_unbatched_result_for_their_own_input(
     plain = load(mlp)
     expected = {i: plain.infer({"x": _x(i, 1 + i % 3)})["logits"] for i in range(96)}
     got = {}
-    with load(mlp, batching=Batching(max_delay_ms=5)) as server:
+    with schedule(mlp, batching=Batching(max_delay_ms=5)) as server:
         def worker(t):
             for i in range(t, 96, 8):
                 got[i] = server.infer({"x": _x(i, 1 + i % 3)})["logits"]
@@ -71,13 +71,13 @@ def test_many_threads_each_get_exactly_the_unbatched_result_for_their_own_input(
 
 
 def test_batches_never_exceed_max_batch_or_leave_the_profiles(mlp):
-    with load(mlp, batching=Batching(max_batch=4, max_delay_ms=5)) as server:
+    with schedule(mlp, batching=Batching(max_batch=4, max_delay_ms=5)) as server:
         threads = [threading.Thread(target=lambda i=i: server.infer({"x": _x(i, 1 + i % 4)})) for i in range(40)]
         [t.start() for t in threads]
         [t.join() for t in threads]
         sizes = server.stats()["batch_sizes"]
     assert sizes and max(sizes) <= 4
-    with load(mlp, batching=Batching()) as server:
+    with schedule(mlp, batching=Batching()) as server:
         assert server.layout.max_batch == 16  # the largest batch a profile takes
         with pytest.raises(RuntimeInputError, match="allowed 1..16"):
             server.infer({"x": _x(0, 17)})
@@ -93,7 +93,7 @@ def test_requests_of_different_lengths_share_a_batch_by_padding_and_get_their_ow
                          "attention_mask": np.ones((1, n), np.int64)})
     plain = load(bundle)
     expected = [plain.infer(r) for r in requests]
-    with load(bundle, batching=Batching(max_delay_ms=20)) as server:
+    with schedule(bundle, batching=Batching(max_delay_ms=20)) as server:
         assert server.layout.pad == {"seq": {"input_ids": 0, "attention_mask": 0}}
 
         async def all_at_once():
@@ -110,13 +110,13 @@ def test_requests_of_different_lengths_share_a_batch_by_padding_and_get_their_ow
 def test_bundles_without_a_dynamic_batch_dim_are_refused(root):
     static = build(BuildRequest("mlp", out=root / "static", static=True, build_root=root)).out
     with pytest.raises(UsageError, match="no dynamic leading"):
-        load(static, batching=Batching())
+        schedule(static, batching=Batching())
 
 
 def test_a_full_queue_refuses_and_a_late_request_misses_its_deadline(slow):
     big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
     one = big[:1]
-    with load(slow, batching=Batching(max_queue=1, max_delay_ms=0)) as server:
+    with schedule(slow, batching=Batching(max_queue=1, max_delay_ms=0)) as server:
         first = server.submit({"x": big})
         _running(server)  # the worker runs it (a full batch of 8): the queue is empty again
         late = server.submit({"x": one}, timeout_ms=1)
@@ -134,7 +134,7 @@ def test_overload_degrades_to_a_lighter_bundle_of_the_same_model(slow, root, mlp
     lighter = build(BuildRequest("resnet18", out=root / "resnet-copy", inputs=("x:float32:[batch=1..8@1,3,128,128]",),
                                  build_root=root)).out
     big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
-    with load(slow, batching=Batching(max_queue=1, max_delay_ms=0), degrade_to=lighter) as server:
+    with schedule(slow, batching=Batching(max_queue=1, max_delay_ms=0), degrade_to=lighter) as server:
         server.submit({"x": big})
         _running(server)
         server.submit({"x": big[:1]})
@@ -142,7 +142,7 @@ def test_overload_degrades_to_a_lighter_bundle_of_the_same_model(slow, root, mlp
         assert server.stats()["degraded"] == 1
     np.testing.assert_array_equal(degraded["logits"], load(lighter).infer({"x": big[1:2]})["logits"])
     with pytest.raises(UsageError, match="same tensors"):
-        load(slow, batching=Batching(), degrade_to=mlp)
+        schedule(slow, batching=Batching(), degrade_to=mlp)
 
 
 def _table_bundle(root, name, rows):
@@ -164,7 +164,7 @@ def test_the_circuit_breaker_routes_to_the_fallback_during_its_cooldown_and_one_
     x = np.ones((1, 4), np.float32)
     good, bad = np.array([3], np.int64), np.array([100], np.int64)
     options = Batching(breaker_failures=2, breaker_cooldown_s=0.5, max_delay_ms=5)
-    with load(primary, check_values=False, batching=options, degrade_to=spare) as server:
+    with schedule(primary, check_values=False, batching=options, degrade_to=spare) as server:
         results = {}
 
         def call(i):
@@ -192,7 +192,7 @@ def test_the_circuit_breaker_routes_to_the_fallback_during_its_cooldown_and_one_
 
 
 def test_the_cache_returns_copies_keys_on_dtype_and_shape_and_evicts_by_bytes(mlp):
-    with load(mlp, batching=Batching(), cache_bytes=1 << 20) as server:
+    with schedule(mlp, batching=Batching(), cache_bytes=1 << 20) as server:
         a = server.infer({"x": _x(1)})
         a["logits"][:] = 1e9  # what a caller does with its result cannot reach the cache
         b = server.infer({"x": _x(1)})
@@ -211,7 +211,7 @@ def test_the_cache_returns_copies_keys_on_dtype_and_shape_and_evicts_by_bytes(ml
 
 def test_close_drains_or_fails_pending_requests_and_leaves_no_thread(slow):
     big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
-    server = load(slow, batching=Batching(max_delay_ms=0))
+    server = schedule(slow, batching=Batching(max_delay_ms=0))
     first = server.submit({"x": big})
     _running(server)
     pending = [server.submit({"x": big[i:i + 1]}) for i in range(3)]
@@ -223,7 +223,7 @@ def test_close_drains_or_fails_pending_requests_and_leaves_no_thread(slow):
     assert not any(t.name == "planforge-batcher" and t.is_alive() for t in threading.enumerate() if t is server._worker)
     with pytest.raises(UsageError, match="closed"):
         server.infer({"x": big[:1]})
-    drained = load(slow, batching=Batching(max_delay_ms=0))
+    drained = schedule(slow, batching=Batching(max_delay_ms=0))
     futures = [drained.submit({"x": big[i:i + 1]}) for i in range(4)]
     drained.close()
     assert all(f.result()["logits"].shape == (1, 1000) for f in futures) and not drained._worker.is_alive()
@@ -238,7 +238,7 @@ def test_queue_batch_and_cache_metrics_reach_prometheus_with_the_bundle_label(ml
 
     before = {n: value(n) for n in ("planforge_batch_size_count", "planforge_cache_hits_total",
                                     "planforge_cache_misses_total", "planforge_queue_wait_seconds_count")}
-    with load(mlp, batching=Batching(), cache_bytes=1 << 20) as server:
+    with schedule(mlp, batching=Batching(), cache_bytes=1 << 20) as server:
         for _ in range(3):
             server.infer({"x": _x(7)})
         stats = server.stats()
@@ -275,7 +275,7 @@ def test_bench_serve_writes_rows_for_every_mode_and_level_with_the_machine(mlp, 
 def test_a_dim_that_stands_twice_in_an_output_is_padded_and_trimmed_on_both_axes():
     """An attention map [batch, seq, seq] comes back [1, L, L] for each request, not [1, L, longest]."""
     from engines.runtime.batching import layout
-    from exporter.core.spec import InputSpec, OutputSpec
+    from foundation.spec import InputSpec, OutputSpec
 
     spec = InputSpec.parse(["input_ids:int64:[batch=1..8@2,seq=1..16@8]:0..100", "attention_mask:int64:[batch,seq]:0..2"])
     outputs = [OutputSpec("attn", "float32", ("batch", "seq", "seq")), OutputSpec("pooled", "float32", ("batch", 4))]
@@ -293,11 +293,11 @@ def test_a_dim_that_stands_twice_in_an_output_is_padded_and_trimmed_on_both_axes
 
 
 def test_a_request_no_profile_takes_is_refused_at_submit_and_a_cancelled_one_does_not_disturb_its_batch(mlp, slow):
-    with load(mlp, batching=Batching()) as server:
+    with schedule(mlp, batching=Batching()) as server:
         with pytest.raises(RuntimeInputError):
             server.infer({"x": _x(0, 17)})
     big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
-    with load(slow, batching=Batching(max_delay_ms=0)) as server:
+    with schedule(slow, batching=Batching(max_delay_ms=0)) as server:
         server.submit({"x": big})
         _running(server)
         cancelled = server.submit({"x": big[:1]})
@@ -320,7 +320,7 @@ def test_trailing_padding_every_row_masks_is_cut_before_running_and_comes_back_a
     feeds = {"input_ids": rng.integers(1, 30522, (3, 24)).astype(np.int64) * mask, "attention_mask": mask}
     plain = load(bundle)
     padded = plain.infer(feeds)
-    with load(bundle, batching=Batching()) as server:
+    with schedule(bundle, batching=Batching()) as server:
         trimmed, before = server.layout.trim(feeds)
         assert {k: v.shape for k, v in trimmed.items()} == {"input_ids": (3, 9), "attention_mask": (3, 9)}
         assert before == {"seq": 24}
@@ -332,11 +332,11 @@ def test_trailing_padding_every_row_masks_is_cut_before_running_and_comes_back_a
         np.testing.assert_allclose(out["last_hidden_state"][i, :n], padded["last_hidden_state"][i, :n], atol=1e-5)
         assert not np.any(out["last_hidden_state"][i, 9:])
     np.testing.assert_allclose(out["pooler_output"], padded["pooler_output"], atol=1e-5)
-    with load(bundle, batching=Batching(trim_padding=False)) as server:
+    with schedule(bundle, batching=Batching(trim_padding=False)) as server:
         np.testing.assert_array_equal(server.infer(feeds)["last_hidden_state"], padded["last_hidden_state"])
     left = {k: v[:, ::-1].copy() for k, v in feeds.items()}  # left padding: nothing trailing to cut
     assert server.layout.trim(left)[0]["input_ids"].shape == (3, 24)
     one = {"input_ids": feeds["input_ids"][:1] * 0 + 7, "attention_mask": np.eye(1, 24, dtype=np.int64)}
-    with load(bundle, batching=Batching()) as server:  # trimmed to 1 the request would be below the spec's seq=2..
+    with schedule(bundle, batching=Batching()) as server:  # trimmed to 1 the request would be below the spec's seq=2..
         assert server._trimmed(one)[1] is None
         np.testing.assert_array_equal(server.infer(one)["last_hidden_state"], plain.infer(one)["last_hidden_state"])

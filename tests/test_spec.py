@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from exporter.core.errors import RuntimeInputError, UsageError
-from exporter.core.spec import Dim, InputSpec, TensorSpec
+from foundation.errors import RuntimeInputError, UsageError
+from foundation.spec import Dim, InputSpec, TensorSpec
 
 
 def test_parse_formats_back_to_the_same_text():

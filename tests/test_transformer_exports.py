@@ -17,7 +17,7 @@ import pytest
 from helpers import ops
 
 from engines.evaluate.text import sentences
-from engines.trt.compat import check_model
+from engines.trt_build.compat import check_model
 from passes import PassManager, pipeline
 from passes.verify import run_graph
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.trt.compat import check_model
-from engines.trt.compat.table import DATA, load_table
+from engines.trt_build.compat import check_model
+from engines.trt_build.compat.table import DATA, load_table
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "trt_onnx_operators.md"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engines.build import BuildRequest, build
-from engines.trt.status import tensorrt_status
+from engines.runtime.trt_status import tensorrt_status
 
 AVAILABLE, REASON = tensorrt_status()
 pytestmark = [pytest.mark.trt, pytest.mark.skipif(not AVAILABLE, reason=f"needs TensorRT and a GPU: {REASON}")]

@@ -62,7 +62,7 @@ def missing_names(source: str, objects: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_every_tensorrt_name_used_under_engines_exists_in_the_11_4_bindings():
-    from engines.trt.builder import TRT_OBJECTS
+    from engines.trt_build.builder import TRT_OBJECTS
 
     checked = 0
     for path in sorted((ROOT / "engines").rglob("*.py")):

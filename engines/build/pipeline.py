@@ -21,8 +21,8 @@ from engines.build.request import PRECISIONS, BuildRequest, BuildResult, default
 from engines.build.shapes import check_profiles, with_shape_values
 from engines.bundle import MANIFEST, Manifest, StagedBundle, read_manifest
 from engines.profiles import Profile, envelope, profiles_for
-from exporter.core.errors import BuildError, BundleError, UsageError
-from exporter.core.spec import InputSpec
+from foundation.errors import BuildError, BundleError, UsageError
+from foundation.spec import InputSpec
 from passes import TARGETS
 from passes.freeze_shapes import FreezeInputShapes
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from engines import __version__
 from engines.bundle import SCHEMA_VERSION, Manifest
-from engines.trt.builder import TrtOptions
-from exporter.core.spec import InputSpec
+from engines.trt_build.builder import TrtOptions
+from foundation.spec import InputSpec
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

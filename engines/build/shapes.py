@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 
 from engines.profiles import Profile
-from exporter.core.dtypes import ONNX_DTYPES
-from exporter.core.errors import UsageError
-from exporter.core.golden import golden_key, golden_points
-from exporter.core.spec import InputSpec, OutputSpec, random_array
+from foundation.dtypes import ONNX_DTYPES
+from foundation.errors import UsageError
+from foundation.golden import golden_key, golden_points
+from foundation.spec import InputSpec, OutputSpec, random_array
 from passes.verify import run_graph
 
 

@@ -35,10 +35,10 @@ from engines.bundle import (
 )
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
-from engines.trt.cache import build_or_reuse
-from exporter.core.errors import BuildError, UsageError
-from exporter.core.numerics import graph_tolerance
-from exporter.core.spec import InputSpec
+from engines.trt_build.cache import build_or_reuse
+from foundation.errors import BuildError, UsageError
+from foundation.numerics import compare_arrays, graph_tolerance
+from foundation.spec import InputSpec
 from exporter.resolved import ResolvedModel
 from passes import PassManager, pipeline
 from passes.calibration import graph_sha256
@@ -145,8 +145,6 @@ def int8_opset(graph: onnx.ModelProto, golden: dict) -> onnx.ModelProto:
         return graph
     from onnx import version_converter  # noqa: PLC0415 - only for old graphs
 
-    from exporter.parity import compare  # noqa: PLC0415 - imports torch
-
     advice = f"export with --opset {INT8_MIN_OPSET} or later, or build FP32/FP16"
     try:
         upgraded = version_converter.convert_version(graph, INT8_MIN_OPSET)
@@ -154,7 +152,7 @@ def int8_opset(graph: onnx.ModelProto, golden: dict) -> onnx.ModelProto:
         for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
             before, after = run_graph(graph, feeds), run_graph(upgraded, feeds)
             for name, value in before.items():
-                err = compare(after[name], value, *graph_tolerance("fp32", value))
+                err = compare_arrays(after[name], value, *graph_tolerance("fp32", value))
                 if not err.ok:
                     raise ValueError(f"output {name!r} at the {point} shapes differs by {err.max_abs:.3g}")
     except Exception as exc:  # noqa: BLE001 - the converter and ONNX Runtime raise their own types
@@ -202,15 +200,13 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
 def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str) -> dict:
     """The optimized graph against the reference outputs in golden.npz: the ``ort`` graph with ORT's
     optimizations on (as it runs), the ``trt`` graph as written (float emulation, ``engines.build.int8``)."""
-    from exporter.parity import compare  # noqa: PLC0415 - imports torch (exporter's comparison, one definition)
-
     sess = session(path, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]
     points = {}
     for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
         actual = dict(zip(names, sess.run(names, feeds)))
         expected = {n: golden[golden_key(point, "out", n)] for n in names}
-        points[point] = {n: compare(actual[n], expected[n], *graph_tolerance(precision, expected[n])).to_json()
+        points[point] = {n: compare_arrays(actual[n], expected[n], *graph_tolerance(precision, expected[n])).to_json()
                          for n in names}
     worst = {n: max(p[n]["max_abs"] for p in points.values()) for n in names}
     ok = all(e["ok"] for p in points.values() for e in p.values())
@@ -233,9 +229,9 @@ def share_graph(root: Path) -> str:
 
 
 def trt_check(root: Path, request: BuildRequest) -> dict:
-    """The TensorRT compatibility check of ``model.trt.onnx`` (``engines.trt.compat``), before any TensorRT
+    """The TensorRT compatibility check of ``model.trt.onnx`` (``engines.trt_build.compat``), before any TensorRT
     call: one INFO line; with ``--require-trt`` a refusal fails the build here."""
-    from engines.trt.compat import check_model  # noqa: PLC0415
+    from engines.trt_build.compat import check_model  # noqa: PLC0415
 
     report = check_model(onnx.load(str(root / "model.trt.onnx")), graph="model.trt.onnx")
     logger.info("%s", report.summary())

@@ -23,8 +23,8 @@ from engines.bundle.store import (
                                      update_report,
                                      verified_path,
 )
-from exporter.core.files import write_atomic
-from exporter.core.golden import golden_feeds, golden_key, golden_points
+from foundation.files import write_atomic
+from foundation.golden import golden_feeds, golden_key, golden_points
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Accuracy", "Artifact", "Backends", "Calibration", "Environment",
            "ExportInfo", "Int8Report", "Manifest", "ModelSource", "OrtBackend", "TrtBackend", "StagedBundle", "add_artifacts", "describe_artifacts",

@@ -18,9 +18,9 @@ import dataclasses
 from typing import Any
 
 from engines.profiles import Profile
-from exporter.core.errors import BundleError
-from exporter.core.numerics import Budget
-from exporter.core.spec import InputSpec, OutputSpec
+from foundation.errors import BundleError
+from foundation.numerics import Budget
+from foundation.spec import InputSpec, OutputSpec
 
 SCHEMA_VERSION = 2
 
@@ -239,7 +239,7 @@ class Manifest:
     artifacts: dict[str, Artifact] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     packed: dict | None = None  # ``planforge pack``: what it came from, runtime_only, what it left out
-    trt_check: dict | None = None  # the TensorRT compatibility check of the trt graph (engines.trt.compat)
+    trt_check: dict | None = None  # the TensorRT compatibility check of the trt graph (engines.trt_build.compat)
 
     @property
     def output_names(self) -> list[str]:

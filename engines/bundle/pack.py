@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engines.bundle.manifest import Manifest
 from engines.bundle.store import StagedBundle, read_manifest, verified_path
-from exporter.core.errors import BundleError, UsageError
+from foundation.errors import BundleError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from engines.bundle.manifest import SCHEMA_VERSION, Artifact, Manifest
-from exporter.core.errors import BuildError, BundleError, IntegrityError
-from exporter.core.files import sha256_file, write_atomic
+from foundation.errors import BuildError, BundleError, IntegrityError
+from foundation.files import sha256_file, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import onnx
 from engines.bundle import read_manifest
 from engines.cli.present import inspect_bundle, inspect_onnx
 from engines.runtime import load
-from exporter.core.dtypes import ONNX_DTYPES
-from exporter.core.errors import PassError, RuntimeInputError, UsageError
-from exporter.core.files import write_atomic
-from exporter.core.numerics import graph_tolerance
+from foundation.dtypes import ONNX_DTYPES
+from foundation.errors import PassError, RuntimeInputError, UsageError
+from foundation.files import write_atomic
+from foundation.numerics import compare_arrays, graph_tolerance
 from passes import PassManager, pipeline
 from passes.verify import run_graph
 
@@ -55,7 +55,6 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
                    skip: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
     """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
 
-    from exporter.parity import compare  # noqa: PLC0415 - imports torch
     from exporter.resolve import check_assumed, load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(source)
@@ -69,7 +68,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     for f in feeds:
         expected, actual = run_graph(model, f), run_graph(optimized, f)
         for name, exp in expected.items():
-            err = compare(actual[name], exp, *graph_tolerance(precision, exp))
+            err = compare_arrays(actual[name], exp, *graph_tolerance(precision, exp))
             if not err.ok:
                 raise PassError(f"the optimized graph differs from {source} on output {name!r} by {err.max_abs:.3g}")
             worst[name] = max(worst.get(name, 0.0), err.max_abs)

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from engines import __version__
-from exporter.core.errors import ComparisonFailed, PlanforgeError, TensorRTRefusal, UsageError, plain
+from foundation.errors import ComparisonFailed, PlanforgeError, TensorRTRefusal, UsageError, plain
 
 logger = logging.getLogger("planforge")
 # Piped output (logs, CI) is not wrapped at rich's default 80 columns: spec strings stay whole.
@@ -26,7 +26,7 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 
-OURS = ("planforge", "engines", "exporter", "passes")  # the loggers -v turns to DEBUG
+OURS = ("planforge", "engines", "exporter", "foundation", "passes")  # the loggers -v turns to DEBUG
 GLOBAL_FLAGS = {"-v": ("verbose", 1), "--verbose": ("verbose", 1), "-vv": ("verbose", 2), "-q": ("quiet", 1),
                 "--quiet": ("quiet", 1)}
 
@@ -142,7 +142,7 @@ def build(model, out, inputs, precision, force, opset, exporter, parity_atol, pa
     from engines.build import BuildRequest  # noqa: PLC0415 - per command: --help stays fast
     from engines.build import build as run_build
     from engines.cli.present import build_summary  # noqa: PLC0415 - per command: --help stays fast
-    from engines.trt.builder import TrtOptions  # noqa: PLC0415 - per command: --help stays fast
+    from engines.trt_build.builder import TrtOptions  # noqa: PLC0415 - per command: --help stays fast
 
     request = BuildRequest(
         model=model, out=out, inputs=tuple(inputs), precision=precision, force=force, opset=opset, exporter=exporter,
@@ -510,7 +510,7 @@ def debug(bundle, side, data, batches, limit, int8_relerr, bisect, budget, as_js
 @cli.command("check-trt")
 @click.argument("source")
 @click.option("--trt-version", default="11.1", show_default=True,
-              help="Whose ONNX parser operator table to check against (engines/trt/compat/data).")
+              help="Whose ONNX parser operator table to check against (engines/trt_build/compat/data).")
 @_input_option
 @click.option("--as-is", is_flag=True, help="Check an .onnx file unchanged instead of the trt pipeline's output for it.")
 @_json_option
@@ -518,7 +518,7 @@ def check_trt(source, trt_version, inputs, as_is, as_json):
     """Predict on this CPU what TensorRT will refuse in SOURCE (a bundle, an .onnx file or a MODEL); exit 12 on any."""
     from engines.cli.actions import trt_graph  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import compat_table  # noqa: PLC0415 - per command: --help stays fast
-    from engines.trt.compat import check_model  # noqa: PLC0415 - per command: --help stays fast
+    from engines.trt_build.compat import check_model  # noqa: PLC0415 - per command: --help stays fast
 
     model, described = trt_graph(source, tuple(inputs), as_is)
     report = check_model(model, trt_version, described)

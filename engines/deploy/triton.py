@@ -25,22 +25,13 @@ from pathlib import Path
 
 from engines.bundle import Manifest, read_manifest, verified_path
 from engines.runtime.batching import Batching
-from exporter.core.errors import BundleError, UsageError
-from exporter.core.files import write_atomic
+from foundation.errors import BundleError, UsageError
+from foundation.files import write_atomic
+from foundation.spec import batch_dim
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
                 "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
                 "bool": "TYPE_BOOL"}
-
-
-def _batch_dim(manifest: Manifest) -> str | None:
-    """The symbolic dim every input and output starts with, if there is one."""
-    firsts = {d.name if d.name is not None else ("fixed", d.min) for d in (t.dims[0] for t in manifest.inputs if t.rank)}
-    outs = {o.shape[0] for o in manifest.outputs if o.shape}
-    if len(firsts) != 1 or len(outs) != 1:
-        return None
-    name = firsts.pop()
-    return name if isinstance(name, str) and outs.pop() == name else None
 
 
 def _tensor(kind: str, name: str, dtype: str, dims: list) -> str:
@@ -56,7 +47,7 @@ def config_text(manifest: Manifest, model_name: str, platform: str, batching: Ba
     ``engines.runtime.batching``: max_delay_ms, max_queue, timeout_ms with REJECT, as the runtime refuses),
     so moving to Triton keeps the behaviour; ``cache``: Triton's response cache for the model."""
     batching = batching or Batching()
-    batch = _batch_dim(manifest)
+    batch, _ = batch_dim(manifest.inputs, list(manifest.outputs))
     profiles = manifest.profiles
     first = manifest.inputs.tensors[0] if manifest.inputs.tensors else None
     lines = [f'name: "{model_name}"\n', f'platform: "{platform}"\n']

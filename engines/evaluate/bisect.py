@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from engines.build.int8.sensitivity import FallbackSearch, TargetTrials, Trial, run_target
 from engines.build.stages import int8_opset
 from engines.bundle import Manifest, verified_path
-from exporter.core.numerics import Budget, budget_metric, relative_squared_error
+from foundation.numerics import Budget, budget_metric, relative_squared_error
 from passes import PassManager, pipeline
 from passes.base import flatten
 from passes.calibration import graph_sha256, load_ranges

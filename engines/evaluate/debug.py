@@ -26,8 +26,8 @@ import onnx
 from engines.bundle import Manifest, read_manifest, verified_path
 from engines.evaluate.compare.data import load_data
 from engines.evaluate.provenance import provenance
-from exporter.core.errors import UsageError
-from exporter.core.numerics import GRAPH_ATOL, GRAPH_RTOL, fp16_atol
+from foundation.errors import UsageError
+from foundation.numerics import GRAPH_ATOL, GRAPH_RTOL, compare_arrays, fp16_atol, where_error_starts
 from passes.verify import expose_outputs, run_graph
 
 logger = logging.getLogger(__name__)
@@ -124,9 +124,8 @@ def debug(request: DebugRequest) -> DebugResult:
         rows.append(TensorError(name, node.name, node.op_type, where.module(node, producers), max_abs, scale, limit,
                                 max(reads, default=0.0)))
     diverging = [r for r in rows if r.ratio > 1.0]
-    first = [r for r in diverging if r.inputs_ratio <= 1.0]
-    if diverging and not first:  # the error grows gradually: the largest jump from a node's inputs to its output
-        first = [max(diverging, key=lambda r: r.ratio / max(r.inputs_ratio, 1e-12))]
+    starts = set(where_error_starts([(r.tensor, r.ratio, r.inputs_ratio) for r in rows]))
+    first = [r for r in diverging if r.tensor in starts]
     outputs = [r for r in rows if r.tensor in {o.name for o in candidate.graph.output}]
     logger.debug("%s (%s): %d tensors compared, %d over the bound, %d where the error starts", entry.graph,
                 entry.precision, len(rows), len(diverging), len(first))
@@ -171,11 +170,10 @@ def tensor_errors(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds:
             if a is None or r.dtype.kind != "f" or a.dtype.kind != "f" or r.shape != a.shape or name in feed \
                     or name in folded:
                 continue
-            r64, a64 = r.astype(np.float64), a.astype(np.float64)
-            diff = np.where(np.isfinite(a64), np.abs(a64 - r64), np.inf)
+            error = compare_arrays(a, r)
             values = worst.setdefault(name, [0.0, 0.0, 0.0])
-            values[0] = max(values[0], float(diff.max(initial=0.0)))
-            values[1] = max(values[1], float(np.abs(r64).max(initial=0.0)))
+            values[0] = max(values[0], error.max_abs)
+            values[1] = max(values[1], error.scale)
             values[2] = max(values[2], bound(r))
     return {k: (v[0], v[1], v[2]) for k, v in worst.items()}
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from engines.bundle import Manifest
 from engines.profiles import Profile, select
-from exporter.core.errors import InferenceError, RuntimeInputError, UsageError, plain
-from exporter.core.spec import InputSpec, OutputSpec
+from foundation.errors import InferenceError, RuntimeInputError, UsageError, plain
+from foundation.spec import InputSpec, OutputSpec
 
 logger = logging.getLogger(__name__)
 

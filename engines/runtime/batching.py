@@ -17,8 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
-from exporter.core.errors import UsageError
-from exporter.core.spec import InputSpec, OutputSpec
+from foundation.errors import UsageError
+from foundation.spec import InputSpec, OutputSpec, batch_dim
 
 MASKS = ("attention_mask",)  # inputs whose zeros make padding invisible to the model
 
@@ -154,21 +154,9 @@ class Layout:
 
 def layout(spec: InputSpec, outputs: list[OutputSpec], options: Batching, profile_max: int | None) -> Layout:
     """What the bundle allows (module docstring); a ``UsageError`` naming what prevents batching."""
-    batch = None
-    for tensor in spec:
-        first = tensor.dims[0] if tensor.dims else None
-        if first is None or first.name is None:
-            raise UsageError(f"cannot batch this bundle: input {tensor.name!r} has no dynamic leading (batch) dim "
-                             f"({tensor.text if hasattr(tensor, 'text') else tensor}); rebuild it with a dynamic batch, "
-                             "e.g. --input \"x:float32:[batch=1..32@8,...]\"")
-        if batch is None:
-            batch = first.name
-        elif first.name != batch:
-            raise UsageError(f"cannot batch this bundle: inputs lead with different dims ({batch!r}, {first.name!r})")
-    for out in outputs:
-        if not out.shape or out.shape[0] != batch:
-            raise UsageError(f"cannot batch this bundle: output {out.name!r} has shape {list(out.shape)}, not led by "
-                             f"the batch dim {batch!r}; its rows cannot be split back to the requests")
+    batch, why_not = batch_dim(spec, outputs)
+    if batch is None:
+        raise UsageError(f"cannot batch this bundle: {why_not}")
     axes: dict[str, dict[str, tuple[int, ...]]] = {}
     for tensor in spec:
         for k, d in enumerate(tensor.dims):

@@ -1,4 +1,4 @@
-"""An opt-in response cache for the serving layer (``engines.runtime.server``), after Triton's: the key
+"""An opt-in response cache for the serving layer (``engines.runtime.scheduler``), after Triton's: the key
 hashes the bundle's model sha256 and every input's name, dtype, shape and bytes (BLAKE2b from the
 standard library: well kept, fast, no dependency); entries are kept least-recently-used first out,
 bounded in bytes. Hits return copies, so a caller cannot alter what the cache holds; what is stored

@@ -11,7 +11,7 @@ to know about a bundle, read once) and ``unavailable(backend, bundle)`` (the rea
 
 Lean by design: NumPy, ONNX Runtime and planforge's standard-library modules only at import
 (never torch, onnx, onnx-graphsurgeon or polygraphy); TensorRT and its CUDA binding are imported
-by ``engines.runtime.trt`` only when that backend is chosen. Every artifact's sha256 is checked
+by ``engines.runtime.trt_runner`` only when that backend is chosen. Every artifact's sha256 is checked
 against the manifest before anything deserializes it.
 """
 
@@ -24,11 +24,14 @@ import onnxruntime as ort
 
 from engines.bundle import read_manifest, verified_path
 from engines.runtime.base import Runner
+from engines.runtime.batching import Batching
+from engines.runtime.cache import ResponseCache
 from engines.runtime.cpu import detect
-from engines.runtime.ort import OrtRunner
-from engines.runtime.trt import TrtRunner
-from engines.runtime.trt import unavailable as trt_unavailable
-from exporter.core.errors import BundleError, InferenceError, IntegrityError
+from engines.runtime.ort_runner import OrtRunner
+from engines.runtime.scheduler import Scheduler
+from engines.runtime.trt_runner import TrtRunner
+from engines.runtime.trt_runner import unavailable as trt_unavailable
+from foundation.errors import BundleError, InferenceError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +90,28 @@ def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
-         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True,
-         batching=None, cache_bytes: int = 0, degrade_to: str | Path | None = None):
-    """Load ``bundle`` on the first backend that fits (``auto``) or the one named.
+         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True) -> Runner:
+    """Load ``bundle`` on the first backend that fits (``auto``) or the one named, as one ``Runner``.
 
     ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
     repeated static shapes. ``check_values``: integer inputs are checked against the spec's value range
-    on every call (one min and max per integer input; False skips it).
-
-    Serving (``engines.runtime.server``): ``batching`` (a ``Batching``), ``cache_bytes`` (a response cache
-    of that many bytes; off at 0) or ``degrade_to`` (a lighter bundle of the same model, e.g. its INT8
-    build) return a ``Server`` over the runner: thread-safe ``infer``, ``infer_async``, ``stats()``.
+    on every call (one min and max per integer input; False skips it). For many callers in one
+    process (dynamic batching, a response cache, degradation), ``schedule``.
     """
-    runner = _load(bundle, backend, device, threads, fallback_on_error, cuda_graphs, check_values)
-    if batching is None and not cache_bytes and degrade_to is None:
-        return runner
-    return _serve(runner, batching, cache_bytes, degrade_to, device, threads, check_values)
+    return _load(bundle, backend, device, threads, fallback_on_error, cuda_graphs, check_values)
 
 
-def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, threads: int | None,
-           check_values: bool):
-    from engines.runtime.batching import Batching  # noqa: PLC0415 - only for serving
-    from engines.runtime.cache import ResponseCache  # noqa: PLC0415
-    from engines.runtime.server import Server  # noqa: PLC0415
+def schedule(bundle: str | Path, batching: Batching | None = None, cache_bytes: int = 0,
+             degrade_to: str | Path | None = None, backend: str = "auto", device: int = 0,
+             threads: int | None = None, check_values: bool = True) -> Scheduler:
+    """Load ``bundle`` (as ``load`` does) behind an in-process ``Scheduler`` for many callers.
 
+    ``batching`` (a ``Batching``; its defaults when None), ``cache_bytes`` (a response cache of that
+    many bytes; off at 0), ``degrade_to`` (a lighter bundle of the same model, e.g. its INT8 build,
+    for what the queue or a deadline refuses). The scheduler is thread-safe: ``infer``,
+    ``infer_async``, ``stats()``, ``close(drain)``.
+    """
+    runner = _load(bundle, backend, device, threads, False, False, check_values)
     owned = [runner]
     try:  # whatever fails below, the runners loaded so far are closed
         view = BundleView(runner.bundle_path)
@@ -124,8 +125,8 @@ def _serve(runner: Runner, batching, cache_bytes: int, degrade_to, device: int, 
         except InferenceError:  # no other backend loads here: the breaker falls back to the lighter bundle
             fallback = None
         owned.append(fallback)
-        return Server(runner, batching or Batching(), cache, degrade, fallback,
-                      tuple(r for r in owned if r is not None))
+        return Scheduler(runner, batching or Batching(), cache, degrade, fallback,
+                         tuple(r for r in owned if r is not None))
     except BaseException:
         for r in owned:
             if r is not None:

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from exporter.core.spec import InputSpec
+from foundation.spec import InputSpec
 from exporter.zoo import calibration
 from exporter.zoo.attention import GPT, Bert, ViT
 from exporter.zoo.cnn import MLP, MobileNetV2, ResNet18, init_like_trained

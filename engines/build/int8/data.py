@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.core.errors import CalibrationError, RuntimeInputError, UsageError
-from exporter.core.files import load_batches
-from exporter.core.loading import import_function
-from exporter.core.spec import InputSpec
+from foundation.errors import CalibrationError, RuntimeInputError, UsageError
+from foundation.files import load_batches
+from foundation.loading import import_function
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 

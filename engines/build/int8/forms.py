@@ -24,9 +24,9 @@ from typing import Callable
 import onnx
 
 from engines.runtime.cpu import saturates
-from exporter.core.errors import UsageError
-from exporter.core.ort_session import time_runs
-from exporter.core.sequence import StatePairs, run_sequence
+from foundation.errors import UsageError
+from foundation.ort_session import time_runs
+from foundation.sequence import StatePairs, run_sequence
 from passes.quantize_ort import FORMS
 from passes.verify import session
 

@@ -19,7 +19,7 @@ How each target is judged:
 - ``ort``: by ONNX Runtime's CPU kernels with graph optimizations on, as the bundle runs, on this
   CPU; the manifest records the CPU class (``engines.runtime.cpu``) the verdict holds for.
 
-Budgets (``exporter.core.numerics.Budget``): ``top1=0.99`` for classifiers, ``cosine=0.99`` for
+Budgets (``foundation.numerics.Budget``): ``top1=0.99`` for classifiers, ``cosine=0.99`` for
 embeddings and generation, ``relerr=0.05`` otherwise.
 """
 
@@ -41,8 +41,8 @@ from engines.build.int8.forms import FormChoice, choose
 from engines.build.int8.forms import candidates as form_candidates
 from engines.bundle import Int8Report
 from engines.runtime.cpu import detect
-from exporter.core.numerics import Budget, budget_metric, relative_squared_error
-from exporter.core.sequence import StatePairs, judged_outputs, run_sequence, select
+from foundation.numerics import Budget, budget_metric, relative_squared_error
+from foundation.sequence import StatePairs, judged_outputs, run_sequence, select
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
 from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
@@ -67,7 +67,7 @@ def judged_by(target: str) -> str:
 def run_target(model: onnx.ModelProto, batches: list[dict], target: str,
                state: StatePairs = ()) -> list[list[np.ndarray]]:
     """Outputs of ``model`` per batch, run the way ``target``'s accuracy is judged; with ``state``, as a
-    sequence feeding its own state outputs back (``exporter.core.sequence``)."""
+    sequence feeding its own state outputs back (``foundation.sequence``)."""
     sess = session(model, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]
     return run_sequence(lambda feed: sess.run(names, feed), names, batches, state)

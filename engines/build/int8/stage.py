@@ -13,9 +13,9 @@ from engines.build.int8.sensitivity import Int8Result, quantize_target
 from engines.bundle import Calibration
 from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from engines.runtime.cpu import detect
-from exporter.core.errors import BuildError
-from exporter.core.numerics import Budget
-from exporter.core.sequence import detect_state, parse_state
+from foundation.errors import BuildError
+from foundation.numerics import Budget
+from foundation.sequence import detect_state, parse_state
 from passes.calibration import calibrate, data_sha256, graph_sha256, load_ranges, save_ranges
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Int8Stage:
 
 
 def _detected(fp32: onnx.ModelProto) -> tuple[tuple[str, str], ...]:
-    """State pairs read off the graph's names (``exporter.core.sequence.detect_state``), logged."""
+    """State pairs read off the graph's names (``foundation.sequence.detect_state``), logged."""
     def described(values):
         return [(v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim)) for v in values]
 

@@ -34,10 +34,11 @@ import numpy as np
 from engines.bundle import Manifest, read_manifest, verified_path
 from engines.evaluate.bench.environment import LoadWatch
 from engines.runtime import ORDER, BundleView, unavailable
+from engines.runtime import Batching, schedule
 from engines.runtime import load as load_bundle
-from exporter.core.errors import UsageError
-from exporter.core.ort_session import create_session
-from exporter.core.spec import InputSpec, random_array
+from foundation.errors import UsageError
+from foundation.ort_session import create_session
+from foundation.spec import InputSpec, random_array
 
 logger = logging.getLogger(__name__)
 
@@ -216,12 +217,13 @@ def ort_backend(name: str, precision: str, graph: Path, threads: int, build_seco
 
 
 def runtime_backend(name: str, precision: str, bundle: Path, backend: str, threads: int,
-                    build_seconds: float | None, **options) -> Backend:
-    """The bundle as ``engines.runtime.load`` runs it (``options``: its other arguments, e.g. ``batching``)."""
+                    build_seconds: float | None, batching: Batching | None = None) -> Backend:
+    """The bundle as ``engines.runtime.load`` runs it, or ``schedule`` with ``batching``."""
     state = {}
 
     def load():
-        state["engine"] = load_bundle(bundle, backend=backend, threads=threads, **options)
+        state["engine"] = load_bundle(bundle, backend=backend, threads=threads) if batching is None else \
+            schedule(bundle, batching, backend=backend, threads=threads)
         return state["engine"].infer
 
     def close():

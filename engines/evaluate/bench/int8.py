@@ -28,7 +28,7 @@ from engines.build.int8 import judged_by, quantize_target, run_target
 from engines.evaluate.bench.environment import LoadWatch
 from engines.evaluate.bench.passes import check_zoo_names
 from engines.evaluate.bench.timing import ROUNDS, time_session
-from exporter.core.numerics import Budget, budget_metric
+from foundation.numerics import Budget, budget_metric
 from passes import PassManager, pipeline
 from passes.calibration import calibrate
 from passes.quantize_ort import quiet_quantizer

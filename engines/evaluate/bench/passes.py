@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from engines.evaluate.bench.timing import ROUNDS, time_session
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 from passes import PassManager, pipeline
 
 logger = logging.getLogger(__name__)

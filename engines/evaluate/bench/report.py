@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from engines.bundle import read_manifest, update_report, write_atomic
-from exporter.core.errors import BundleError, UsageError
+from foundation.errors import BundleError, UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ next request when the last returns, for ``duration`` seconds; open loop (``rate`
 at that many requests per second, latency counted from the scheduled arrival. Rows:
 
 - ``unbatched``: every client calls the plain runner (ONNX Runtime sessions run concurrently);
-- ``batched``: the ``Server`` (``engines.runtime.server``) with its dynamic batcher;
+- ``batched``: the ``Scheduler`` (``engines.runtime.scheduler``) with its dynamic batcher;
 - ``batched+cache``: the same with a response cache;
 - ``ceiling``: one caller running the same request mix in the largest batches the bundle takes, grouped
   and padded as the batcher would, directly (no queue, no threads): what batching can reach. It is
@@ -33,8 +33,8 @@ from engines.bundle import read_manifest
 from engines.evaluate.bench.environment import LoadWatch
 from engines.evaluate.bench.report import write_results
 from engines.evaluate.compare.data import load_data
-from engines.runtime import Batching, load
-from exporter.core.errors import Overloaded, UsageError
+from engines.runtime import Batching, load, schedule
+from foundation.errors import Overloaded, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +84,12 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
         options = Batching(max_delay_ms=request.max_delay_ms)
         targets_ = {"unbatched": plain}
         try:
-            targets_["batched"] = load(bundle, threads=request.threads, batching=options)
+            targets_["batched"] = schedule(bundle, threads=request.threads, batching=options)
             for c in request.concurrency:  # modes interleaved per level: drift in the machine hits them alike
                 for mode in MODES:
                     on_step(f"{mode} x{c}")
                     if mode == "batched+cache":  # a cold cache per level: hits are earned in the row itself
-                        with load(bundle, threads=request.threads, batching=options,
+                        with schedule(bundle, threads=request.threads, batching=options,
                                   cache_bytes=request.cache_mib * 2 ** 20) as cached:
                             rows.append(_run(mode, cached, requests, c, request))
                     else:
@@ -177,7 +177,7 @@ def _ceiling(runner, requests: list[dict], request: ServeBenchRequest) -> dict:
     """One caller running the same request mix directly in the largest batches the bundle takes: the
     requests of the clients' Zipf stream grouped as the batcher groups them (same key, padded), no queue."""
     from engines.runtime.batching import layout  # noqa: PLC0415
-    from engines.runtime.server import profile_batch  # noqa: PLC0415
+    from engines.runtime.scheduler import profile_batch  # noqa: PLC0415
 
     plan = layout(runner.input_spec, runner.output_specs, Batching(), profile_batch(runner.manifest.profiles))
     order = zipf_indices(len(requests), 100_000, request.zipf, seed=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.core.ort_session import create_session, time_runs
+from foundation.ort_session import create_session, time_runs
 
 ROUNDS = 5  # alternating rounds of timed runs per graph
 

@@ -45,7 +45,7 @@ from engines.evaluate.bench.bundles import (
 from engines.evaluate.bench.environment import LoadWatch
 from engines.evaluate.text import sentences
 from engines.runtime import Batching
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def save(doc: dict, out: Path) -> tuple[Path, Path]:
     """``out/bench-transformer.json`` and ``.md``, each written to a temporary name and renamed."""
     import json  # noqa: PLC0415
 
-    from exporter.core.files import write_atomic  # noqa: PLC0415
+    from foundation.files import write_atomic  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "bench-transformer.json", out / "bench-transformer.md"

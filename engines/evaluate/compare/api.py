@@ -45,10 +45,10 @@ from engines.evaluate.compare.tolerances import (
 )
 from engines.runtime import ORDER, BundleView, unavailable
 from engines.runtime.cpu import detect
-from exporter.core.errors import ComparisonFailed, UsageError
-from exporter.core.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
-from exporter.core.sequence import judged_outputs, run_sequence
-from exporter.core.spec import InputSpec
+from foundation.errors import ComparisonFailed, UsageError
+from foundation.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
+from foundation.sequence import judged_outputs, run_sequence
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def compare(request: CompareRequest) -> CompareResult:
 
 def _run_sequences(sides: list[Side], feeds: list[dict], state) -> object:
     """Polygraphy's RunResults for a stateful bundle: each runner runs the batches in order feeding its
-    own state outputs back (``exporter.core.sequence``); Comparator.run gives every runner the same
+    own state outputs back (``foundation.sequence``); Comparator.run gives every runner the same
     feeds, which would hide drift through the state."""
     from polygraphy.comparator import IterationResult, RunResults  # noqa: PLC0415 - polygraphy is heavy
 
@@ -296,7 +296,7 @@ def _stats(results: list, tol: OutputTolerance) -> dict:
 
 
 def cosine(reference: list[np.ndarray], actual: list[np.ndarray]) -> float | None:
-    """Mean per-sample cosine similarity (``exporter.core.numerics``); None for non-float outputs."""
+    """Mean per-sample cosine similarity (``foundation.numerics``); None for non-float outputs."""
     if any(r.dtype.kind != "f" or r.shape != a.shape or r.ndim == 0 for r, a in zip(reference, actual)):
         return None
     values = [cosine_per_sample(r, a) for r, a in zip(reference, actual)]
@@ -377,7 +377,7 @@ def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult
 BUDGET_SCRIPT = '''"""Polygraphy compare function written by `planforge compare`: the INT8 budget {budget}.
 
 Polygraphy calls it once per batch; it keeps the outputs and, at the last of the {batches} batches,
-judges the budget over all of them with planforge's own metric (exporter.core.numerics), as compare
+judges the budget over all of them with planforge's own metric (foundation.numerics), as compare
 did. Earlier batches pass: the budget is a statistic over the whole data set, not per batch.
 """
 
@@ -385,7 +385,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from exporter.core.numerics import Budget, budget_metric
+from foundation.numerics import Budget, budget_metric
 
 BUDGET = Budget.from_json({spec})
 NAMES = {names}

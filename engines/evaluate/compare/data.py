@@ -25,9 +25,9 @@ import numpy as np
 from engines.bundle import Manifest, golden_feeds, golden_points, verified_path
 from engines.bundle.evaluation import load_evaluation
 from engines.evaluate.compare.runners import input_metadata, polygraphy_quiet
-from exporter.core.errors import RuntimeInputError, UsageError
-from exporter.core.files import load_batches
-from exporter.core.spec import InputSpec
+from foundation.errors import RuntimeInputError, UsageError
+from foundation.files import load_batches
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 

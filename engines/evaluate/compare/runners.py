@@ -25,8 +25,8 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from engines.runtime import load
-from exporter.core.errors import InferenceError
-from exporter.core.spec import InputSpec
+from foundation.errors import InferenceError
+from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from exporter.core.errors import UsageError
-from exporter.core.numerics import Budget, graph_tolerance
+from foundation.errors import UsageError
+from foundation.numerics import Budget, graph_tolerance
 
 ERROR_STATS = ("elemwise", "max", "mean", "median", "quantile")
 OPTIONS = {"atol": "--atol", "rtol": "--rtol", "stat": "--error-stat", "quantile": "--error-quantile"}

@@ -29,8 +29,8 @@ import numpy as np
 from engines.bundle import Manifest, verified_path
 from engines.profiles import select
 from engines.runtime.base import Runner
-from engines.trt.status import tensorrt_status
-from exporter.core.errors import BundleError, InferenceError, IntegrityError
+from engines.runtime.trt_status import tensorrt_status
+from foundation.errors import BundleError, InferenceError, IntegrityError
 
 logger = logging.getLogger(__name__)
 

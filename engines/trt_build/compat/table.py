@@ -12,7 +12,7 @@ import functools
 import json
 from pathlib import Path
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_VERSION = "11.1"

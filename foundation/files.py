@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 
 def sha256_file(path: Path, digest=None):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from engines.trt.compat.findings import CHECK, REFUSED, Finding
-from engines.trt.compat.graph import GraphIndex, attr
-from engines.trt.compat.rules import finding
-from engines.trt.compat.table import QUANTIZED, TYPE_NAMES
+from engines.trt_build.compat.findings import CHECK, REFUSED, Finding
+from engines.trt_build.compat.graph import GraphIndex, attr
+from engines.trt_build.compat.rules import finding
+from engines.trt_build.compat.table import QUANTIZED, TYPE_NAMES
 
 WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op -> weight input
 # Where a DequantizeLinear's output may go and TensorRT still runs INT8: into a weighted layer, or through

@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from exporter.core.errors import BuildError
+from foundation.errors import BuildError
 
 logger = logging.getLogger(__name__)
 

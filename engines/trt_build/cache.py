@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from engines.profiles import Profile
-from engines.trt.builder import build_plan, environment, layer_summary
-from engines.trt.status import tensorrt_status
-from exporter.core.errors import TensorRTUnavailable
+from engines.trt_build.builder import build_plan, environment, layer_summary
+from engines.runtime.trt_status import tensorrt_status
+from foundation.errors import TensorRTUnavailable
 
 logger = logging.getLogger(__name__)
 

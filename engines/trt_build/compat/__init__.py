@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import onnx
 
-from engines.trt.compat.findings import CHECK, REFUSED, CompatReport, Finding
-from engines.trt.compat.graph import GraphIndex
-from engines.trt.compat.qdq import placement_findings, type_findings
-from engines.trt.compat.rules import model_findings, node_findings
-from engines.trt.compat.table import DEFAULT_VERSION, load_table, versions
+from engines.trt_build.compat.findings import CHECK, REFUSED, CompatReport, Finding
+from engines.trt_build.compat.graph import GraphIndex
+from engines.trt_build.compat.qdq import placement_findings, type_findings
+from engines.trt_build.compat.rules import model_findings, node_findings
+from engines.trt_build.compat.table import DEFAULT_VERSION, load_table, versions
 
 __all__ = ["CHECK", "DEFAULT_VERSION", "REFUSED", "CompatReport", "Finding", "check_model", "versions"]
 

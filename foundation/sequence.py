@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 StatePairs = tuple[tuple[str, str], ...]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from engines.runtime.base import Runner
-from exporter.core.errors import BundleError
-from exporter.core.ort_session import create_session
-from exporter.core.spec import InputSpec, OutputSpec
+from foundation.errors import BundleError
+from foundation.ort_session import create_session
+from foundation.spec import InputSpec, OutputSpec
 
 
 class OrtRunner(Runner):

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from exporter.core.errors import RuntimeInputError, UsageError
+from foundation.errors import RuntimeInputError, UsageError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 POINTS = ("min", "opt", "max")
@@ -398,3 +398,23 @@ class OutputSpec:
     @classmethod
     def from_json(cls, item: dict) -> "OutputSpec":
         return cls(item["name"], item["dtype"], tuple(item["shape"]))
+
+
+def batch_dim(spec: InputSpec, outputs: list[OutputSpec]) -> tuple[str | None, str]:
+    """The symbolic dim every input and every output leads with (the batch, which a batcher may merge
+    requests along), or None and why there is none."""
+    batch = None
+    for tensor in spec:
+        first = tensor.dims[0] if tensor.dims else None
+        if first is None or first.name is None:
+            return None, (f"input {tensor.name!r} has no dynamic leading (batch) dim ({tensor}); rebuild it with a "
+                          "dynamic batch, e.g. --input \"x:float32:[batch=1..32@8,...]\"")
+        if batch is None:
+            batch = first.name
+        elif first.name != batch:
+            return None, f"inputs lead with different dims ({batch!r}, {first.name!r})"
+    for out in outputs:
+        if not out.shape or out.shape[0] != batch:
+            return None, (f"output {out.name!r} has shape {list(out.shape)}, not led by the batch dim {batch!r}; its "
+                          "rows cannot be split back to the requests")
+    return batch, ""

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from engines.trt.compat.findings import CHECK, REFUSED, Finding
-from engines.trt.compat.graph import GraphIndex, attr, text
-from engines.trt.compat.table import QUANTIZED, TYPE_NAMES, OperatorTable
+from engines.trt_build.compat.findings import CHECK, REFUSED, Finding
+from engines.trt_build.compat.graph import GraphIndex, attr, text
+from engines.trt_build.compat.table import QUANTIZED, TYPE_NAMES, OperatorTable
 
 STANDARD = ("", "ai.onnx")
 # ONNX Runtime's QOperator / integer forms: TensorRT takes the Q/DQ form of the same quantization
@@ -75,7 +75,7 @@ def _domain(node: onnx.NodeProto, table: OperatorTable) -> Finding:
 
 def _types(node: onnx.NodeProto, index: GraphIndex, allowed: tuple[str, ...], version: str) -> list[Finding]:
     if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-        return []  # their types are the quantization rules' business (engines.trt.compat.qdq)
+        return []  # their types are the quantization rules' business (engines.trt_build.compat.qdq)
     k = DATA_INPUT.get(node.op_type, 0)
     names = [node.input[k]] if len(node.input) > k and node.input[k] else list(node.output[:1])
     if node.op_type == "Cast":

@@ -17,8 +17,8 @@ import functools
 
 import numpy as np
 
-from exporter.core.errors import UsageError
-from exporter.core.loading import import_function
+from foundation.errors import UsageError
+from foundation.loading import import_function
 
 
 @functools.lru_cache(maxsize=8)

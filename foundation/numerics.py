@@ -1,5 +1,13 @@
-"""Numbers every room agrees on: graph tolerances per precision, cosine, top-1, the INT8 budget.
+"""Numbers every room agrees on: how two arrays compare, where an error starts, graph tolerances per
+precision, cosine, top-1, the INT8 budget.
 
+- Two arrays (``compare_arrays``): max abs error over the elements (a non-finite value where the
+  reference is finite counts as infinite; NaN where the reference has NaN counts as equal), max
+  relative error over the elements whose ``|ref| >= 1e-3``, ``max |ref|``, and whether
+  ``|actual - ref| <= atol + rtol * |ref|`` holds everywhere (integers: exactly equal).
+- Where an error starts (``where_error_starts``): the nodes whose output is beyond its bound while
+  every tensor they read is within it; when there is none (the error grows gradually), the node
+  with the largest growth from its inputs to its output.
 - FP32 graph tolerance: ``|actual - ref| <= 1e-4 + 1e-3 * |ref|`` elementwise.
 - FP16 budget (the FP16 pass, the build's graph check, compare): ``max |actual - ref| <=
   2e-2 * max|ref| + 1e-3`` per output.
@@ -20,12 +28,61 @@ import dataclasses
 
 import numpy as np
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 GRAPH_ATOL, GRAPH_RTOL = 1e-4, 1e-3  # an optimized FP32 graph against its reference
+REL_FLOOR = 1e-3  # relative error is reported over elements whose |reference| >= this
 FP16_RANGE_FRACTION, FP16_FLOOR = 2e-2, 1e-3
 BUDGET_METRICS = ("top1", "cosine", "relerr")
 DEFAULT_BUDGETS = {"classification": "top1=0.99", "embedding": "cosine=0.99", "generation": "cosine=0.99"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayError:
+    """How ``actual`` differs from a reference array (module docstring, "Two arrays")."""
+
+    max_abs: float
+    max_rel: float
+    scale: float  # max |reference| over its finite elements
+    ok: bool  # within atol + rtol * |ref| everywhere (True when no bound was given and the NaNs agree)
+
+    def to_json(self) -> dict:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "ok": self.ok}
+
+
+def compare_arrays(actual: np.ndarray, expected: np.ndarray, atol: float | None = None,
+                   rtol: float = 0.0) -> ArrayError:
+    """``actual`` against ``expected`` (module docstring); ``atol=None`` measures without a bound."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        return ArrayError(float("inf"), float("inf"), float("inf"), False)
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    if expected.dtype.kind not in "fc":
+        worst = float(np.abs(a - e).max(initial=0.0))
+        return ArrayError(worst, worst, float(np.abs(e).max(initial=0.0)), worst == 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN here and handled below
+        diff = np.abs(a - e)
+    diff = np.where((np.isnan(a) & np.isnan(e)) | (np.isinf(e) & (a == e)), 0.0, diff)
+    diff = np.where(np.isnan(diff), np.inf, diff)  # NaN against a number: unbounded
+    finite_ref = np.isfinite(e)
+    ref = np.abs(e)
+    big = finite_ref & (ref >= REL_FLOOR)
+    max_rel = float((diff[big] / ref[big]).max()) if big.any() else 0.0
+    ok = bool(np.array_equal(np.isnan(a), np.isnan(e))) and (
+        atol is None or bool(np.allclose(a, e, atol=atol, rtol=rtol, equal_nan=True)))
+    return ArrayError(float(diff.max(initial=0.0)), max_rel, float(ref[finite_ref].max(initial=0.0)), ok)
+
+
+def where_error_starts(nodes: list[tuple[str, float, float]]) -> list[str]:
+    """``nodes``: (name, output ratio, input ratio) in topological order, a ratio being a tensor's error
+    over its bound (the worst output, the worst tensor read). The names of the nodes where the error
+    starts, in order (module docstring): beyond the bound (> 1) with every input within it (<= 1), else
+    the one node with the largest growth from its inputs to its output; [] when every output is within."""
+    over = [(name, out, into) for name, out, into in nodes if out > 1.0]
+    starts = [name for name, _, into in over if into <= 1.0]
+    if over and not starts:
+        return [max(over, key=lambda n: n[1] / max(n[2], 1e-12))[0]]
+    return starts
 
 
 def fp16_atol(reference: np.ndarray) -> float:
@@ -93,7 +150,7 @@ class Budget:
     """An INT8 accuracy budget: ``metric`` (top1 | cosine | relerr | user) against ``threshold``,
     on one ``output`` (None: the metric's default: top1 the first output, the others every float
     output) with a ``stat`` (``RELERR_STATS``, ``COSINE_STATS``, or ``pNN``). ``user``: ``hook`` names
-    ``file.py:function`` (``exporter.core.metric_hook``), which decides."""
+    ``file.py:function`` (``foundation.metric_hook``), which decides."""
 
     metric: str
     threshold: float
@@ -171,7 +228,7 @@ def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: lis
                   names: list[str] | None = None, feeds: list[dict] | None = None) -> Score:
     """The budget's metric over batches (each a list of outputs in graph order, named by ``names``)."""
     if budget.metric == "user":
-        from exporter.core.metric_hook import call_metric  # noqa: PLC0415 - loads user code only when asked
+        from foundation.metric_hook import call_metric  # noqa: PLC0415 - loads user code only when asked
 
         return Score(*call_metric(budget.hook, reference, actual, names, feeds))
     if budget.output is not None:

@@ -1,9 +1,9 @@
 """Serving many callers in one process: dynamic batching, a response cache, admission control with
 graceful degradation, a circuit breaker, and the statistics to watch them (after Triton's scheduler).
 
-    with engines.runtime.load("build/resnet18", batching=Batching(max_delay_ms=2)) as server:
-        outputs = server.infer({"x": image})          # from many threads
-        outputs = await server.infer_async({"x": image})
+    with engines.runtime.schedule("build/resnet18", batching=Batching(max_delay_ms=2)) as scheduler:
+        outputs = scheduler.infer({"x": image})          # from many threads
+        outputs = await scheduler.infer_async({"x": image})
 
 One worker thread forms batches: it takes the oldest request and every queued request with the same
 key (``engines.runtime.batching``) while the batch fits the bundle's profiles and ``max_batch``.
@@ -37,7 +37,7 @@ from engines.profiles import select
 from engines.runtime.base import LATENCY_BUCKETS_MS, Runner
 from engines.runtime.batching import Batching, Layout, layout
 from engines.runtime.cache import ResponseCache
-from exporter.core.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
+from foundation.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class _Counters:
         self.wait_sum_ms += ms
 
 
-class Server:
+class Scheduler:
     """Thread-safe ``infer`` and ``infer_async`` for many callers over one runner (module docstring)."""
 
     def __init__(self, runner: Runner, options: Batching = Batching(), cache: ResponseCache | None = None,
@@ -350,14 +350,14 @@ class Server:
         for runner in self._owned:
             runner.close()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> "Scheduler":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Server backend={self.backend} max_batch={self.layout.max_batch} inputs={self.input_spec}>"
+        return f"<Scheduler backend={self.backend} max_batch={self.layout.max_batch} inputs={self.input_spec}>"
 
 
 def _settle(future: concurrent.futures.Future, compute) -> None:
@@ -385,7 +385,7 @@ def check_compatible(primary: Runner, lighter: Runner) -> None:
                          f"outputs {oa} vs {ob}")
 
 
-def _metrics(server: Server):
+def _metrics(server: Scheduler):
     try:  # prometheus-client is optional
         from engines.runtime.prometheus import ServerMetrics  # noqa: PLC0415
     except ImportError:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from exporter.core.errors import UsageError
+from foundation.errors import UsageError
 
 
 def import_function(source: str, option: str) -> Callable:
