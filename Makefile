@@ -30,7 +30,9 @@ venv: $(VENV)/.installed
 engine: venv
 	$(BIN)/planforge build $(MODEL) --precision $(PRECISION) $(if $(OUT),-o $(OUT)) $(if $(CALIB),--calib $(CALIB)) $(ARGS)
 
+# The linter first (rules in pyproject.toml), then the suite.
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 -m "not real"
 
 # The real-model suite (tests/test_real_models.py): pretrained models from PyPI packages that ship their

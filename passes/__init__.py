@@ -36,9 +36,8 @@ SIMPLIFY = (InferShapes, FoldShapes, FoldConstants, Cleanup, RemoveNoOps, MergeT
             DeduplicateConstants, EliminateCommonSubexpressions)
 FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerNorm, FuseRmsNorm)
 FUSE_TRT = FUSE_COMMON + (FuseStandardAttention,)
-# Attention for ONNX Runtime: all-MiniLM-L6-v2 FP32 at batch 8 x 128, 2 threads, 1.36x the plain export
-# (`planforge bench-transformer`). ONNX Runtime's other encoder fusions (SkipLayerNormalization, BiasGelu,
-# FastGelu, EmbedLayerNormalization) measured no faster or slower on its CPU provider: not emitted.
+# Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
+# emitted (docs/decisions/003-ort-encoder-fusions.md).
 FUSE_ORT = FUSE_COMMON + (FuseAttention,)
 
 PIPELINES: dict[tuple[str, str], tuple] = {

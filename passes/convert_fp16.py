@@ -198,7 +198,7 @@ class ConvertToFp16(Pass):
                     node.inputs[i] = cast(tensor, 10)
                 elif id(node) not in half and is_half:
                     node.inputs[i] = cast(tensor, 1)
-        for i, out in enumerate(list(graph.outputs)):
+        for out in list(graph.outputs):
             if id(out) in produced_half:
                 inner = gs.Variable(fresh_name(graph, f"{out.name}_fp16"), dtype=F16, shape=out.shape)
                 writer = out.inputs[0]

@@ -8,11 +8,8 @@ for BERT-, DistilBERT-, MiniLM-, ViT- and GPT-2-style layers, eager or SDPA) bec
     y = MultiHeadAttention(q, k, v, attention_bias=bias)   com.microsoft, where the graph's opset cannot be
                                                   raised to 23 (below 18, or an op whose meaning changed)
 
-Measured on ONNX Runtime 1.31's CPU provider, a 6-layer MiniLM-sized encoder (384 wide, 12 heads,
-batch 8 x 128, 2 threads, AVX-512 VNNI): unfused 76 ms, MultiHeadAttention 73 ms, contrib
-``Attention`` with packed QKV weights 70 ms, standard ``Attention`` with 3-D inputs 65 ms (4-D: 3 %
-slower, it keeps the head Transposes). Hence the standard op with 3-D inputs where the opset allows.
-The mask goes in as the exporter built it: today's transformers materialise padding and causal masks
+The standard op with 3-D inputs is the fastest form on ONNX Runtime's CPU provider
+(docs/decisions/002-ort-attention-form.md). The mask goes in as the exporter built it: today's transformers materialise padding and causal masks
 as [B, 1, S, T]; one broadcast over the query positions ([B, 1, 1, T]) is expanded to [B, 1, S, T]
 first, since ONNX Runtime's CPU kernels index it by query position (both ops refuse it otherwise).
 Shape reads of the removed context (legacy exports compute the merge target from them) read q's head

@@ -1,16 +1,14 @@
 """Explicit INT8 for ONNX Runtime CPU: the Q/DQ form its integer kernels fuse (QLinearConv,
 QLinearMatMul, MatMulInteger), placed by ONNX Runtime's own quantizer.
 
-Measured on an AVX-512 VNNI CPU (ResNet-18, batch 8, 2 threads): unsigned asymmetric activations
-with signed per-channel weights run 4.75x faster than PyTorch eager, the symmetric signed form
-TensorRT needs 1.13x. So this target uses U8 activations (zero point from the calibrated range).
-The weights come in one of three forms (``FORMS``), because x86 CPUs without VNNI sum pairs of
-U8xS8 products in 16 bits and saturate (``engines.runtime.cpu``): ``u8s8`` (S8 per-channel, the
-fastest where products accumulate in 32 bits), ``u8s8-rr`` (7-bit S8 weights, ONNX Runtime's
-``reduce_range``: 255 * 64 * 2 fits in 16 bits) and ``u8u8`` (U8 weights, whose kernels do not
-saturate). Measured on the VNNI CPU, full INT8: resnet18 u8s8 20.6 ms, u8s8-rr 20.4 ms, u8u8
-30.6 ms (FP32 72.5 ms); the build measures the candidates of its own CPU class and picks one
-(``engines.build.int8.forms``). The placement is ``onnxruntime.quantization.quantize_static``'s
+Activations are U8 (zero point from the calibrated range), far faster on ONNX Runtime's CPU kernels
+than the symmetric signed form TensorRT needs. The weights come in one of three forms (``FORMS``),
+because x86 CPUs without VNNI sum pairs of U8xS8 products in 16 bits and saturate
+(``engines.runtime.cpu``): ``u8s8`` (S8 per-channel, the fastest where products accumulate in 32
+bits), ``u8s8-rr`` (7-bit S8 weights, ONNX Runtime's ``reduce_range``: 255 * 64 * 2 fits in 16 bits)
+and ``u8u8`` (U8 weights, whose kernels do not saturate); the build measures the candidates of its own
+CPU class and picks one (``engines.build.int8.forms``; measurements in
+docs/decisions/004-ort-int8-forms.md). The placement is ``onnxruntime.quantization.quantize_static``'s
 (QDQ format, its default op types): that is the layout its graph transformers turn into integer
 kernels, so it is wrapped rather than rewritten. planforge's calibrated ranges go in through the
 quantizer's public calibration cache, so both targets quantize from the same ranges; layers the

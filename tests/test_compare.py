@@ -14,7 +14,7 @@ import pytest
 import torch
 from polygraphy.exception import PolygraphyException
 
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, Int8Options, build
 from engines.bundle import add_artifacts, read_manifest, verified_path
 from engines.evaluate.compare import CompareRequest, compare, cosine, top1
 from engines.evaluate.compare.data import load_data
@@ -306,8 +306,7 @@ def test_compare_repeats_the_build_verdict_on_the_stored_evaluation_batches(tmp_
     for i in range(10):  # every fifth batch is held out: 2 batches of 16 samples
         np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
     with caplog.at_level(logging.WARNING):
-        bundle = build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", calib=str(calib), build_root=tmp_path,
-                                    budget="cosine=0.99")).out
+        bundle = build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(calib=str(calib), budget="cosine=0.99"))).out
     manifest = read_manifest(bundle)
     assert manifest.calibration.evaluation_file == "evaluation.npz" and manifest.calibration.evaluation_samples == 32
     assert manifest.artifacts["evaluation.npz"].role == "evaluation"
@@ -330,7 +329,7 @@ def test_a_small_held_out_set_is_warned_about(tmp_path, caplog):
     for i in range(5):
         np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32))
     with caplog.at_level(logging.WARNING):
-        build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", calib=str(calib), build_root=tmp_path))
+        build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(calib=str(calib))))
     assert "the budget is measured on only 4 held-out samples (fewer than 32)" in caplog.text
 
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, Int8Options, build
 from engines.bundle import add_artifacts, read_manifest
 from engines.evaluate.debug import DebugRequest, debug
 from engines.evaluate.layers import bundle_layers, trt_layers
@@ -151,8 +151,7 @@ def make():
 
 def test_bisect_names_the_layer_whose_float_precision_brings_the_outputs_within_budget(tmp_path, run_cli):
     (tmp_path / "outlier.py").write_text(OUTLIER)
-    bundle = build(BuildRequest(f"{tmp_path / 'outlier.py'}:make", out=tmp_path / "b", precision="int8",
-                                budget="relerr=0.9", allow_random_calibration=True, build_root=tmp_path)).out
+    bundle = build(BuildRequest(f"{tmp_path / 'outlier.py'}:make", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(budget="relerr=0.9", allow_random_calibration=True))).out
     assert read_manifest(bundle).int8_report("trt").kept_float == ()  # the loose budget kept every layer INT8
     result = debug(DebugRequest(bundle, side="trt", bisect=True, budget="relerr=0.05"))
     assert not result.ok and result.first[0].module == "b (Linear)"

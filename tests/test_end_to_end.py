@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engines import runtime
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, Int8Options, build
 from foundation.spec import InputSpec
 from exporter.parity import torch_outputs
 from exporter.zoo import BY_NAME
@@ -154,6 +154,5 @@ def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, 
         again = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root))
     assert again.manifest.calibration.reused == {"trt": True, "ort": True}
     assert "reusing calibration ranges" in caplog.text
-    other = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, calib_method="entropy",
-                               build_root=build_root))
+    other = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root, int8=Int8Options(calib_method="entropy")))
     assert other.manifest.calibration.reused == {"trt": False, "ort": False}

@@ -20,9 +20,9 @@ import numpy as np
 import onnx
 import pytest
 
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, Int8Options, build
 from engines.bundle import read_manifest
-from engines.evaluate.compare.api import CompareRequest, compare
+from engines.evaluate.compare import CompareRequest, compare
 
 pytestmark = pytest.mark.real
 REAL = Path(__file__).parent / "real"
@@ -37,8 +37,7 @@ def needs(*packages: str):
 
 def _build(model: str, precision: str, build_root: Path, calib: str | None, **options):
     started = time.monotonic()
-    request = BuildRequest(model, precision=precision, build_root=build_root, force=True,
-                           calib=calib if precision == "int8" else None, **options)
+    request = BuildRequest(model, precision=precision, build_root=build_root, force=True, **options, int8=Int8Options(calib=calib if precision == "int8" else None))
     result = build(request)
     return result.out, time.monotonic() - started
 
@@ -137,7 +136,8 @@ def test_silero_vad_streaming_decisions_match_fp32(precision, build_root):
     assert 0.2 < (reference > 0.5).mean() < 0.8  # the streams hold speech and pauses
     for target in ("ort", "trt"):
         run = _graph_runner(bundle, target)
-        probs, _ = vad.run_stream(lambda f: [run(f)[k] for k in ("prob", "new_state", "new_context")], streams)
+        probs, _ = vad.run_stream(lambda f, run=run: [run(f)[k] for k in ("prob", "new_state", "new_context")],
+                                  streams)
         agree = float(np.mean((probs > 0.5) == (reference > 0.5)))
         drift = float(np.abs(probs - reference).max())
         metrics.update({f"{target}: streamed decisions agree": round(agree, 4),

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, ProfileOptions, build
 from engines.runtime import Batching, load, schedule
 from engines.runtime.cache import ResponseCache
 from foundation.errors import DeadlineExceeded, InferenceError, Overloaded, RuntimeInputError, UsageError
@@ -27,8 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp(root):
-    return build(BuildRequest("mlp", out=root / "mlp", profiles=("batch=1..4@2", "batch=5..16@8"),
-                              build_root=root)).out
+    return build(BuildRequest("mlp", out=root / "mlp", build_root=root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")))).out
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_requests_of_different_lengths_share_a_batch_by_padding_and_get_their_ow
     bundle = build(BuildRequest("bert_tiny", out=root / "bert", inputs=BERT, build_root=root)).out
     rng = np.random.default_rng(0)
     requests = []
-    for i in range(12):
+    for _ in range(12):
         n = int(rng.integers(2, 25))
         requests.append({"input_ids": rng.integers(1, 30522, (1, n)).astype(np.int64),
                          "attention_mask": np.ones((1, n), np.int64)})
@@ -108,7 +107,7 @@ def test_requests_of_different_lengths_share_a_batch_by_padding_and_get_their_ow
 
 
 def test_bundles_without_a_dynamic_batch_dim_are_refused(root):
-    static = build(BuildRequest("mlp", out=root / "static", static=True, build_root=root)).out
+    static = build(BuildRequest("mlp", out=root / "static", build_root=root, shapes=ProfileOptions(static=True))).out
     with pytest.raises(UsageError, match="no dynamic leading"):
         schedule(static, batching=Batching())
 

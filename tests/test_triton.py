@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from helpers import add_plan_artifact
 
-from engines.build import BuildRequest, build
+from engines.build import BuildRequest, ProfileOptions, build
 from engines.deploy.triton import write_repository
 
 
@@ -25,9 +25,7 @@ def _model_config():
 
 def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-triton", build_root=build_root,
-                                inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",),
-                                profiles=("batch=1..4@2", "batch=5..8@8"))).out
+    bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-triton", build_root=build_root, inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",), shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..8@8")))).out
     names = write_repository(bundle, tmp_path / "repo")
     assert names == ["bert_tiny_fp32_ort"]  # no plan on this machine: no tensorrt_plan model
     config = text_format.Parse((tmp_path / "repo/bert_tiny_fp32_ort/config.pbtxt").read_text(), ModelConfig())
@@ -41,8 +39,7 @@ def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
 
 def test_a_plan_becomes_a_tensorrt_model_whose_instances_may_use_every_profile(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-triton", build_root=build_root,
-                                profiles=("batch=1..8@4", "batch=9..64@32"))).out
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-triton", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")))).out
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -60,7 +57,7 @@ def test_a_plan_becomes_a_tensorrt_model_whose_instances_may_use_every_profile(b
 
 def test_a_static_bundle_is_not_batched(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-static-triton", static=True, build_root=build_root)).out
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-static-triton", build_root=build_root, shapes=ProfileOptions(static=True))).out
     write_repository(bundle, tmp_path / "repo")
     config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [8, 64]
@@ -89,8 +86,7 @@ def test_the_dynamic_batcher_and_cache_match_the_in_process_serving_options(buil
     from engines.runtime.batching import Batching
 
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-serve-triton", build_root=build_root,
-                                profiles=("batch=1..4@2", "batch=5..16@8"))).out
+    bundle = build(BuildRequest("mlp", out=build_root / "mlp-serve-triton", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")))).out
     write_repository(bundle, tmp_path / "repo", batching=Batching(max_delay_ms=3, max_queue=64, timeout_ms=50),
                      cache=True)
     config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())

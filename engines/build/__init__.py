@@ -3,6 +3,16 @@ passes and precision per target, TensorRT, manifest), shape checks (``shapes``),
 and the pipeline that runs them (``pipeline``)."""
 
 from engines.build.pipeline import build
-from engines.build.request import BuildRequest, BuildResult, default_out, target_precisions
+from engines.build.request import (
+    BuildRequest,
+    BuildResult,
+    ExportOptions,
+    Int8Options,
+    PassOptions,
+    ProfileOptions,
+    default_out,
+    target_precisions,
+)
 
-__all__ = ["BuildRequest", "BuildResult", "build", "default_out", "target_precisions"]
+__all__ = ["BuildRequest", "BuildResult", "ExportOptions", "Int8Options", "PassOptions", "ProfileOptions", "build",
+           "default_out", "target_precisions"]

@@ -40,7 +40,7 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     model = resolve(request.model, request.build_root / ".cache")
     spec = model.input_spec.override(request.inputs)
     check_assumed(spec, request.model)
-    profiles = [] if request.static else profiles_for(spec, request.profiles, request.profiles_auto)
+    profiles = [] if request.shapes.static else profiles_for(spec, request.shapes.profiles, request.shapes.profiles_auto)
     spec = envelope(spec, profiles)
     out = Path(request.out) if request.out else default_out(model.name, request.precision, request.build_root)
     key = request.key(model.source_sha256, spec)
@@ -115,13 +115,13 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     graph = onnx.load(str(root / "model.onnx"))
     check_profiles(graph, profiles, spec)
     frozen = []
-    if request.static:
+    if request.shapes.static:
 
         frozen, spec = [FreezeInputShapes(spec.shapes("opt"))], spec.frozen("opt")
     int8 = None
     if request.precision == "int8":
         graph = stages.int8_opset(graph, golden)
-        int8 = Int8Stage(root, request, model, spec, calib_cache)
+        int8 = Int8Stage(root, request.int8, model, spec, calib_cache)
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage) for t in TARGETS}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)

@@ -17,44 +17,76 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """How a PyTorch model becomes ONNX, and how closely ONNX Runtime must match it (``build``, ``export``)."""
+
+    opset: int = 18
+    exporter: str = "auto"  # auto | dynamo | torchscript
+    parity_atol: float = 1e-4
+    parity_rtol: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """What the pass pipelines leave out or keep (``build``, ``optimize``)."""
+
+    verify_passes: bool = True  # check numbers under ONNX Runtime after every pass
+    keep_fp32: tuple[str, ...] = ()  # node names or op types kept in FP32 by the FP16 conversion
+    skip_passes: tuple[str, ...] = ()  # pass names left out of both pipelines (--skip-pass)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """INT8: calibration, the accuracy budget and its fallback search (``build --precision int8``)."""
+
+    calib: str | None = None
+    calib_method: str = "max"
+    allow_random_calibration: bool = False
+    budget: str | None = None
+    metric_hook: str | None = None  # --metric file.py:function (an absolute path): a user metric as the budget
+    state: tuple[str, ...] = ()  # --state OUT:IN: the INT8 budget runs its batches as a sequence
+    ort_form: str = "auto"  # auto: measured among this CPU class's non-saturating forms
+    require: tuple[str, ...] = ()  # trt, ort or all: a target that cannot be INT8 is an error, not float
+    time_limit: float | None = 900.0  # seconds for each target's fallback search (None: no limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+    """The shapes the graphs and the TensorRT engine accept (``--profile``, ``--profiles``, ``--static``)."""
+
+    profiles: tuple[str, ...] = ()
+    profiles_auto: str | None = None
+    static: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class BuildRequest:
+    """One build: the model, where the bundle goes, and the option groups the CLI parses one-to-one."""
+
     model: str
     out: Path | None = None
     inputs: tuple[str, ...] = ()
     precision: str = "fp32"
     force: bool = False
-    opset: int = 18
-    exporter: str = "auto"
-    parity_atol: float = 1e-4
-    parity_rtol: float = 1e-3
-    verify_passes: bool = True
     build_root: Path = Path("build")
-    keep_fp32: tuple[str, ...] = ()
-    skip_passes: tuple[str, ...] = ()  # pass names left out of both pipelines (--skip-pass)
-    calib: str | None = None
-    calib_method: str = "max"
-    allow_random_calibration: bool = False
-    budget: str | None = None
-    state: tuple[str, ...] = ()  # --state OUT:IN: the INT8 budget runs its batches as a sequence
-    metric_hook: str | None = None  # --metric file.py:function (an absolute path): a user metric as the budget
-    ort_int8_form: str = "auto"  # auto: measured among this CPU class's non-saturating forms
-    require_int8: tuple[str, ...] = ()  # trt, ort or all: a target that cannot be INT8 is an error, not float
-    int8_time_limit: float | None = 900.0  # seconds for each target's fallback search (None: no limit)
-    profiles: tuple[str, ...] = ()
-    profiles_auto: str | None = None
-    static: bool = False
+    export: ExportOptions = ExportOptions()
+    passes: PassOptions = PassOptions()
+    int8: Int8Options = Int8Options()
+    shapes: ProfileOptions = ProfileOptions()
     require_trt: bool = False
     trt: TrtOptions = TrtOptions()
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
+        export, passes, int8, shapes = self.export, self.passes, self.int8, self.shapes
         fields = {"model": self.model, "source_sha256": source_sha256, "inputs": str(spec), "precision": self.precision,
-                  "opset": self.opset, "exporter": self.exporter, "atol": self.parity_atol, "rtol": self.parity_rtol,
-                  "keep_fp32": sorted(self.keep_fp32), "skip_passes": sorted(self.skip_passes), "calib": self.calib, "calib_method": self.calib_method,
-                  "random_calibration": self.allow_random_calibration, "budget": self.budget,
-                  "metric_hook": self.metric_hook, "state": list(self.state),
-                  "ort_int8_form": self.ort_int8_form, "require_int8": sorted(self.require_int8),
-                  "profiles": list(self.profiles), "profiles_auto": self.profiles_auto, "static": self.static,
+                  "opset": export.opset, "exporter": export.exporter, "atol": export.parity_atol,
+                  "rtol": export.parity_rtol, "keep_fp32": sorted(passes.keep_fp32),
+                  "skip_passes": sorted(passes.skip_passes), "calib": int8.calib, "calib_method": int8.calib_method,
+                  "random_calibration": int8.allow_random_calibration, "budget": int8.budget,
+                  "metric_hook": int8.metric_hook, "state": list(int8.state),
+                  "ort_int8_form": int8.ort_form, "require_int8": sorted(int8.require),
+                  "profiles": list(shapes.profiles), "profiles_auto": shapes.profiles_auto, "static": shapes.static,
                   "trt": self.trt.to_json(),
                   "planforge": __version__, "schema": SCHEMA_VERSION}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

@@ -64,7 +64,7 @@ def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputS
     if model.module is not None:
         from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
 
-        result = export_onnx(model.module, spec, model.output_names, exported, request.opset, request.exporter)
+        result = export_onnx(model.module, spec, model.output_names, exported, request.export.opset, request.export.exporter)
         info = ExportInfo(result.exporter, result.fallback_reason, result.opset, round(result.seconds, 3),
                           result.external_data, "pytorch")
         return info, onnx.load(str(exported), load_external_data=False)
@@ -83,13 +83,13 @@ def reference(root: Path, request: BuildRequest, model: ResolvedModel, spec: Inp
     if model.module is not None:
         from exporter.parity import check_parity  # noqa: PLC0415 - imports torch
 
-        report = check_parity(model.module, root / "model.onnx", spec, request.parity_atol, request.parity_rtol,
-                              points=("opt",) if request.static else None)
+        report = check_parity(model.module, root / "model.onnx", spec, request.export.parity_atol, request.export.parity_rtol,
+                              points=("opt",) if request.shapes.static else None)
         for point, errs in report.points.items():
             logger.info("parity at %s: %s", point, ", ".join(f"{n} max_abs={e.max_abs:.2g}" for n, e in errs.items()))
         golden, parity = report.golden, report.to_json()
     else:
-        golden, parity = _onnx_golden(model.onnx_path, spec, request.static), None
+        golden, parity = _onnx_golden(model.onnx_path, spec, request.shapes.static), None
     np.savez(root / "golden.npz", **capped_golden(golden))
     return parity, golden
 
@@ -180,8 +180,8 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     """``model.<target>.onnx``: the target's passes (verified after each), then INT8 when asked."""
     precision = target_precisions(request.precision)[target]
     on_stage(f"passes ({target})")
-    steps = frozen + pipeline(target, "fp32" if int8 else precision, skip=request.skip_passes, keep=request.keep_fp32)
-    verify = golden_feeds(golden) if request.verify_passes else []
+    steps = frozen + pipeline(target, "fp32" if int8 else precision, skip=request.passes.skip_passes, keep=request.passes.keep_fp32)
+    verify = golden_feeds(golden) if request.passes.verify_passes else []
     optimized, records = PassManager(steps, verify_feeds=verify).run(graph)
     if int8 is not None:
         on_stage(f"int8 ({target})")
@@ -192,7 +192,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     fp32_nodes = []
     if precision == "fp16":
         measured = tuple(n for r in records if r.name == "ConvertToFp16" for n in r.stats.get("measured_fp32", ()))
-        fp32_nodes = kept(optimized, request.keep_fp32, measured)
+        fp32_nodes = kept(optimized, request.passes.keep_fp32, measured)
     return TargetGraph(target, precision, [r.to_json() for r in records],
                        check_graph(root / name, golden, precision, target), fp32_nodes)
 

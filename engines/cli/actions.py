@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from engines.build.request import ExportOptions
 from engines.bundle import read_manifest
 from engines.cli.present import inspect_bundle, inspect_onnx
 from engines.runtime import load
@@ -25,8 +26,7 @@ from passes.verify import run_graph
 logger = logging.getLogger(__name__)
 
 
-def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exporter: str,
-                 atol: float, rtol: float) -> str:
+def export_model(model: str, out: Path, inputs: tuple[str, ...], options: ExportOptions) -> str:
     """Export and parity-check; the .onnx is written to a temporary name and renamed into place."""
 
     from exporter.export import export_onnx  # noqa: PLC0415 - imports torch
@@ -41,8 +41,8 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as tmp:
         staged = Path(tmp) / out.name
-        result = export_onnx(resolved.module, spec, resolved.output_names, staged, opset, exporter)
-        report = check_parity(resolved.module, staged, spec, atol, rtol)
+        result = export_onnx(resolved.module, spec, resolved.output_names, staged, options.opset, options.exporter)
+        report = check_parity(resolved.module, staged, spec, options.parity_atol, options.parity_rtol)
         if result.external_data:
             os.replace(Path(tmp) / f"{out.name}.data", out.parent / f"{out.name}.data")
         os.replace(staged, out)

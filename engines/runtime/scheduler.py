@@ -5,13 +5,11 @@ graceful degradation, a circuit breaker, and the statistics to watch them (after
         outputs = scheduler.infer({"x": image})          # from many threads
         outputs = await scheduler.infer_async({"x": image})
 
-One worker thread forms batches: it takes the oldest request and every queued request with the same
-key (``engines.runtime.batching``) while the batch fits the bundle's profiles and ``max_batch``.
-A lone caller never waits: the worker waits up to ``max_delay_ms`` for more requests only when
-requests were already queueing behind the previous batch, counted from when the batch starts
-forming, and only until the batch is as large as the load lately was (the last batch and what
-queued behind it): callers the last batch just answered have a moment to send again. A batch that fails is re-run request by
-request, so one bad input fails alone. Past ``max_queue`` a request is refused at once
+One worker thread forms batches of queued requests with the same key (``engines.runtime.batching``)
+while the batch fits the bundle's profiles and ``max_batch``; a lone caller never waits, and the worker
+waits up to ``max_delay_ms`` only while the load says more requests are coming
+(docs/decisions/005-scheduler-batching.md). A batch that fails is re-run request by request, so one
+bad input fails alone. Past ``max_queue`` a request is refused at once
 (``Overloaded``) and past its deadline it is not run (``DeadlineExceeded``), unless a lighter bundle
 of the same model is configured (``degrade_to``), which then serves it. After ``breaker_failures``
 consecutive failed runs the circuit breaker sends batches to the fallback runner (the next backend,
@@ -72,14 +70,14 @@ class _Counters:
 class Scheduler:
     """Thread-safe ``infer`` and ``infer_async`` for many callers over one runner (module docstring)."""
 
-    def __init__(self, runner: Runner, options: Batching = Batching(), cache: ResponseCache | None = None,
+    def __init__(self, runner: Runner, options: Batching | None = None, cache: ResponseCache | None = None,
                  degrade: Runner | None = None, fallback: Runner | None = None, owned: tuple[Runner, ...] = ()):
-        self.runner, self.options, self.cache, self.degrade = runner, options, cache, degrade
+        self.runner, self.options, self.cache, self.degrade = runner, options or Batching(), cache, degrade
         self.fallback = fallback if fallback is not None else degrade
         self.input_spec, self.output_specs, self.manifest = runner.input_spec, runner.output_specs, runner.manifest
         self.backend = runner.backend
         self._profiles = list(runner.manifest.profiles) if runner.manifest else []
-        self.layout: Layout = layout(runner.input_spec, runner.output_specs, options, profile_batch(self._profiles))
+        self.layout: Layout = layout(runner.input_spec, runner.output_specs, self.options, profile_batch(self._profiles))
         if degrade is not None:
             check_compatible(runner, degrade)
         self._owned = owned

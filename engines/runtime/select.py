@@ -141,7 +141,7 @@ def _load(bundle: str | Path, backend: str, device: int, threads: int | None, fa
     loaded = BundleView(Path(bundle))
     order = ORDER if backend == "auto" else (backend,)
     reasons = []
-    for i, name in enumerate(order):
+    for name in order:
         reason = unavailable(name, loaded)  # what this machine lacks (no GPU, no TensorRT): expected
         runner = None
         if reason is None:

@@ -229,16 +229,8 @@ class FallbackSearch:
     + the units of the groups split + the units reverted, instead of N + reverted one at a time.
 
     After ``time_limit`` seconds every unit not yet reverted stays in float (unmeasured units count as
-    the most sensitive), so the search still returns a graph that meets the budget.
-
-    Measured on the zoo's resnet18 (random-init weights, synthetic images; units in float, evaluations):
-    - one at a time (every unit alone, then revert by top-1), 16 held-out images: trt 8/26 in 34, ort 3/29 in 32
-    - this search, 16 held-out images: trt 9/26 in 41, ort 3/29 in 19; 32 images: trt 9/26 in 31, ort 10/29 in 41
-    - ordered by the error alone, 32 images: trt 4/26 in 26, ort 14/29 in 50
-    - then quantizing each kept unit again when the budget allows: trt 7/26 in 39, ort 9/29 in 50
-    - a bisection over the count: 22/26 and 33/48 (top-1 on a few dozen samples is not monotone in it)
-    So units are reverted one at a time; on this model top-1 flips on near-tied samples and no order wins
-    everywhere (the real-model suite, ``make test-real``, is the judge)."""
+    the most sensitive), so the search still returns a graph that meets the budget. Why this search and
+    not another: docs/decisions/001-int8-fallback-search.md."""
 
     def __init__(self, units: list[Unit], evaluate: Callable[[tuple[str, ...]], Trial], budget: Budget,
                  target: str, time_limit: float | None, full_error: float = float("inf")):

@@ -10,6 +10,7 @@ import onnx
 
 from engines.build.int8.data import load_calibration
 from engines.build.int8.sensitivity import Int8Result, quantize_target
+from engines.build.request import Int8Options
 from engines.bundle import Calibration
 from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from engines.runtime.cpu import detect
@@ -39,17 +40,17 @@ def ranges_for(fp32: onnx.ModelProto, target: str, batches: list[dict], method: 
 class Int8Stage:
     """Calibration data, ranges (cached in calibration.json) and budgeted quantization per target."""
 
-    def __init__(self, root: Path, request, model, spec, cache: Path | None):
+    def __init__(self, root: Path, options: Int8Options, model, spec, cache: Path | None):
         from exporter.zoo import BY_NAME  # noqa: PLC0415 - imports torch
 
         entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
-        self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
+        self.data = load_calibration(options.calib, spec, entry, model.module, options.allow_random_calibration)
         self.data_hash = data_sha256(self.data.calibration)
-        self.budget = Budget.parse(request.budget, model.task, request.metric_hook)
-        self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
-        self.time_limit = request.int8_time_limit
-        self.requested_state, self.state = tuple(request.state), ()
-        self.required = {"trt", "ort"} if "all" in request.require_int8 else set(request.require_int8)
+        self.budget = Budget.parse(options.budget, model.task, options.metric_hook)
+        self.root, self.method, self.cache, self.ort_form = root, options.calib_method, cache, options.ort_form
+        self.time_limit = options.time_limit
+        self.requested_state, self.state = tuple(options.state), ()
+        self.required = {"trt", "ort"} if "all" in options.require else set(options.require)
         self.ranges: dict[str, dict] = {}
         self.results: dict[str, Int8Result] = {}
         self.reused: dict[str, bool] = {}

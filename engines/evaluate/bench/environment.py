@@ -1,8 +1,8 @@
 """Where a benchmark ran: the CPU (model, ISA class, cores), versions, and how loaded the machine was.
 
 Timings mean little without it: INT8 speed depends on the CPU's integer dot-product class
-(``engines.runtime.cpu``), and a machine busy with other work slows every backend unevenly (a loaded
-machine gave PyTorch eager 83 ms at batch 1 and a "2773x" ratio). The 1-minute load average is
+(``engines.runtime.cpu``), and a machine busy with other work slows every backend unevenly
+(docs/decisions/006-bench-interleaving.md). The 1-minute load average is
 read at the start and the end; more runnable threads than cores means the timings competed with
 something, and a WARNING says so.
 """

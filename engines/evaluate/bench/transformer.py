@@ -15,10 +15,9 @@ Inputs: English sentences (``engines.evaluate.text``) tokenized with the model d
 and padded to the point's sequence length (``padding="max_length"``, truncated beyond it), as a client
 that pads to a fixed length sends them: at 128 most of each row is padding. Points: every batch x
 sequence pair asked (default 1 and 8 x 32 and 128). Interleaved: ``rounds`` rounds; in each, every
-backend runs, after a 0.1 s pause and one untimed call, ``iterations`` timed calls at every point
-(without the pause the previous backend's ONNX Runtime or OpenMP threads, still spinning, took a core:
-two interleaved sessions ran batch 1 x 32 at 8 ms each instead of 4 and 3.3 ms), the backends' order rotating per round, so that drift in a
-shared machine's speed hits all alike. Per backend and point: the median ms and the ratios
+backend runs, after a 0.1 s pause and one untimed call, ``iterations`` timed calls at every point, the
+backends' order rotating per round, so that drift in a shared machine's speed hits all alike
+(docs/decisions/006-bench-interleaving.md). Per backend and point: the median ms and the ratios
 against the plain export and against the optimizer's output (above 1: faster).
 """
 
@@ -139,7 +138,7 @@ def bench_transformer(request: TransformerBenchRequest) -> dict:
 
 def _interleaved(loaded, feeds, request: TransformerBenchRequest) -> dict:
     times: dict = {(b.name, p): [] for b, _ in loaded for p in feeds}
-    for b, run in loaded:  # warm-up: every backend once per point
+    for _, run in loaded:  # warm-up: every backend once per point
         for data in feeds.values():
             run(data)
     for r in range(request.rounds):

@@ -16,18 +16,17 @@ INT8 budget's own metric (which is what decides an INT8 graph). A model with a t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
-import re
-import shlex
 from pathlib import Path
 
 import numpy as np
 
 from engines.bundle import Manifest, read_manifest, update_report, verified_path, write_atomic
-from engines.evaluate.compare.data import CompareData, load_data
+from engines.evaluate.compare.data import load_data
+from engines.evaluate.compare.polygraphy_lines import polygraphy_commands
+from engines.evaluate.compare.results import CompareRequest, CompareResult, PairResult, Side
 from engines.evaluate.compare.runners import (
     PlanforgeRunner,
     TorchRunner,
@@ -36,103 +35,18 @@ from engines.evaluate.compare.runners import (
     tensorrt_runner,
 )
 from engines.evaluate.compare.tolerances import (
-    ERROR_STATS,
-    OPTIONS,
     OutputTolerance,
     check_output_names,
-    per_output,
     tolerances,
 )
 from engines.runtime import ORDER, BundleView, unavailable
 from engines.runtime.cpu import detect
-from foundation.errors import ComparisonFailed, UsageError
+from foundation.errors import UsageError
 from foundation.numerics import Budget, budget_metric, cosine_per_sample, top1_agreement
 from foundation.sequence import judged_outputs, run_sequence
 from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareRequest:
-    bundle: Path
-    data: str = "auto"  # auto | golden | random | eval | PATH
-    iterations: int = 4  # random data
-    point: str = "opt"  # random data
-    seed: int = 0
-    atol: tuple[str, ...] = ()  # VALUE or OUTPUT:VALUE
-    rtol: tuple[str, ...] = ()
-    error_stat: tuple[str, ...] = ()
-    quantile: tuple[str, ...] = ()
-    reference: str = "auto"  # auto | pytorch | onnx
-    report: Path | None = None  # default: report.json in the bundle
-    save_inputs: Path | None = None  # Polygraphy JSON, for `polygraphy run --load-inputs`
-    threads: int | None = None
-    cache_dir: Path = Path("build/.cache")
-
-    def overrides(self) -> dict[str, dict]:
-        return {"atol": per_output(self.atol, OPTIONS["atol"]), "rtol": per_output(self.rtol, OPTIONS["rtol"]),
-                "stat": per_output(self.error_stat, OPTIONS["stat"], str, ERROR_STATS),
-                "quantile": per_output(self.quantile, OPTIONS["quantile"], upper=1.0)}
-
-
-@dataclasses.dataclass
-class Side:
-    """One runner in the comparison and what it runs."""
-
-    name: str
-    precision: str
-    runner: object
-    artifact: str | None = None
-    target: str | None = None  # the graph's target (ort: run optimized, trt: as written), None otherwise
-
-
-@dataclasses.dataclass
-class PairResult:
-    reference: str
-    runner: str
-    precision: str
-    outputs: dict[str, dict]
-    budget: dict | None
-    passed: bool
-    graph: str | None = None  # the bundle's graph this side ran under ONNX Runtime
-    target: str | None = None
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class CompareResult:
-    bundle: Path
-    data: CompareData
-    reference: str
-    pairs: list[PairResult]
-    skipped: dict[str, str]
-    task_metric: dict | None
-    polygraphy: list[str]
-    cpu: dict = dataclasses.field(default_factory=dict)  # this CPU's class; where the INT8 ort graph was validated
-    report: Path | None = None
-    stateful: bool = False  # state fed back between batches: Polygraphy's CLI cannot repeat it
-
-    @property
-    def ok(self) -> bool:
-        return all(p.passed for p in self.pairs)
-
-    def to_json(self) -> dict:
-        return {"ok": self.ok, "data": self.data.to_json(), "reference": self.reference,
-                "pairs": [p.to_json() for p in self.pairs], "skipped": self.skipped,
-                "task_metric": self.task_metric, "polygraphy_commands": self.polygraphy, "cpu": self.cpu}
-
-    def raise_for_failures(self) -> None:
-        """``ComparisonFailed`` naming the failed checks (exit code 4), or nothing."""
-        if not self.ok:
-            raise ComparisonFailed(f"{len(self.failures())} check(s) failed: {', '.join(self.failures())}; "
-                                   f"details in {self.report}")
-
-    def failures(self) -> list[str]:
-        return [f"{p.runner} {name}" for p in self.pairs for name, o in p.outputs.items() if not o["passed"]] + \
-               [f"{p.runner} {p.budget['metric']}" for p in self.pairs if p.budget and not p.budget["passed"]]
 
 
 def compare(request: CompareRequest) -> CompareResult:
@@ -333,84 +247,6 @@ def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
         logits = np.concatenate([np.asarray(it["logits"]) for it in results[side.runner.name]])
         accuracy[side.name] = logits_accuracy(logits)
     return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
-
-
-def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult], inputs: Path | None,
-                        batches: int) -> list[str]:
-    """``polygraphy run`` lines that repeat the ONNX Runtime comparisons (exported graph as reference).
-
-    They need the inputs saved (``--save-inputs``): without them there are none, and the CLI says how
-    to get them. The reference outputs go beside the inputs, not into the working directory. An INT8
-    pair is judged by its budget, which Polygraphy's elementwise checks cannot express: its line loads
-    a compare script written beside the inputs (``budget_script``) that computes the budget's metric
-    with planforge's own code over all the batches, so the line fails exactly when compare fails.
-    Stateful bundles get none: Polygraphy runs each batch on its own and cannot feed the state back."""
-    if inputs is None or (manifest.calibration and manifest.calibration.state):
-        return []
-    inputs = Path(inputs).resolve()
-    load, ref_path = shlex.quote(str(inputs)), inputs.with_name(f"{inputs.stem}.ref_outputs.json")
-    ref = shlex.quote(str(bundle.resolve() / "model.onnx"))
-    lines = [f"polygraphy run {ref} --onnxrt --load-inputs {load} --save-outputs {shlex.quote(str(ref_path))}"]
-    for pair in pairs:
-        graph = pair.graph
-        if graph is None:  # the exported graph, PyTorch, planforge's runtime, TensorRT
-            continue
-        args = []
-        if pair.budget is not None:
-            module = re.sub(r"\W", "_", f"{inputs.stem}_{pair.target}_budget")  # Polygraphy imports it
-            script = budget_script(inputs.with_name(f"{module}.py"),
-                                   manifest.calibration.budget, list(pair.outputs), batches)
-            args += ["--compare-func-script", str(script)]
-        else:
-            tols = {n: o["tolerance"] for n, o in pair.outputs.items()}
-            for key, flag in (("atol", "--atol"), ("rtol", "--rtol"), ("stat", "--check-error-stat")):
-                args += [flag, *(f"{n}:{t[key]}" for n, t in tols.items())]
-            if any(t["stat"] == "quantile" for t in tols.values()):
-                args += ["--error-quantile", *(f"{n}:{t['quantile']}" for n, t in tols.items())]
-        if pair.target == "trt":  # float emulation: the graph as written, without ORT's optimizations
-            args += ["--graph-optimization-level", "ORT_DISABLE_ALL"]
-        lines.append(f"polygraphy run {shlex.quote(str(bundle.resolve() / graph))} --onnxrt --load-inputs {load} "
-                     f"--load-outputs {shlex.quote(str(ref_path))} {' '.join(shlex.quote(a) for a in args)}")
-    return lines
-
-
-BUDGET_SCRIPT = '''"""Polygraphy compare function written by `planforge compare`: the INT8 budget {budget}.
-
-Polygraphy calls it once per batch; it keeps the outputs and, at the last of the {batches} batches,
-judges the budget over all of them with planforge's own metric (foundation.numerics), as compare
-did. Earlier batches pass: the budget is a statistic over the whole data set, not per batch.
-"""
-
-from collections import OrderedDict
-
-import numpy as np
-
-from foundation.numerics import Budget, budget_metric
-
-BUDGET = Budget.from_json({spec})
-NAMES = {names}
-BATCHES = {batches}
-_seen = {{"reference": [], "actual": []}}
-
-
-def compare_outputs(reference, actual):
-    _seen["reference"].append([np.asarray(reference[n]) for n in NAMES])
-    _seen["actual"].append([np.asarray(actual[n]) for n in NAMES])
-    if len(_seen["reference"]) < BATCHES:
-        return OrderedDict((n, True) for n in NAMES)
-    score = budget_metric(BUDGET, _seen["reference"], _seen["actual"], NAMES)
-    passed = BUDGET.met(score)
-    print(f"planforge budget {{BUDGET}}: {{float(score):.6g}} over {{BATCHES}} batches: "
-          f"{{'PASSED' if passed else 'FAILED'}}")
-    return OrderedDict((n, bool(passed)) for n in NAMES)
-'''
-
-
-def budget_script(path: Path, budget: Budget, names: list[str], batches: int) -> Path:
-    """Write the compare script of an INT8 line (see ``polygraphy_commands``) to ``path``."""
-    text = BUDGET_SCRIPT.format(budget=budget, batches=batches, spec=repr(budget.to_json()), names=repr(names))
-    write_atomic(path, text.encode())
-    return path
 
 
 def _write_report(bundle: Path, result: CompareResult, report: Path | None) -> Path:
