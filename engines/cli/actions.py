@@ -62,11 +62,29 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     check_assumed(spec, str(source))
     points = ("min", "max") if spec.is_dynamic else ("opt",)
     feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+    references = []
+    for point, f in zip(points, feeds):
+        try:
+            references.append(run_graph(model, f))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            reason = (f"{source} cannot be verified on random data at the input spec {spec}: ONNX Runtime fails on "
+                      f"the original graph at the {point} shapes {({k: list(v.shape) for k, v in f.items()})}: "
+                      f"{str(exc).splitlines()[0][:300]}")
+            if verify:
+                raise UsageError(f"{reason}. Pass --input NAME:DTYPE:[DIMS]:LO..HI with shapes and value ranges "
+                                 "it runs on, or --no-verify-passes") from exc
+            logger.warning("%s; the optimized graph is not compared with it (--no-verify-passes)", reason)
+            feeds, references = [], []
+            break
     steps = pipeline(target, precision, skip=skip, keep=keep_fp32)
     optimized, records = PassManager(steps, verify_feeds=feeds if verify else None).run(model)
     worst: dict[str, float] = {}
-    for f in feeds:
-        expected, actual = run_graph(model, f), run_graph(optimized, f)
+    for f, expected in zip(feeds, references):
+        try:
+            actual = run_graph(optimized, f)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise PassError(f"the optimized graph no longer runs under ONNX Runtime where {source} does: "
+                            f"{str(exc).splitlines()[0][:300]}; find the pass with --skip-pass") from exc
         for name, exp in expected.items():
             err = compare_arrays(actual[name], exp, *graph_tolerance(precision, exp))
             if not err.ok:
