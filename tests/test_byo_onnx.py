@@ -165,12 +165,12 @@ def test_a_bundle_records_its_source_absolutely_and_finds_it_again_when_moved_wi
 @needs_sequence8
 def test_a_graph_random_feeds_cannot_run_is_refused_in_one_line_naming_what_to_pass(run_cli, in_tmp):
     """SplitToSequence needs sum(Splits) == len(X): random Splits cannot run the original graph."""
-    code, out, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort")
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort")
     assert code == 2 and "internal error" not in err and "Traceback" not in err, err
     assert "cannot be verified on random data at the input spec" in err and "split_size_sum" in err
     assert "Pass --input" in err and "--no-verify-passes" in err
     assert not (in_tmp / "o.onnx").exists()
-    code, out, err = run_cli("build", SEQUENCE8 / "model.onnx")
+    code, _, err = run_cli("build", SEQUENCE8 / "model.onnx")
     assert code == 2 and "internal error" not in err and "does not run under ONNX Runtime" in err, err
 
 

@@ -16,6 +16,19 @@ def test_every_zoo_model_runs_at_the_min_shapes_with_its_declared_outputs(entry,
     assert all(np.isfinite(o).all() for o in outputs)
 
 
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_every_zoo_model_resolves_to_the_same_weights_hash_whatever_the_rng_state(entry, build_root):
+    """What a build records in the manifest and compare checks again: seeded (or cached trained) weights."""
+    from exporter.resolve import resolve, weights_sha256
+
+    hashes = set()
+    with torch.random.fork_rng():
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            hashes.add(weights_sha256(resolve(entry.name, build_root / ".cache").module))
+    assert len(hashes) == 1
+
+
 def test_resnet18_is_the_real_architecture():
     module = BY_NAME["resnet18"].build("/nonexistent")
     assert sum(p.numel() for p in module.parameters()) == 11_689_512
