@@ -168,7 +168,7 @@ def test_a_graph_random_feeds_cannot_run_is_refused_in_one_line_naming_what_to_p
     code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort")
     assert code == 2 and "internal error" not in err and "Traceback" not in err, err
     assert "cannot be verified on random data at the input spec" in err and "split_size_sum" in err
-    assert "Pass --input" in err and "--no-verify-passes" in err
+    assert "Pass --feed" in err and "--input NAME:DTYPE:[DIMS]:LO..HI" in err and "--no-verify-passes" in err
     assert not (in_tmp / "o.onnx").exists()
     code, _, err = run_cli("build", SEQUENCE8 / "model.onnx")
     assert code == 2 and "internal error" not in err and "does not run under ONNX Runtime" in err, err
@@ -185,3 +185,21 @@ def test_a_graph_random_feeds_cannot_run_optimizes_unverified_or_at_a_spec_that_
         assert "max abs difference from the input graph: len 0" in out
     feeds, expected = _sequence8_data()
     np.testing.assert_array_equal(_original(in_tmp / "o.onnx", feeds)[0], expected)
+
+
+@needs_sequence8
+def test_a_graph_random_feeds_cannot_run_is_verified_on_the_users_own_feeds(run_cli, in_tmp):
+    feeds, expected = _sequence8_data()
+    np.savez(in_tmp / "data.npz", **feeds)
+    code, out, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort",
+                             "--feed", "data.npz")
+    assert code == 0, err
+    assert "max abs difference from the input graph: len 0" in out and "assuming" not in err
+    np.testing.assert_array_equal(_original(in_tmp / "o.onnx", feeds)[0], expected)
+    np.save(in_tmp / "x.npy", feeds["X"])
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "p.onnx", "--target", "ort", "--feed", "X=x.npy")
+    assert code == 2 and "--feed gives no array for input Splits" in err and not (in_tmp / "p.onnx").exists()
+    np.save(in_tmp / "splits.npy", np.array([1, 1, 1], np.int64))  # sums to 3, X (empty) to 0
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "p.onnx", "--target", "ort", "--feed", "X=x.npy",
+                           "--feed", "Splits=splits.npy")
+    assert code == 2 and "cannot be verified on the --feed data" in err and "split_size_sum" in err

@@ -52,27 +52,36 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], opset: int, exp
 
 def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
                    verify: bool, keep_fp32: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
-    """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
+                   skip: tuple[str, ...] = (), feed: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
+    """Run one target's pipeline on an .onnx file; the result is compared with the input graph, on seeded random
+    data at the input spec or on the user's ``feed`` files (``read_feeds``)."""
 
     from exporter.resolve import check_assumed, load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(source)
     spec = spec_from_onnx(model).override(inputs)
-    check_assumed(spec, str(source))
-    points = ("min", "max") if spec.is_dynamic else ("opt",)
-    feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+    if feed:
+        given = read_feeds(feed, spec.names)
+        if missing := [n for n in spec.names if n not in given]:
+            raise UsageError(f"--feed gives no array for input {', '.join(missing)}; add NAME=FILE.npy, or an .npz "
+                             f"holding every input by name ({', '.join(spec.names)})")
+        points, feeds, data = ("--feed",), [given], "the --feed data"
+    else:
+        check_assumed(spec, str(source))
+        points = ("min", "max") if spec.is_dynamic else ("opt",)
+        feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+        data = f"random data at the input spec {spec}"
     references = []
     for point, f in zip(points, feeds):
         try:
             references.append(run_graph(model, f))
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
-            reason = (f"{source} cannot be verified on random data at the input spec {spec}: ONNX Runtime fails on "
-                      f"the original graph at the {point} shapes {({k: list(v.shape) for k, v in f.items()})}: "
-                      f"{str(exc).splitlines()[0][:300]}")
+            reason = (f"{source} cannot be verified on {data}: ONNX Runtime fails on the original graph at the "
+                      f"{point} shapes {({k: list(v.shape) for k, v in f.items()})}: {str(exc).splitlines()[0][:300]}")
             if verify:
-                raise UsageError(f"{reason}. Pass --input NAME:DTYPE:[DIMS]:LO..HI with shapes and value ranges "
-                                 "it runs on, or --no-verify-passes") from exc
+                raise UsageError(f"{reason}. Pass --feed NAME=FILE.npy (or FILE.npz) with inputs it runs on, --input "
+                                 "NAME:DTYPE:[DIMS]:LO..HI with shapes and value ranges it runs on, or "
+                                 "--no-verify-passes") from exc
             logger.warning("%s; the optimized graph is not compared with it (--no-verify-passes)", reason)
             feeds, references = [], []
             break

@@ -188,13 +188,16 @@ def export(model, out, inputs, opset, exporter, parity_atol, parity_rtol):
               help="Check numbers under ONNX Runtime after every pass.")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OP", help="Keep these nodes or op types in FP32 (fp16).")
 @_skip_option
-def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32, skip_passes):
+@click.option("--feed", "feeds", multiple=True, metavar="[NAME=]FILE",
+              help="Verify on these inputs instead of random data: NAME=FILE.npy, FILE.npz (arrays named after the "
+                   "inputs), or FILE.npy alone for a single-input model (repeat).")
+def optimize(source, out, target, precision, inputs, verify_passes, keep_fp32, skip_passes, feeds):
     """Run the pass pipeline for one target on an .onnx file."""
     from engines.cli.actions import optimize_model  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import optimize_summary  # noqa: PLC0415 - per command: --help stays fast
 
     records, worst = optimize_model(source, out, target, precision, tuple(inputs), verify_passes, tuple(keep_fp32),
-                                    tuple(skip_passes))
+                                    tuple(skip_passes), tuple(feeds))
     optimize_summary(console, out, records, worst)
 
 
