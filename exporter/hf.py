@@ -74,7 +74,8 @@ def resolve_hf_dir(path: Path):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
     try:
-        with _offline_and_quiet() as transformers:
+        with _offline_and_quiet() as transformers, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # weights the checkpoint lacks (a pooler) initialise alike at build and compare
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
             model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
     except UsageError as exc:

@@ -261,13 +261,32 @@ def relative_source(source: str, bundle: Path) -> str | None:
     return relative + source[len(source_path(source)):]
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights: every ``state_dict`` entry (parameters and persistent buffers, in its
+    order) as name, dtype, shape and bytes. A build records it; ``compare`` computes it again on the module
+    it re-resolves, which catches a factory that initialises different weights on every call."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):  # a module's get_extra_state() may return anything
+            digest.update(f"{name}\0{type(value).__name__}\0".encode())
+            continue
+        tensor = value.detach()
+        tensor = tensor.dequantize() if tensor.is_quantized else tensor.to_dense() if tensor.layout != torch.strided \
+            else tensor
+        tensor = tensor.cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # bytes: bfloat16 has no NumPy dtype
+    return digest.hexdigest()
+
+
 def resolve_bundle_model(source: str, source_sha256: str, cache_dir: Path,
                          hint: str = "rebuild the bundle", bundle: Path | None = None,
-                         relative: str | None = None) -> ResolvedModel:
+                         relative: str | None = None, weights: str | None = None) -> ResolvedModel:
     """The PyTorch model a bundle was built from (its manifest's model ``source``, an absolute path, or
     ``relative`` to the ``bundle`` when the recorded path is gone: the two were moved together), refused
     when that source no longer hashes to the recorded ``source_sha256`` (comparing or timing another model
-    would mislead)."""
+    would mislead), or, given the build's ``weights`` (``weights_sha256``), when the module's weights differ
+    from them (an unseeded factory)."""
     if relative and bundle is not None and not Path(source_path(source)).exists():
         moved = Path(bundle) / source_path(relative)
         if moved.exists():
@@ -276,4 +295,7 @@ def resolve_bundle_model(source: str, source_sha256: str, cache_dir: Path,
     if resolved.source_sha256 != source_sha256:
         raise UsageError(f"the model {source} is not the one the bundle was built from (its source sha256 "
                          f"differs from the manifest's); {hint}")
+    if weights is not None and resolved.module is not None and (found := weights_sha256(resolved.module)) != weights:
+        raise UsageError(f"{source}: the factory returned different weights than at build time (seed it or load a "
+                         f"checkpoint), then {hint} (weights sha256 {found[:12]} now, {weights[:12]} at build)")
     return resolved

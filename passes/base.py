@@ -165,7 +165,12 @@ class PassManager:
             logger.warning("passes skipped, the graph is returned unchanged: %s", reason)
             return model, [PassRecord("PassManager", False, {"skipped": reason}, 0.0, {}, {})]
         graph = gs.import_onnx(model)
-        reference = [run_graph(model, f) for f in self.verify_feeds]
+        try:
+            reference = [run_graph(model, f) for f in self.verify_feeds]
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise PassError(f"the verification feeds do not run the graph before the passes under ONNX Runtime: "
+                            f"{str(exc).splitlines()[0][:300]}; give feeds (shapes and value ranges) it runs on, "
+                            "or verify nothing") from exc
         records: list[PassRecord] = []
         for step in self.passes:
             if isinstance(step, FixedPoint):

@@ -33,10 +33,21 @@ PADDLE_CLS = _package_file("rapidocr_onnxruntime", "models", "ch_ppocr_mobile_v2
 SILERO = _package_file("silero_vad", "data", "silero_vad.onnx")
 needs_paddle = pytest.mark.skipif(PADDLE_CLS is None, reason="needs rapidocr-onnxruntime (make test installs it)")
 needs_silero = pytest.mark.skipif(SILERO is None, reason="needs silero-vad (make test installs it)")
+SEQUENCE8 = Path(onnx.__file__).parent / "backend" / "test" / "data" / "simple" / "test_sequence_model8"
+needs_sequence8 = pytest.mark.skipif(not (SEQUENCE8 / "model.onnx").is_file(),
+                                     reason="needs ONNX's backend case simple/test_sequence_model8 (ships with onnx)")
 
 
 def _original(path: Path, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _sequence8_data() -> tuple[dict, np.ndarray]:
+    """The case's own inputs (X, Splits) and expected output from its test_data_set_0."""
+    def read(name):
+        return onnx.numpy_helper.to_array(onnx.load_tensor(str(SEQUENCE8 / "test_data_set_0" / name)))
+
+    return {"X": read("input_0.pb"), "Splits": read("input_1.pb")}, read("output_0.pb")
 
 
 def test_minus_one_zero_and_missing_dims_are_dynamic_and_assumed_until_given():
@@ -149,3 +160,46 @@ def test_a_bundle_records_its_source_absolutely_and_finds_it_again_when_moved_wi
     (moved / "m.py").write_text((moved / "m.py").read_text().replace("Linear(4, 3)", "Linear(4, 3, bias=False)"))
     code, out, err = run_cli("compare", str(moved / "bundle"), "--reference", "pytorch")
     assert code == 2 and "is not the one the bundle was built from" in err
+
+
+@needs_sequence8
+def test_a_graph_random_feeds_cannot_run_is_refused_in_one_line_naming_what_to_pass(run_cli, in_tmp):
+    """SplitToSequence needs sum(Splits) == len(X): random Splits cannot run the original graph."""
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort")
+    assert code == 2 and "internal error" not in err and "Traceback" not in err, err
+    assert "cannot be verified on random data at the input spec" in err and "split_size_sum" in err
+    assert "Pass --feed" in err and "--input NAME:DTYPE:[DIMS]:LO..HI" in err and "--no-verify-passes" in err
+    assert not (in_tmp / "o.onnx").exists()
+    code, _, err = run_cli("build", SEQUENCE8 / "model.onnx")
+    assert code == 2 and "internal error" not in err and "does not run under ONNX Runtime" in err, err
+
+
+@needs_sequence8
+@pytest.mark.parametrize("how", [("--no-verify-passes",), ("--input", "X:float32:[3]", "--input", "Splits:int64:[3]:1..2")])
+def test_a_graph_random_feeds_cannot_run_optimizes_unverified_or_at_a_spec_that_runs(run_cli, in_tmp, how):
+    code, out, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort", *how)
+    assert code == 0, err
+    if how[0] == "--no-verify-passes":
+        assert "not compared" in out and "cannot be verified on random data" in err
+    else:
+        assert "max abs difference from the input graph: len 0" in out
+    feeds, expected = _sequence8_data()
+    np.testing.assert_array_equal(_original(in_tmp / "o.onnx", feeds)[0], expected)
+
+
+@needs_sequence8
+def test_a_graph_random_feeds_cannot_run_is_verified_on_the_users_own_feeds(run_cli, in_tmp):
+    feeds, expected = _sequence8_data()
+    np.savez(in_tmp / "data.npz", **feeds)
+    code, out, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort",
+                             "--feed", "data.npz")
+    assert code == 0, err
+    assert "max abs difference from the input graph: len 0" in out and "assuming" not in err
+    np.testing.assert_array_equal(_original(in_tmp / "o.onnx", feeds)[0], expected)
+    np.save(in_tmp / "x.npy", feeds["X"])
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "p.onnx", "--target", "ort", "--feed", "X=x.npy")
+    assert code == 2 and "--feed gives no array for input Splits" in err and not (in_tmp / "p.onnx").exists()
+    np.save(in_tmp / "splits.npy", np.array([1, 1, 1], np.int64))  # sums to 3, X (empty) to 0
+    code, _, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "p.onnx", "--target", "ort", "--feed", "X=x.npy",
+                           "--feed", "Splits=splits.npy")
+    assert code == 2 and "cannot be verified on the --feed data" in err and "split_size_sum" in err

@@ -297,6 +297,37 @@ def test_a_changed_model_source_is_refused_as_reference_and_the_exported_graph_c
     assert json.loads((tmp_path / "r.json").read_text())["compare"]["reference"] == "onnxruntime model.onnx"
 
 
+@pytest.mark.parametrize("seeded", [False, True], ids=["unseeded", "seeded"])
+def test_a_factory_whose_weights_differ_per_call_is_refused_as_reference_and_a_seeded_one_compares(tmp_path, run_cli,
+                                                                                                 seeded):
+    """Build and compare run with different global RNG states, as two processes would."""
+    from exporter.resolve import resolve, weights_sha256
+
+    source = tmp_path / "net.py"
+    source.write_text("import torch\n\n\ndef make():\n" + ("    torch.manual_seed(0)\n" if seeded else "")
+                      + "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n")
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        bundle = build(BuildRequest(f"{source}:make", out=tmp_path / "net", build_root=tmp_path)).out
+        recorded = read_manifest(bundle).model.weights_sha256
+        torch.manual_seed(1)
+        assert recorded == weights_sha256(resolve(f"{source}:make", tmp_path).module)  # the factory's weights, as built
+        torch.manual_seed(2)
+        code, out, err = run_cli("compare", bundle)
+    if seeded:
+        assert code == 0, out + err
+        return
+    assert code == 2 and "the factory returned different weights than at build time (seed it or load a checkpoint)" in err
+    assert "--reference onnx" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["model"]["weights_sha256"]  # a bundle from before the weights were recorded: compared as it was
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        code, out, err = run_cli("compare", bundle)
+    assert code == 4 and "check(s) failed" in err  # the other weights, found only by every check failing
+
+
 def test_compare_repeats_the_build_verdict_on_the_stored_evaluation_batches(tmp_path, caplog):
     """Any model, not only the zoo: the held-out batches travel in the bundle and are compare's default."""
     import logging

@@ -147,6 +147,12 @@ def test_manager_verification_names_the_pass_that_changed_the_numbers():
         manager.run(_chain_model())
 
 
+def test_manager_refuses_verification_feeds_that_do_not_run_the_original_graph():
+    manager = PassManager([InferShapes(), FoldConstants()], verify_feeds=[{"x": seeded((5, 2), 7)}])  # x is [batch, 3]
+    with pytest.raises(PassError, match="verification feeds do not run the graph before the passes.*INVALID_ARGUMENT"):
+        manager.run(_chain_model())
+
+
 def test_manager_records_stats_and_keeps_ir_version_and_opset():
     model = _chain_model()
     out, records = PassManager([InferShapes(), FoldConstants(), Cleanup()], verify_feeds=[FEEDS]).run(model)

@@ -10,7 +10,7 @@ import pytest
 from helpers import helper, make_model
 
 from foundation.errors import ExportError, UsageError
-from exporter.resolve import load_onnx, resolve
+from exporter.resolve import load_onnx, resolve, weights_sha256
 
 
 def test_zoo_name_resolves_to_module_spec_and_stable_hash(tmp_path):
@@ -131,3 +131,47 @@ def test_hugging_face_directory_without_transformers_says_what_to_install(tmp_pa
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "transformers is not installed" in out and "pip install 'planforge[hf]'" in out
+
+
+def test_weights_sha256_follows_every_value_dtype_name_and_buffer():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    base = weights_sha256(net)
+    assert weights_sha256(net) == base and len(base) == 64
+    variants = []
+    with torch.no_grad():
+        weight = net[0].weight
+        saved = weight[0, 0].item()
+        weight[0, 0] = float(np.nextafter(np.float32(saved), np.float32(np.inf)))  # one ULP
+        variants.append(weights_sha256(net))
+        weight[0, 0] = saved
+        net[1].running_mean += 1e-3  # a buffer
+        variants.append(weights_sha256(net))
+        net[1].running_mean -= 1e-3
+    assert weights_sha256(net) == base
+    renamed = torch.nn.Sequential()
+    renamed.add_module("fc", net[0])
+    renamed.add_module("1", net[1])
+    variants += [weights_sha256(renamed), weights_sha256(net.to(torch.bfloat16)), weights_sha256(net.double())]
+    assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_a_hugging_face_directory_lacking_some_weights_resolves_to_the_same_weights_every_time(tmp_path):
+    """A BertForMaskedLM checkpoint has no pooler: AutoModel initialises one, alike at build and compare."""
+    tf = pytest.importorskip("transformers")
+    import torch
+
+    config = tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tf.BertForMaskedLM(config).eval().save_pretrained(str(tmp_path / "mlm"))
+        hashes = set()
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            state = torch.get_rng_state()
+            hashes.add(weights_sha256(resolve(str(tmp_path / "mlm"), tmp_path).module))
+            assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left alone
+    assert len(hashes) == 1

@@ -34,7 +34,7 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     start = time.perf_counter()
     if request.precision not in PRECISIONS:
         raise UsageError(f"precision {request.precision!r} is not one of {', '.join(PRECISIONS)}")
-    from exporter.resolve import check_assumed, relative_source, resolve  # noqa: PLC0415 - imports torch
+    from exporter.resolve import check_assumed, relative_source, resolve, weights_sha256  # noqa: PLC0415 - imports torch
 
     on_stage("resolve")
     model = resolve(request.model, request.build_root / ".cache")
@@ -47,13 +47,17 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if (reused := _existing(out, key, request.force)) is not None:
         logger.info("%s is up to date (same model, inputs and options); reusing it. --force rebuilds", out)
         return BuildResult(out, reused, True, time.perf_counter() - start)
+    # A user's factory may return other weights on every call (no seed, no checkpoint): compare checks this hash.
+    # Zoo models are seeded and Hugging Face directories load a checkpoint; recorded for factories only, before
+    # export runs the module.
+    weights = weights_sha256(model.module) if model.kind == "python" else None
     old_cache = out / "calibration.json"
     clock = StageClock(on_stage)
     with StagedBundle(out, replace=out.exists()) as stage:
         manifest = _build_into(stage.path, request, model, spec, profiles, key, clock,
                                old_cache if old_cache.is_file() else None)
         manifest = dataclasses.replace(manifest, model=dataclasses.replace(
-            manifest.model, relative=relative_source(model.source, out)))
+            manifest.model, relative=relative_source(model.source, out), weights_sha256=weights))
         seconds = clock.finish()
         on_stage("write")
         manifest = stage.commit(dataclasses.replace(manifest, build_seconds=seconds), stages.roles(stage.path))

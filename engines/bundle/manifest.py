@@ -51,6 +51,7 @@ class ModelSource:
     source_sha256: str
     task: str | None = None
     relative: str | None = None  # the source's path relative to the bundle (found there when both moved)
+    weights_sha256: str | None = None  # a PyTorch source's weights at build (exporter.resolve.weights_sha256)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

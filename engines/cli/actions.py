@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from engines.build.request import ExportOptions
+from engines.build.request import ExportOptions, PassOptions
 from engines.bundle import read_manifest
 from engines.cli.present import inspect_bundle, inspect_onnx
 from engines.runtime import load
@@ -51,22 +51,23 @@ def export_model(model: str, out: Path, inputs: tuple[str, ...], options: Export
 
 
 def optimize_model(source: Path, out: Path, target: str, precision: str, inputs: tuple[str, ...],
-                   verify: bool, keep_fp32: tuple[str, ...] = (),
-                   skip: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
-    """Run one target's pipeline on an .onnx file; the result is compared with the input graph."""
-
-    from exporter.resolve import check_assumed, load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
+                   passes: PassOptions, feed: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, float]]:
+    """Run one target's pipeline on an .onnx file; the result is compared with the input graph, on seeded random
+    data at the input spec or on the user's ``feed`` files (``read_feeds``)."""
+    from exporter.resolve import load_onnx, spec_from_onnx  # noqa: PLC0415 - imports torch
 
     model = load_onnx(source)
     spec = spec_from_onnx(model).override(inputs)
-    check_assumed(spec, str(source))
-    points = ("min", "max") if spec.is_dynamic else ("opt",)
-    feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
-    steps = pipeline(target, precision, skip=skip, keep=keep_fp32)
-    optimized, records = PassManager(steps, verify_feeds=feeds if verify else None).run(model)
+    feeds, references = _verification_data(model, spec, source, feed, passes.verify_passes)
+    steps = pipeline(target, precision, skip=passes.skip_passes, keep=passes.keep_fp32)
+    optimized, records = PassManager(steps, verify_feeds=feeds if passes.verify_passes else None).run(model)
     worst: dict[str, float] = {}
-    for f in feeds:
-        expected, actual = run_graph(model, f), run_graph(optimized, f)
+    for f, expected in zip(feeds, references):
+        try:
+            actual = run_graph(optimized, f)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            raise PassError(f"the optimized graph no longer runs under ONNX Runtime where {source} does: "
+                            f"{str(exc).splitlines()[0][:300]}; find the pass with --skip-pass") from exc
         for name, exp in expected.items():
             err = compare_arrays(actual[name], exp, *graph_tolerance(precision, exp))
             if not err.ok:
@@ -83,6 +84,40 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return [r.to_json() for r in records], worst
+
+
+def _verification_data(model: onnx.ModelProto, spec, source: Path, feed: tuple[str, ...],
+                       verify: bool) -> tuple[list[dict], list[dict]]:
+    """The feeds ``optimize`` compares on (the user's ``--feed`` files, else seeded random data at the spec's
+    shape points) and the original graph's outputs on them. Feeds the original cannot run on are refused in
+    one line (``UsageError``), or, with ``verify`` off, dropped with a warning: nothing is compared then."""
+    from exporter.resolve import check_assumed  # noqa: PLC0415 - imports torch
+
+    if feed:
+        given = read_feeds(feed, spec.names)
+        if missing := [n for n in spec.names if n not in given]:
+            raise UsageError(f"--feed gives no array for input {', '.join(missing)}; add NAME=FILE.npy, or an .npz "
+                             f"holding every input by name ({', '.join(spec.names)})")
+        points, feeds, data = ("--feed",), [given], "the --feed data"
+    else:
+        check_assumed(spec, str(source))
+        points = ("min", "max") if spec.is_dynamic else ("opt",)
+        feeds = [spec.random_feeds(p, seed=i) for i, p in enumerate(points)]
+        data = f"random data at the input spec {spec}"
+    references = []
+    for point, f in zip(points, feeds):
+        try:
+            references.append(run_graph(model, f))
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+            reason = (f"{source} cannot be verified on {data}: ONNX Runtime fails on the original graph at the "
+                      f"{point} shapes {({k: list(v.shape) for k, v in f.items()})}: {str(exc).splitlines()[0][:300]}")
+            if verify:
+                raise UsageError(f"{reason}. Pass --feed NAME=FILE.npy (or FILE.npz) with inputs it runs on, --input "
+                                 "NAME:DTYPE:[DIMS]:LO..HI with shapes and value ranges it runs on, or "
+                                 "--no-verify-passes") from exc
+            logger.warning("%s; the optimized graph is not compared with it (--no-verify-passes)", reason)
+            return [], []
+    return feeds, references
 
 
 def trt_graph(source: str, inputs: tuple[str, ...] = (), as_is: bool = False) -> tuple[onnx.ModelProto, str]:

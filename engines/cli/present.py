@@ -119,7 +119,7 @@ def optimize_summary(console: Console, out: Path, records: list[dict], worst: di
     if records:
         console.print(op_diff_table("ops before/after", records[0]["nodes_before"], records[-1]["nodes_after"]))
     console.print(f"wrote {escape(str(out))}; max abs difference from the input graph: "
-                  + ", ".join(f"{n} {v:.2g}" for n, v in worst.items()))
+                  + (", ".join(f"{n} {v:.2g}" for n, v in worst.items()) or "not compared"))
 
 
 def inspect_onnx(console: Console, path: Path, inputs: list, outputs: list, ops: dict[str, int]) -> None:

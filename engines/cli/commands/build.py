@@ -68,13 +68,15 @@ def export(model, out, inputs, export):
               help="fp16 converts the graph (the trt target's FP16 form).")
 @input_option
 @pass_options
-def optimize(source, out, target, precision, inputs, passes):
+@click.option("--feed", "feeds", multiple=True, metavar="[NAME=]FILE",
+              help="Verify on these inputs instead of random data: NAME=FILE.npy, FILE.npz (arrays named after the "
+                   "inputs), or FILE.npy alone for a single-input model (repeat).")
+def optimize(source, out, target, precision, inputs, passes, feeds):
     """Run the pass pipeline for one target on an .onnx file."""
     from engines.cli.actions import optimize_model  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import optimize_summary  # noqa: PLC0415 - per command: --help stays fast
 
-    records, worst = optimize_model(source, out, target, precision, tuple(inputs), passes.verify_passes,
-                                    passes.keep_fp32, passes.skip_passes)
+    records, worst = optimize_model(source, out, target, precision, tuple(inputs), passes, tuple(feeds))
     optimize_summary(console, out, records, worst)
 
 

@@ -123,7 +123,8 @@ def _pytorch_module(manifest: Manifest, reference: str, cache_dir: Path, bundle:
     from exporter.resolve import resolve_bundle_model  # noqa: PLC0415 - imports torch
 
     resolved = resolve_bundle_model(model.source, model.source_sha256, cache_dir, "rebuild the bundle, or compare "
-                                    "against the exported graph with --reference onnx", bundle, model.relative)
+                                    "against the exported graph with --reference onnx", bundle, model.relative,
+                                    model.weights_sha256)
     return resolved.module
 
 
