@@ -354,6 +354,35 @@ def test_calibration_from_a_function_and_random_only_when_allowed(tmp_path, capl
     assert "CALIBRATING ON RANDOM DATA" in caplog.text
 
 
+@pytest.mark.parametrize("bad", [1, 4])  # a calibration batch, the held-out batch (evaluation.npz)
+def test_token_ids_outside_the_spec_range_are_refused_at_build_with_the_runtime_message(bad, tmp_path, run_cli):
+    """Data the runtime would refuse (compare feeds evaluation.npz to it) is refused before any INT8 work."""
+    from engines import runtime
+    from foundation.errors import RuntimeInputError
+
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["vectors"]), helper.make_node("MatMul", ["vectors", "W"], ["y"])]
+    onnx.save(make_model(nodes, [("ids", np.int64, ["n", 3])], [("y", F32, ["n", 3, 2])],
+                         {"table": seeded((10, 4), 1), "W": seeded((4, 2), 2)}), tmp_path / "emb.onnx")
+    spec = "ids:int64:[n=1..8@4,3]:0..10"
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        ids = rng.integers(0, 10, (4, 3))
+        ids[0, 1] = 10 if i == bad else ids[0, 1]  # one id past the vocabulary of 10
+        np.savez(calib / f"b{i}.npz", ids=ids.astype(np.int64))
+    code, _, err = run_cli("build", tmp_path / "emb.onnx", "--input", spec, "-o", tmp_path / "fp32")
+    assert code == 0, err
+    with runtime.load(tmp_path / "fp32") as engine, pytest.raises(RuntimeInputError) as refused:
+        engine.infer({"ids": np.load(calib / f"b{bad}.npz")["ids"]})
+    code, _, err = run_cli("build", tmp_path / "emb.onnx", "--input", spec, "--precision", "int8", "--calib", calib,
+                           "-o", tmp_path / "int8")
+    assert code == CalibrationError.exit_code == 6
+    message = " ".join(err.split())  # the CLI wraps long lines
+    assert f"b{bad}.npz: {refused.value}" in message and "..10 fall outside the spec's range 0..10" in message
+    assert not (tmp_path / "int8").exists()
+
+
 # budget ----------------------------------------------------------------------------------------
 
 def test_budget_fallback_leaves_the_layer_that_breaks_the_budget_in_float():
