@@ -423,6 +423,67 @@ def test_cosine_budget_fails_a_sample_that_collapsed_to_zero():
     assert not Budget("cosine", 0.99).met(budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]))
 
 
+def test_a_budget_with_an_attention_mask_judges_only_the_positions_it_keeps():
+    """Padding positions' outputs are discarded by every user: their error neither fails nor dilutes the verdict;
+    outputs not led by [batch, seq] (a pooled vector) are judged whole."""
+    from foundation.errors import UsageError
+    from foundation.numerics import budget_metric, kept_positions, relative_squared_error
+
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int64)
+    keep = mask.astype(bool)
+    hidden, pooled = rng.standard_normal((2, 5, 3)).astype(F32), rng.standard_normal((2, 3)).astype(F32)
+    noisy = hidden + 0.05 * rng.standard_normal(hidden.shape).astype(F32)  # a small error everywhere...
+    noisy[~keep] = 100.0  # ...and garbage at the padding positions
+    pooled_noisy = pooled + 0.01
+    names, feeds = ["last_hidden_state", "pooled"], [{"input_ids": mask * 7, "attention_mask": mask}]
+    ref, act = [[hidden, pooled]], [[noisy, pooled_noisy]]
+
+    cosine = Budget.parse(None, "embedding").for_inputs(["input_ids", "attention_mask"])
+    assert cosine.mask == "attention_mask" and str(cosine) == "cosine >= 0.99 at the positions attention_mask keeps"
+    assert Budget.from_json(cosine.to_json()) == cosine and Budget.from_json({"metric": "cosine", "threshold": 0.99}).mask is None
+    assert Budget.parse(None, "embedding").for_inputs(["x"]).mask is None
+    expected = []  # per sample: its kept positions and its pooled vector, one vector
+    for b in range(2):
+        r = np.concatenate([hidden[b][keep[b]].ravel(), pooled[b]]).astype(np.float64)
+        a = np.concatenate([noisy[b][keep[b]].ravel(), pooled_noisy[b]]).astype(np.float64)
+        expected.append(r @ a / np.linalg.norm(r) / np.linalg.norm(a))
+    value = budget_metric(cosine, ref, act, names, feeds)
+    assert value == pytest.approx(np.mean(expected), abs=1e-6) and value > 0.99 and cosine.met(value)
+    whole = budget_metric(Budget.parse(None, "embedding"), ref, act, names, feeds)
+    assert whole < 0.5  # judged over every position, the padding garbage decides
+    assert budget_metric(Budget.parse("cosine@min=0.99", None).for_inputs(["attention_mask"]), ref, act, names,
+                         feeds) == pytest.approx(min(expected), abs=1e-6)
+
+    relerr = Budget.parse("last_hidden_state:relerr=0.05", None).for_inputs(["attention_mask"])
+    err, scale = np.abs(noisy - hidden)[keep], np.abs(hidden[keep]).max()
+    assert budget_metric(relerr, ref, act, names, feeds) == pytest.approx(err.max() / scale, rel=1e-5)
+    mean = Budget.parse("last_hidden_state:relerr@mean=0.05", None).for_inputs(["attention_mask"])
+    assert budget_metric(mean, ref, act, names, feeds) == pytest.approx(err.mean() / scale, rel=1e-5)  # 21 elements
+    sample = Budget.parse("last_hidden_state:relerr@sample=0.05", None).for_inputs(["attention_mask"])
+    per = [np.abs(noisy[b] - hidden[b])[keep[b]].max() / np.abs(hidden[b][keep[b]]).max() for b in range(2)]
+    assert budget_metric(sample, ref, act, names, feeds) == pytest.approx(max(per), rel=1e-5)
+
+    tokens = rng.standard_normal((2, 5, 4)).astype(F32)  # per-token labels: position (0, 2) flips, padding flips too
+    flipped = tokens.copy()
+    flipped[0, 2], flipped[~keep] = -flipped[0, 2], -flipped[~keep]
+    top1 = Budget.parse("top1=0.5", None).for_inputs(["attention_mask"])
+    assert budget_metric(top1, [[tokens]], [[flipped]], ["labels"], feeds) == pytest.approx(6 / 7)
+    starts = np.array([[0.1, 0.9, 0.2, 5.0, 0.0], [0.3, 0.1, 2.0, 0.4, 9.0]], F32)  # scores over the positions
+    moved = starts.copy()
+    moved[1, 3] = 3.0  # the kept argmax of sample 1 moves; the padding maxima (5.0, 9.0) are ignored
+    assert budget_metric(top1, [[starts]], [[moved]], ["start"], feeds) == pytest.approx(1 / 2)
+    assert budget_metric(Budget.parse("top1=0.5", None), [[starts]], [[moved]], ["start"]) == 1.0  # unmasked: 5.0, 9.0
+
+    keeps = kept_positions(cosine, ref, feeds)
+    assert keeps[0][0] is not None and keeps[0][1] is None  # [batch, seq]-led outputs only
+    squared = np.square(noisy - hidden)[keep].sum() / np.square(hidden[keep]).sum()
+    pooled_squared = np.square(pooled_noisy - pooled).sum() / np.square(pooled).sum()
+    assert relative_squared_error(ref, act, keeps) == pytest.approx((squared + pooled_squared) / 2, rel=1e-4)
+    with pytest.raises(UsageError, match="the attention_mask of each batch is needed"):
+        budget_metric(cosine, ref, act, names)
+
+
 def _search(n_layers, heavy, time_limit=None, seen=None):
     """A FallbackSearch over units l0..l{n-1}, the ``heavy`` ones (by index) far more harmful than the rest:
     the error of a graph is the sum of its quantized units' harm (as squared errors roughly add), and the

@@ -41,7 +41,7 @@ from engines.build.int8.forms import FormChoice, choose
 from engines.build.int8.forms import candidates as form_candidates
 from engines.bundle import Int8Report
 from engines.runtime.cpu import detect
-from foundation.numerics import Budget, budget_metric, relative_squared_error
+from foundation.numerics import Budget, budget_metric, kept_positions, relative_squared_error
 from foundation.sequence import StatePairs, judged_outputs, run_sequence, select
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
@@ -179,6 +179,7 @@ class TargetTrials:
         self.names = names
         self.judged = judged_outputs(names, state) if budget.output is None and budget.metric != "user" else \
             list(range(len(names)))
+        self.keeps = kept_positions(budget, self.reference, evaluation)  # padding counts for nothing (a mask)
 
     def measure(self, outputs: list[list[np.ndarray]]):
         return budget_metric(self.budget, select(self.reference, self.judged), select(outputs, self.judged),
@@ -197,7 +198,7 @@ class TargetTrials:
     def evaluate(self, exclude: tuple[str, ...]) -> Trial:
         model = self.quantize(exclude)
         outputs = run_target(model, self.evaluation, self.target, self.state)
-        return Trial(model, self.measure(outputs), relative_squared_error(self.reference, outputs))
+        return Trial(model, self.measure(outputs), relative_squared_error(self.reference, outputs, self.keeps))
 
 
 def _qdq_ops(model: onnx.ModelProto) -> str:

@@ -45,7 +45,10 @@ class Int8Stage:
         entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
         self.data = load_calibration(request.calib, spec, entry, model.module, request.allow_random_calibration)
         self.data_hash = data_sha256(self.data.calibration)
-        self.budget = Budget.parse(request.budget, model.task, request.metric_hook)
+        self.budget = Budget.parse(request.budget, model.task, request.metric_hook).for_inputs(spec.names)
+        if self.budget.mask:
+            logger.info("INT8: the budget %s: outputs led by [batch, seq] are judged where %s is 1 (every user "
+                        "discards the outputs at padding positions)", self.budget, self.budget.mask)
         self.root, self.method, self.cache, self.ort_form = root, request.calib_method, cache, request.ort_int8_form
         self.time_limit = request.int8_time_limit
         self.requested_state, self.state = tuple(request.state), ()
