@@ -382,6 +382,8 @@ did. Earlier batches pass: the budget is a statistic over the whole data set, no
 The inputs (an attention mask, a user metric's feeds) are read from the file the line loads.
 """
 
+import sys
+import types
 from collections import OrderedDict
 
 import numpy as np
@@ -393,10 +395,13 @@ BUDGET = Budget.from_json({spec})
 NAMES = {names}
 BATCHES = {batches}
 INPUTS = {inputs}
-_seen = {{"reference": [], "actual": []}}
+# Polygraphy imports this script afresh for every batch (InvokeFromScript): the outputs seen so far live in
+# a module registered under this script's name, which the re-import does not reset.
+_STATE = sys.modules.setdefault(f"_planforge_state_{{__name__}}", types.ModuleType(f"_planforge_state_{{__name__}}"))
+_seen = _STATE.__dict__.setdefault("seen", {{"reference": [], "actual": []}})
 
 
-def compare_outputs(reference, actual):
+def compare_outputs(actual, reference):  # Polygraphy passes this run's outputs first, the loaded reference second
     _seen["reference"].append([np.asarray(reference[n]) for n in NAMES])
     _seen["actual"].append([np.asarray(actual[n]) for n in NAMES])
     if len(_seen["reference"]) < BATCHES:
