@@ -484,6 +484,67 @@ def test_a_budget_with_an_attention_mask_judges_only_the_positions_it_keeps():
         budget_metric(cosine, ref, act, names)
 
 
+def test_build_and_compare_judge_a_model_with_an_attention_mask_at_the_positions_it_keeps(tmp_path, run_cli):
+    """End to end on a small token model: the manifest's budget records the mask, the build's budget line says so,
+    and compare's verdict (and its Polygraphy line) is the masked metric of the stored held-out batches."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engines.bundle import read_manifest
+    from passes.verify import session
+
+    table = seeded((50, 8), 1)
+    table[0] *= 40.0  # the padding token's row: large outputs at padding positions, as a real vocabulary's [PAD] may give
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Cast", ["attention_mask"], ["m"], to=1),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["mu"]), helper.make_node("Add", ["e", "mu"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["y"])]
+    onnx.save(make_model(nodes, [("ids", np.int64, ["n", "s"]), ("attention_mask", np.int64, ["n", "s"])],
+                         [("y", F32, ["n", "s", 4])], {"table": table, "W": seeded((8, 4), 2),
+                                                      "axis": np.array([2], np.int64)}), tmp_path / "tok.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        lengths = rng.integers(2, 7, 8)
+        mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int64)
+        np.savez(calib / f"b{i}.npz", ids=rng.integers(1, 50, (8, 6)) * mask, attention_mask=mask)
+    inputs = ("--input", "ids:int64:[n=1..8@8,s=1..6@6]:0..50", "--input", "attention_mask:int64:[n,s]:0..2")
+    code, out, err = run_cli("build", tmp_path / "tok.onnx", *inputs, "--precision", "int8", "--calib", calib,
+                             "--budget", "relerr=0.2", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert "INT8 ort: budget relerr <= 0.2 at the positions attention_mask keeps met" in " ".join(out.split())
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.calibration.budget.mask == manifest.int8_report("ort").budget.mask == "attention_mask"
+
+    saved = tmp_path / "saved" / "inputs.json"
+    saved.parent.mkdir()
+    code, out, err = run_cli("compare", tmp_path / "b", "--report", tmp_path / "r.json", "--save-inputs", saved)
+    assert code == 0, out + err
+    pair = next(p for p in json.loads((tmp_path / "r.json").read_text())["compare"]["pairs"]
+                if p["runner"] == "onnxruntime model.ort.onnx")
+    evaluation = [dict(np.load(f)) for f in sorted(calib.glob("*.npz"))][4::5]  # the held-out batches
+    reference, graph = session(tmp_path / "b" / "model.onnx", optimize=True), session(tmp_path / "b" / "model.ort.onnx", optimize=True)
+    ref = [reference.run(None, b)[0].astype(np.float64) for b in evaluation]
+    act = [graph.run(None, b)[0].astype(np.float64) for b in evaluation]
+    kept = [b["attention_mask"].astype(bool) for b in evaluation]
+    masked = max(np.abs(a - r)[k].max() for r, a, k in zip(ref, act, kept)) / max(np.abs(r[k]).max() for r, k in zip(ref, kept))
+    whole = max(np.abs(a - r).max() for r, a in zip(ref, act)) / max(np.abs(r).max() for r in ref)
+    assert pair["budget"]["value"] == pytest.approx(masked, rel=1e-5) and abs(masked - whole) > 1e-3
+    assert pair["budget"]["value"] == pytest.approx(manifest.int8_report("ort").final, rel=1e-3)  # the build's verdict
+    assert pair["budget"]["budget"] == "relerr <= 0.2 at the positions attention_mask keeps" and pair["passed"]
+    lines = json.loads((tmp_path / "r.json").read_text())["compare"]["polygraphy_commands"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this checkout's planforge
+    for line in (lines[0], next(line for line in lines if "model.ort.onnx" in line)):  # reference, then the INT8 line
+        run = subprocess.run([str(Path(sys.executable).with_name("polygraphy")), *shlex.split(line)[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"{pair['budget']['value']:.6g} over 2 batches: PASSED" in run.stdout + run.stderr, run.stdout[-3000:]
+
+
 def _search(n_layers, heavy, time_limit=None, seen=None):
     """A FallbackSearch over units l0..l{n-1}, the ``heavy`` ones (by index) far more harmful than the rest:
     the error of a graph is the sum of its quantized units' harm (as squared errors roughly add), and the
