@@ -341,7 +341,8 @@ def _relative_error(reference: list[list[np.ndarray]], actual: list[list[np.ndar
         masks = [kp[k] for kp in keeps]
         if stat in ("sample", "channel"):
             zeroed = _zero_padding([[x, e] for x, e in zip(refs, errs)], [[m, m] for m in masks])
-            worst = max(worst, _worst_slice([x for x, _ in zeroed], [e for _, e in zeroed], 0 if stat == "sample" else 1))
+            axis = 0 if stat == "sample" else 1
+            worst = max(worst, _worst_slice([x for x, _ in zeroed], [e for _, e in zeroed], axis))
             continue
         refs = [x if m is None else x[m] for x, m in zip(refs, masks)]  # the kept positions' elements
         errs = [e if m is None else e[m] for e, m in zip(errs, masks)]

@@ -177,9 +177,9 @@ def _timed(result: Int8Result, fp32: onnx.ModelProto, evaluation: list[dict]) ->
     timed = result.speed = speed(result.model, fp32, evaluation[0])
     if timed.speedup < INT8_MIN_SPEEDUP:
         logger.warning("INT8 ort is not faster than FP32 on this CPU (%s): %.2fx (FP32 %.4g ms, INT8 %.4g ms per "
-                       "held-out batch, medians of %d interleaved runs); the FP32 graph serves as fast without the "
-                       "INT8 error (--precision fp32)", result.cpu_isa, timed.speedup, timed.fp32_ms, timed.int8_ms,
-                       timed.rounds)
+                       "held-out batch, medians of %d interleaved runs); the FP32 graph serves at least as fast "
+                       "without the INT8 error (--precision fp32)", result.cpu_isa, timed.speedup, timed.fp32_ms,
+                       timed.int8_ms, timed.rounds)
     else:
         logger.info("INT8 ort: %.2fx FP32's speed on %s (FP32 %.4g ms, INT8 %.4g ms per held-out batch)",
                     timed.speedup, result.cpu_isa, timed.fp32_ms, timed.int8_ms)
