@@ -18,6 +18,13 @@ precision, cosine, top-1, the INT8 budget.
   (mean per-sample cosine over all float outputs), ``relerr=0.05`` (max |INT8 - FP32| / max |FP32|
   per output); ``OUTPUT:`` picks one output, ``@STAT`` another statistic (relerr: mean, pNN,
   sample, channel; cosine: min, pNN); ``user``: a ``file.py:function`` decides (``metric_hook``).
+- Padding: a budget with a ``mask`` (a model with an ``attention_mask`` input, ``Budget.for_inputs``)
+  judges the outputs led by ``[batch, seq]`` of the mask's shape at the positions the mask keeps
+  (non-zero) only; every user discards the outputs at padding positions (mean pooling, token
+  labels), so their error must neither fail nor dilute the verdict. Other outputs are judged whole.
+  cosine: padding positions are zeroed in both (each sample's vector is its kept positions);
+  relerr: the kept elements (``sample``/``channel``: padding zeroed); top1: the kept positions' argmax
+  (an output of exactly ``[batch, seq]``: the argmax over the kept positions).
 
 NumPy and the standard library only.
 """
@@ -35,6 +42,7 @@ REL_FLOOR = 1e-3  # relative error is reported over elements whose |reference| >
 FP16_RANGE_FRACTION, FP16_FLOOR = 2e-2, 1e-3
 BUDGET_METRICS = ("top1", "cosine", "relerr")
 DEFAULT_BUDGETS = {"classification": "top1=0.99", "embedding": "cosine=0.99", "generation": "cosine=0.99"}
+MASK_INPUT = "attention_mask"  # the input whose zeros mark padding positions (Hugging Face's name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +123,13 @@ def top1_agreement(reference: list[np.ndarray], actual: list[np.ndarray]) -> flo
     return float(np.concatenate([x.reshape(-1) for x in agree]).mean())
 
 
-def relative_squared_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> float:
+def relative_squared_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]],
+                           keeps: list[list[np.ndarray | None]] | None = None) -> float:
     """sum ||actual - ref||^2 / sum ||ref||^2 per float output over batches, averaged over outputs: a
-    continuous error that orders INT8 sensitivities where a coarse metric (top-1 on few samples) ties."""
+    continuous error that orders INT8 sensitivities where a coarse metric (top-1 on few samples) ties.
+    ``keeps`` (``kept_positions``): padding positions count for nothing."""
+    if keeps is not None:
+        reference, actual = _zero_padding(reference, keeps), _zero_padding(actual, keeps)
     errors = []
     for k in range(len(reference[0]) if reference else 0):
         if reference[0][k].dtype.kind != "f":
@@ -150,13 +162,15 @@ class Budget:
     """An INT8 accuracy budget: ``metric`` (top1 | cosine | relerr | user) against ``threshold``,
     on one ``output`` (None: the metric's default: top1 the first output, the others every float
     output) with a ``stat`` (``RELERR_STATS``, ``COSINE_STATS``, or ``pNN``). ``user``: ``hook`` names
-    ``file.py:function`` (``foundation.metric_hook``), which decides."""
+    ``file.py:function`` (``foundation.metric_hook``), which decides. ``mask``: the input whose
+    non-zero positions are judged (module docstring, "Padding"; None: every position)."""
 
     metric: str
     threshold: float
     output: str | None = None
     stat: str | None = None
     hook: str | None = None
+    mask: str | None = None
 
     def __post_init__(self):
         if self.metric not in BUDGET_METRICS + ("user",):
@@ -187,6 +201,13 @@ class Budget:
             raise UsageError(f"budget {text!r}: {value!r} is not a number") from exc
         return cls(metric, threshold, output or None, stat or None)
 
+    def for_inputs(self, inputs: list[str]) -> Budget:
+        """This budget for a model with ``inputs``: judged at the positions ``attention_mask`` keeps where
+        the model has one (a user metric gets the feeds and decides itself)."""
+        if self.metric == "user" or self.mask is not None or MASK_INPUT not in inputs:
+            return self
+        return dataclasses.replace(self, mask=MASK_INPUT)
+
     def met(self, value: float) -> bool:
         if self.metric == "user":
             return bool(getattr(value, "passed", False))
@@ -201,18 +222,21 @@ class Budget:
             raise UsageError(f"budget {self}: no output {self.output!r}; the model's outputs are {', '.join(names)}")
 
     def to_json(self) -> dict:
-        extra = {k: v for k, v in (("output", self.output), ("stat", self.stat), ("hook", self.hook)) if v}
+        extra = {k: v for k, v in (("output", self.output), ("stat", self.stat), ("hook", self.hook),
+                                   ("mask", self.mask)) if v}
         return {"metric": self.metric, "threshold": self.threshold, **extra}
 
     @classmethod
     def from_json(cls, data: dict) -> "Budget":
-        return cls(data["metric"], float(data["threshold"]), data.get("output"), data.get("stat"), data.get("hook"))
+        return cls(data["metric"], float(data["threshold"]), data.get("output"), data.get("stat"), data.get("hook"),
+                   data.get("mask"))
 
     def __str__(self) -> str:
         if self.metric == "user":
             return f"{self.hook} passes"
         name = f"{self.output + ':' if self.output else ''}{self.metric}{'@' + self.stat if self.stat else ''}"
-        return f"{name} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}"
+        where = f" at the positions {self.mask} keeps" if self.mask else ""
+        return f"{name} {'<=' if self.metric == 'relerr' else '>='} {self.threshold:g}{where}"
 
 
 def _stat_ok(metric: str, stat: str) -> bool:
@@ -226,59 +250,102 @@ def _stat_ok(metric: str, stat: str) -> bool:
 
 def budget_metric(budget: Budget, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]],
                   names: list[str] | None = None, feeds: list[dict] | None = None) -> Score:
-    """The budget's metric over batches (each a list of outputs in graph order, named by ``names``)."""
+    """The budget's metric over batches (each a list of outputs in graph order, named by ``names``);
+    ``feeds``: the inputs of each batch (a user metric's, and a masked budget's mask)."""
     if budget.metric == "user":
         from foundation.metric_hook import call_metric  # noqa: PLC0415 - loads user code only when asked
 
         return Score(*call_metric(budget.hook, reference, actual, names, feeds))
+    keeps = kept_positions(budget, reference, feeds)
     if budget.output is not None:
         if names is None or budget.output not in names:
             raise UsageError(f"budget {budget}: no output {budget.output!r} among {names}")
         k = names.index(budget.output)
-        reference, actual = [[r[k]] for r in reference], [[a[k]] for a in actual]
+        reference, actual, keeps = [[r[k]] for r in reference], [[a[k]] for a in actual], [[kp[k]] for kp in keeps]
     if budget.metric == "top1":
-        return Score(top1_agreement([r[0] for r in reference], [a[0] for a in actual]))
+        return Score(_top1_kept([r[0] for r in reference], [a[0] for a in actual], [kp[0] for kp in keeps]))
     if budget.metric == "cosine":
-        cos = []
-        for r, a in zip(reference, actual):
-            floats = [(np.atleast_1d(x), np.atleast_1d(y)) for x, y in zip(r, a) if x.dtype.kind == "f"]
-            if len({x.shape[0] for x, _ in floats}) == 1:  # batch-first outputs: one vector per sample
-                rr = np.concatenate([x.reshape(x.shape[0], -1) for x, _ in floats], axis=1)
-                aa = np.concatenate([y.reshape(y.shape[0], -1) for _, y in floats], axis=1)
-                cos.append(cosine_per_sample(rr, aa))
-            else:  # outputs whose first dims differ (time-major, state, scalars): one vector per output
-                cos += [cosine_per_sample(x.reshape(1, -1), y.reshape(1, -1)) for x, y in floats]
-        values = np.concatenate(cos)
-        if budget.stat == "min":
-            return Score(values.min())
-        if budget.stat and budget.stat.startswith("p"):
-            return Score(np.percentile(values, float(budget.stat[1:])))
-        return Score(values.mean())
-    return Score(_relative_error(reference, actual, budget.stat or "max"))
+        return Score(_cosine(_zero_padding(reference, keeps), _zero_padding(actual, keeps), budget.stat))
+    return Score(_relative_error(reference, actual, budget.stat or "max", keeps))
 
 
-def _relative_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]], stat: str) -> float:
+def kept_positions(budget: Budget, outputs: list[list[np.ndarray]],
+                   feeds: list[dict] | None) -> list[list[np.ndarray | None]]:
+    """Per batch and output: the boolean ``[batch, seq]`` positions ``budget.mask`` keeps, for an output led
+    by the mask's shape; None where the output is judged whole (every output when the budget has no mask)."""
+    if budget.mask is None:
+        return [[None] * len(batch) for batch in outputs]
+    if feeds is None or len(feeds) != len(outputs) or any(budget.mask not in f for f in feeds):
+        raise UsageError(f"budget {budget}: the {budget.mask} of each batch is needed to judge it, found "
+                         f"{'no inputs' if feeds is None else f'{len(feeds)} feed dicts for {len(outputs)} batches'}; "
+                         "pass the batches' feeds")
+    keeps = []
+    for batch, feed in zip(outputs, feeds):
+        mask = np.asarray(feed[budget.mask]) != 0
+        keeps.append([mask if mask.ndim == 2 and np.ndim(x) >= 2 and np.shape(x)[:2] == mask.shape else None
+                      for x in batch])
+    return keeps
+
+
+def _zero_padding(outputs: list[list[np.ndarray]], keeps: list[list[np.ndarray | None]]) -> list[list[np.ndarray]]:
+    """``outputs`` with the positions ``keeps`` drops set to zero (float outputs; the rest unchanged)."""
+    return [[x if keep is None or x.dtype.kind != "f" else
+             np.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, np.zeros((), x.dtype))
+             for x, keep in zip(batch, batch_keeps)] for batch, batch_keeps in zip(outputs, keeps)]
+
+
+def _top1_kept(reference: list[np.ndarray], actual: list[np.ndarray], keeps: list[np.ndarray | None]) -> float:
+    """Top-1 agreement at the kept positions: an output ``[batch, seq, classes]`` per kept position, one of
+    exactly ``[batch, seq]`` (scores over the positions) by its argmax over the kept positions."""
+    if all(keep is None for keep in keeps):
+        return top1_agreement(reference, actual)
+    agree = []
+    for r, a, keep in zip(reference, actual, keeps):
+        if keep is not None and r.ndim == 2:
+            r, a = np.where(keep, r, -np.inf), np.where(keep, a, -np.inf)
+        same = np.argmax(a, -1) == np.argmax(r, -1)
+        agree.append(same[keep] if keep is not None and r.ndim > 2 else same.reshape(-1))
+    return float(np.concatenate(agree).mean())
+
+
+def _cosine(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]], stat: str | None) -> float:
+    """Per-sample cosine over every float output (module docstring), then ``stat`` over the samples."""
+    cos = []
+    for r, a in zip(reference, actual):
+        floats = [(np.atleast_1d(x), np.atleast_1d(y)) for x, y in zip(r, a) if x.dtype.kind == "f"]
+        if len({x.shape[0] for x, _ in floats}) == 1:  # batch-first outputs: one vector per sample
+            rr = np.concatenate([x.reshape(x.shape[0], -1) for x, _ in floats], axis=1)
+            aa = np.concatenate([y.reshape(y.shape[0], -1) for _, y in floats], axis=1)
+            cos.append(cosine_per_sample(rr, aa))
+        else:  # outputs whose first dims differ (time-major, state, scalars): one vector per output
+            cos += [cosine_per_sample(x.reshape(1, -1), y.reshape(1, -1)) for x, y in floats]
+    values = np.concatenate(cos)
+    if stat == "min":
+        return float(values.min())
+    if stat and stat.startswith("p"):
+        return float(np.percentile(values, float(stat[1:])))
+    return float(values.mean())
+
+
+def _relative_error(reference: list[list[np.ndarray]], actual: list[list[np.ndarray]], stat: str,
+                    keeps: list[list[np.ndarray | None]]) -> float:
     """The worst over float outputs of: |INT8 - FP32| normalized by the output's max |FP32| (``max``,
     ``mean`` or the ``pNN`` percentile of the elements), by each sample's (``sample``: the worst sample's
-    max) or each channel's (``channel``: axis 1, the worst channel's max)."""
+    max) or each channel's (``channel``: axis 1, the worst channel's max); at the kept positions only."""
     worst = 0.0
     for k in range(len(reference[0]) if reference else 0):
         if reference[0][k].dtype.kind != "f":
             continue
         refs = [np.atleast_1d(r[k]).astype(np.float64) for r in reference]
         errs = [np.abs(np.atleast_1d(a[k]).astype(np.float64) - x) for a, x in zip(actual, refs)]
+        masks = [kp[k] for kp in keeps]
         if stat in ("sample", "channel"):
+            zeroed = _zero_padding([[x, e] for x, e in zip(refs, errs)], [[m, m] for m in masks])
             axis = 0 if stat == "sample" else 1
-            per = []
-            for x, e in zip(refs, errs):
-                if x.ndim <= axis:
-                    x, e = x.reshape(1, -1), e.reshape(1, -1)
-                xx = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-                ee = np.moveaxis(e, axis, 0).reshape(e.shape[axis], -1)
-                scale = np.abs(xx).max(axis=1)
-                per.append(ee.max(axis=1) / np.where(scale > 0, scale, 1.0))
-            worst = max(worst, float(np.concatenate(per).max(initial=0.0)))
+            worst = max(worst, _worst_slice([x for x, _ in zeroed], [e for _, e in zeroed], axis))
             continue
+        refs = [x if m is None else x[m] for x, m in zip(refs, masks)]  # the kept positions' elements
+        errs = [e if m is None else e[m] for e, m in zip(errs, masks)]
         scale = max(float(np.abs(x).max(initial=0.0)) for x in refs) or 1.0
         flat = np.concatenate([e.reshape(-1) for e in errs]) / scale
         if stat == "mean":
@@ -289,3 +356,16 @@ def _relative_error(reference: list[list[np.ndarray]], actual: list[list[np.ndar
             value = float(flat.max(initial=0.0))
         worst = max(worst, value)
     return worst
+
+
+def _worst_slice(refs: list[np.ndarray], errs: list[np.ndarray], axis: int) -> float:
+    """The worst slice along ``axis`` (0: samples, 1: channels) of max error over that slice's max |ref|."""
+    per = []
+    for x, e in zip(refs, errs):
+        if x.ndim <= axis:
+            x, e = x.reshape(1, -1), e.reshape(1, -1)
+        xx = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+        ee = np.moveaxis(e, axis, 0).reshape(e.shape[axis], -1)
+        scale = np.abs(xx).max(axis=1)
+        per.append(ee.max(axis=1) / np.where(scale > 0, scale, 1.0))
+    return float(np.concatenate(per).max(initial=0.0))

@@ -354,6 +354,36 @@ def test_calibration_from_a_function_and_random_only_when_allowed(tmp_path, capl
     assert "CALIBRATING ON RANDOM DATA" in caplog.text
 
 
+@pytest.mark.parametrize("bad", [1, 4])  # a calibration batch, the held-out batch (evaluation.npz)
+def test_token_ids_outside_the_spec_range_are_refused_at_build_with_the_runtime_message(bad, tmp_path, run_cli):
+    """Data the runtime would refuse (compare feeds evaluation.npz to it) is refused before any INT8 work."""
+    from engines import runtime
+    from foundation.errors import RuntimeInputError
+
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["vectors"]),
+             helper.make_node("MatMul", ["vectors", "W"], ["y"])]
+    onnx.save(make_model(nodes, [("ids", np.int64, ["n", 3])], [("y", F32, ["n", 3, 2])],
+                         {"table": seeded((10, 4), 1), "W": seeded((4, 2), 2)}), tmp_path / "emb.onnx")
+    spec = "ids:int64:[n=1..8@4,3]:0..10"
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        ids = rng.integers(0, 10, (4, 3))
+        ids[0, 1] = 10 if i == bad else ids[0, 1]  # one id past the vocabulary of 10
+        np.savez(calib / f"b{i}.npz", ids=ids.astype(np.int64))
+    code, _, err = run_cli("build", tmp_path / "emb.onnx", "--input", spec, "-o", tmp_path / "fp32")
+    assert code == 0, err
+    with runtime.load(tmp_path / "fp32") as engine, pytest.raises(RuntimeInputError) as refused:
+        engine.infer({"ids": np.load(calib / f"b{bad}.npz")["ids"]})
+    code, _, err = run_cli("build", tmp_path / "emb.onnx", "--input", spec, "--precision", "int8", "--calib", calib,
+                           "-o", tmp_path / "int8")
+    assert code == CalibrationError.exit_code == 6
+    message = " ".join(err.split())  # the CLI wraps long lines
+    assert f"b{bad}.npz: {refused.value}" in message and "..10 fall outside the spec's range 0..10" in message
+    assert not (tmp_path / "int8").exists()
+
+
 # budget ----------------------------------------------------------------------------------------
 
 def test_budget_fallback_leaves_the_layer_that_breaks_the_budget_in_float():
@@ -392,6 +422,132 @@ def test_cosine_budget_fails_a_sample_that_collapsed_to_zero():
     np.testing.assert_allclose(cosine_per_sample(ref, collapsed), [1.0, 0.0, 1.0])
     assert budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]) == pytest.approx(2 / 3)
     assert not Budget("cosine", 0.99).met(budget_metric(Budget("cosine", 0.99), [[ref]], [[collapsed]]))
+
+
+def test_a_budget_with_an_attention_mask_judges_only_the_positions_it_keeps():
+    """Padding positions' outputs are discarded by every user: their error neither fails nor dilutes the verdict;
+    outputs not led by [batch, seq] (a pooled vector) are judged whole."""
+    from foundation.errors import UsageError
+    from foundation.numerics import budget_metric, kept_positions, relative_squared_error
+
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], np.int64)
+    keep = mask.astype(bool)
+    hidden, pooled = rng.standard_normal((2, 5, 3)).astype(F32), rng.standard_normal((2, 3)).astype(F32)
+    noisy = hidden + 0.05 * rng.standard_normal(hidden.shape).astype(F32)  # a small error everywhere...
+    noisy[~keep] = 100.0  # ...and garbage at the padding positions
+    pooled_noisy = pooled + 0.01
+    names, feeds = ["last_hidden_state", "pooled"], [{"input_ids": mask * 7, "attention_mask": mask}]
+    ref, act = [[hidden, pooled]], [[noisy, pooled_noisy]]
+
+    cosine = Budget.parse(None, "embedding").for_inputs(["input_ids", "attention_mask"])
+    assert cosine.mask == "attention_mask" and str(cosine) == "cosine >= 0.99 at the positions attention_mask keeps"
+    assert Budget.from_json(cosine.to_json()) == cosine
+    assert Budget.from_json({"metric": "cosine", "threshold": 0.99}).mask is None  # a manifest from before: whole
+    assert Budget.parse(None, "embedding").for_inputs(["x"]).mask is None
+    expected = []  # per sample: its kept positions and its pooled vector, one vector
+    for b in range(2):
+        r = np.concatenate([hidden[b][keep[b]].ravel(), pooled[b]]).astype(np.float64)
+        a = np.concatenate([noisy[b][keep[b]].ravel(), pooled_noisy[b]]).astype(np.float64)
+        expected.append(r @ a / np.linalg.norm(r) / np.linalg.norm(a))
+    value = budget_metric(cosine, ref, act, names, feeds)
+    assert value == pytest.approx(np.mean(expected), abs=1e-6) and value > 0.99 and cosine.met(value)
+    whole = budget_metric(Budget.parse(None, "embedding"), ref, act, names, feeds)
+    assert whole < 0.5  # judged over every position, the padding garbage decides
+    assert budget_metric(Budget.parse("cosine@min=0.99", None).for_inputs(["attention_mask"]), ref, act, names,
+                         feeds) == pytest.approx(min(expected), abs=1e-6)
+
+    relerr = Budget.parse("last_hidden_state:relerr=0.05", None).for_inputs(["attention_mask"])
+    err, scale = np.abs(noisy - hidden)[keep], np.abs(hidden[keep]).max()
+    assert budget_metric(relerr, ref, act, names, feeds) == pytest.approx(err.max() / scale, rel=1e-5)
+    mean = Budget.parse("last_hidden_state:relerr@mean=0.05", None).for_inputs(["attention_mask"])
+    assert budget_metric(mean, ref, act, names, feeds) == pytest.approx(err.mean() / scale, rel=1e-5)  # 21 elements
+    sample = Budget.parse("last_hidden_state:relerr@sample=0.05", None).for_inputs(["attention_mask"])
+    per = [np.abs(noisy[b] - hidden[b])[keep[b]].max() / np.abs(hidden[b][keep[b]]).max() for b in range(2)]
+    assert budget_metric(sample, ref, act, names, feeds) == pytest.approx(max(per), rel=1e-5)
+
+    tokens = rng.standard_normal((2, 5, 4)).astype(F32)  # per-token labels: position (0, 2) flips, padding flips too
+    flipped = tokens.copy()
+    flipped[0, 2], flipped[~keep] = -flipped[0, 2], -flipped[~keep]
+    top1 = Budget.parse("top1=0.5", None).for_inputs(["attention_mask"])
+    assert budget_metric(top1, [[tokens]], [[flipped]], ["labels"], feeds) == pytest.approx(6 / 7)
+    starts = np.array([[0.1, 0.9, 0.2, 5.0, 0.0], [0.3, 0.1, 2.0, 0.4, 9.0]], F32)  # scores over the positions
+    moved = starts.copy()
+    moved[1, 3] = 3.0  # the kept argmax of sample 1 moves; the padding maxima (5.0, 9.0) are ignored
+    assert budget_metric(top1, [[starts]], [[moved]], ["start"], feeds) == pytest.approx(1 / 2)
+    assert budget_metric(Budget.parse("top1=0.5", None), [[starts]], [[moved]], ["start"]) == 1.0  # unmasked: 5.0, 9.0
+
+    keeps = kept_positions(cosine, ref, feeds)
+    assert keeps[0][0] is not None and keeps[0][1] is None  # [batch, seq]-led outputs only
+    squared = np.square(noisy - hidden)[keep].sum() / np.square(hidden[keep]).sum()
+    pooled_squared = np.square(pooled_noisy - pooled).sum() / np.square(pooled).sum()
+    assert relative_squared_error(ref, act, keeps) == pytest.approx((squared + pooled_squared) / 2, rel=1e-4)
+    with pytest.raises(UsageError, match="the attention_mask of each batch is needed"):
+        budget_metric(cosine, ref, act, names)
+
+
+def test_build_and_compare_judge_a_model_with_an_attention_mask_at_the_positions_it_keeps(tmp_path, run_cli):
+    """End to end on a small token model: the manifest's budget records the mask, the build's budget line says so,
+    and compare's verdict (and its Polygraphy line) is the masked metric of the stored held-out batches."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engines.bundle import read_manifest
+    from passes.verify import session
+
+    table = seeded((50, 8), 1)
+    table[0] *= 40.0  # the padding token's row: large outputs at padding positions, as a real [PAD] may give
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=1),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["mu"]), helper.make_node("Add", ["e", "mu"], ["h"]),
+             helper.make_node("MatMul", ["h", "W"], ["y"])]
+    onnx.save(make_model(nodes, [("ids", np.int64, ["n", "s"]), ("attention_mask", np.int64, ["n", "s"])],
+                         [("y", F32, ["n", "s", 4])], {"table": table, "W": seeded((8, 4), 2),
+                                                      "axis": np.array([2], np.int64)}), tmp_path / "tok.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        lengths = rng.integers(2, 7, 8)
+        mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int64)
+        np.savez(calib / f"b{i}.npz", ids=rng.integers(1, 50, (8, 6)) * mask, attention_mask=mask)
+    inputs = ("--input", "ids:int64:[n=1..8@8,s=1..6@6]:0..50", "--input", "attention_mask:int64:[n,s]:0..2")
+    code, out, err = run_cli("build", tmp_path / "tok.onnx", *inputs, "--precision", "int8", "--calib", calib,
+                             "--budget", "relerr=0.2", "-o", tmp_path / "b")
+    assert code == 0, err
+    assert "INT8 ort: budget relerr <= 0.2 at the positions attention_mask keeps met" in " ".join(out.split())
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.calibration.budget.mask == manifest.int8_report("ort").budget.mask == "attention_mask"
+
+    saved = tmp_path / "saved" / "inputs.json"
+    saved.parent.mkdir()
+    code, out, err = run_cli("compare", tmp_path / "b", "--report", tmp_path / "r.json", "--save-inputs", saved)
+    assert code == 0, out + err
+    pair = next(p for p in json.loads((tmp_path / "r.json").read_text())["compare"]["pairs"]
+                if p["runner"] == "onnxruntime model.ort.onnx")
+    evaluation = [dict(np.load(f)) for f in sorted(calib.glob("*.npz"))][4::5]  # the held-out batches
+    reference = session(tmp_path / "b" / "model.onnx", optimize=True)
+    graph = session(tmp_path / "b" / "model.ort.onnx", optimize=True)
+    ref = [reference.run(None, b)[0].astype(np.float64) for b in evaluation]
+    act = [graph.run(None, b)[0].astype(np.float64) for b in evaluation]
+    kept = [b["attention_mask"].astype(bool) for b in evaluation]
+    masked = (max(np.abs(a - r)[k].max() for r, a, k in zip(ref, act, kept))
+              / max(np.abs(r[k]).max() for r, k in zip(ref, kept)))
+    whole = max(np.abs(a - r).max() for r, a in zip(ref, act)) / max(np.abs(r).max() for r in ref)
+    assert pair["budget"]["value"] == pytest.approx(masked, rel=1e-5) and abs(masked - whole) > 1e-3
+    assert pair["budget"]["value"] == pytest.approx(manifest.int8_report("ort").final, rel=1e-3)  # the build's verdict
+    assert pair["budget"]["budget"] == "relerr <= 0.2 at the positions attention_mask keeps" and pair["passed"]
+    lines = json.loads((tmp_path / "r.json").read_text())["compare"]["polygraphy_commands"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this checkout's planforge
+    for line in (lines[0], next(line for line in lines if "model.ort.onnx" in line)):  # reference, then the INT8 line
+        run = subprocess.run([str(Path(sys.executable).with_name("polygraphy")), *shlex.split(line)[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, check=False)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"{pair['budget']['value']:.6g} over 2 batches: PASSED" in run.stdout + run.stderr, run.stdout[-3000:]
 
 
 def _search(n_layers, heavy, time_limit=None, seen=None):

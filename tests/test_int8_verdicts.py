@@ -155,3 +155,37 @@ def test_trt_budget_value_is_the_float_emulation_of_the_graph_it_returns():
                       [[run_graph(emulate_qdq(result.model), evaluation[0])["y"]]])
     # tight: ONNX Runtime's optimized integer kernels miss this by 4e-8 even with VNNI (requantization rounding)
     assert result.final == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_ort_graph_is_timed_against_fp32_and_the_summary_says_when_int8_is_not_faster(digits_int8):
+    import dataclasses
+
+    from rich.console import Console
+
+    from engines.bundle import Int8Report, read_manifest
+    from engines.bundle.manifest import INT8_MIN_SPEEDUP
+    from engines.cli.present import build_summary
+
+    def summary(manifest) -> str:
+        console = Console(record=True, width=400)
+        build_summary(console, digits_int8, manifest, reused=False, seconds=1.0)
+        return console.export_text()
+
+    manifest = read_manifest(digits_int8)
+    ort = manifest.int8_report("ort")
+    assert ort.quantized and ort.latency_ms > 0 and ort.fp32_latency_ms > 0
+    assert ort.speedup == pytest.approx(ort.fp32_latency_ms / ort.latency_ms, abs=1e-3)
+    assert ort.form["fp32_latency_ms"] > 0  # the FP32 graph timed beside the candidate forms too
+    assert manifest.int8_report("trt").speedup is None  # the trt graph runs on TensorRT: its CPU time says nothing
+    text = summary(manifest)  # what this machine measured, either way
+    assert f"{ort.speedup:.2f}x FP32 speed" in text
+    assert ("INT8 ort: NOT FASTER than FP32" in text) == (ort.speedup < INT8_MIN_SPEEDUP) == ort.not_faster
+
+    slower = dataclasses.replace(ort, latency_ms=0.0931, fp32_latency_ms=0.0903, speedup=0.97)
+    assert Int8Report.from_json(slower.to_json()) == slower and slower.not_faster
+    int8 = dict(manifest.accuracy.int8, ort=slower)
+    text = summary(dataclasses.replace(manifest, accuracy=dataclasses.replace(manifest.accuracy, int8=int8)))
+    assert (f"INT8 ort: NOT FASTER than FP32 on the build's {ort.cpu_isa} CPU: 0.97x (FP32 0.0903 ms, INT8 0.0931 ms "
+            "per held-out batch)") in text
+    older = {k: v for k, v in ort.to_json().items() if k not in ("latency_ms", "fp32_latency_ms", "speedup")}
+    assert Int8Report.from_json(older).speedup is None and not Int8Report.from_json(older).not_faster  # before timing

@@ -67,7 +67,8 @@ def _record(name: str, precision: str, bundle: Path, seconds: float, metrics: di
     row = {"model": name, "precision": precision, "build_s": round(seconds, 1), **metrics,
            "float_units": {t: (f"{len(r.kept_float)}/{r.candidates}" if r.quantized else "all (stays FP32)")
                            for t, r in int8.items()},
-           "evaluations": {t: r.evaluations for t, r in int8.items()}}
+           "evaluations": {t: r.evaluations for t, r in int8.items()},
+           "int8/fp32 speed": {t: r.speedup for t, r in int8.items() if r.speedup is not None}}
     SUMMARY.parent.mkdir(parents=True, exist_ok=True)
     with SUMMARY.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -158,7 +159,12 @@ def test_minilm_sentence_embeddings_and_neighbours_match_fp32(precision, build_r
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bundle, seconds = _build(str(minilm.directory()), precision, build_root, f"{REAL / 'minilm.py'}:calibration",
                              inputs=(minilm.INPUT_SPEC,))
-    metrics = _compare(bundle)
+    metrics = _compare(bundle)  # INT8: compare judges the stored held-out batches as the build did, padding masked
+    manifest = read_manifest(bundle)
+    if precision == "int8":  # the default budget judges the token positions attention_mask keeps, and says so
+        budget = manifest.calibration.budget
+        assert budget.mask == "attention_mask" and str(budget) == "cosine >= 0.99 at the positions attention_mask keeps"
+        assert all(r.budget == budget for r in manifest.accuracy.int8.values())
     feeds = minilm.tokenize(minilm.task_set())
     encoder = AutoModel.from_pretrained(str(minilm.directory()), local_files_only=True).eval()
     with torch.no_grad():

@@ -23,6 +23,8 @@ from foundation.numerics import Budget
 from foundation.spec import InputSpec, OutputSpec
 
 SCHEMA_VERSION = 2
+INT8_MIN_SPEEDUP = 1.1  # an INT8 ort graph less than 10% faster than FP32 is reported as not faster: within
+# what a second timing on a shared CPU moves, and no reason to take INT8's error
 
 
 def _fields(cls, data: dict) -> dict:
@@ -175,7 +177,9 @@ class Calibration:
 class Int8Report:
     """One target's INT8 verdict: the budget, all-INT8 and final metric, what stayed in float (units:
     ``name``, ``op``, ``reason``, and ``with``: the nodes excluded with it), the sensitivity (relative
-    squared output error per unit), how it was judged (float emulation for trt, this CPU class's kernels for ort) and the ort form chosen."""
+    squared output error per unit), how it was judged (float emulation for trt, this CPU class's kernels for ort) and the ort form chosen.
+    For ort, the graph's latency against the FP32 graph's on the build's CPU (``speedup``: FP32 time over INT8
+    time, medians of interleaved runs on one held-out batch; None for trt and for bundles from before)."""
 
     budget: Budget
     met: bool
@@ -190,6 +194,14 @@ class Int8Report:
     quantized: bool = True  # False: the target's graph stayed float (``reason``); its backend precision says so
     reason: str | None = None
     evaluations: int | None = None  # quantized graphs the search measured (None: a bundle from before it was recorded)
+    latency_ms: float | None = None  # ort: the INT8 graph's median on one held-out batch, on ``cpu_isa``
+    fp32_latency_ms: float | None = None  # the FP32 graph's, timed interleaved with it
+    speedup: float | None = None  # fp32_latency_ms / latency_ms: below INT8_MIN_SPEEDUP, INT8 is not faster here
+
+    @property
+    def not_faster(self) -> bool:
+        """INT8 measured no faster than FP32 on the build's CPU (``INT8_MIN_SPEEDUP``)."""
+        return self.quantized and self.speedup is not None and self.speedup < INT8_MIN_SPEEDUP
 
     def to_json(self) -> dict:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json(), kept_float=list(self.kept_float))

@@ -51,7 +51,13 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
         console.print(f"INT8 {target}: budget {report.budget} {'met' if report.met else 'NOT met'} "
                       f"({report.final:.4f}; all-INT8 {report.full_int8:.4f}; "
                       f"{len(report.kept_float)} of {report.candidates} units kept in float"
-                      f"{f' after {report.evaluations} evaluations' if report.evaluations else ''}; {_judged(report)})")
+                      f"{f' after {report.evaluations} evaluations' if report.evaluations else ''}; {_judged(report)}"
+                      f"{f'; {report.speedup:.2f}x FP32 speed' if report.speedup is not None else ''})")
+        if report.not_faster:
+            console.print(f"INT8 {target}: NOT FASTER than FP32 on the build's {report.cpu_isa} CPU: "
+                          f"{report.speedup:.2f}x (FP32 {report.fp32_latency_ms:.4g} ms, INT8 {report.latency_ms:.4g} "
+                          "ms per held-out batch); the FP32 graph serves at least as fast without the INT8 error "
+                          "(--precision fp32)")
     if manifest.trt_check:
         check = manifest.trt_check
         console.print(f"TensorRT {check['tensorrt_version']} compatibility: {check['nodes']} nodes, {check['refused']} "

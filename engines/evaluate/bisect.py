@@ -95,7 +95,7 @@ def _int8(manifest: Manifest, bundle, side: str, exported: onnx.ModelProto, feed
     if ranges is None:
         return ("the side's FP32 graph rebuilt from model.onnx does not hash to the one calibration.json was "
                 "measured on (another planforge version?); rebuild the bundle"), None, None, None
-    budget = Budget.parse(budget_text, None) if budget_text else report.budget
+    budget = Budget.parse(budget_text, None).for_inputs(manifest.inputs.names) if budget_text else report.budget
     form = (report.form or {}).get("form") if side == "ort" else None
     if side == "ort" and form is None:
         return "the bundle records no ONNX Runtime INT8 form for this side; rebuild it", None, None, None

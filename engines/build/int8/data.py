@@ -4,7 +4,10 @@ Sources (``--calib``): a directory of ``.npz`` files (one batch each, keyed by i
 ``.npy`` files (single-input models, one batch each); ``module:function`` or
 ``path/to/file.py:function`` returning an iterable of feed dicts; nothing, for a zoo model with
 its own set. Random data only with ``--allow-random-calibration``, loudly. Every batch is checked
-against the input spec (names, dtypes, shapes within the ranges) with an error naming the file.
+against the input spec as the runtime checks feeds (names, dtypes, shapes within the ranges, integer
+values within the declared value range: ``InputSpec.check_feeds(values=True)``), with the runtime's
+message and an error naming the file: the held-out batches become the bundle's ``evaluation.npz``,
+which ``compare`` feeds the runtime, so data it would refuse is refused here, before any work.
 Every fifth batch is held out for the accuracy budget unless the source provides its own split.
 """
 
@@ -99,7 +102,7 @@ def _split(batches: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def _check(batch: dict, spec: InputSpec, where: str) -> None:
     try:
-        spec.check_feeds(batch)
+        spec.check_feeds(batch, values=True)  # the runtime's check (engines.runtime.base), values included
     except RuntimeInputError as exc:
         raise CalibrationError(f"{where}: {exc}. Expected the input spec {spec}") from exc
 

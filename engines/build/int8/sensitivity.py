@@ -37,11 +37,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from engines.build.int8.forms import FormChoice, choose
+from engines.build.int8.forms import FormChoice, Speed, choose, speed
 from engines.build.int8.forms import candidates as form_candidates
 from engines.bundle import Int8Report
+from engines.bundle.manifest import INT8_MIN_SPEEDUP
 from engines.runtime.cpu import detect
-from foundation.numerics import Budget, budget_metric, relative_squared_error
+from foundation.numerics import Budget, budget_metric, kept_positions, relative_squared_error
 from foundation.sequence import StatePairs, judged_outputs, run_sequence, select
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
@@ -88,13 +89,16 @@ class Int8Result:
     quantized: bool = True  # False: the target stays float (``reason`` says why); its graph holds no Q/DQ
     reason: str | None = None
     evaluations: int = 1  # quantized graphs measured on the evaluation batches
+    speed: Speed | None = None  # ort: the graph's latency against the FP32 graph's on this CPU
 
     def report(self) -> Int8Report:
         """The manifest's record of this result."""
+        timed = self.speed
         return Int8Report(self.budget, self.budget.met(self.final), self.full_int8, self.final, self.candidates,
                           tuple(self.kept_float), self.sensitivity, self.judged_by, self.cpu_isa,
                           self.form.to_json() if self.form else None, self.quantized, self.reason,
-                          self.evaluations)
+                          self.evaluations, timed.int8_ms if timed else None, timed.fp32_ms if timed else None,
+                          timed.speedup if timed else None)
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:
@@ -125,7 +129,7 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     choice = None
     if target == "ort":
         choice = choose(form_candidates(isa, ort_form), isa, lambda f: trials.quantize((), f),
-                        trials.measure, budget.loss, evaluation, state)
+                        trials.measure, budget.loss, evaluation, state, fp32)
         trials.form = choice.form
     # what can stay float: what this target's quantizer touches (for ort, in the op set of the chosen form)
     units = trials.units()
@@ -139,7 +143,8 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
     if not has_qdq(full.model):
         return _stays_float(done, fp32, target, full.value, {}, "the graph has no layer this target quantizes")
     if budget.met(full.value):
-        return done(full.model, final=full.value, kept_float=[], sensitivity={}, evaluations=1)
+        return _timed(done(full.model, final=full.value, kept_float=[], sensitivity={}, evaluations=1), fp32,
+                      evaluation)
     on_step(f"sensitivity ({target})")
     search = FallbackSearch(units, evaluate, budget, target, time_limit, full.error)
     found = search.run()
@@ -160,8 +165,25 @@ def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation
              **({"with": list(u.nodes[1:])} if len(u.nodes) > 1 else {})} for u in kept_units]
     logger.info("INT8 %s: %d of %d units kept in float; %s = %.4f (%d evaluations)", target, len(kept_units),
                 len(units), budget.metric, trial.value, evaluations)
-    return done(trial.model, final=trial.value, kept_float=kept, sensitivity=search.sensitivity,
-                evaluations=evaluations)
+    return _timed(done(trial.model, final=trial.value, kept_float=kept, sensitivity=search.sensitivity,
+                       evaluations=evaluations), fp32, evaluation)
+
+
+def _timed(result: Int8Result, fp32: onnx.ModelProto, evaluation: list[dict]) -> Int8Result:
+    """An ort result with its graph timed against ``fp32`` (``forms.speed``), logged with a WARNING when INT8 is
+    not faster on this CPU; a trt graph runs on TensorRT, so its CPU time says nothing."""
+    if result.form is None:
+        return result
+    timed = result.speed = speed(result.model, fp32, evaluation[0])
+    if timed.speedup < INT8_MIN_SPEEDUP:
+        logger.warning("INT8 ort is not faster than FP32 on this CPU (%s): %.2fx (FP32 %.4g ms, INT8 %.4g ms per "
+                       "held-out batch, medians of %d interleaved runs); the FP32 graph serves at least as fast "
+                       "without the INT8 error (--precision fp32)", result.cpu_isa, timed.speedup, timed.fp32_ms,
+                       timed.int8_ms, timed.rounds)
+    else:
+        logger.info("INT8 ort: %.2fx FP32's speed on %s (FP32 %.4g ms, INT8 %.4g ms per held-out batch)",
+                    timed.speedup, result.cpu_isa, timed.fp32_ms, timed.int8_ms)
+    return result
 
 
 class TargetTrials:
@@ -179,6 +201,7 @@ class TargetTrials:
         self.names = names
         self.judged = judged_outputs(names, state) if budget.output is None and budget.metric != "user" else \
             list(range(len(names)))
+        self.keeps = kept_positions(budget, self.reference, evaluation)  # padding counts for nothing (a mask)
 
     def measure(self, outputs: list[list[np.ndarray]]):
         return budget_metric(self.budget, select(self.reference, self.judged), select(outputs, self.judged),
@@ -197,7 +220,7 @@ class TargetTrials:
     def evaluate(self, exclude: tuple[str, ...]) -> Trial:
         model = self.quantize(exclude)
         outputs = run_target(model, self.evaluation, self.target, self.state)
-        return Trial(model, self.measure(outputs), relative_squared_error(self.reference, outputs))
+        return Trial(model, self.measure(outputs), relative_squared_error(self.reference, outputs, self.keeps))
 
 
 def _qdq_ops(model: onnx.ModelProto) -> str:

@@ -46,7 +46,10 @@ class Int8Stage:
         entry = BY_NAME.get(model.name) if model.kind == "zoo" else None
         self.data = load_calibration(options.calib, spec, entry, model.module, options.allow_random_calibration)
         self.data_hash = data_sha256(self.data.calibration)
-        self.budget = Budget.parse(options.budget, model.task, options.metric_hook)
+        self.budget = Budget.parse(options.budget, model.task, options.metric_hook).for_inputs(spec.names)
+        if self.budget.mask:
+            logger.info("INT8: the budget %s: outputs led by [batch, seq] are judged where %s is 1 (every user "
+                        "discards the outputs at padding positions)", self.budget, self.budget.mask)
         self.root, self.method, self.cache, self.ort_form = root, options.calib_method, cache, options.ort_form
         self.time_limit = options.time_limit
         self.requested_state, self.state = tuple(options.state), ()

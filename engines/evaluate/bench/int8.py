@@ -75,8 +75,8 @@ def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list
 
         logits = run_target(onnx.load(str(graph)), [{"x": digits_split("test")[0]}], target)[0][0]
         return "test accuracy", logits_accuracy(logits)
-    budget = Budget.parse(None, task)
-    value = budget_metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target))
+    budget = Budget.parse(None, task).for_inputs(list(evaluation[0]))  # as a build judges it (padding masked)
+    value = budget_metric(budget, reference, run_target(onnx.load(str(graph)), evaluation, target), feeds=evaluation)
     return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
 
 
@@ -99,7 +99,7 @@ def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Pat
         for target in ("ort", "trt"):
             fp, _ = PassManager(pipeline(target, "fp32")).run(exported)
             result = quantize_target(fp, target, calibrate(fp, calibration, "max"), evaluation,
-                                     Budget.parse(None, model.task))
+                                     Budget.parse(None, model.task).for_inputs(model.input_spec.names))
             graphs[f"planforge int8 ({target} form)"] = Path(tmp) / f"pf_{target}.onnx"
             onnx.save_model(result.model, str(graphs[f"planforge int8 ({target} form)"]))
             kept[f"planforge int8 ({target} form)"] = len(result.kept_float)

@@ -36,7 +36,7 @@ def polygraphy_commands(bundle: Path, manifest: Manifest, pairs: list[PairResult
         if pair.budget is not None:
             module = re.sub(r"\W", "_", f"{inputs.stem}_{pair.target}_budget")  # Polygraphy imports it
             script = budget_script(inputs.with_name(f"{module}.py"),
-                                   manifest.calibration.budget, list(pair.outputs), batches)
+                                   manifest.calibration.budget, list(pair.outputs), batches, inputs)
             args += ["--compare-func-script", str(script)]
         else:
             tols = {n: o["tolerance"] for n, o in pair.outputs.items()}
@@ -56,26 +56,35 @@ BUDGET_SCRIPT = '''"""Polygraphy compare function written by `planforge compare`
 Polygraphy calls it once per batch; it keeps the outputs and, at the last of the {batches} batches,
 judges the budget over all of them with planforge's own metric (foundation.numerics), as compare
 did. Earlier batches pass: the budget is a statistic over the whole data set, not per batch.
+The inputs (an attention mask, a user metric's feeds) are read from the file the line loads.
 """
 
+import sys
+import types
 from collections import OrderedDict
 
 import numpy as np
+from polygraphy.json import load_json
 
 from foundation.numerics import Budget, budget_metric
 
 BUDGET = Budget.from_json({spec})
 NAMES = {names}
 BATCHES = {batches}
-_seen = {{"reference": [], "actual": []}}
+INPUTS = {inputs}
+# Polygraphy imports this script afresh for every batch (InvokeFromScript): the outputs seen so far live in
+# a module registered under this script's name, which the re-import does not reset.
+_STATE = sys.modules.setdefault(f"_planforge_state_{{__name__}}", types.ModuleType(f"_planforge_state_{{__name__}}"))
+_seen = _STATE.__dict__.setdefault("seen", {{"reference": [], "actual": []}})
 
 
-def compare_outputs(reference, actual):
+def compare_outputs(actual, reference):  # Polygraphy passes this run's outputs first, the loaded reference second
     _seen["reference"].append([np.asarray(reference[n]) for n in NAMES])
     _seen["actual"].append([np.asarray(actual[n]) for n in NAMES])
     if len(_seen["reference"]) < BATCHES:
         return OrderedDict((n, True) for n in NAMES)
-    score = budget_metric(BUDGET, _seen["reference"], _seen["actual"], NAMES)
+    feeds = [dict(f) for f in load_json(INPUTS)] if INPUTS else None
+    score = budget_metric(BUDGET, _seen["reference"], _seen["actual"], NAMES, feeds)
     passed = BUDGET.met(score)
     print(f"planforge budget {{BUDGET}}: {{float(score):.6g}} over {{BATCHES}} batches: "
           f"{{'PASSED' if passed else 'FAILED'}}")
@@ -83,8 +92,10 @@ def compare_outputs(reference, actual):
 '''
 
 
-def budget_script(path: Path, budget: Budget, names: list[str], batches: int) -> Path:
-    """Write the compare script of an INT8 line (see ``polygraphy_commands``) to ``path``."""
-    text = BUDGET_SCRIPT.format(budget=budget, batches=batches, spec=repr(budget.to_json()), names=repr(names))
+def budget_script(path: Path, budget: Budget, names: list[str], batches: int, inputs: Path | None = None) -> Path:
+    """Write the compare script of an INT8 line (see ``polygraphy_commands``) to ``path``; ``inputs``: the
+    Polygraphy inputs file the line loads (the budget's feeds)."""
+    text = BUDGET_SCRIPT.format(budget=budget, batches=batches, spec=repr(budget.to_json()), names=repr(names),
+                                inputs=repr(str(inputs)) if inputs else None)
     write_atomic(path, text.encode())
     return path

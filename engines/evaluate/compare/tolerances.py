@@ -4,7 +4,8 @@ FP32: ``|actual - ref| <= 1e-4 + 1e-3 * |ref|`` elementwise. FP16: the budget of
 ``passes/convert_fp16.py``, ``max |actual - ref| <= 2e-2 * max|ref| + 1e-3``. INT8: the bundle's
 accuracy budget (``top1=0.99``, ``cosine=0.99`` or ``relerr=0.05``, see ``engines.build.int8``) decides;
 elementwise errors are recorded without a bound, except ``relerr``, which is a bound on the max
-absolute error relative to the output's range and so is checked as one.
+absolute error relative to the output's range and so is checked as one (not where the budget judges
+only the positions an attention mask keeps: an elementwise bound would judge the padding too).
 
 Overrides are ``NAME:VALUE`` for one output or a bare ``VALUE`` for all (``--atol logits:1e-3``).
 Lean: NumPy only.
@@ -80,7 +81,7 @@ def tolerances(precision: str, references: dict[str, list[np.ndarray]], budget: 
         atol, rtol = graph_tolerance(precision, np.array([scale]))
         stat, source = ("max" if precision == "fp16" else "elemwise"), "precision"
         if precision == "int8" and budget and budget.metric == "relerr" and budget.stat in (None, "max") \
-                and budget.output in (None, name) and (judged is None or name in judged):
+                and budget.mask is None and budget.output in (None, name) and (judged is None or name in judged):
             atol, rtol, stat, source = budget.threshold * (scale or 1.0), 0.0, "max", "budget"
         tol = OutputTolerance(atol, rtol, stat, 0.99, source)
         given = {key: values.get(name, values.get("")) for key, values in overrides.items()}
