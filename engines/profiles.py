@@ -6,7 +6,8 @@
 A ``--profile`` names symbolic dims and their ``min..max@opt``; dims it does not name keep the
 spec's range. ``auto:N`` (or ``auto:N:DIM``) splits the first (or the named) symbolic dim's range into N
 contiguous geometric buckets, each with its upper bound as ``opt``; every other dim keeps its full
-range in every profile, so together they accept exactly what the spec accepts. Shape-tensor inputs (int64 shape operands) carry ``shape_values`` ranges.
+range in every profile, so together they accept exactly what the spec accepts. Shape-tensor inputs (int64
+shape operands) carry ``shape_values`` ranges.
 
 Lean: standard library and the input spec only; the runtime selects profiles with this module.
 """
@@ -57,13 +58,13 @@ class Profile:
                 "shape_values": {k: [list(x) for x in v] for k, v in self.shape_values.items()}}
 
     @classmethod
-    def from_json(cls, item: dict) -> "Profile":
+    def from_json(cls, item: dict) -> Profile:
         tup = lambda d: {k: tuple(v) for k, v in d.items()}  # noqa: E731
         values = {k: tuple(tuple(x) for x in v) for k, v in item.get("shape_values", {}).items()}
         return cls(item["name"], tup(item["min"]), tup(item["opt"]), tup(item["max"]), values)
 
     @classmethod
-    def from_spec(cls, spec: InputSpec, name: str = "profile0") -> "Profile":
+    def from_spec(cls, spec: InputSpec, name: str = "profile0") -> Profile:
         return cls(name, spec.shapes("min"), spec.shapes("opt"), spec.shapes("max"))
 
 

@@ -133,7 +133,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
 ) -> ExportResult:
-    """Export ``module`` to ``path``; ``exporter`` is ``auto`` (dynamo, then TorchScript), ``dynamo`` or ``torchscript``."""
+    """Export ``module`` to ``path``; ``exporter`` is ``auto`` (dynamo, then TorchScript), ``dynamo`` or
+    ``torchscript``."""
     path = Path(path)
     args = example_inputs(spec)
     start = time.perf_counter()
@@ -146,7 +147,7 @@ def export_onnx(
                 _export_dynamo(module, args, spec, output_names, raw, opset)
             else:
                 _export_torchscript(module, args, spec, output_names, raw, opset)
-        except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
+        except Exception as exc:  # exporter failures come in many types
             if exporter != "auto":
                 raise ExportError(f"the {used} exporter failed: {_first_line(exc)}") from exc
             fallback_reason = _first_line(exc)
@@ -154,7 +155,7 @@ def export_onnx(
             used = "torchscript"
             try:
                 _export_torchscript(module, args, spec, output_names, raw, opset)
-            except Exception as exc2:  # noqa: BLE001
+            except Exception as exc2:
                 raise ExportError(
                     f"both exporters failed. dynamo: {fallback_reason}. TorchScript: {_first_line(exc2)}. "
                     "Rewrite the unsupported part of the model with standard torch ops, or export "
@@ -175,7 +176,7 @@ def save_checked(model: onnx.ModelProto, path: Path) -> bool:
                     location=f"{path.name}.data" if external else None)
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001 - checker raises several types
+    except Exception as exc:  # checker raises several types
         raise ExportError(f"the exported graph fails onnx.checker: {_first_line(exc)}") from exc
     return external
 

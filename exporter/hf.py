@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from exporter.resolved import ResolvedModel
 from foundation.errors import ExportError, UsageError
 from foundation.files import sha256_file
 from foundation.spec import InputSpec
-from exporter.resolved import ResolvedModel
 
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -80,7 +80,7 @@ def resolve_hf_dir(path: Path):
             model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
     except UsageError as exc:
         raise UsageError(f"{path}: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # transformers raises OSError, ValueError, ...
         raise ExportError(f"transformers could not load {path}: {type(exc).__name__}: {exc}") from exc
     vocab = int(getattr(config, "vocab_size", 30522))
     max_len = min(int(getattr(config, "max_position_embeddings", 512)), 128)
@@ -102,6 +102,6 @@ def load_tokenizer(path: Path):
             return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+    except Exception as exc:
         raise UsageError(f"{path} has no tokenizer transformers can load ({type(exc).__name__}: {exc}); "
                          "real text needs the model directory's tokenizer files") from exc

@@ -25,11 +25,11 @@ import onnx
 import torch
 
 from exporter import zoo
+from exporter.resolved import ResolvedModel
 from foundation.dtypes import ONNX_DTYPES
 from foundation.errors import ExportError, UsageError
 from foundation.files import sha256_file
 from foundation.spec import Dim, InputSpec, TensorSpec, assumed_dims
-from exporter.resolved import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _resolve_python(model: str) -> ResolvedModel:
     sys.modules[module_name] = user
     try:
         spec.loader.exec_module(user)
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except Exception as exc:  # user code may raise anything
         raise ExportError(f"importing {path} raised {type(exc).__name__}: {exc}; fix the file and retry") from exc
     candidates = [n for n, v in vars(user).items() if callable(v) and not n.startswith("_")
                   and getattr(v, "__module__", None) == module_name and not inspect.isclass(v)]
@@ -96,7 +96,7 @@ def _resolve_python(model: str) -> ResolvedModel:
         )
     try:
         result = factory()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # protobuf raises DecodeError and others
         raise ExportError(f"factory {path}:{factory_name}() raised {type(exc).__name__}: {exc}") from exc
     module, input_spec, outputs = _unpack_factory_result(result, f"{path}:{factory_name}")
     source = f"{path.resolve()}:{factory_name}"  # absolute: compare and bench run from anywhere
@@ -174,7 +174,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise UsageError(f"ONNX file {path} does not exist")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+    except Exception as exc:
         raise ExportError(
             f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]}); "
             "re-export it or check the file was copied completely"
@@ -183,7 +183,7 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     onnx.load_external_data_for_model(model, str(path.resolve().parent))
     try:
         onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else str(path), full_check=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ExportError(f"{path} fails onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
     return model
 
@@ -198,7 +198,9 @@ def spec_from_onnx(model: onnx.ModelProto) -> InputSpec:
         ttype = inp.type.tensor_type
         dtype = ONNX_DTYPES.get(ttype.elem_type)
         if dtype is None:
-            raise ExportError(f"input {inp.name!r} has ONNX element type {ttype.elem_type}, which planforge does not feed")
+            raise ExportError(
+                f"input {inp.name!r} has ONNX element type {ttype.elem_type}, which planforge does not feed"
+            )
         if not ttype.HasField("shape"):
             raise UsageError(f"input {inp.name!r} has no shape in the ONNX file (not even a rank); give it with "
                              f"--input \"{inp.name}:{dtype}:[...]\"")

@@ -19,4 +19,6 @@ def golden_points(golden: dict) -> list[str]:
 
 def golden_feeds(golden: dict) -> list[dict]:
     """golden.npz's inputs, one feed dict per shape point, in ``golden_points`` order."""
-    return [{k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in golden_points(golden)]
+    return [
+        {k.split("/", 2)[2]: v for k, v in golden.items() if k.startswith(f"{p}/in/")} for p in golden_points(golden)
+    ]

@@ -28,7 +28,7 @@ def load_metric(source: str):
         return import_function(source, "--metric")
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except Exception as exc:  # user code may raise anything
         raise UsageError(f"--metric {source}: importing it raised {type(exc).__name__}: {exc}") from exc
 
 
@@ -49,7 +49,7 @@ def call_metric(source: str, reference: list[list[np.ndarray]], actual: list[lis
         result = load_metric(source)(ref, act, inputs)
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except Exception as exc:  # user code may raise anything
         raise UsageError(f"--metric {source} raised {type(exc).__name__}: {exc}") from exc
     try:
         score, passed = result

@@ -145,7 +145,7 @@ class Score(float):
 
     passed: bool | None = None
 
-    def __new__(cls, value: float, passed: bool | None = None) -> "Score":
+    def __new__(cls, value: float, passed: bool | None = None) -> Score:
         obj = super().__new__(cls, value)
         obj.passed = passed
         return obj
@@ -181,7 +181,7 @@ class Budget:
                              f"{' | '.join(allowed + ('pNN',)) if allowed else 'none for ' + self.metric}")
 
     @classmethod
-    def parse(cls, text: str | None, task: str | None, metric_hook: str | None = None) -> "Budget":
+    def parse(cls, text: str | None, task: str | None, metric_hook: str | None = None) -> Budget:
         """``[OUTPUT:]METRIC[@STAT]=VALUE`` (the CLI's form: ``top1=0.99``, ``boxes:relerr@p99=0.05``,
         ``cosine@min=0.98``); None: the task's default; ``metric_hook``: ``--metric file.py:function``."""
         if metric_hook:
@@ -227,7 +227,7 @@ class Budget:
         return {"metric": self.metric, "threshold": self.threshold, **extra}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Budget":
+    def from_json(cls, data: dict) -> Budget:
         return cls(data["metric"], float(data["threshold"]), data.get("output"), data.get("stat"), data.get("hook"),
                    data.get("mask"))
 

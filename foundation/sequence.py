@@ -10,7 +10,7 @@ the previous output (another batch size) starts a new sequence with the state it
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

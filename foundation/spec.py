@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Dim:
             raise UsageError(f"a fixed dim must have one size, found {self.min}..{self.max}")
 
     @classmethod
-    def fixed(cls, size: int) -> "Dim":
+    def fixed(cls, size: int) -> Dim:
         return cls(None, size, size, size)
 
     @property
@@ -75,7 +75,7 @@ class Dim:
         return f"Dim({self.name!r}, {self.min}, {self.opt}, {self.max})"
 
 
-def assumed_dims(spec: "InputSpec") -> list[tuple[str, int, Dim]]:
+def assumed_dims(spec: InputSpec) -> list[tuple[str, int, Dim]]:
     """(input, axis, dim) for every dim whose range was guessed, not given (``Dim.assumed``)."""
     return [(t.name, axis, d) for t in spec.tensors for axis, d in enumerate(t.dims) if d.assumed]
 
@@ -127,7 +127,7 @@ class TensorSpec:
         return f"TensorSpec.parse({str(self)!r})"
 
     @classmethod
-    def parse(cls, text: str, known: Mapping[str, Dim] | None = None) -> "TensorSpec":
+    def parse(cls, text: str, known: Mapping[str, Dim] | None = None) -> TensorSpec:
         """Parse ``name:dtype:[dims][:lo..hi]``; bare dim names resolve through ``known``."""
         match = _TENSOR_RE.match(text.strip() if text.strip()[:1] in "\"'" else text.replace(" ", ""))
         if not match:
@@ -195,7 +195,7 @@ class InputSpec:
                     )
 
     @classmethod
-    def parse(cls, texts: Iterable[str]) -> "InputSpec":
+    def parse(cls, texts: Iterable[str]) -> InputSpec:
         known: dict[str, Dim] = {}
         tensors = []
         for text in texts:
@@ -240,12 +240,12 @@ class InputSpec:
     def shapes(self, point: str = "opt") -> dict[str, tuple[int, ...]]:
         return {t.name: t.shape(point) for t in self.tensors}
 
-    def frozen(self, point: str = "opt") -> "InputSpec":
+    def frozen(self, point: str = "opt") -> InputSpec:
         """Every dim fixed at its size at ``point`` (a static build); dtypes and value ranges kept."""
         return InputSpec(tuple(dataclasses.replace(t, dims=tuple(Dim.fixed(n) for n in t.shape(point)))
                                for t in self.tensors))
 
-    def override(self, texts: Iterable[str]) -> "InputSpec":
+    def override(self, texts: Iterable[str]) -> InputSpec:
         """Replace the inputs named in ``texts`` (CLI ``--input``); the others stay."""
         known = self.symbols()
         replaced: dict[str, TensorSpec] = {}
@@ -281,7 +281,7 @@ class InputSpec:
         ]
 
     @classmethod
-    def from_json(cls, items: list[dict]) -> "InputSpec":
+    def from_json(cls, items: list[dict]) -> InputSpec:
         tensors = []
         for item in items:
             dims = tuple(
@@ -396,7 +396,7 @@ class OutputSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, item: dict) -> "OutputSpec":
+    def from_json(cls, item: dict) -> OutputSpec:
         return cls(item["name"], item["dtype"], tuple(item["shape"]))
 
 

@@ -85,7 +85,31 @@ def _instantiate(step, options: dict, skip: set[str]):
     return step(**{k: v for k, v in options.items() if k in params})
 
 
-__all__ = ["ConvertToFp16", "FixedPoint", "PIPELINES", "TARGETS", "Pass", "PassManager", "PassRecord", "PassResult", "pipeline",
-           "Cleanup", "DeduplicateConstants", "EliminateCommonSubexpressions", "FoldConstants", "FoldShapes", "FuseAttention", "FuseConvBatchNorm",
-           "FuseGelu", "FuseLayerNorm", "FuseLinearAffine", "FuseMatMulAdd", "FuseRmsNorm", "FuseStandardAttention", "InferShapes",
-           "MergeReshapes", "MergeTransposes", "RemoveNoOps"]
+__all__ = [
+    "ConvertToFp16",
+    "FixedPoint",
+    "PIPELINES",
+    "TARGETS",
+    "Pass",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "pipeline",
+    "Cleanup",
+    "DeduplicateConstants",
+    "EliminateCommonSubexpressions",
+    "FoldConstants",
+    "FoldShapes",
+    "FuseAttention",
+    "FuseConvBatchNorm",
+    "FuseGelu",
+    "FuseLayerNorm",
+    "FuseLinearAffine",
+    "FuseMatMulAdd",
+    "FuseRmsNorm",
+    "FuseStandardAttention",
+    "InferShapes",
+    "MergeReshapes",
+    "MergeTransposes",
+    "RemoveNoOps",
+]

@@ -12,7 +12,8 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ class PassResult:
 class Pass:
     """Base class: subclasses implement ``run(graph) -> PassResult``."""
 
-    requires: ClassVar[tuple[type["Pass"], ...]] = ()
+    requires: ClassVar[tuple[type[Pass], ...]] = ()
 
     def hint(self) -> str:
         """What a user can do when this pass breaks its numeric budget on their model."""
@@ -167,7 +168,7 @@ class PassManager:
         graph = gs.import_onnx(model)
         try:
             reference = [run_graph(model, f) for f in self.verify_feeds]
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+        except Exception as exc:  # ONNX Runtime raises its own types
             raise PassError(f"the verification feeds do not run the graph before the passes under ONNX Runtime: "
                             f"{str(exc).splitlines()[0][:300]}; give feeds (shapes and value ranges) it runs on, "
                             "or verify nothing") from exc
@@ -212,7 +213,7 @@ class PassManager:
             result = p.run(graph)
         except PassError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a pass bug must name the pass
+        except Exception as exc:  # a pass bug must name the pass
             raise PassError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
         record = PassRecord(p.name, result.changed, result.stats, seconds, before, op_counts(graph))
@@ -231,7 +232,7 @@ class PassManager:
         for k, (feeds, expected) in enumerate(zip(self.verify_feeds, reference)):
             try:
                 actual = run_graph(checked, feeds)
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            except Exception as exc:  # ORT raises its own types
                 raise PassError(f"after pass {p.name} the graph no longer runs under ONNX Runtime: {exc}") from exc
             tolerances = p.budget(expected) or {n: (self.atol, self.rtol) for n in expected}
             name, err = worst_difference(actual, expected, tolerances)

@@ -19,8 +19,8 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -58,8 +58,12 @@ def graph_sha256(model: onnx.ModelProto) -> str:
 
 
 def _make_calibrator(path: Path, augmented: Path, method: str, op_types):
-    kinds = {"max": ort_calibrate.CalibrationMethod.MinMax, "entropy": ort_calibrate.CalibrationMethod.Entropy,
-             "percentile": ort_calibrate.CalibrationMethod.Percentile, "mse": ort_calibrate.CalibrationMethod.Percentile}
+    kinds = {
+        "max": ort_calibrate.CalibrationMethod.MinMax,
+        "entropy": ort_calibrate.CalibrationMethod.Entropy,
+        "percentile": ort_calibrate.CalibrationMethod.Percentile,
+        "mse": ort_calibrate.CalibrationMethod.Percentile,
+    }
     options = {"percentile": PERCENTILE, "symmetric": True} if method in ("percentile", "mse") else {}
     return ort_calibrate.create_calibrator(path, op_types, augmented_model_path=str(augmented),
                                            calibrate_method=kinds[method], extra_options=options)

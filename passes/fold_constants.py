@@ -76,7 +76,7 @@ class FoldConstants(Pass):
             # fold_shapes=False: graphsurgeon ignores Shape's start/end; FoldShapes does that part.
             graph.fold_constants(error_ok=False, size_threshold=self.size_threshold, fold_shapes=False,
                                  flatten_subgraphs=False).cleanup()
-        except Exception as exc:  # noqa: BLE001 - graphsurgeon re-raises ORT's and its own errors
+        except Exception as exc:  # graphsurgeon re-raises ORT's and its own errors
             culprit = _failing_node(graph)
             where = f"node {culprit.name or '(unnamed)'} ({culprit.op})" if culprit else "a constant subgraph"
             raise PassError(

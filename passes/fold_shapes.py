@@ -75,7 +75,9 @@ class FoldShapes(Pass):
                 continue
             out = node.outputs[0]
             if _static(dims) and not is_graph_output(out, graph):
-                self._to_constant(out, np.array(dims, dtype=np.int64), fresh_name(graph, f"{node.name or 'shape'}_folded"))
+                self._to_constant(
+                    out, np.array(dims, dtype=np.int64), fresh_name(graph, f"{node.name or 'shape'}_folded")
+                )
                 folded += 1
                 continue
             for reader in list(out.outputs):

@@ -9,11 +9,12 @@ for BERT-, DistilBERT-, MiniLM-, ViT- and GPT-2-style layers, eager or SDPA) bec
                                                   raised to 23 (below 18, or an op whose meaning changed)
 
 The standard op with 3-D inputs is the fastest form on ONNX Runtime's CPU provider
-(docs/decisions/002-ort-attention-form.md). The mask goes in as the exporter built it: today's transformers materialise padding and causal masks
-as [B, 1, S, T]; one broadcast over the query positions ([B, 1, 1, T]) is expanded to [B, 1, S, T]
-first, since ONNX Runtime's CPU kernels index it by query position (both ops refuse it otherwise).
-Shape reads of the removed context (legacy exports compute the merge target from them) read q's head
-split instead, which has the same shape. The ``trt`` target has ``FuseStandardAttention``.
+(docs/decisions/002-ort-attention-form.md). The mask goes in as the exporter built it: today's
+transformers materialise padding and causal masks as [B, 1, S, T]; one broadcast over the query
+positions ([B, 1, 1, T]) is expanded to [B, 1, S, T] first, since ONNX Runtime's CPU kernels index it by
+query position (both ops refuse it otherwise). Shape reads of the removed context (legacy exports
+compute the merge target from them) read q's head split instead, which has the same shape. The ``trt``
+target has ``FuseStandardAttention``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,13 @@ class FuseAttention(Pass):
             m.merge.inputs[0] = out
         if standard:
             attrs = {"q_num_heads": m.heads, "kv_num_heads": m.heads, "scale": m.scale}
-            node = gs.Node("Attention", f"{name}_attention", attrs, inputs=[m.q, m.k, m.v] + ([bias] if bias is not None else []),
-                           outputs=[out])
+            node = gs.Node(
+                "Attention",
+                f"{name}_attention",
+                attrs,
+                inputs=[m.q, m.k, m.v] + ([bias] if bias is not None else []),
+                outputs=[out],
+            )
         else:
             extra = [gs.Variable.empty(), gs.Variable.empty(), bias] if bias is not None else []
             node = gs.Node("MultiHeadAttention", f"{name}_mha", {"num_heads": m.heads, "scale": m.scale},
@@ -96,4 +102,6 @@ def redirect_shape_reads(graph: gs.Graph, m: AttentionMatch) -> None:
         whole = gs.Variable(fresh_name(graph, f"{node.name}_q"), dtype=np.int64, shape=[4])
         out, node.outputs[0] = node.outputs[0], whole
         indices = gs.Constant(fresh_name(graph, f"{node.name}_perm"), np.array(perm, np.int64))
-        graph.nodes.append(gs.Node("Gather", f"{node.name}_permute", {"axis": 0}, inputs=[whole, indices], outputs=[out]))
+        graph.nodes.append(
+            gs.Node("Gather", f"{node.name}_permute", {"axis": 0}, inputs=[whole, indices], outputs=[out])
+        )

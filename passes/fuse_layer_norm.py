@@ -41,9 +41,17 @@ class FuseLayerNorm(Pass):
             scale = np.broadcast_to(gamma if gamma is not None else 1.0, (width,)).astype(dtype)
             bias = np.broadcast_to(beta if beta is not None else 0.0, (width,)).astype(dtype)
             end.inputs[0].outputs.clear()
-            graph.layer(op="LayerNormalization", name=f"{div.name}_layernorm", outputs=[end],
-                        inputs=[x, gs.Constant(fresh_name(graph, "ln_scale"), scale), gs.Constant(fresh_name(graph, "ln_bias"), bias)],
-                        attrs={"axis": axis, "epsilon": eps})
+            graph.layer(
+                op="LayerNormalization",
+                name=f"{div.name}_layernorm",
+                outputs=[end],
+                inputs=[
+                    x,
+                    gs.Constant(fresh_name(graph, "ln_scale"), scale),
+                    gs.Constant(fresh_name(graph, "ln_bias"), bias),
+                ],
+                attrs={"axis": axis, "epsilon": eps},
+            )
             fused += 1
         if fused:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -47,7 +47,9 @@ class FuseRmsNorm(Pass):
             inputs = [x, gs.Constant(fresh_name(graph, "rms_scale"), scale)]
             attrs = {"axis": -1, "epsilon": eps}
             if self.target == "trt":
-                graph.layer(op="RMSNormalization", name=f"{node.name}_rmsnorm", inputs=inputs, outputs=[end], attrs=attrs)
+                graph.layer(
+                    op="RMSNormalization", name=f"{node.name}_rmsnorm", inputs=inputs, outputs=[end], attrs=attrs
+                )
             else:
                 graph.layer(op="SimplifiedLayerNormalization", name=f"{node.name}_rmsnorm", attrs=attrs,
                             inputs=inputs, outputs=[end])
@@ -61,7 +63,9 @@ class FuseRmsNorm(Pass):
         if node.op == "Div":
             x, std = node.inputs
         else:
-            recip = next((producer(t) for t in node.inputs if producer(t) is not None and producer(t).op == "Reciprocal"), None)
+            recip = next(
+                (producer(t) for t in node.inputs if producer(t) is not None and producer(t).op == "Reciprocal"), None
+            )
             if recip is None:
                 return "not x * Reciprocal(...)"
             x = node.inputs[1] if producer(node.inputs[0]) is recip else node.inputs[0]

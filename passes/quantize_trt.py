@@ -62,7 +62,11 @@ class QuantizeForTensorRT(Pass):
             if not slots:
                 logger.debug("keep %s in float: its Conv stays in float", node.name)
                 continue
-            missing = [node.inputs[i].name for i, kind in slots if kind == "activation" and node.inputs[i].name not in self.ranges]
+            missing = [
+                node.inputs[i].name
+                for i, kind in slots
+                if kind == "activation" and node.inputs[i].name not in self.ranges
+            ]
             if missing:
                 logger.debug("keep %s in float: no calibration range for %s", node.name, ", ".join(missing))
                 continue

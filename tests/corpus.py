@@ -32,8 +32,8 @@ from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from passes import PassManager, pipeline  # noqa: E402
-from passes.verify import session  # noqa: E402
+from passes import PassManager, pipeline
+from passes.verify import session
 
 DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 FOLDERS = ("simple", "pytorch-converted", "pytorch-operator")
@@ -50,7 +50,7 @@ class Case:
 
 
 def node_cases() -> list[Case]:
-    from onnx.backend.test.loader import load_node_model_tests  # noqa: PLC0415
+    from onnx.backend.test.loader import load_node_model_tests
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,7 +83,7 @@ def folder_cases() -> list[Case]:
             if data_sets:
                 cases.append(Case(f"{folder}/{case_dir.name}", onnx.load(str(model_path)), data_sets, 1e-3, 1e-7))
     for model_path in sorted((DATA / "light").glob("light_*.onnx")):
-        from onnx.backend.test.runner import Runner  # noqa: PLC0415
+        from onnx.backend.test.runner import Runner
 
         model = onnx.load(str(model_path))
         inits = {i.name for i in model.graph.initializer}

@@ -92,4 +92,15 @@ def seeded(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-__all__ = ["add_plan_artifact", "tiny_manifest", "TensorProto", "helper", "make_model", "ops", "run_pass", "assert_same_outputs", "seeded", "PassManager"]
+__all__ = [
+    "add_plan_artifact",
+    "tiny_manifest",
+    "TensorProto",
+    "helper",
+    "make_model",
+    "ops",
+    "run_pass",
+    "assert_same_outputs",
+    "seeded",
+    "PassManager",
+]

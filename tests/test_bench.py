@@ -126,7 +126,9 @@ def test_a_transformer_is_benched_against_onnx_runtimes_own_transformers_optimiz
     """The anchor of the transformer work: ``onnxruntime.transformers.optimizer`` on the exported graph."""
     bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-bench", build_root=build_root,
                                 inputs=("input_ids:int64:[batch=1..4@2,seq=4..32@16]:0..30522",))).out
-    doc = bench(BenchRequest((bundle,), batches=(2,), warmup=1, iterations=2, threads=1, cache_dir=build_root / ".cache"))
+    doc = bench(
+        BenchRequest((bundle,), batches=(2,), warmup=1, iterations=2, threads=1, cache_dir=build_root / ".cache")
+    )
     names = [b["name"] for b in doc["backends"]]
     assert "onnxruntime transformers optimizer (bert)" in names, doc["skipped"]
     row = next(b for b in doc["backends"] if b["name"] == "onnxruntime transformers optimizer (bert)")
@@ -170,11 +172,15 @@ def test_bench_transformer_times_every_anchor_on_padded_real_text_and_writes_the
         assert row["median_ms"] > 0 and row["vs_export"] > 0 and row["vs_optimizer"] > 0
     padding = {r["seq"]: r["padding"] for r in doc["rows"]}
     assert 0 <= padding[8] < padding[32] < 1  # real sentence lengths: more padding at the longer length
-    assert doc["environment"]["cpu_isa"] and doc["threads"] == 1 and "fp32 vs export at 2 x 32 (>= 1.15)" in doc["targets"]
+    assert (
+        doc["environment"]["cpu_isa"] and doc["threads"] == 1 and "fp32 vs export at 2 x 32 (>= 1.15)" in doc["targets"]
+    )
     code, out, _ = run_cli("bench-transformer", bundle, "--batch", "1", "--seq", "16", "--rounds", "1",
                            "--iterations", "1", "--threads", "1", "-o", tmp_path / "out")
     assert code == 0 and "| planforge fp32 ort |" in out
     table = (tmp_path / "out" / "bench-transformer.md").read_text()
     assert "| backend | 1 x 16 |" in table and json.loads((tmp_path / "out" / "bench-transformer.json").read_text())
-    code, _, err = run_cli("bench-transformer", build(BuildRequest("mlp", out=tmp_path / "mlp", build_root=build_root)).out)
+    code, _, err = run_cli(
+        "bench-transformer", build(BuildRequest("mlp", out=tmp_path / "mlp", build_root=build_root)).out
+    )
     assert code == 2 and "Hugging Face text model" in err

@@ -79,9 +79,22 @@ def test_a_schema_1_manifest_still_loads_with_its_fields_split(tmp_path):
     manifest = _stage(tmp_path / "b")
     data = manifest.to_json()
     kept = [{"name": "conv", "op": "Conv", "target": "trt", "reason": "sensitivity"}]
-    old = dict(data, schema_version=1, precision="int8", unquantized_nodes=kept,
-               calibration={"method": "max", "source": "zoo:m", "samples": 8, "evaluation_batches": 1,
-                            "data_sha256": "0" * 64, "file": "calibration.json", "reused": {}, "budget": "top1 >= 0.99"})
+    old = dict(
+        data,
+        schema_version=1,
+        precision="int8",
+        unquantized_nodes=kept,
+        calibration={
+            "method": "max",
+            "source": "zoo:m",
+            "samples": 8,
+            "evaluation_batches": 1,
+            "data_sha256": "0" * 64,
+            "file": "calibration.json",
+            "reused": {},
+            "budget": "top1 >= 0.99",
+        },
+    )
     for key in ("int8_float_layers", "fp16_fp32_nodes"):
         old.pop(key)
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(old))

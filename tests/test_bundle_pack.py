@@ -15,8 +15,10 @@ from engines.deploy.triton import write_repository
 from engines.evaluate.compare import CompareRequest, compare
 from foundation.errors import BundleError, IntegrityError, UsageError
 
-TINY = ("import torch\n\n\ndef make():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.Linear(8, 16), "
-        "torch.nn.ReLU(), torch.nn.Linear(16, 4)), ['x:float32:[batch=1..64@8,8]']\n")
+TINY = (
+    "import torch\n\n\ndef make():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.Linear(8, 16), "
+    "torch.nn.ReLU(), torch.nn.Linear(16, 4)), ['x:float32:[batch=1..64@8,8]']\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,9 @@ def test_pack_copies_a_verified_bundle_and_runtime_only_keeps_what_production_lo
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
     with runtime.load(lean) as a, runtime.load(tiny) as b:
         np.testing.assert_array_equal(next(iter(a.infer(x).values())), next(iter(b.infer(x).values())))
-    expected = ort.InferenceSession(str(tiny / "model.trt.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    expected = ort.InferenceSession(str(tiny / "model.trt.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
     with runtime.load(lean) as a:
         np.testing.assert_allclose(next(iter(a.infer(x).values())), expected[0], atol=1e-6)
 

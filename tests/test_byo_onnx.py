@@ -16,9 +16,9 @@ from helpers import helper, make_model, seeded
 
 from engines import runtime
 from engines.bundle import read_manifest
+from exporter.resolve import check_assumed, spec_from_onnx
 from foundation.errors import UsageError
 from foundation.spec import InputSpec, TensorSpec, assumed_dims
-from exporter.resolve import check_assumed, spec_from_onnx
 
 
 def _package_file(package: str, *parts: str) -> Path | None:
@@ -98,7 +98,9 @@ def test_a_graph_with_a_colon_in_its_input_name_builds_from_a_quoted_spec(run_cl
     assert manifest.inputs["input:0"].value_range == (-1.5, 1.5)
     x = np.linspace(-1.5, 1.4, 12, dtype=np.float32).reshape(3, 4)
     with runtime.load(in_tmp / "build" / "tf") as engine:
-        np.testing.assert_allclose(engine.infer({"input:0": x})["logits:0"], x @ seeded((4, 2), 1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            engine.infer({"input:0": x})["logits:0"], x @ seeded((4, 2), 1), rtol=1e-5, atol=1e-6
+        )
 
 
 @needs_paddle
@@ -141,15 +143,19 @@ def test_a_bundle_records_its_source_absolutely_and_finds_it_again_when_moved_wi
 
     project = in_tmp / "project"
     project.mkdir()
-    (project / "m.py").write_text("import torch\n"
-                                  "def model():\n"
-                                  "    torch.manual_seed(0)\n"
-                                  "    return torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), ['x:float32:[b=1..4@2,4]']\n")
+    (project / "m.py").write_text(
+        "import torch\n"
+        "def model():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), ['x:float32:[b=1..4@2,4]']\n"
+    )
     os.chdir(project)
     code, _, err = run_cli("build", "m.py:model", "-o", str(project / "bundle"))
     assert code == 0, err
     manifest = read_manifest(project / "bundle")
-    assert manifest.model.source == f"{(project / 'm.py').resolve()}:model" and manifest.model.relative == "../m.py:model"
+    assert (
+        manifest.model.source == f"{(project / 'm.py').resolve()}:model" and manifest.model.relative == "../m.py:model"
+    )
     os.chdir(in_tmp)
     code, out, err = run_cli("compare", str(project / "bundle"), "--reference", "pytorch")
     assert code == 0, out + err
@@ -175,7 +181,9 @@ def test_a_graph_random_feeds_cannot_run_is_refused_in_one_line_naming_what_to_p
 
 
 @needs_sequence8
-@pytest.mark.parametrize("how", [("--no-verify-passes",), ("--input", "X:float32:[3]", "--input", "Splits:int64:[3]:1..2")])
+@pytest.mark.parametrize(
+    "how", [("--no-verify-passes",), ("--input", "X:float32:[3]", "--input", "Splits:int64:[3]:1..2")]
+)
 def test_a_graph_random_feeds_cannot_run_optimizes_unverified_or_at_a_spec_that_runs(run_cli, in_tmp, how):
     code, out, err = run_cli("optimize", SEQUENCE8 / "model.onnx", "-o", "o.onnx", "--target", "ort", *how)
     assert code == 0, err

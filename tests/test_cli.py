@@ -63,17 +63,24 @@ def test_zoo_lists_every_model_with_its_inputs(run_cli):
     assert "past=1..192@32" in out
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (("build", "resnet81"), 2, "did you mean resnet18"),
-    (("build", "bad_models.py:nothing"), 2, "no function 'nothing'"),
-    (("build", "bad_models.py:raises"), 3, "raises() raised RuntimeError: checkpoint corrupted"),
-    (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
-    (("build", "bad_models.py:plain", "--precision", "int8"), 6, "INT8 needs calibration data"),
-    (("build", "bad_models.py:plain", "--precision", "int8", "--calib", "nowhere"), 6, "neither a directory"),
-    (("build", "mlp", "--precision", "int8", "--budget", "top5=0.9"), 2, "expected [OUTPUT:]METRIC[@STAT]=VALUE, e.g. top1=0.99"),
-    (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
-    (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("build", "resnet81"), 2, "did you mean resnet18"),
+        (("build", "bad_models.py:nothing"), 2, "no function 'nothing'"),
+        (("build", "bad_models.py:raises"), 3, "raises() raised RuntimeError: checkpoint corrupted"),
+        (("build", "bad_models.py:unexportable"), 3, "both exporters failed"),
+        (("build", "bad_models.py:plain", "--precision", "int8"), 6, "INT8 needs calibration data"),
+        (("build", "bad_models.py:plain", "--precision", "int8", "--calib", "nowhere"), 6, "neither a directory"),
+        (
+            ("build", "mlp", "--precision", "int8", "--budget", "top5=0.9"),
+            2,
+            "expected [OUTPUT:]METRIC[@STAT]=VALUE, e.g. top1=0.99",
+        ),
+        (("build", "mlp", "--input", "x:float32:[batch=1..4@8,64]"), 2, "min <= opt <= max"),
+        (("run", "no_such_bundle", "--random", "opt"), 9, "is not a directory"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_nonzero_exit(run_cli, bad_models, args, code, message):
     got, _, err = run_cli(*args)
     assert got == code

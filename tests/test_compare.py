@@ -21,10 +21,10 @@ from engines.evaluate.compare.data import load_data
 from engines.evaluate.compare.runners import TorchRunner
 from engines.evaluate.compare.tolerances import per_output, tolerances
 from engines.runtime.cpu import detect
+from exporter.zoo import BY_NAME
 from foundation.errors import UsageError
 from foundation.numerics import Budget
 from foundation.spec import InputSpec
-from exporter.zoo import BY_NAME
 
 ORT_SIDES = {"onnxruntime model.onnx", "onnxruntime model.ort.onnx", "onnxruntime model.trt.onnx", "planforge ort-cpu"}
 
@@ -224,8 +224,9 @@ def test_int8_sides_are_decided_by_the_manifest_budget_on_the_evaluation_batches
     assert manifest.backends.trt.precision == trt.precision == "fp32" and not manifest.int8_report("trt").quantized
     assert trt.budget is None and trt.passed and not any(n.op_type == "QuantizeLinear"
                                                          for n in onnx.load(str(bundle / "model.trt.onnx")).graph.node)
-    assert trt.outputs["logits"]["max_abs"] == pytest.approx(max(float(np.abs(e - g).max()) for e, g in zip(expected, got)),
-                                                             rel=1e-6)
+    assert trt.outputs["logits"]["max_abs"] == pytest.approx(
+        max(float(np.abs(e - g).max()) for e, g in zip(expected, got)), rel=1e-6
+    )
     assert any("--graph-optimization-level ORT_DISABLE_ALL" in line and "model.trt.onnx" in line
                for line in result.polygraphy)
     assert result.cpu["cpu_isa"] == detect().isa == result.cpu["int8_ort_validated_on"]
@@ -263,8 +264,12 @@ def test_polygraphy_lines_work_as_printed_and_fail_when_the_graph_is_worse(mlp_i
                                                  .reshape(values.shape), weight.name))
     damaged = tmp_path / "damaged.onnx"
     onnx.save(model, str(damaged))
-    run = subprocess.run([polygraphy, *shlex.split(int8_line.replace(str(bundle / "model.ort.onnx"), str(damaged)))[1:]],
-                         cwd=work, capture_output=True, text=True)
+    run = subprocess.run(
+        [polygraphy, *shlex.split(int8_line.replace(str(bundle / "model.ort.onnx"), str(damaged)))[1:]],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0 and "FAILED" in run.stdout + run.stderr
 
 
@@ -283,8 +288,10 @@ def test_digits_gets_its_test_accuracy_per_side(build_root, tmp_path):
 
 def test_a_changed_model_source_is_refused_as_reference_and_the_exported_graph_can_stand_in(tmp_path, run_cli):
     source = tmp_path / "tiny.py"
-    source.write_text("import torch\n\n\ndef make():\n    torch.manual_seed(0)\n"
-                      "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n")
+    source.write_text(
+        "import torch\n\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n"
+    )
     bundle = build(BuildRequest(f"{source}:make", out=tmp_path / "tiny", build_root=tmp_path)).out
     assert compare(CompareRequest(bundle, report=tmp_path / "r.json")).reference == "pytorch"
 
@@ -304,8 +311,11 @@ def test_a_factory_whose_weights_differ_per_call_is_refused_as_reference_and_a_s
     from exporter.resolve import resolve, weights_sha256
 
     source = tmp_path / "net.py"
-    source.write_text("import torch\n\n\ndef make():\n" + ("    torch.manual_seed(0)\n" if seeded else "")
-                      + "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n")
+    source.write_text(
+        "import torch\n\n\ndef make():\n"
+        + ("    torch.manual_seed(0)\n" if seeded else "")
+        + "    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), ['x:float32:[batch=1..4@2,8]']\n"
+    )
     with torch.random.fork_rng():
         torch.manual_seed(1)
         bundle = build(BuildRequest(f"{source}:make", out=tmp_path / "net", build_root=tmp_path)).out
@@ -317,7 +327,9 @@ def test_a_factory_whose_weights_differ_per_call_is_refused_as_reference_and_a_s
     if seeded:
         assert code == 0, out + err
         return
-    assert code == 2 and "the factory returned different weights than at build time (seed it or load a checkpoint)" in err
+    assert (
+        code == 2 and "the factory returned different weights than at build time (seed it or load a checkpoint)" in err
+    )
     assert "--reference onnx" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["model"]["weights_sha256"]  # a bundle from before the weights were recorded: compared as it was
@@ -337,7 +349,15 @@ def test_compare_repeats_the_build_verdict_on_the_stored_evaluation_batches(tmp_
     for i in range(10):  # every fifth batch is held out: 2 batches of 16 samples
         np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((16, 64)).astype(np.float32))
     with caplog.at_level(logging.WARNING):
-        bundle = build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(calib=str(calib), budget="cosine=0.99"))).out
+        bundle = build(
+            BuildRequest(
+                "mlp",
+                out=tmp_path / "b",
+                precision="int8",
+                build_root=tmp_path,
+                int8=Int8Options(calib=str(calib), budget="cosine=0.99"),
+            )
+        ).out
     manifest = read_manifest(bundle)
     assert manifest.calibration.evaluation_file == "evaluation.npz" and manifest.calibration.evaluation_samples == 32
     assert manifest.artifacts["evaluation.npz"].role == "evaluation"
@@ -360,7 +380,11 @@ def test_a_small_held_out_set_is_warned_about(tmp_path, caplog):
     for i in range(5):
         np.savez(calib / f"b{i}.npz", x=np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32))
     with caplog.at_level(logging.WARNING):
-        build(BuildRequest("mlp", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(calib=str(calib))))
+        build(
+            BuildRequest(
+                "mlp", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(calib=str(calib))
+            )
+        )
     assert "the budget is measured on only 4 held-out samples (fewer than 32)" in caplog.text
 
 

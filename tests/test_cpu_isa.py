@@ -24,7 +24,11 @@ SAMPLES = [
     ("x86_64", "fpu sse2 avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", "avx512"),
     ("x86_64", "fpu sse2 avx avx2 fma bmi2 adx sha_ni", "avx2"),
     ("x86_64", "fpu sse2 ssse3 sse4_1 sse4_2 avx", "x86"),
-    ("aarch64", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp", "arm-dotprod"),
+    (
+        "aarch64",
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp",
+        "arm-dotprod",
+    ),
     ("aarch64", "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid", "arm"),
     ("x86_64", "", "unknown"),
     ("riscv64", "rv64imafdc", "unknown"),
@@ -81,19 +85,29 @@ def test_form_choice_measures_every_candidate_and_keeps_the_fastest_accurate_one
     def quantize(form):
         return PassManager([InferShapes(), QuantizeForOnnxRuntime(ranges=ranges, form=form)], quiet=True).run(model)[0]
 
-    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: budget_metric(budget, reference, out), budget.loss,
-                    evaluation)
+    choice = choose(
+        ("u8s8-rr", "u8u8"),
+        "avx2",
+        quantize,
+        lambda out: budget_metric(budget, reference, out),
+        budget.loss,
+        evaluation,
+    )
     assert set(choice.measured) == {"u8s8-rr", "u8u8"}
     for form, measured in choice.measured.items():  # each recorded metric is that form's graph, recomputed
         assert measured["latency_ms"] > 0
-        assert measured["metric"] == pytest.approx(budget_metric(budget, reference, run_target(quantize(form), evaluation,
-                                                                                           "ort")), abs=1e-9)
+        assert measured["metric"] == pytest.approx(
+            budget_metric(budget, reference, run_target(quantize(form), evaluation, "ort")), abs=1e-9
+        )
         assert measured["metric"] > 0.99  # both forms are accurate on this MLP
     assert choice.form == min(choice.measured, key=lambda f: choice.measured[f]["latency_ms"])
     assert choice.reason.startswith(f"{choice.form}: faster than") and "saturate on avx2" in choice.reason
     weights = [i for i in choice.model.graph.initializer if i.data_type in (2, 3) and len(i.dims) == 2]
     assert {i.data_type for i in weights} == {3 if FORMS[choice.form].weight.name == "QInt8" else 2}
-    assert budget_metric(budget, reference, run_target(choice.model, evaluation, "ort")) == choice.measured[choice.form]["metric"]
+    assert (
+        budget_metric(budget, reference, run_target(choice.model, evaluation, "ort"))
+        == choice.measured[choice.form]["metric"]
+    )
 
 
 def test_form_choice_prefers_accuracy_over_speed_beyond_the_slack():
@@ -108,7 +122,13 @@ def test_form_choice_prefers_accuracy_over_speed_beyond_the_slack():
         use = broken if form == "u8s8-rr" else ranges
         return PassManager([InferShapes(), QuantizeForOnnxRuntime(ranges=use, form=form)], quiet=True).run(model)[0]
 
-    choice = choose(("u8s8-rr", "u8u8"), "avx2", quantize, lambda out: budget_metric(budget, reference, out), budget.loss,
-                    evaluation)
+    choice = choose(
+        ("u8s8-rr", "u8u8"),
+        "avx2",
+        quantize,
+        lambda out: budget_metric(budget, reference, out),
+        budget.loss,
+        evaluation,
+    )
     assert choice.measured["u8s8-rr"]["metric"] > 0.5 > choice.measured["u8u8"]["metric"]
     assert choice.form == "u8u8" and "more accurate than u8s8-rr" in choice.reason

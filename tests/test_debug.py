@@ -121,7 +121,10 @@ def test_tensorrt_layer_json_maps_fused_layers_back_to_onnx_nodes_and_modules(re
                                  "some_reformat_layer"]})
     rows = trt_layers(doc, where, graph)
     assert rows[0]["onnx_nodes"] == [conv.name, relu.name] and rows[0]["precision"] == "fp16"
-    assert rows[0]["modules"] == sorted({where.module(conv), where.module(relu)}) and "bn1 (BatchNorm2d)" in rows[0]["modules"]
+    assert (
+        rows[0]["modules"] == sorted({where.module(conv), where.module(relu)})
+        and "bn1 (BatchNorm2d)" in rows[0]["modules"]
+    )
     assert rows[1] == {"layer": "some_reformat_layer", "type": "", "precision": "?", "onnx_nodes": [], "modules": []}
 
 
@@ -151,7 +154,15 @@ def make():
 
 def test_bisect_names_the_layer_whose_float_precision_brings_the_outputs_within_budget(tmp_path, run_cli):
     (tmp_path / "outlier.py").write_text(OUTLIER)
-    bundle = build(BuildRequest(f"{tmp_path / 'outlier.py'}:make", out=tmp_path / "b", precision="int8", build_root=tmp_path, int8=Int8Options(budget="relerr=0.9", allow_random_calibration=True))).out
+    bundle = build(
+        BuildRequest(
+            f"{tmp_path / 'outlier.py'}:make",
+            out=tmp_path / "b",
+            precision="int8",
+            build_root=tmp_path,
+            int8=Int8Options(budget="relerr=0.9", allow_random_calibration=True),
+        )
+    ).out
     assert read_manifest(bundle).int8_report("trt").kept_float == ()  # the loose budget kept every layer INT8
     result = debug(DebugRequest(bundle, side="trt", bisect=True, budget="relerr=0.05"))
     assert not result.ok and result.first[0].module == "b (Linear)"

@@ -6,9 +6,9 @@ import pytest
 
 from engines import runtime
 from engines.build import BuildRequest, Int8Options, build
-from foundation.spec import InputSpec
 from exporter.parity import torch_outputs
 from exporter.zoo import BY_NAME
+from foundation.spec import InputSpec
 
 CASES = {
     "mobilenet_v2": ("x:float32:[batch=1..4@2,3,96,96]",),
@@ -154,5 +154,14 @@ def test_digits_int8_keeps_its_real_accuracy_and_reuses_calibration(build_root, 
         again = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root))
     assert again.manifest.calibration.reused == {"trt": True, "ort": True}
     assert "reusing calibration ranges" in caplog.text
-    other = build(BuildRequest("digits_cnn", out=out, precision="int8", force=True, build_root=build_root, int8=Int8Options(calib_method="entropy")))
+    other = build(
+        BuildRequest(
+            "digits_cnn",
+            out=out,
+            precision="int8",
+            force=True,
+            build_root=build_root,
+            int8=Int8Options(calib_method="entropy"),
+        )
+    )
     assert other.manifest.calibration.reused == {"trt": False, "ort": False}

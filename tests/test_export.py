@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from exporter import export as export_mod
-from foundation.errors import ExportError, ParityError
-from foundation.spec import InputSpec
 from exporter.export import export_onnx
 from exporter.parity import check_parity, torch_outputs
 from exporter.zoo import BY_NAME
+from foundation.errors import ExportError, ParityError
+from foundation.spec import InputSpec
 from passes.verify import run_graph
 
 

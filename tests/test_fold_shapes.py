@@ -9,8 +9,12 @@ F32 = np.float32
 
 def _shape_model(start=None, end=None, batch="n"):
     attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
-    nodes = [helper.make_node("Shape", ["x"], ["s"], **attrs), helper.make_node("Cast", ["s"], ["sf"], to=1),
-             helper.make_node("ReduceSum", ["sf"], ["total"], keepdims=1), helper.make_node("Add", ["y0", "total"], ["y"])]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], **attrs),
+        helper.make_node("Cast", ["s"], ["sf"], to=1),
+        helper.make_node("ReduceSum", ["sf"], ["total"], keepdims=1),
+        helper.make_node("Add", ["y0", "total"], ["y"]),
+    ]
     model = make_model(nodes, [("x", F32, [batch, 3, 4]), ("y0", F32, [1])], [("y", F32, [1])])
     return run_pass(InferShapes(), model)[1]
 

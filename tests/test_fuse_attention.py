@@ -75,10 +75,16 @@ def _block(mask="none", key="eager", scale="after", guard=False, cross=False, op
              helper.make_node("MatMul", [kv_source, "wv"], ["v"])]
     nodes += _split("q", "q", [0, 2, 1, 3]) + _key(key) + _split("v", "v", [0, 2, 1, 3]) + _mask(mask)
     if scale == "split":  # SDPA: sqrt(scale) on both sides
-        nodes += [helper.make_node("Mul", ["q4", "sqrt_scale"], ["qs"]), helper.make_node("Mul", ["k4", "sqrt_scale"], ["ks"]),
-                  helper.make_node("MatMul", ["qs", "ks"], ["scores"])]
+        nodes += [
+            helper.make_node("Mul", ["q4", "sqrt_scale"], ["qs"]),
+            helper.make_node("Mul", ["k4", "sqrt_scale"], ["ks"]),
+            helper.make_node("MatMul", ["qs", "ks"], ["scores"]),
+        ]
     else:
-        nodes += [helper.make_node("MatMul", ["q4", "k4"], ["qk"]), helper.make_node("Div", ["qk", "sqrt_h"], ["scores"])]
+        nodes += [
+            helper.make_node("MatMul", ["q4", "k4"], ["qk"]),
+            helper.make_node("Div", ["qk", "sqrt_h"], ["scores"]),
+        ]
     biased = "scores"
     if mask == "causal":
         nodes.append(helper.make_node("Add", ["scores", "causal"], ["biased"]))
@@ -254,7 +260,9 @@ def test_a_fully_masked_row_survives_fp16_conversion_of_the_fused_graph():
 
 def test_attention_is_left_alone_where_it_almost_matches():
     other_reader = _block()
-    other_reader.graph.output.append(helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, ["batch", N, "seq", "seq"]))
+    other_reader.graph.output.append(
+        helper.make_tensor_value_info("p", onnx.TensorProto.FLOAT, ["batch", N, "seq", "seq"])
+    )
     wrong_axis = _block()
     next(n for n in wrong_axis.graph.node if n.op_type == "Softmax").attribute[0].i = 2
     default_axis = _block(opset=12)  # before opset 13 a Softmax without axis normalises from axis 1 on

@@ -158,10 +158,17 @@ def _layer_norm(opset=18, affine=True, axes=(-1,), square="Pow"):
         if opset >= 18:
             return helper.make_node("ReduceMean", [inp, "axes"], [out], keepdims=1)
         return helper.make_node("ReduceMean", [inp], [out], axes=list(axes), keepdims=1)
-    nodes = [mean("x", "mu"), helper.make_node("Sub", ["x", "mu"], ["d"]),
-             helper.make_node("Pow", ["d", "two"], ["d2"]) if square == "Pow" else helper.make_node("Mul", ["d", "d"], ["d2"]),
-             mean("d2", "var"), helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
-             helper.make_node("Div", ["d", "sd"], ["n" if affine else "y"])]
+    nodes = [
+        mean("x", "mu"),
+        helper.make_node("Sub", ["x", "mu"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"])
+        if square == "Pow"
+        else helper.make_node("Mul", ["d", "d"], ["d2"]),
+        mean("d2", "var"),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["d", "sd"], ["n" if affine else "y"]),
+    ]
     inits = {"two": _scalar(2), "eps": _scalar(1e-5), "axes": np.array(axes, np.int64)}
     if affine:
         nodes += [helper.make_node("Mul", ["n", "g"], ["ng"]), helper.make_node("Add", ["ng", "b"], ["y"])]
@@ -176,7 +183,9 @@ X16 = {"x": seeded((2, 3, 16)) * 2 + 1}
 
 @pytest.mark.parametrize("opset, affine, square", [(18, True, "Pow"), (17, True, "Mul"), (18, False, "Pow")])
 def test_layer_norm_chain_becomes_layer_normalization(opset, affine, square):
-    check(FuseLayerNorm(), _layer_norm(opset, affine, square=square), X16, ["LayerNormalization"], {"fused": 1}, atol=1e-5)
+    check(
+        FuseLayerNorm(), _layer_norm(opset, affine, square=square), X16, ["LayerNormalization"], {"fused": 1}, atol=1e-5
+    )
 
 
 def test_layer_norm_does_not_fire_over_a_non_trailing_axis():
@@ -185,8 +194,12 @@ def test_layer_norm_does_not_fire_over_a_non_trailing_axis():
 
 
 def _rms_norm(opset=18, form="div", weight=True):
-    nodes = [helper.make_node("Pow", ["x", "two"], ["x2"]), helper.make_node("ReduceMean", ["x2", "axes"], ["ms"], keepdims=1),
-             helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["r"])]
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["x2"]),
+        helper.make_node("ReduceMean", ["x2", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["r"]),
+    ]
     out = "n" if weight else "y"
     if form == "div":
         nodes.append(helper.make_node("Div", ["x", "r"], [out]))

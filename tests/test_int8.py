@@ -45,7 +45,11 @@ def _dq_of(model, consumer_op):
 
 def _linear(op, **attrs):
     if op == "Conv":
-        w, x_shape, y_shape = seeded((4, 3, 3, 3), 1) * np.array([1, 10, 0.1, 3], F32)[:, None, None, None], [2, 3, 6, 6], [2, 4, 4, 4]
+        w, x_shape, y_shape = (
+            seeded((4, 3, 3, 3), 1) * np.array([1, 10, 0.1, 3], F32)[:, None, None, None],
+            [2, 3, 6, 6],
+            [2, 4, 4, 4],
+        )
     elif op == "Gemm":
         w = seeded((5, 6), 1) if attrs.get("transB") else seeded((6, 5), 1)
         x_shape, y_shape = [3, 6], [3, 5]
@@ -68,7 +72,9 @@ def test_trt_weights_are_int8_per_channel_on_the_output_axis_and_match_numpy(op,
     assert got_axis == axis and q.dtype == np.int8 and not zero.any() and zero.dtype == np.int8
     channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     np.testing.assert_allclose(scale, np.abs(channels).max(1) / 127, rtol=1e-6)
-    np.testing.assert_array_equal(q, np.clip(np.round(w / scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])), -128, 127))
+    np.testing.assert_array_equal(
+        q, np.clip(np.round(w / scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])), -128, 127)
+    )
     # the whole graph under ONNX Runtime equals the NumPy reference of fake-quantized x and W
     x_scale = max(abs(ranges["x"][0]), abs(ranges["x"][1])) / 127
     xq, wq = fake_quant(x, x_scale), fake_quant(w, scale, axis)
@@ -134,7 +140,10 @@ def test_trt_shares_one_activation_pair_and_quantizes_the_residual_input():
 
 def test_trt_does_not_quantize_excluded_layers_or_layers_without_a_range():
     model, _, _ = _linear("MatMul")
-    for quantizer in (QuantizeForTensorRT(ranges={}), QuantizeForTensorRT(ranges={"x": (-1.0, 1.0)}, exclude=("matmul_0",))):
+    for quantizer in (
+        QuantizeForTensorRT(ranges={}),
+        QuantizeForTensorRT(ranges={"x": (-1.0, 1.0)}, exclude=("matmul_0",)),
+    ):
         model.graph.node[0].name = "matmul_0"
         result, out = run_pass(quantizer, model)
         assert not result.changed and ops(out) == ["MatMul"]
@@ -255,8 +264,11 @@ def test_the_compute_forms_quantize_layers_but_not_the_residual_arithmetic_aroun
 # calibration -----------------------------------------------------------------------------------
 
 def _mlp():
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "W2"], ["y"], name="second")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="second"),
+    ]
     return run_pass(InferShapes(), make_model(nodes, [("x", F32, ["n", 8])], [("y", F32, ["n", 4])],
                                               {"W1": seeded((8, 16), 1), "W2": seeded((16, 4), 2)}))[1]
 
@@ -402,7 +414,10 @@ def test_budget_fallback_leaves_the_layer_that_breaks_the_budget_in_float():
         assert kept == ["first"] and strict.full_int8 > 0.5 and strict.final <= 0.05
         assert strict.sensitivity[kept[0]] > max(v for n, v in strict.sensitivity.items() if n != kept[0])
         y = run_graph(strict.model, evaluation[0])["y"]
-        assert np.abs(y - run_graph(model, evaluation[0])["y"]).max() <= 0.05 * np.abs(run_graph(model, evaluation[0])["y"]).max()
+        assert (
+            np.abs(y - run_graph(model, evaluation[0])["y"]).max()
+            <= 0.05 * np.abs(run_graph(model, evaluation[0])["y"]).max()
+        )
         assert any(n.op_type == "DequantizeLinear" for n in strict.model.graph.node)  # the other layer is INT8
 
 
@@ -650,11 +665,13 @@ def test_a_user_metric_decides_the_budget_with_named_outputs_and_feeds(tmp_path)
     from foundation.numerics import budget_metric
 
     hook = tmp_path / "task.py"
-    hook.write_text("import numpy as np\n"
-                    "def pitch_bins(reference, candidate, feeds):\n"
-                    "    same = float(np.mean(np.argmax(reference['probs'], -1) == np.argmax(candidate['probs'], -1)))\n"
-                    "    assert set(feeds) == {'x'} and feeds['x'].shape[0] == reference['probs'].shape[0]\n"
-                    "    return same, same >= 0.9\n")
+    hook.write_text(
+        "import numpy as np\n"
+        "def pitch_bins(reference, candidate, feeds):\n"
+        "    same = float(np.mean(np.argmax(reference['probs'], -1) == np.argmax(candidate['probs'], -1)))\n"
+        "    assert set(feeds) == {'x'} and feeds['x'].shape[0] == reference['probs'].shape[0]\n"
+        "    return same, same >= 0.9\n"
+    )
     budget = Budget.parse(None, None, metric_hook=f"{hook}:pitch_bins")
     assert budget.metric == "user" and str(budget) == f"{hook}:pitch_bins passes"
     rng = np.random.default_rng(1)

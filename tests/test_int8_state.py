@@ -105,7 +105,9 @@ def test_a_user_metric_is_the_budget_in_build_and_compare(run_cli, cell, in_tmp)
     assert code == 0, err
     bundle = in_tmp / "build" / "cell-int8"
     manifest = read_manifest(bundle)
-    assert manifest.calibration.budget.metric == "user" and manifest.calibration.budget.hook.endswith("cell.py:close_outputs")
+    assert manifest.calibration.budget.metric == "user" and manifest.calibration.budget.hook.endswith(
+        "cell.py:close_outputs"
+    )
     for target in ("trt", "ort"):
         report = manifest.int8_report(target)
         assert report.met and -0.5 <= report.final <= 0.0

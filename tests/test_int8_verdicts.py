@@ -15,9 +15,9 @@ from engines.build.int8.forms import candidates
 from engines.evaluate.compare import CompareRequest, compare
 from engines.runtime import load
 from engines.runtime.cpu import detect
+from exporter.zoo import BY_NAME
 from foundation.numerics import Budget, budget_metric
 from foundation.spec import InputSpec
-from exporter.zoo import BY_NAME
 from passes import PassManager, pipeline
 from passes.verify import run_graph, session
 
@@ -49,11 +49,14 @@ def emulate_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             consts = {f"{p}_zp": np.float32(inits[z_name]), f"{p}_lo": np.float32(info.min),
                       f"{p}_hi": np.float32(info.max)}
             extra += [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
-            nodes += [helper.make_node("Div", [x, s_name], [f"{p}_d"]), helper.make_node("Round", [f"{p}_d"], [f"{p}_r"]),
-                      helper.make_node("Add", [f"{p}_r", f"{p}_zp"], [f"{p}_a"]),
-                      helper.make_node("Clip", [f"{p}_a", f"{p}_lo", f"{p}_hi"], [f"{p}_c"]),
-                      helper.make_node("Sub", [f"{p}_c", f"{p}_zp"], [f"{p}_s"]),
-                      helper.make_node("Mul", [f"{p}_s", s_name], [node.output[0]])]
+            nodes += [
+                helper.make_node("Div", [x, s_name], [f"{p}_d"]),
+                helper.make_node("Round", [f"{p}_d"], [f"{p}_r"]),
+                helper.make_node("Add", [f"{p}_r", f"{p}_zp"], [f"{p}_a"]),
+                helper.make_node("Clip", [f"{p}_a", f"{p}_lo", f"{p}_hi"], [f"{p}_c"]),
+                helper.make_node("Sub", [f"{p}_c", f"{p}_zp"], [f"{p}_s"]),
+                helper.make_node("Mul", [f"{p}_s", s_name], [node.output[0]]),
+            ]
         elif node.op_type != "QuantizeLinear":
             nodes.append(node)
     del graph.node[:]
@@ -100,14 +103,18 @@ def test_ort_form_and_cpu_class_are_recorded_and_the_verdict_holds_here(digits_i
     assert manifest["calibration"]["cpu_isa"] == isa
     ort = manifest["accuracy"]["int8"]["ort"]
     assert ort["cpu_isa"] == isa and ort["form"]["form"] in candidates(isa)
-    assert set(ort["form"]["measured"]) == set(candidates(isa)) and ort["form"]["reason"].startswith(ort["form"]["form"])
+    assert set(ort["form"]["measured"]) == set(candidates(isa)) and ort["form"]["reason"].startswith(
+        ort["form"]["form"]
+    )
     # the recorded final metric is what this CPU's kernels give on the held-out batches, recomputed here
     spec = InputSpec.from_json(manifest["inputs"])
     data = load_calibration(None, spec, BY_NAME["digits_cnn"], BY_NAME["digits_cnn"].build(build_root / ".cache"))
     fp32 = session(digits_int8 / "model.onnx", optimize=True)
     graph = session(digits_int8 / "model.ort.onnx", optimize=True)
     budget = Budget.from_json(ort["budget"])
-    value = budget_metric(budget, [fp32.run(None, b) for b in data.evaluation], [graph.run(None, b) for b in data.evaluation])
+    value = budget_metric(
+        budget, [fp32.run(None, b) for b in data.evaluation], [graph.run(None, b) for b in data.evaluation]
+    )
     assert value == pytest.approx(ort["final"], abs=1e-6) and ort["met"] == budget.met(value)
 
 
@@ -127,7 +134,9 @@ def test_loading_on_another_cpu_class_warns_once_naming_both(digits_int8, tmp_pa
     with caplog.at_level(logging.WARNING, logger="engines.runtime"):
         load(moved, backend="ort-cpu").close()
     warned = [r.getMessage() for r in caplog.records if "validated on" in r.getMessage()]
-    assert len(warned) == 1 and f"validated on a {other} CPU" in warned[0] and f"this CPU is {detect().isa}" in warned[0]
+    assert (
+        len(warned) == 1 and f"validated on a {other} CPU" in warned[0] and f"this CPU is {detect().isa}" in warned[0]
+    )
 
     result = compare(CompareRequest(moved, report=tmp_path / "r.json", cache_dir=tmp_path / ".cache"))
     assert result.cpu["cpu_isa"] == detect().isa and result.cpu["int8_ort_validated_on"] == other
@@ -149,7 +158,9 @@ def test_trt_budget_value_is_the_float_emulation_of_the_graph_it_returns():
                                                {"W1": seeded((32, 64), 1), "W2": seeded((64, 8), 2)}))[1]
     batches = [{"x": seeded((16, 32), i)} for i in range(4)]
     evaluation = [{"x": seeded((64, 32), 9)}]
-    result = quantize_target(model, "trt", calibrate(model, batches, "max"), evaluation, Budget.parse("relerr=0.5", None))
+    result = quantize_target(
+        model, "trt", calibrate(model, batches, "max"), evaluation, Budget.parse("relerr=0.5", None)
+    )
     assert not result.kept_float and result.final > 0  # all INT8, a real error
     expected = budget_metric(result.budget, [[run_graph(model, evaluation[0])["y"]]],
                       [[run_graph(emulate_qdq(result.model), evaluation[0])["y"]]])

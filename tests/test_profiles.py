@@ -43,7 +43,10 @@ def test_auto_profiles_tile_the_spec_without_holes():
 
 def test_envelope_and_selection():
     profiles = profiles_for(SPEC, ("batch=1..8@4", "batch=9..32@16"))
-    assert str(envelope(SPEC, profiles)) == "ids:int64:[batch=1..32@8,seq=1..128@32] mask:int64:[batch=1..32@8,seq=1..128@32]"
+    assert (
+        str(envelope(SPEC, profiles))
+        == "ids:int64:[batch=1..32@8,seq=1..128@32] mask:int64:[batch=1..32@8,seq=1..128@32]"
+    )
     assert select(profiles, {"ids": (12, 5), "mask": (12, 5)}) == 1
     assert select(profiles, {"ids": (40, 5), "mask": (40, 5)}) is None
     assert Profile.from_json(profiles[0].to_json()) == profiles[0]
@@ -63,7 +66,14 @@ def test_engine_cache_key_changes_with_every_input():
 
 
 def test_bundle_records_profiles_and_why_tensorrt_was_skipped(build_root):
-    result = build(BuildRequest("mlp", out=build_root / "mlp-prof", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8"))))
+    result = build(
+        BuildRequest(
+            "mlp",
+            out=build_root / "mlp-prof",
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")),
+        )
+    )
     manifest = result.manifest.to_json()
     assert [p["max"]["x"] for p in manifest["profiles"]] == [[4, 64], [16, 64]]
     assert manifest["inputs"][0]["text"] == "x:float32:[batch=1..16@8,64]"  # the bundle accepts the union
@@ -84,13 +94,32 @@ def test_profiles_outside_what_the_graph_accepts_are_refused(build_root, tmp_pat
     onnx.save(model, str(tmp_path / "pairs.onnx"))
     # the union 2..8 runs at its ends (even), the second profile starts at an odd size
     with pytest.raises(UsageError, match="profile profile1: the exported graph does not run at its min shapes"):
-        build(BuildRequest(str(tmp_path / "pairs.onnx"), out=tmp_path / "b", inputs=("x:float32:[n=2..8@4,4]",), build_root=build_root, shapes=ProfileOptions(profiles=("n=2..4@2", "n=5..8@6"))))
+        build(
+            BuildRequest(
+                str(tmp_path / "pairs.onnx"),
+                out=tmp_path / "b",
+                inputs=("x:float32:[n=2..8@4,4]",),
+                build_root=build_root,
+                shapes=ProfileOptions(profiles=("n=2..4@2", "n=5..8@6")),
+            )
+        )
     assert not (tmp_path / "b").exists()
 
 
 def test_static_freezes_both_graphs_to_the_opt_shapes(build_root):
-    result = build(BuildRequest("mlp", out=build_root / "mlp-static", inputs=("x:float32:[batch=1..16@4,64]",), build_root=build_root, shapes=ProfileOptions(static=True)))
-    assert result.manifest.to_json()["profiles"] == [] and result.manifest.to_json()["inputs"][0]["text"] == "x:float32:[4,64]"
+    result = build(
+        BuildRequest(
+            "mlp",
+            out=build_root / "mlp-static",
+            inputs=("x:float32:[batch=1..16@4,64]",),
+            build_root=build_root,
+            shapes=ProfileOptions(static=True),
+        )
+    )
+    assert (
+        result.manifest.to_json()["profiles"] == []
+        and result.manifest.to_json()["inputs"][0]["text"] == "x:float32:[4,64]"
+    )
     for target in ("trt", "ort"):
         graph = onnx.load(str(result.out / f"model.{target}.onnx"))
         assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [4, 64]
@@ -104,7 +133,14 @@ def test_runtime_refuses_shapes_between_disjoint_profiles(build_root):
     from engines import runtime
     from foundation.errors import RuntimeInputError
 
-    result = build(BuildRequest("mlp", out=build_root / "mlp-gap", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=9..16@12"))))
+    result = build(
+        BuildRequest(
+            "mlp",
+            out=build_root / "mlp-gap",
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=9..16@12")),
+        )
+    )
     with runtime.load(result.out) as engine:
         assert engine.infer({"x": np.zeros((3, 64), np.float32)})["logits"].shape == (3, 10)
         assert engine.infer({"x": np.zeros((12, 64), np.float32)})["logits"].shape == (12, 10)

@@ -37,7 +37,14 @@ def needs(*packages: str):
 
 def _build(model: str, precision: str, build_root: Path, calib: str | None, **options):
     started = time.monotonic()
-    request = BuildRequest(model, precision=precision, build_root=build_root, force=True, **options, int8=Int8Options(calib=calib if precision == "int8" else None))
+    request = BuildRequest(
+        model,
+        precision=precision,
+        build_root=build_root,
+        force=True,
+        **options,
+        int8=Int8Options(calib=calib if precision == "int8" else None),
+    )
     result = build(request)
     return result.out, time.monotonic() - started
 
@@ -184,5 +191,9 @@ def test_minilm_sentence_embeddings_and_neighbours_match_fp32(precision, build_r
         metrics.update({f"{target}: min embedding cosine": round(cosine, 4), f"{target}: mean embedding cosine":
                         round(mean, 4), f"{target}: same nearest neighbour": same})
         # bounds: FP16 keeps every neighbour; INT8 may swap near-tied ones (docstring sentences are alike)
-        assert mean >= 0.99 and cosine >= 0.98 and same >= (0.98 if precision == "fp16" else 0.90), (target, cosine, same)
+        assert mean >= 0.99 and cosine >= 0.98 and same >= (0.98 if precision == "fp16" else 0.90), (
+            target,
+            cosine,
+            same,
+        )
     _record("all-MiniLM-L6-v2", precision, bundle, seconds, metrics)

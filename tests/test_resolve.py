@@ -9,8 +9,8 @@ import onnx
 import pytest
 from helpers import helper, make_model
 
-from foundation.errors import ExportError, UsageError
 from exporter.resolve import load_onnx, resolve, weights_sha256
+from foundation.errors import ExportError, UsageError
 
 
 def test_zoo_name_resolves_to_module_spec_and_stable_hash(tmp_path):
@@ -90,7 +90,9 @@ def test_onnx_model_resolves_with_a_spec_from_its_inputs(tmp_path):
 
 def test_corrupt_onnx_file_is_one_clear_error(tmp_path):
     path = tmp_path / "corrupt.onnx"
-    path.write_bytes(onnx.load_model_from_string(_tiny_onnx().SerializeToString()).SerializeToString()[:-7] + b"\xff\x00junk")
+    path.write_bytes(
+        onnx.load_model_from_string(_tiny_onnx().SerializeToString()).SerializeToString()[:-7] + b"\xff\x00junk"
+    )
     with pytest.raises(ExportError, match="is not a readable ONNX model|fails onnx.checker"):
         load_onnx(path)
 

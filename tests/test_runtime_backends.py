@@ -62,15 +62,23 @@ def test_a_truncated_plan_is_refused_before_anything_reads_it_even_under_auto(bu
 
 def test_the_cpu_fallback_never_runs_an_fp16_graph(bundle, tmp_path):
     copy = _copy(bundle, tmp_path, lambda c, m: m["backends"]["ort"].update(precision="fp16"))
-    with pytest.raises(BundleError, match="no backend can run it here: .*ort-cpu: the bundle's ONNX Runtime graph is FP16"):
+    with pytest.raises(
+        BundleError, match="no backend can run it here: .*ort-cpu: the bundle's ONNX Runtime graph is FP16"
+    ):
         runtime.load(copy)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda c: (c / "model.ort.onnx").unlink(), "artifact model.ort.onnx is missing"),
-    (lambda c: (c / "model.ort.onnx").write_bytes((c / "model.ort.onnx").read_bytes()[:1000]), "does not match the sha256"),
-    (lambda c: (c / "manifest.json").unlink(), "has no manifest.json"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: (c / "model.ort.onnx").unlink(), "artifact model.ort.onnx is missing"),
+        (
+            lambda c: (c / "model.ort.onnx").write_bytes((c / "model.ort.onnx").read_bytes()[:1000]),
+            "does not match the sha256",
+        ),
+        (lambda c: (c / "manifest.json").unlink(), "has no manifest.json"),
+    ],
+)
 def test_damaged_bundles_are_a_clear_bundle_error(bundle, tmp_path, damage, message):
     copy = _copy(bundle, tmp_path)
     damage(copy)

@@ -27,7 +27,11 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mlp(root):
-    return build(BuildRequest("mlp", out=root / "mlp", build_root=root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")))).out
+    return build(
+        BuildRequest(
+            "mlp", out=root / "mlp", build_root=root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8"))
+        )
+    ).out
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +153,14 @@ def _table_bundle(root, name, rows):
     table = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "idx"], ["g"], axis=0), helper.make_node("Add", ["g", "x"], ["y"])],
-        "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ("batch", 4)),
-              helper.make_tensor_value_info("idx", TensorProto.INT64, ("batch",))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ("batch", 4))], [numpy_helper.from_array(table, "table")])
+        "t",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ("batch", 4)),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ("batch",)),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ("batch", 4))],
+        [numpy_helper.from_array(table, "table")],
+    )
     path = root / f"{name}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(path))
     return build(BuildRequest(str(path), out=root / name, inputs=("x:float32:[batch=1..8@2,4]",
@@ -276,10 +285,14 @@ def test_a_dim_that_stands_twice_in_an_output_is_padded_and_trimmed_on_both_axes
     from engines.runtime.batching import layout
     from foundation.spec import InputSpec, OutputSpec
 
-    spec = InputSpec.parse(["input_ids:int64:[batch=1..8@2,seq=1..16@8]:0..100", "attention_mask:int64:[batch,seq]:0..2"])
+    spec = InputSpec.parse(
+        ["input_ids:int64:[batch=1..8@2,seq=1..16@8]:0..100", "attention_mask:int64:[batch,seq]:0..2"]
+    )
     outputs = [OutputSpec("attn", "float32", ("batch", "seq", "seq")), OutputSpec("pooled", "float32", ("batch", 4))]
     plan = layout(spec, outputs, Batching(), None)
-    requests = [{"input_ids": np.full((1, n), 7, np.int64), "attention_mask": np.ones((1, n), np.int64)} for n in (3, 5)]
+    requests = [
+        {"input_ids": np.full((1, n), 7, np.int64), "attention_mask": np.ones((1, n), np.int64)} for n in (3, 5)
+    ]
     merged = plan.merge(requests)
     assert merged["input_ids"].shape == (2, 5) and merged["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
     attn = np.arange(2 * 5 * 5, dtype=np.float32).reshape(2, 5, 5)

@@ -77,14 +77,20 @@ def bert_like():
     return InputSpec.parse(["ids:int64:[batch=1..8@2,seq=1..16@8]:0..100", "mask:int64:[batch,seq]:0..2"])
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda f: f.pop("mask"), "missing mask"),
-    (lambda f: f.update(extra=np.zeros(1)), "unexpected extra"),
-    (lambda f: f.update(ids=f["ids"].astype(np.int32)), "expected dtype int64, found int32"),
-    (lambda f: f.update(ids=f["ids"][0]), "expected rank 2"),
-    (lambda f: f.update(ids=np.zeros((9, 4), np.int64), mask=np.zeros((9, 4), np.int64)), r"dim 0 \(batch\) is 9, allowed 1..8"),
-    (lambda f: f.update(mask=np.zeros((2, 5), np.int64)), "inputs sharing a dim must agree"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.pop("mask"), "missing mask"),
+        (lambda f: f.update(extra=np.zeros(1)), "unexpected extra"),
+        (lambda f: f.update(ids=f["ids"].astype(np.int32)), "expected dtype int64, found int32"),
+        (lambda f: f.update(ids=f["ids"][0]), "expected rank 2"),
+        (
+            lambda f: f.update(ids=np.zeros((9, 4), np.int64), mask=np.zeros((9, 4), np.int64)),
+            r"dim 0 \(batch\) is 9, allowed 1..8",
+        ),
+        (lambda f: f.update(mask=np.zeros((2, 5), np.int64)), "inputs sharing a dim must agree"),
+    ],
+)
 def test_check_feeds_names_the_input_the_dim_and_the_allowed_range(bert_like, change, message):
     feeds = bert_like.random_feeds("opt")
     bert_like.check_feeds(feeds)

@@ -25,13 +25,24 @@ def _model_config():
 
 def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("bert_tiny", out=build_root / "bert-triton", build_root=build_root, inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",), shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..8@8")))).out
+    bundle = build(
+        BuildRequest(
+            "bert_tiny",
+            out=build_root / "bert-triton",
+            build_root=build_root,
+            inputs=("input_ids:int64:[batch=1..8@2,seq=1..32@16]:0..30522",),
+            shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..8@8")),
+        )
+    ).out
     names = write_repository(bundle, tmp_path / "repo")
     assert names == ["bert_tiny_fp32_ort"]  # no plan on this machine: no tensorrt_plan model
     config = text_format.Parse((tmp_path / "repo/bert_tiny_fp32_ort/config.pbtxt").read_text(), ModelConfig())
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
     assert [(i.name, list(i.dims)) for i in config.input] == [("input_ids", [-1]), ("attention_mask", [-1])]
-    assert [(o.name, list(o.dims)) for o in config.output] == [("last_hidden_state", [-1, 128]), ("pooler_output", [128])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("last_hidden_state", [-1, 128]),
+        ("pooler_output", [128]),
+    ]
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 8]
     assert (tmp_path / "repo/bert_tiny_fp32_ort/1/model.onnx").read_bytes() == (bundle / "model.ort.onnx").read_bytes()
     assert config.instance_group[0].kind == ModelConfig().instance_group.add().KIND_CPU
@@ -39,7 +50,14 @@ def test_bert_bundle_becomes_a_batched_onnxruntime_model(build_root, tmp_path):
 
 def test_a_plan_becomes_a_tensorrt_model_whose_instances_may_use_every_profile(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-triton", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")))).out
+    bundle = build(
+        BuildRequest(
+            "mlp",
+            out=build_root / "mlp-triton",
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")),
+        )
+    ).out
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -57,7 +75,11 @@ def test_a_plan_becomes_a_tensorrt_model_whose_instances_may_use_every_profile(b
 
 def test_a_static_bundle_is_not_batched(build_root, tmp_path):
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-static-triton", build_root=build_root, shapes=ProfileOptions(static=True))).out
+    bundle = build(
+        BuildRequest(
+            "mlp", out=build_root / "mlp-static-triton", build_root=build_root, shapes=ProfileOptions(static=True)
+        )
+    ).out
     write_repository(bundle, tmp_path / "repo")
     config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())
     assert config.max_batch_size == 0 and list(config.input[0].dims) == [8, 64]
@@ -86,7 +108,14 @@ def test_the_dynamic_batcher_and_cache_match_the_in_process_serving_options(buil
     from engines.runtime.batching import Batching
 
     ModelConfig = _model_config()
-    bundle = build(BuildRequest("mlp", out=build_root / "mlp-serve-triton", build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")))).out
+    bundle = build(
+        BuildRequest(
+            "mlp",
+            out=build_root / "mlp-serve-triton",
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..4@2", "batch=5..16@8")),
+        )
+    ).out
     write_repository(bundle, tmp_path / "repo", batching=Batching(max_delay_ms=3, max_queue=64, timeout_ms=50),
                      cache=True)
     config = text_format.Parse((tmp_path / "repo/mlp_fp32_ort/config.pbtxt").read_text(), ModelConfig())

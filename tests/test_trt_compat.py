@@ -43,19 +43,36 @@ def test_the_table_holds_every_row_of_the_tensorrt_11_1_parser_document():
     assert {op: s == "Y" for op, s in rows} == {op: o.supported for op, o in table.operators.items()}
 
 
-@pytest.mark.parametrize("graph, expected", [
-    (unary("Unique"), [("unsupported-op", "n")]),
-    (unary("Relu"), []),
-    (model([helper.make_node("Gelu", ["x"], ["y"], name="n", domain="com.microsoft")], [("x", F, (2,))], [("y", F, None)]),
-     [("plugin", "n")]),
-    (model([helper.make_node("QLinearMatMul", list("abcdefgh"), ["y"], name="n")], [(c, F, (2,)) for c in "abcdefgh"],
-           [("y", F, None)]), [("unsupported-op", "n")]),
-    (model([helper.make_node("Relu", ["x"], ["y"], name="n")], [("x", F, (2,))], [("y", F, None)], opset=25),
-     [("opset", "(model)")]),
-    (unary("NonZero", TensorProto.BFLOAT16), [("type", "n")]),
-    (unary("NonZero", TensorProto.FLOAT16), []),
-    (unary("Sqrt", TensorProto.DOUBLE), [("type", "n")]),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        (unary("Unique"), [("unsupported-op", "n")]),
+        (unary("Relu"), []),
+        (
+            model(
+                [helper.make_node("Gelu", ["x"], ["y"], name="n", domain="com.microsoft")],
+                [("x", F, (2,))],
+                [("y", F, None)],
+            ),
+            [("plugin", "n")],
+        ),
+        (
+            model(
+                [helper.make_node("QLinearMatMul", list("abcdefgh"), ["y"], name="n")],
+                [(c, F, (2,)) for c in "abcdefgh"],
+                [("y", F, None)],
+            ),
+            [("unsupported-op", "n")],
+        ),
+        (
+            model([helper.make_node("Relu", ["x"], ["y"], name="n")], [("x", F, (2,))], [("y", F, None)], opset=25),
+            [("opset", "(model)")],
+        ),
+        (unary("NonZero", TensorProto.BFLOAT16), [("type", "n")]),
+        (unary("NonZero", TensorProto.FLOAT16), []),
+        (unary("Sqrt", TensorProto.DOUBLE), [("type", "n")]),
+    ],
+)
 def test_operators_domains_opsets_and_types(graph, expected):
     assert rules(graph) == expected
 
@@ -139,8 +156,12 @@ def test_pooling_rank_dilations_and_indices():
 
 def test_attribute_restrictions_resize_scatter_lstm_layernorm_dropout():
     def resize(**attrs):
-        return model([helper.make_node("Resize", ["x", "", "scales"], ["y"], name="n", **attrs)], [("x", F, (1, 3, 4, 4))],
-                     [("y", F, None)], [("scales", np.array([1, 1, 2, 2], np.float32))])
+        return model(
+            [helper.make_node("Resize", ["x", "", "scales"], ["y"], name="n", **attrs)],
+            [("x", F, (1, 3, 4, 4))],
+            [("y", F, None)],
+            [("scales", np.array([1, 1, 2, 2], np.float32))],
+        )
     assert rules(resize(mode="linear")) == []
     assert rules(resize(mode="cubic")) == [("attribute", "n")]
     assert rules(resize(mode="linear", antialias=1), "refused") == [("attribute", "n")]
@@ -280,35 +301,111 @@ def test_every_zoo_models_trt_graph_is_clean_in_fp32_and_fp16(name, build_root, 
         assert report.nodes == len(graph.graph.node)
 
 
-@pytest.mark.parametrize("graph, expected", [
-    (model([helper.make_node("GridSample", ["x", "g"], ["y"], name="n")], [("x", F, (1, 1, 4, 4, 4)),
-                                                                         ("g", F, (1, 2, 2, 2, 3))], [("y", F, None)],
-           opset=20), [("rank", "n")]),
-    (model([helper.make_node("GridSample", ["x", "g"], ["y"], name="n")], [("x", F, (1, 1, 4, 4)), ("g", F, (1, 2, 2, 2))],
-           [("y", F, None)]), []),
-    (unary("EyeLike", shape=(3, 3)), []),
-    (unary("EyeLike", shape=("n", 3)), [("static-shape", "n")]),
-    (unary("RandomNormalLike", seed=1.0), [("attribute", "n")]),
-    (unary("RandomNormalLike"), []),
-    (model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")], [("x", F, (2, 3)), ("axis", I64, ())],
-           [("y", F, None)]), [("constant-input", "n")]),
-    (model([helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")], [("x", F, (2, 3))], [("y", F, None)],
-           [("axis", np.int64(1))]), []),
-    (model([helper.make_node("If", ["c"], ["y"], name="n",
-                             then_branch=helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "t", [],
-                                                           [helper.make_tensor_value_info("t", F, (2,))]),
-                             else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "e", [],
-                                                           [helper.make_tensor_value_info("e", F, (2,))]))],
-           [("c", TensorProto.BOOL, ()), ("x", F, (2,))], [("y", F, None)]), [("control-flow", "n")]),
-    (model([helper.make_node("If", ["c"], ["y"], name="n",
-                             then_branch=helper.make_graph([helper.make_node("Unique", ["x"], ["t"], name="u")], "t", [],
-                                                           [helper.make_tensor_value_info("t", F, None)]),
-                             else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "e", [],
-                                                           [helper.make_tensor_value_info("e", F, None)]))],
-           [("c", TensorProto.BOOL, ()), ("x", F, (2,))], [("y", F, None)]), [("control-flow", "n"),
-                                                                               ("unsupported-op", "u")]),
-    (model([helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="n", hidden_size=2)], [("x", F, (1, 2, 3))],
-           [("y", F, None)], [("w", np.zeros((1, 8, 3), np.float32)), ("r", np.zeros((1, 8, 2), np.float32))]), []),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        (
+            model(
+                [helper.make_node("GridSample", ["x", "g"], ["y"], name="n")],
+                [("x", F, (1, 1, 4, 4, 4)), ("g", F, (1, 2, 2, 2, 3))],
+                [("y", F, None)],
+                opset=20,
+            ),
+            [("rank", "n")],
+        ),
+        (
+            model(
+                [helper.make_node("GridSample", ["x", "g"], ["y"], name="n")],
+                [("x", F, (1, 1, 4, 4)), ("g", F, (1, 2, 2, 2))],
+                [("y", F, None)],
+            ),
+            [],
+        ),
+        (unary("EyeLike", shape=(3, 3)), []),
+        (unary("EyeLike", shape=("n", 3)), [("static-shape", "n")]),
+        (unary("RandomNormalLike", seed=1.0), [("attribute", "n")]),
+        (unary("RandomNormalLike"), []),
+        (
+            model(
+                [helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")],
+                [("x", F, (2, 3)), ("axis", I64, ())],
+                [("y", F, None)],
+            ),
+            [("constant-input", "n")],
+        ),
+        (
+            model(
+                [helper.make_node("CumSum", ["x", "axis"], ["y"], name="n")],
+                [("x", F, (2, 3))],
+                [("y", F, None)],
+                [("axis", np.int64(1))],
+            ),
+            [],
+        ),
+        (
+            model(
+                [
+                    helper.make_node(
+                        "If",
+                        ["c"],
+                        ["y"],
+                        name="n",
+                        then_branch=helper.make_graph(
+                            [helper.make_node("Identity", ["x"], ["t"])],
+                            "t",
+                            [],
+                            [helper.make_tensor_value_info("t", F, (2,))],
+                        ),
+                        else_branch=helper.make_graph(
+                            [helper.make_node("Neg", ["x"], ["e"])],
+                            "e",
+                            [],
+                            [helper.make_tensor_value_info("e", F, (2,))],
+                        ),
+                    )
+                ],
+                [("c", TensorProto.BOOL, ()), ("x", F, (2,))],
+                [("y", F, None)],
+            ),
+            [("control-flow", "n")],
+        ),
+        (
+            model(
+                [
+                    helper.make_node(
+                        "If",
+                        ["c"],
+                        ["y"],
+                        name="n",
+                        then_branch=helper.make_graph(
+                            [helper.make_node("Unique", ["x"], ["t"], name="u")],
+                            "t",
+                            [],
+                            [helper.make_tensor_value_info("t", F, None)],
+                        ),
+                        else_branch=helper.make_graph(
+                            [helper.make_node("Neg", ["x"], ["e"])],
+                            "e",
+                            [],
+                            [helper.make_tensor_value_info("e", F, None)],
+                        ),
+                    )
+                ],
+                [("c", TensorProto.BOOL, ()), ("x", F, (2,))],
+                [("y", F, None)],
+            ),
+            [("control-flow", "n"), ("unsupported-op", "u")],
+        ),
+        (
+            model(
+                [helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="n", hidden_size=2)],
+                [("x", F, (1, 2, 3))],
+                [("y", F, None)],
+                [("w", np.zeros((1, 8, 3), np.float32)), ("r", np.zeros((1, 8, 2), np.float32))],
+            ),
+            [],
+        ),
+    ],
+)
 def test_more_restrictions_each_with_a_case_that_passes(graph, expected):
     assert rules(graph) == expected

@@ -22,7 +22,16 @@ def test_zoo_engine_matches_onnx_runtime(build_root, precision, atol):
     from passes.verify import run_graph
 
     out = build_root / f"digits-trt-{precision}"
-    result = build(BuildRequest("digits_cnn", out=out, precision=precision, require_trt=True, build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32"))))
+    result = build(
+        BuildRequest(
+            "digits_cnn",
+            out=out,
+            precision=precision,
+            require_trt=True,
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")),
+        )
+    )
     trt = result.manifest.to_json()["backends"]["trt"]
     assert trt["plan"] == "model.plan" and result.manifest.environment.compute_capability
     x = np.random.default_rng(0).uniform(0, 1, (4, 1, 8, 8)).astype(np.float32)
@@ -30,7 +39,17 @@ def test_zoo_engine_matches_onnx_runtime(build_root, precision, atol):
     with TrtRunner(EngineFromBytes((out / "model.plan").read_bytes())) as runner:
         got = runner.infer({"x": x})["logits"]
     np.testing.assert_allclose(got, reference, atol=atol, rtol=atol)
-    again = build(BuildRequest("digits_cnn", out=out, precision=precision, require_trt=True, force=True, build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32"))))
+    again = build(
+        BuildRequest(
+            "digits_cnn",
+            out=out,
+            precision=precision,
+            require_trt=True,
+            force=True,
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")),
+        )
+    )
     assert again.manifest.backends.trt.reused is True  # the engine cache
 
 
@@ -43,7 +62,15 @@ def test_runtime_on_tensorrt_matches_onnx_runtime_across_threads_and_device_tens
     from engines import runtime
 
     out = build_root / "digits-trt-runtime"
-    build(BuildRequest("digits_cnn", out=out, require_trt=True, build_root=build_root, shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32"))))
+    build(
+        BuildRequest(
+            "digits_cnn",
+            out=out,
+            require_trt=True,
+            build_root=build_root,
+            shapes=ProfileOptions(profiles=("batch=1..8@4", "batch=9..64@32")),
+        )
+    )
     rng = np.random.default_rng(1)
     feeds = [rng.uniform(0, 1, (1 + i % 12, 1, 8, 8)).astype(np.float32) for i in range(40)]
     with runtime.load(out, backend="ort-cpu") as cpu, runtime.load(out, backend="trt", cuda_graphs=cuda_graphs) as gpu:

@@ -26,7 +26,28 @@ from engines.bundle.store import (
 from foundation.files import write_atomic
 from foundation.golden import golden_feeds, golden_key, golden_points
 
-__all__ = ["MANIFEST", "SCHEMA_VERSION", "Accuracy", "Artifact", "Backends", "Calibration", "Environment",
-           "ExportInfo", "Int8Report", "Manifest", "ModelSource", "OrtBackend", "TrtBackend", "StagedBundle", "add_artifacts", "describe_artifacts",
-           "golden_feeds", "golden_key", "golden_points", "read_manifest", "update_report", "verified_path",
-           "write_atomic"]
+__all__ = [
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "Accuracy",
+    "Artifact",
+    "Backends",
+    "Calibration",
+    "Environment",
+    "ExportInfo",
+    "Int8Report",
+    "Manifest",
+    "ModelSource",
+    "OrtBackend",
+    "TrtBackend",
+    "StagedBundle",
+    "add_artifacts",
+    "describe_artifacts",
+    "golden_feeds",
+    "golden_key",
+    "golden_points",
+    "read_manifest",
+    "update_report",
+    "verified_path",
+    "write_atomic",
+]

@@ -114,7 +114,7 @@ class Backends:
         return {"ort": self.ort.to_json(), "trt": self.trt.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Backends":
+    def from_json(cls, data: dict) -> Backends:
         ort = dict(data["ort"], providers=tuple(data["ort"].get("providers", ("CPUExecutionProvider",))))
         return cls(OrtBackend(**_fields(OrtBackend, ort)), TrtBackend(**_fields(TrtBackend, data["trt"])))
 
@@ -145,7 +145,7 @@ class Environment:
         return dict(dataclasses.asdict(self), ort_providers=list(self.ort_providers))
 
     @classmethod
-    def from_json(cls, data: dict) -> "Environment":
+    def from_json(cls, data: dict) -> Environment:
         return cls(**dict(_fields(cls, data), ort_providers=tuple(data.get("ort_providers", ()))))
 
 
@@ -168,7 +168,7 @@ class Calibration:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json(), state=[list(p) for p in self.state])
 
     @classmethod
-    def from_json(cls, data: dict) -> "Calibration":
+    def from_json(cls, data: dict) -> Calibration:
         return cls(**dict(_fields(cls, data), budget=_budget(data["budget"]),
                           state=tuple(tuple(p) for p in data.get("state", ()))))
 
@@ -177,7 +177,8 @@ class Calibration:
 class Int8Report:
     """One target's INT8 verdict: the budget, all-INT8 and final metric, what stayed in float (units:
     ``name``, ``op``, ``reason``, and ``with``: the nodes excluded with it), the sensitivity (relative
-    squared output error per unit), how it was judged (float emulation for trt, this CPU class's kernels for ort) and the ort form chosen.
+    squared output error per unit), how it was judged (float emulation for trt, this CPU class's kernels for
+    ort) and the ort form chosen.
     For ort, the graph's latency against the FP32 graph's on the build's CPU (``speedup``: FP32 time over INT8
     time, medians of interleaved runs on one held-out batch; None for trt and for bundles from before)."""
 
@@ -207,7 +208,7 @@ class Int8Report:
         return dict(dataclasses.asdict(self), budget=self.budget.to_json(), kept_float=list(self.kept_float))
 
     @classmethod
-    def from_json(cls, data: dict) -> "Int8Report":
+    def from_json(cls, data: dict) -> Int8Report:
         return cls(**dict(_fields(cls, data), budget=_budget(data["budget"]),
                           kept_float=tuple(data.get("kept_float", ()))))
 
@@ -224,7 +225,7 @@ class Accuracy:
                 "int8": {t: r.to_json() for t, r in self.int8.items()} if self.int8 is not None else None}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Accuracy":
+    def from_json(cls, data: dict) -> Accuracy:
         int8 = data.get("int8")
         return cls(data.get("parity_ok"), data.get("parity_worst"), data.get("graphs", {}),
                    {t: Int8Report.from_json(r) for t, r in int8.items()} if int8 is not None else None)
@@ -261,7 +262,7 @@ class Manifest:
     def int8_report(self, target: str) -> Int8Report | None:
         return (self.accuracy.int8 or {}).get(target)
 
-    def with_artifacts(self, artifacts: dict[str, Artifact]) -> "Manifest":
+    def with_artifacts(self, artifacts: dict[str, Artifact]) -> Manifest:
         return dataclasses.replace(self, artifacts=dict(artifacts))
 
     def to_json(self) -> dict:
@@ -281,7 +282,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = "manifest.json") -> "Manifest":
+    def from_json(cls, data: dict[str, Any], where: str = "manifest.json") -> Manifest:
         """Typed from parsed JSON; schema 1 converted; a ``BundleError`` naming what is malformed."""
         try:
             if data.get("schema_version") == 1:

@@ -50,8 +50,11 @@ def pack(bundle: Path, out: Path, runtime_only: bool = False, force: bool = Fals
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
     if out.exists() and (out.resolve() == bundle.resolve() or not force):
-        raise UsageError(f"{out} exists; choose another -o or pass --force to replace it"
-                         if out.resolve() != bundle.resolve() else f"-o {out} is the bundle itself; choose another directory")
+        raise UsageError(
+            f"{out} exists; choose another -o or pass --force to replace it"
+            if out.resolve() != bundle.resolve()
+            else f"-o {out} is the bundle itself; choose another directory"
+        )
     keep = runtime_artifacts(manifest) if runtime_only else list(manifest.artifacts)
     missing = [n for n in keep if n not in manifest.artifacts]
     if missing:

@@ -46,7 +46,7 @@ class StagedBundle:
         self.path: Path | None = None
         self.committed = False
 
-    def __enter__(self) -> "StagedBundle":
+    def __enter__(self) -> StagedBundle:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle is as readable as any build output

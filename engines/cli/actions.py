@@ -65,7 +65,7 @@ def optimize_model(source: Path, out: Path, target: str, precision: str, inputs:
     for f, expected in zip(feeds, references):
         try:
             actual = run_graph(optimized, f)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+        except Exception as exc:  # ONNX Runtime raises its own types
             raise PassError(f"the optimized graph no longer runs under ONNX Runtime where {source} does: "
                             f"{str(exc).splitlines()[0][:300]}; find the pass with --skip-pass") from exc
         for name, exp in expected.items():
@@ -108,7 +108,7 @@ def _verification_data(model: onnx.ModelProto, spec, source: Path, feed: tuple[s
     for point, f in zip(points, feeds):
         try:
             references.append(run_graph(model, f))
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
+        except Exception as exc:  # ONNX Runtime raises its own types
             reason = (f"{source} cannot be verified on {data}: ONNX Runtime fails on the original graph at the "
                       f"{point} shapes {({k: list(v.shape) for k, v in f.items()})}: {str(exc).splitlines()[0][:300]}")
             if verify:

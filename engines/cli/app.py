@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("error")
         err_console.print(_for_stderr(f"error: {exc}"), markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - last resort: one line unless -v
+    except Exception as exc:  # last resort: one line unless -v
         if verbose:
             logger.exception("internal error")
         err_console.print(_for_stderr(f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)"),

@@ -9,8 +9,9 @@ same objects its ``BuildRequest`` holds. The options shared by several commands 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -107,16 +108,31 @@ profile_options = option_group(
     click.Option(["--static"], is_flag=True, help="Freeze the graphs to the opt shapes (a static engine)."))
 
 trt_options = option_group(
-    "trt", TrtOptions,
+    "trt",
+    TrtOptions,
     click.Option(["--workspace-gib"], type=float, default=4.0, show_default=True, help="TensorRT workspace limit."),
-    click.Option(["--opt-level", "optimization_level"], type=click.IntRange(0, 5), default=3, show_default=True,
-                 help="Builder optimization level."),
+    click.Option(
+        ["--opt-level", "optimization_level"],
+        type=click.IntRange(0, 5),
+        default=3,
+        show_default=True,
+        help="Builder optimization level.",
+    ),
     click.Option(["--strict-fp32"], is_flag=True, help="Clear TF32 so FP32 layers match ONNX Runtime."),
-    click.Option(["--hardware-compat", "hardware_compatibility"],
-                 type=click.Choice(["none", "ampere_plus", "same_compute_capability"]), default="none",
-                 show_default=True, help="TensorRT hardware compatibility level of the plan."),
-    click.Option(["--version-compatible"], is_flag=True,
-                 help="Embed a lean runtime (loads on later TensorRT versions)."),
-    click.Option(["--sparse-weights"], is_flag=True,
-                 help="Let TensorRT use 2:4 structured-sparse kernels where weights allow."),
-    click.Option(["--refit"], is_flag=True, help="Build a refittable plan (weights can be replaced without a rebuild)."))
+    click.Option(
+        ["--hardware-compat", "hardware_compatibility"],
+        type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+        default="none",
+        show_default=True,
+        help="TensorRT hardware compatibility level of the plan.",
+    ),
+    click.Option(
+        ["--version-compatible"], is_flag=True, help="Embed a lean runtime (loads on later TensorRT versions)."
+    ),
+    click.Option(
+        ["--sparse-weights"], is_flag=True, help="Let TensorRT use 2:4 structured-sparse kernels where weights allow."
+    ),
+    click.Option(
+        ["--refit"], is_flag=True, help="Build a refittable plan (weights can be replaced without a rebuild)."
+    ),
+)

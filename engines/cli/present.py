@@ -155,7 +155,9 @@ def output_summary(console: Console, backend: str, outputs: dict[str, np.ndarray
         table.add_column(col)
     for name, value in outputs.items():
         v = value.astype(np.float64) if value.size else np.zeros(1)
-        _row(table, name, str(value.dtype), str(list(value.shape)), f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}")
+        _row(
+            table, name, str(value.dtype), str(list(value.shape)), f"{v.min():.4g}", f"{v.max():.4g}", f"{v.mean():.4g}"
+        )
     console.print(table)
 
 
@@ -190,7 +192,9 @@ def compare_table(console: Console, result) -> None:
     table = Table(title=f"compare {result.bundle} (reference: {result.reference}; data: {result.data.description})")
     for col in ("runner", "prec", "output", "check", "max abs", "mean abs", "max rel", "atol / rtol", "cosine",
                 "top-1", "result"):
-        table.add_column(col, justify="right" if col in ("max abs", "mean abs", "max rel", "cosine", "top-1") else "left")
+        table.add_column(
+            col, justify="right" if col in ("max abs", "mean abs", "max rel", "cosine", "top-1") else "left"
+        )
     for pair in result.pairs:
         for name, out in pair.outputs.items():
             tol = out["tolerance"]
@@ -243,11 +247,20 @@ def bench_bundle_table(console: Console, doc: dict) -> None:
     for backend in doc["backends"]:
         for i, p in enumerate(backend["points"]):
             first = i == 0
-            _row(table, backend["name"] if first else "", backend["precision"] if first else "", p["batch"],
-                 f"{p['p50_ms']:.3f}", f"{p['p90_ms']:.3f}", f"{p['p99_ms']:.3f}", f"{p['throughput']:.0f}",
-                 "" if p["speedup"] is None else f"{p['speedup']:.2f}x",
-                 _num(backend["peak_memory_mib"], ".0f") if first else "",
-                 f"{backend['load_seconds']:.2f}" if first else "", _num(backend["build_seconds"], ".1f") if first else "")
+            _row(
+                table,
+                backend["name"] if first else "",
+                backend["precision"] if first else "",
+                p["batch"],
+                f"{p['p50_ms']:.3f}",
+                f"{p['p90_ms']:.3f}",
+                f"{p['p99_ms']:.3f}",
+                f"{p['throughput']:.0f}",
+                "" if p["speedup"] is None else f"{p['speedup']:.2f}x",
+                _num(backend["peak_memory_mib"], ".0f") if first else "",
+                f"{backend['load_seconds']:.2f}" if first else "",
+                _num(backend["build_seconds"], ".1f") if first else "",
+            )
     console.print(table)
     for name, reason in doc["skipped"].items():
         console.print(f"not benchmarked: {escape(name)}: {escape(reason)}")
@@ -279,9 +292,12 @@ def debug_table(console: Console, result) -> None:
     console.print(table)
     if result.bisect:
         b = result.bisect
-        console.print(f"bisect: keeping {', '.join(map(escape, b['kept']))} in float brings the outputs within "
-                      f"budget ({b['metric']}) after {b['evaluations']} evaluations" if b.get("passed") else
-                      f"bisect: {escape(b.get('reason', 'no set of the suspected nodes brings the outputs within budget'))}")
+        console.print(
+            f"bisect: keeping {', '.join(map(escape, b['kept']))} in float brings the outputs within "
+            f"budget ({b['metric']}) after {b['evaluations']} evaluations"
+            if b.get("passed")
+            else f"bisect: {escape(b.get('reason', 'no set of the suspected nodes brings the outputs within budget'))}"
+        )
 
 
 def layers_table(console: Console, doc: dict) -> None:

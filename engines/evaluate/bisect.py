@@ -114,7 +114,9 @@ def _fp16_trials(manifest, side, exported, fp32, feeds, budget):
         model = _fp32(manifest, side, exported, "fp16", keep=tuple(exclude))
         outputs = run_target(model, feeds, "trt")
         as_float = [[np.asarray(o, np.float32) for o in batch] for batch in outputs]
-        return Trial(model, budget_metric(budget, reference, as_float, names), relative_squared_error(reference, as_float))
+        return Trial(
+            model, budget_metric(budget, reference, as_float, names), relative_squared_error(reference, as_float)
+        )
 
     return evaluate
 

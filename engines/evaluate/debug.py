@@ -6,12 +6,13 @@ optimizations off, so exposing tensors changes nothing that is measured and noth
 differently. Tensors that exist in both under the same name are compared in the side's topological
 order; a region a pass fused is compared at its boundary (its inner tensors exist in one graph only).
 
-A tensor diverges when its max abs error exceeds the side's bound: FP32 ``1e-4 + 1e-3 * max|ref|``,
-FP16 the FP16 pass's ``2e-2 * max|ref| + 1e-3``, INT8 ``0.25 * max|ref|`` (``INT8_RELERR``: beyond
-quantization noise). Data: the bundle's evaluation batches when it has them,
-else golden.npz (``--data`` as in compare), the first ``--batches``. Where the error *starts* is a diverging tensor whose node reads only tensors within the
-bound; each is reported with its ONNX node, operator and PyTorch module (``engines.evaluate.provenance``).
-``--bisect`` then keeps groups of the suspected nodes in float (``engines.evaluate.bisect``).
+A tensor diverges when its max abs error exceeds the side's bound: FP32 ``1e-4 + 1e-3 * max|ref|``, FP16
+the FP16 pass's ``2e-2 * max|ref| + 1e-3``, INT8 ``0.25 * max|ref|`` (``INT8_RELERR``: beyond
+quantization noise). Data: the bundle's evaluation batches when it has them, else golden.npz (``--data``
+as in compare), the first ``--batches``. Where the error *starts* is a diverging tensor whose node reads
+only tensors within the bound (``foundation.numerics.where_error_starts``); each is reported with its
+ONNX node, operator and PyTorch module (``engines.evaluate.provenance``). ``--bisect`` then keeps groups
+of the suspected nodes in float (``engines.evaluate.bisect``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def debug(request: DebugRequest) -> DebugResult:
         if node is None:  # a graph output no node writes (an input or initializer passed through)
             continue
         max_abs, scale, limit = errors[name]
-        reads = [errors[i][0] / errors[i][2] if errors[i][2] > 0 else 0.0 for i in _compared_inputs(node, producers, errors)]
+        reads = [
+            errors[i][0] / errors[i][2] if errors[i][2] > 0 else 0.0 for i in _compared_inputs(node, producers, errors)
+        ]
         rows.append(TensorError(name, node.name, node.op_type, where.module(node, producers), max_abs, scale, limit,
                                 max(reads, default=0.0)))
     diverging = [r for r in rows if r.ratio > 1.0]

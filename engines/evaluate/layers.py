@@ -84,10 +84,15 @@ def trt_layers(layer_json: str, where: Provenance, model: onnx.ModelProto) -> li
         outputs = layer.get("Outputs") or []
         fmt = (outputs[0].get("Format/Datatype", "") if outputs and isinstance(outputs[0], dict) else "")
         kind = fmt.split()[0].lower() if fmt else ""
-        rows.append({"layer": name, "type": layer.get("LayerType", ""),
-                     "precision": {"int8": "int8", "half": "fp16", "float": "fp32", "bf16": "bf16"}.get(kind, kind or "?"),
-                     "onnx_nodes": onnx_nodes,
-                     "modules": sorted({where.module(nodes[n]) for n in onnx_nodes})})
+        rows.append(
+            {
+                "layer": name,
+                "type": layer.get("LayerType", ""),
+                "precision": {"int8": "int8", "half": "fp16", "float": "fp32", "bf16": "bf16"}.get(kind, kind or "?"),
+                "onnx_nodes": onnx_nodes,
+                "modules": sorted({where.module(nodes[n]) for n in onnx_nodes}),
+            }
+        )
     return rows
 
 

@@ -10,7 +10,7 @@ import bisect
 import logging
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -115,8 +115,10 @@ class Runner:
             if select(self._profiles, shapes) is None:
                 ranges = "; ".join(f"{p.name}: {dict((k, [list(p.min[k]), list(p.max[k])]) for k in p.min)}"
                                    for p in self._profiles)
-                raise RuntimeInputError(f"no optimization profile accepts shapes { {k: list(v) for k, v in shapes.items()} }; "
-                                        f"the bundle's profiles are {ranges}")
+                raise RuntimeInputError(
+                    f"no optimization profile accepts shapes { {k: list(v) for k, v in shapes.items()} }; "
+                    f"the bundle's profiles are {ranges}"
+                )
         start = time.perf_counter()
         try:
             outputs = self._run(arrays)
@@ -153,7 +155,9 @@ class Runner:
                 return value
             value = value.detach().cpu().numpy()  # torch itself is never imported here
         if not isinstance(value, np.ndarray):
-            raise RuntimeInputError(f"input {name!r}: expected a NumPy array (or a torch tensor), found {type(value).__name__}")
+            raise RuntimeInputError(
+                f"input {name!r}: expected a NumPy array (or a torch tensor), found {type(value).__name__}"
+            )
         return value if value.flags.c_contiguous else np.ascontiguousarray(value)  # (that makes 0-d arrays 1-d)
 
     def _run(self, feeds: dict) -> dict[str, np.ndarray]:  # pragma: no cover - abstract

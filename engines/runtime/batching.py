@@ -13,7 +13,7 @@ the manifest's output shapes) are trimmed back to each request's length.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

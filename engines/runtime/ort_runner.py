@@ -23,7 +23,7 @@ class OrtRunner(Runner):
         super().__init__(input_spec, outputs, manifest)
         try:
             self.session = create_session(graph, threads, optimize=True, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        except Exception as exc:  # ORT raises its own exception types
             raise BundleError(f"ONNX Runtime cannot load {graph.name}: {str(exc).splitlines()[0][:300]}") from exc
         self.backend = "ort-cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "ort-cpu"
         self._names = [o.name for o in self.session.get_outputs()]

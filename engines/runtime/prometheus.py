@@ -23,10 +23,15 @@ def _families() -> dict:
             _FAMILIES.update(
                 calls=prometheus_client.Counter("planforge_infer_calls", "inference calls", labels),
                 errors=prometheus_client.Counter("planforge_infer_errors", "failed inference calls", labels),
-                fallbacks=prometheus_client.Counter("planforge_infer_fallbacks", "calls retried on another backend", labels),
-                latency=prometheus_client.Histogram("planforge_infer_latency_seconds", "inference latency", labels,
-                                                    buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
-                                                             .1, .25, .5, 1, 2.5)),
+                fallbacks=prometheus_client.Counter(
+                    "planforge_infer_fallbacks", "calls retried on another backend", labels
+                ),
+                latency=prometheus_client.Histogram(
+                    "planforge_infer_latency_seconds",
+                    "inference latency",
+                    labels,
+                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                ),
             )
         return _FAMILIES
 
@@ -38,7 +43,7 @@ class RunnerMetrics:
             families[k].labels(bundle=bundle, backend=backend) for k in ("calls", "errors", "fallbacks", "latency"))
 
     @classmethod
-    def create(cls, runner) -> "RunnerMetrics":
+    def create(cls, runner) -> RunnerMetrics:
         return cls(runner.manifest.model.name if runner.manifest else "unknown", runner.backend)
 
     def observe(self, ms: float, error: bool) -> None:
@@ -80,7 +85,7 @@ class ServerMetrics:
         self._f = {k: f.labels(bundle=bundle) for k, f in families.items()}
 
     @classmethod
-    def create(cls, server) -> "ServerMetrics":
+    def create(cls, server) -> ServerMetrics:
         return cls(server.manifest.model.name if server.manifest else "unknown")
 
     def depth(self, n: int) -> None:

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -77,7 +77,9 @@ class Scheduler:
         self.input_spec, self.output_specs, self.manifest = runner.input_spec, runner.output_specs, runner.manifest
         self.backend = runner.backend
         self._profiles = list(runner.manifest.profiles) if runner.manifest else []
-        self.layout: Layout = layout(runner.input_spec, runner.output_specs, self.options, profile_batch(self._profiles))
+        self.layout: Layout = layout(
+            runner.input_spec, runner.output_specs, self.options, profile_batch(self._profiles)
+        )
         if degrade is not None:
             check_compatible(runner, degrade)
         self._owned = owned
@@ -105,7 +107,9 @@ class Scheduler:
     def submit(self, feeds: Mapping[str, np.ndarray], timeout_ms: float | None = None):
         """A Future of the outputs, or the outputs at once (a cache hit, a degraded request)."""
         if self._closing:
-            raise UsageError("this server is closed (close() was called or its with-block ended); load the bundle again")
+            raise UsageError(
+                "this server is closed (close() was called or its with-block ended); load the bundle again"
+            )
         if not isinstance(feeds, Mapping) and len(self.input_spec) == 1:
             feeds = {self.input_spec.names[0]: feeds}
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
@@ -115,8 +119,10 @@ class Scheduler:
             raise UsageError(f"a request's inputs must share one batch size of at most {self.layout.max_batch}; "
                              f"found {sorted(sizes)}")
         if self._profiles and select(self._profiles, {k: v.shape for k, v in feeds.items()}) is None:
-            raise RuntimeInputError(f"no optimization profile accepts shapes { {k: list(v.shape) for k, v in feeds.items()} }"
-                                    f"; the bundle's profiles are {[p.to_json() for p in self._profiles]}")
+            raise RuntimeInputError(
+                f"no optimization profile accepts shapes { {k: list(v.shape) for k, v in feeds.items()} }"
+                f"; the bundle's profiles are {[p.to_json() for p in self._profiles]}"
+            )
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(feeds)
@@ -201,7 +207,7 @@ class Scheduler:
             self._metrics.depth(depth)
             try:
                 self._run(self._expire(batch))
-            except Exception as exc:  # noqa: BLE001 - the worker must outlive any bug: its callers would hang
+            except Exception as exc:  # the worker must outlive any bug: its callers would hang
                 logger.exception("serving worker: a batch failed outside the backend")
                 for request in batch:
                     if not request.future.done():
@@ -341,14 +347,18 @@ class Scheduler:
                 self._queue.clear()
             self._cond.notify_all()
         for request in pending:
-            request.future.set_exception(InferenceError(
-                f"the server was closed with {len(pending)} request(s) pending (close(drain=False)); they were not run"))
+            request.future.set_exception(
+                InferenceError(
+                    f"the scheduler was closed with {len(pending)} request(s) pending (close(drain=False)); they were "
+                    "not run"
+                )
+            )
         self._worker.join()
         self._closed = True
         for runner in self._owned:
             runner.close()
 
-    def __enter__(self) -> "Scheduler":
+    def __enter__(self) -> Scheduler:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -29,8 +29,7 @@ from engines.runtime.cache import ResponseCache
 from engines.runtime.cpu import detect
 from engines.runtime.ort_runner import OrtRunner
 from engines.runtime.scheduler import Scheduler
-from engines.runtime.trt_runner import TrtRunner
-from engines.runtime.trt_runner import unavailable as trt_unavailable
+from engines.runtime.trt_runner import TrtRunner, unavailable as trt_unavailable
 from foundation.errors import BundleError, InferenceError, IntegrityError
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,11 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         import tensorrt as trt  # noqa: PLC0415 - only where TensorRT is installed
     except (ImportError, OSError) as exc:
-        return False, f"tensorrt is installed but does not import ({str(exc).splitlines()[0][:160]}): its native libraries are missing"
+        return (
+            False,
+            f"tensorrt is installed but does not import ({str(exc).splitlines()[0][:160]}): its native libraries "
+            "are missing",
+        )
     if shutil.which("nvidia-smi") is None and not _cuda_device_present():
         return False, f"TensorRT {trt.__version__} imports, but no NVIDIA GPU is visible"
     return True, f"TensorRT {trt.__version__}"

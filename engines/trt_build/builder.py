@@ -12,8 +12,8 @@ import dataclasses
 import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from foundation.errors import BuildError
 

@@ -13,12 +13,12 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from engines.profiles import Profile
-from engines.trt_build.builder import build_plan, environment, layer_summary
 from engines.runtime.trt_status import tensorrt_status
+from engines.trt_build.builder import build_plan, environment, layer_summary
 from foundation.errors import TensorRTUnavailable
 
 logger = logging.getLogger(__name__)

@@ -7,16 +7,16 @@ at first use. ``ENTRIES`` is the one list; ``planforge zoo`` prints it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from foundation.spec import InputSpec
 from exporter.zoo import calibration
 from exporter.zoo.attention import GPT, Bert, ViT
 from exporter.zoo.cnn import MLP, MobileNetV2, ResNet18, init_like_trained
 from exporter.zoo.digits import load_or_train
+from foundation.spec import InputSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,21 +79,70 @@ _GPT_PAST = tuple(
 _GPT_PRESENT = tuple(f"present_{kind}_{i}" for i in range(_GPT_LAYERS) for kind in ("key", "value"))
 
 ENTRIES: tuple[ZooEntry, ...] = (
-    ZooEntry("mlp", "3-layer MLP with GELU, 64 -> 10", "classification",
-             ("x:float32:[batch=1..64@8,64]",), ("logits",), _mlp, "features"),
-    ZooEntry("resnet18", "ResNet-18, 11.7M parameters, ImageNet head", "classification",
-             ("x:float32:[batch=1..32@8,3,224,224]",), ("logits",), _resnet18, "images"),
-    ZooEntry("mobilenet_v2", "MobileNetV2 1.0, depthwise separable CNN, 3.5M parameters", "classification",
-             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _mobilenet_v2, "images"),
-    ZooEntry("vit_tiny", "ViT-Ti/16, 12 layers, 192 wide, 5.7M parameters", "classification",
-             ("x:float32:[batch=1..16@4,3,224,224]",), ("logits",), _vit_tiny, "images"),
-    ZooEntry("bert_tiny", "BERT-tiny encoder, 2 layers, 128 wide, attention mask", "embedding",
-             ("input_ids:int64:[batch=1..16@4,seq=1..128@32]:0..30522", "attention_mask:int64:[batch,seq]:0..2"),
-             ("last_hidden_state", "pooler_output"), _bert_tiny, "bert_sentences"),
-    ZooEntry("gpt_tiny", "GPT-style decoder, 2 layers, KV cache in and out", "generation",
-             ("input_ids:int64:[batch=1..8@2,seq=1..64@8]:0..1024", *_GPT_PAST), ("logits", *_GPT_PRESENT), _gpt_tiny, "gpt_sentences"),
-    ZooEntry("digits_cnn", "small CNN trained at first use on scikit-learn digits (8x8)", "classification",
-             ("x:float32:[batch=1..64@16,1,8,8]:0..1",), ("logits",), _digits_cnn, "digits", trained=True),
+    ZooEntry(
+        "mlp",
+        "3-layer MLP with GELU, 64 -> 10",
+        "classification",
+        ("x:float32:[batch=1..64@8,64]",),
+        ("logits",),
+        _mlp,
+        "features",
+    ),
+    ZooEntry(
+        "resnet18",
+        "ResNet-18, 11.7M parameters, ImageNet head",
+        "classification",
+        ("x:float32:[batch=1..32@8,3,224,224]",),
+        ("logits",),
+        _resnet18,
+        "images",
+    ),
+    ZooEntry(
+        "mobilenet_v2",
+        "MobileNetV2 1.0, depthwise separable CNN, 3.5M parameters",
+        "classification",
+        ("x:float32:[batch=1..16@4,3,224,224]",),
+        ("logits",),
+        _mobilenet_v2,
+        "images",
+    ),
+    ZooEntry(
+        "vit_tiny",
+        "ViT-Ti/16, 12 layers, 192 wide, 5.7M parameters",
+        "classification",
+        ("x:float32:[batch=1..16@4,3,224,224]",),
+        ("logits",),
+        _vit_tiny,
+        "images",
+    ),
+    ZooEntry(
+        "bert_tiny",
+        "BERT-tiny encoder, 2 layers, 128 wide, attention mask",
+        "embedding",
+        ("input_ids:int64:[batch=1..16@4,seq=1..128@32]:0..30522", "attention_mask:int64:[batch,seq]:0..2"),
+        ("last_hidden_state", "pooler_output"),
+        _bert_tiny,
+        "bert_sentences",
+    ),
+    ZooEntry(
+        "gpt_tiny",
+        "GPT-style decoder, 2 layers, KV cache in and out",
+        "generation",
+        ("input_ids:int64:[batch=1..8@2,seq=1..64@8]:0..1024", *_GPT_PAST),
+        ("logits", *_GPT_PRESENT),
+        _gpt_tiny,
+        "gpt_sentences",
+    ),
+    ZooEntry(
+        "digits_cnn",
+        "small CNN trained at first use on scikit-learn digits (8x8)",
+        "classification",
+        ("x:float32:[batch=1..64@16,1,8,8]:0..1",),
+        ("logits",),
+        _digits_cnn,
+        "digits",
+        trained=True,
+    ),
 )
 
 BY_NAME = {e.name: e for e in ENTRIES}

@@ -70,7 +70,9 @@ SENTENCES = (
 
 def word_ids(sentence: str, vocab: int, reserved: int = 1000) -> list[int]:
     """Stable word -> id hashing into [reserved, vocab) (ids below ``reserved`` are special tokens)."""
-    return [reserved + int(hashlib.sha1(w.encode()).hexdigest(), 16) % (vocab - reserved) for w in sentence.lower().split()]
+    return [
+        reserved + int(hashlib.sha1(w.encode()).hexdigest(), 16) % (vocab - reserved) for w in sentence.lower().split()
+    ]
 
 
 def _split(batches: list[dict], every: int = 5) -> tuple[list[dict], list[dict]]:

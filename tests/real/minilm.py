@@ -26,7 +26,10 @@ def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory()), local_files_only=True)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="np")
-    return {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
+    return {
+        "input_ids": batch["input_ids"].astype(np.int64),
+        "attention_mask": batch["attention_mask"].astype(np.int64),
+    }
 
 
 def calibration():

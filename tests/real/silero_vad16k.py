@@ -32,7 +32,7 @@ def package_dir() -> Path | None:
 
 def module():
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
     from torch import nn
 
     class SileroVad16k(nn.Module):

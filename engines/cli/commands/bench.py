@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import click
-
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from engines.cli.console import console, err_console, print_json
@@ -59,7 +58,9 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out, as_json):
 
 @click.command("bench-serve")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--concurrency", default="1,4,16,64", show_default=True, help="Closed-loop client counts, comma-separated.")
+@click.option(
+    "--concurrency", default="1,4,16,64", show_default=True, help="Closed-loop client counts, comma-separated."
+)
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
               help="Seconds per row.")
 @click.option("--rate", type=click.FloatRange(0, min_open=True), help="Open loop: Poisson arrivals per second instead.")
@@ -102,10 +103,16 @@ def read_manifest_name(bundle: Path) -> str:
 @click.command("bench-transformer")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("int8_bundle", required=False, type=click.Path(path_type=Path))
-@click.option("--batch", "batches", multiple=True, type=click.IntRange(1), metavar="N", help="Batch sizes (repeat) [1, 8].")
-@click.option("--seq", "seqs", multiple=True, type=click.IntRange(1), metavar="L", help="Padded lengths (repeat) [32, 128].")
+@click.option(
+    "--batch", "batches", multiple=True, type=click.IntRange(1), metavar="N", help="Batch sizes (repeat) [1, 8]."
+)
+@click.option(
+    "--seq", "seqs", multiple=True, type=click.IntRange(1), metavar="L", help="Padded lengths (repeat) [32, 128]."
+)
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True, help="Interleaved rounds.")
-@click.option("--iterations", type=click.IntRange(1), default=4, show_default=True, help="Timed runs per round and point.")
+@click.option(
+    "--iterations", type=click.IntRange(1), default=4, show_default=True, help="Timed runs per round and point."
+)
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads for every "
               "backend (0: all cores).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench-transformer.json and .md "
@@ -157,7 +164,12 @@ def bench_summary(results, out, allow_mixed):
 @click.option("--iterations", "runs", type=click.IntRange(1), default=30, show_default=True,
               help="Timed runs per graph.")
 @click.option("--int8", is_flag=True, help="INT8 against ONNX Runtime's quantize_static instead of the passes.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="JSON results [build/bench-passes.json or build/bench-int8.json].")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="JSON results [build/bench-passes.json or build/bench-int8.json].",
+)
 def bench_passes(models, targets, threads, runs, int8, out):
     """Node counts and ONNX Runtime CPU latency, exported vs optimized graph, per zoo model (or --int8)."""
     import os  # noqa: PLC0415

@@ -55,7 +55,11 @@ def inspect(path, layers, as_json):
 @click.option("--reference", type=click.Choice(["auto", "pytorch", "onnx"]), default="auto", show_default=True,
               help="PyTorch (auto when the bundle came from a PyTorch model) or ONNX Runtime on the exported graph.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the report here instead of BUNDLE/report.json.")
-@click.option("--save-inputs", type=click.Path(path_type=Path), help="Save the inputs as Polygraphy JSON and print polygraphy run lines that repeat the checks on them.")
+@click.option(
+    "--save-inputs",
+    type=click.Path(path_type=Path),
+    help="Save the inputs as Polygraphy JSON and print polygraphy run lines that repeat the checks on them.",
+)
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="CPU threads for PyTorch and ONNX Runtime (0: all cores).")
 @json_option
@@ -116,7 +120,9 @@ def debug(bundle, side, data, batches, limit, int8_relerr, bisect, budget, as_js
 @click.option("--trt-version", default="11.1", show_default=True,
               help="Whose ONNX parser operator table to check against (engines/trt_build/compat/data).")
 @input_option
-@click.option("--as-is", is_flag=True, help="Check an .onnx file unchanged instead of the trt pipeline's output for it.")
+@click.option(
+    "--as-is", is_flag=True, help="Check an .onnx file unchanged instead of the trt pipeline's output for it."
+)
 @json_option
 def check_trt(source, trt_version, inputs, as_is, as_json):
     """Predict on this CPU what TensorRT will refuse in SOURCE (a bundle, an .onnx file or a MODEL); exit 12 on any."""

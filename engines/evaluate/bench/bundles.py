@@ -26,16 +26,14 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from engines.bundle import Manifest, read_manifest, verified_path
 from engines.evaluate.bench.environment import LoadWatch
-from engines.runtime import ORDER, BundleView, unavailable
-from engines.runtime import Batching, schedule
-from engines.runtime import load as load_bundle
+from engines.runtime import ORDER, Batching, BundleView, load as load_bundle, schedule, unavailable
 from foundation.errors import UsageError
 from foundation.ort_session import create_session
 from foundation.spec import InputSpec, random_array

@@ -35,7 +35,7 @@ class LoadWatch:
         self.start: float | None = None
         self.end: float | None = None
 
-    def __enter__(self) -> "LoadWatch":
+    def __enter__(self) -> LoadWatch:
         self.start = load_1min()
         self._warn("before the benchmark", self.start)
         return self

@@ -80,7 +80,9 @@ def _metric(name: str, task: str, reference: list, graph: Path, evaluation: list
     return ("top-1 agreement" if budget.metric == "top1" else "cosine"), value
 
 
-def bench_int8_model(name: str, threads: int = 2, runs: int = 30, cache_dir: Path = Path("build/.cache")) -> list[Int8Row]:
+def bench_int8_model(
+    name: str, threads: int = 2, runs: int = 30, cache_dir: Path = Path("build/.cache")
+) -> list[Int8Row]:
     from onnxruntime.quantization import QuantType  # noqa: PLC0415 - ONNX Runtime's quantization tools load slowly
 
     from exporter.export import export_onnx  # noqa: PLC0415 - imports torch

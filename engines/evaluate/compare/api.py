@@ -136,7 +136,9 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
     for extra in [n for n, a in manifest.artifacts.items() if a.role == "external-data"]:
         verified_path(bundle, manifest, extra)
     sides = [Side("pytorch", "fp32", TorchRunner(module, spec, outputs, threads=threads))] if module is not None else []
-    sides.append(Side("onnxruntime model.onnx", "fp32", onnxrt_runner(exported, "onnxruntime model.onnx"), "model.onnx"))
+    sides.append(
+        Side("onnxruntime model.onnx", "fp32", onnxrt_runner(exported, "onnxruntime model.onnx"), "model.onnx")
+    )
     for target in ("ort", "trt"):
         entry = backends.for_target(target)
         if entry.graph in manifest.artifacts:

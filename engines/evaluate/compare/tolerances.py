@@ -54,8 +54,10 @@ def check_output_names(overrides: dict[str, dict], outputs: list[str]) -> None:
     for key, values in overrides.items():
         unknown = [n for n in values if n and n not in outputs]
         if unknown:
-            raise UsageError(f"{OPTIONS.get(key, key)} names {', '.join(map(repr, unknown))}, which the model does not output; "
-                             f"its outputs are {', '.join(outputs)}")
+            raise UsageError(
+                f"{OPTIONS.get(key, key)} names {', '.join(map(repr, unknown))}, which the model does not output; "
+                f"its outputs are {', '.join(outputs)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

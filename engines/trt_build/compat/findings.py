@@ -22,7 +22,7 @@ class Finding:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Finding":
+    def from_json(cls, data: dict) -> Finding:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -56,6 +56,6 @@ class CompatReport:
                 "findings": [f.to_json() for f in self.findings]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "CompatReport":
+    def from_json(cls, data: dict) -> CompatReport:
         return cls(data["tensorrt_version"], data.get("source", ""), data.get("graph", ""), int(data["nodes"]),
                    tuple(Finding.from_json(f) for f in data.get("findings", ())))

@@ -24,7 +24,7 @@ class GraphIndex:
     outputs: set[str]
 
     @classmethod
-    def build(cls, model: onnx.ModelProto) -> "GraphIndex":
+    def build(cls, model: onnx.ModelProto) -> GraphIndex:
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort: rules needing a type or rank then skip

@@ -35,8 +35,15 @@ def type_findings(index: GraphIndex) -> list[Finding]:
             if kind == "UINT8" and name not in index.outputs:
                 hint = ("quantize to signed INT8 with zero point 0 (the trt INT8 form; UINT8 is ONNX Runtime's)"
                         if node.op_type == "QuantizeLinear" else "cast to float or int32 right after the input")
-                found.append(finding(node, "uint8", REFUSED, f"{name} is UINT8 inside the network; TensorRT takes UINT8 "
-                                "only as a network input or output", hint))
+                found.append(
+                    finding(
+                        node,
+                        "uint8",
+                        REFUSED,
+                        f"{name} is UINT8 inside the network; TensorRT takes UINT8 only as a network input or output",
+                        hint,
+                    )
+                )
             if kind in QUANTIZED and node.op_type != "QuantizeLinear":
                 found.append(finding(node, "quantized-type", REFUSED, f"{name} is {kind} produced by {node.op_type}; "
                                 "TensorRT makes quantized tensors only with QuantizeLinear",
@@ -45,9 +52,16 @@ def type_findings(index: GraphIndex) -> list[Finding]:
             kind = TYPE_NAMES.get(index.types.get(name, 0))
             zero_point = k == 2 and node.op_type == "QuantizeLinear"  # its type is the output's
             if kind in QUANTIZED and node.op_type != "DequantizeLinear" and not zero_point:
-                found.append(finding(node, "quantized-type", REFUSED, f"{node.op_type} reads {kind} tensor {name}; TensorRT "
-                                "reads quantized tensors only through DequantizeLinear",
-                                "insert a DequantizeLinear before it (the trt INT8 form)"))
+                found.append(
+                    finding(
+                        node,
+                        "quantized-type",
+                        REFUSED,
+                        f"{node.op_type} reads {kind} tensor {name}; TensorRT "
+                        "reads quantized tensors only through DequantizeLinear",
+                        "insert a DequantizeLinear before it (the trt INT8 form)",
+                    )
+                )
     return found
 
 
@@ -65,9 +79,16 @@ def placement_findings(index: GraphIndex) -> list[Finding]:
         if node.op_type == "DequantizeLinear" and not _weight_dq(node, index):
             stray = [c for c in index.consumers.get(node.output[0], []) if c.op_type not in INT8_CONSUMERS]
             if stray:
-                found.append(finding(node, "qdq-placement", CHECK, f"dequantized into {', '.join(sorted({c.op_type for c in stray}))}, "
-                                "which TensorRT neither runs in INT8 nor moves Q/DQ across: the Q/DQ pair runs on its own",
-                                "leave that input in float (drop the pair), or quantize the weighted layer it feeds"))
+                found.append(
+                    finding(
+                        node,
+                        "qdq-placement",
+                        CHECK,
+                        f"dequantized into {', '.join(sorted({c.op_type for c in stray}))}, "
+                        "which TensorRT neither runs in INT8 nor moves Q/DQ across: the Q/DQ pair runs on its own",
+                        "leave that input in float (drop the pair), or quantize the weighted layer it feeds",
+                    )
+                )
     found += _quantized_twice(index)
     return found
 
@@ -108,8 +129,15 @@ def _weighted(node, index) -> list[Finding]:
     if not _weight_dq(weight_dq, index):
         if node.op_type == "MatMul":
             return []  # activation x activation (attention's batched MatMuls): both dequantized is right
-        found.append(finding(node, "qdq-weight", CHECK, "the weight's DequantizeLinear reads a computed tensor; TensorRT "
-                        "folds weight Q/DQ only on constants", "quantize the weight initializer directly"))
+        found.append(
+            finding(
+                node,
+                "qdq-weight",
+                CHECK,
+                "the weight's DequantizeLinear reads a computed tensor; TensorRT folds weight Q/DQ only on constants",
+                "quantize the weight initializer directly",
+            )
+        )
     scale = index.constant(weight_dq.input[1])
     weight = index.dims.get(node.input[k]) or index.dims.get(weight_dq.input[0])
     if scale is not None and np.asarray(scale).size > 1 and weight:
@@ -117,9 +145,16 @@ def _weighted(node, index) -> list[Finding]:
         got = attr(weight_dq, "axis", 1)
         got = got + len(weight) if got < 0 else got
         if axis is not None and got != axis:
-            found.append(finding(node, "qdq-weight-axis", CHECK, f"weight quantized per channel on axis {got}; TensorRT's "
-                            f"INT8 {node.op_type} kernels take per-output-channel scales (axis {axis})",
-                            f"quantize the weight on axis {axis}"))
+            found.append(
+                finding(
+                    node,
+                    "qdq-weight-axis",
+                    CHECK,
+                    f"weight quantized per channel on axis {got}; TensorRT's "
+                    f"INT8 {node.op_type} kernels take per-output-channel scales (axis {axis})",
+                    f"quantize the weight on axis {axis}",
+                )
+            )
     return found
 
 
@@ -148,9 +183,16 @@ def _residual(node, index) -> list[Finding]:
     other = node.input[1 - producers.index(conv[0])]
     if _dq(index, other) is not None or index.constant(other) is not None:
         return []
-    return [finding(node, "qdq-residual", CHECK, f"the residual input {other} of this Add after INT8 {conv[0].name or 'Conv'} "
-               "is not quantized; TensorRT fuses the Add into the convolution only when it is",
-               "quantize the residual branch's input to the Add")]
+    return [
+        finding(
+            node,
+            "qdq-residual",
+            CHECK,
+            f"the residual input {other} of this Add after INT8 {conv[0].name or 'Conv'} "
+            "is not quantized; TensorRT fuses the Add into the convolution only when it is",
+            "quantize the residual branch's input to the Add",
+        )
+    ]
 
 
 def _quantized_twice(index: GraphIndex) -> list[Finding]:
@@ -160,7 +202,14 @@ def _quantized_twice(index: GraphIndex) -> list[Finding]:
         scales = {np.asarray(index.constant(q.input[1])).tobytes() for q in quants
                   if index.constant(q.input[1]) is not None}
         if len(quants) > 1 and len(scales) > 1:
-            found.append(finding(quants[1], "qdq-twice", CHECK, f"{name} is quantized by {len(quants)} QuantizeLinear nodes "
-                            "with different scales; TensorRT cannot share one INT8 copy of it",
-                            "quantize it once and let every consumer read the same DequantizeLinear"))
+            found.append(
+                finding(
+                    quants[1],
+                    "qdq-twice",
+                    CHECK,
+                    f"{name} is quantized by {len(quants)} QuantizeLinear nodes "
+                    "with different scales; TensorRT cannot share one INT8 copy of it",
+                    "quantize it once and let every consumer read the same DequantizeLinear",
+                )
+            )
     return found

@@ -41,9 +41,16 @@ def model_findings(index: GraphIndex, table: OperatorTable) -> list[Finding]:
     opset = index.opset()
     if opset is None or table.opset_min <= opset <= table.opset_max:
         return []
-    return [Finding("(model)", "", "opset", REFUSED,
-                    f"opset {opset}: the TensorRT {table.version} parser reads opsets {table.opset_min}..{table.opset_max}",
-                    f"export with --opset {min(max(opset, table.opset_min), table.opset_max)}")]
+    return [
+        Finding(
+            "(model)",
+            "",
+            "opset",
+            REFUSED,
+            f"opset {opset}: the TensorRT {table.version} parser reads opsets {table.opset_min}..{table.opset_max}",
+            f"export with --opset {min(max(opset, table.opset_min), table.opset_max)}",
+        )
+    ]
 
 
 def node_findings(node: onnx.NodeProto, index: GraphIndex, table: OperatorTable) -> list[Finding]:
@@ -64,13 +71,25 @@ def node_findings(node: onnx.NodeProto, index: GraphIndex, table: OperatorTable)
 
 def _domain(node: onnx.NodeProto, table: OperatorTable) -> Finding:
     if node.domain == "trt" and node.op_type in {c.split()[0] for c in table.custom_ops}:
-        return finding(node, "plugin", CHECK, f"TensorRT custom op {node.domain}::{node.op_type}: imported by TensorRT "
-                  "itself (docs/TRT_custom_ops.md), with its own restrictions", "check its form against TRT_custom_ops.md")
+        return finding(
+            node,
+            "plugin",
+            CHECK,
+            f"TensorRT custom op {node.domain}::{node.op_type}: imported by TensorRT "
+            "itself (docs/TRT_custom_ops.md), with its own restrictions",
+            "check its form against TRT_custom_ops.md",
+        )
     hint = ("an ONNX Runtime contrib op: the ort target's fusions write these; TensorRT gets the trt graph"
             if node.domain == "com.microsoft" else f"register a TensorRT plugin named {node.op_type} "
             f"(namespace {node.domain!r}) with the builder, or rewrite the node with standard ONNX operators")
-    return finding(node, "plugin", REFUSED, f"domain {node.domain!r} is not standard ONNX: the parser looks for a plugin "
-              f"creator named {node.op_type} and fails without one", hint)
+    return finding(
+        node,
+        "plugin",
+        REFUSED,
+        f"domain {node.domain!r} is not standard ONNX: the parser looks for a plugin "
+        f"creator named {node.op_type} and fails without one",
+        hint,
+    )
 
 
 def _types(node: onnx.NodeProto, index: GraphIndex, allowed: tuple[str, ...], version: str) -> list[Finding]:
@@ -98,10 +117,17 @@ def _types(node: onnx.NodeProto, index: GraphIndex, allowed: tuple[str, ...], ve
 def _constant_input(node: onnx.NodeProto, index: GraphIndex, k: int, what: str, status: str) -> list[Finding]:
     if len(node.input) <= k or not node.input[k] or index.constant(node.input[k]) is not None:
         return []
-    return [finding(node, "constant-input", status, f"{node.op_type} {what} ({node.input[k]}) is computed in the graph; "
-               f"TensorRT needs it {'as an initializer' if status == REFUSED else 'resolvable to a constant at build'}",
-               "fold it: planforge optimize --target trt (FoldConstants, FoldShapes), or fix the input shapes "
-               "with --static")]
+    return [
+        finding(
+            node,
+            "constant-input",
+            status,
+            f"{node.op_type} {what} ({node.input[k]}) is computed in the graph; "
+            f"TensorRT needs it {'as an initializer' if status == REFUSED else 'resolvable to a constant at build'}",
+            "fold it: planforge optimize --target trt (FoldConstants, FoldShapes), or fix the input shapes "
+            "with --static",
+        )
+    ]
 
 
 def _restrictions(node: onnx.NodeProto, index: GraphIndex) -> list[Finding]:
@@ -115,8 +141,15 @@ def _restrictions(node: onnx.NodeProto, index: GraphIndex) -> list[Finding]:
     if op in ("MaxPool", "AveragePool", "LpPool"):
         found += _pool(node, index)
     if op == "LayerNormalization" and any(index.used(o) for o in node.output[1:]):
-        found.append(finding(node, "outputs", REFUSED, "LayerNormalization's Mean / InvStdDev outputs are used; TensorRT "
-                        "supports only Y", "export the model in inference mode (training outputs unused)"))
+        found.append(
+            finding(
+                node,
+                "outputs",
+                REFUSED,
+                "LayerNormalization's Mean / InvStdDev outputs are used; TensorRT supports only Y",
+                "export the model in inference mode (training outputs unused)",
+            )
+        )
     if op in ("LSTM", "GRU", "RNN"):
         found += _recurrent(node)
     if op == "Resize":
@@ -125,19 +158,40 @@ def _restrictions(node: onnx.NodeProto, index: GraphIndex) -> list[Finding]:
         found.append(finding(node, "attribute", REFUSED, f"ScatterND reduction={text(attr(node, 'reduction'))!r}; "
                         "TensorRT supports only 'none'", "rewrite the scatter without a reduction"))
     if op == "GridSample" and index.ranks.get(node.input[0], 4) != 4:
-        found.append(finding(node, "rank", REFUSED, f"GridSample on a rank-{index.ranks[node.input[0]]} input; TensorRT "
-                        "takes 4-D only", "reshape to 4-D around it"))
+        found.append(
+            finding(
+                node,
+                "rank",
+                REFUSED,
+                f"GridSample on a rank-{index.ranks[node.input[0]]} input; TensorRT takes 4-D only",
+                "reshape to 4-D around it",
+            )
+        )
     if op == "EyeLike" and any(not isinstance(d, int) or d <= 0 for d in index.dims.get(node.input[0], [None])):
-        found.append(finding(node, "static-shape", REFUSED, "EyeLike's input has dynamic dimensions; TensorRT needs them "
-                        "static", "fix its shape with --input or --static"))
+        found.append(
+            finding(
+                node,
+                "static-shape",
+                REFUSED,
+                "EyeLike's input has dynamic dimensions; TensorRT needs them static",
+                "fix its shape with --input or --static",
+            )
+        )
     if op == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
         found.append(finding(node, "attribute", REFUSED, "a sparse or string Constant; TensorRT supports neither",
                         "fold it away or make it a dense numeric initializer"))
     if op == "Dropout" and len(node.input) > 2 and node.input[2]:
         value = index.constant(node.input[2])
         if value is None or bool(np.asarray(value).item()):
-            found.append(finding(node, "constant-input", REFUSED, "Dropout's training_mode must be an initializer that is "
-                            "False", "export in eval mode (model.eval())"))
+            found.append(
+                finding(
+                    node,
+                    "constant-input",
+                    REFUSED,
+                    "Dropout's training_mode must be an initializer that is False",
+                    "export in eval mode (model.eval())",
+                )
+            )
     if op == "Attention":
         found += _attention(node, index)
     if op == "RotaryEmbedding" and len(node.input) > 3 and node.input[3] and \
@@ -145,12 +199,31 @@ def _restrictions(node: onnx.NodeProto, index: GraphIndex) -> list[Finding]:
         found.append(finding(node, "type", REFUSED, "RotaryEmbedding position_ids must be INT64", "cast them to int64"))
     if op in ("QuantizeLinear", "DequantizeLinear"):
         found += _zero_point(node, index)
-    if op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike") and attr(node, "seed") is not None:
-        found.append(finding(node, "attribute", CHECK, f"{op} has a seed; TensorRT ignores it, so its values differ from "
-                        "ONNX Runtime's", "compare statistics, not values, for outputs it feeds"))
+    if (
+        op in ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike")
+        and attr(node, "seed") is not None
+    ):
+        found.append(
+            finding(
+                node,
+                "attribute",
+                CHECK,
+                f"{op} has a seed; TensorRT ignores it, so its values differ from ONNX Runtime's",
+                "compare statistics, not values, for outputs it feeds",
+            )
+        )
     if op in ("If", "Loop"):
-        found.append(finding(node, "control-flow", CHECK, f"{op}: TensorRT needs {'both branches to give outputs of the same rank' if op == 'If' else 'loop-carried shapes constant across iterations and no dynamic scan output length'}",
-                        "fold it with fixed shapes (--static) where the condition is a shape test"))
+        found.append(
+            finding(
+                node,
+                "control-flow",
+                CHECK,
+                f"{op}: TensorRT needs "
+                + ("both branches to give outputs of the same rank" if op == "If" else
+                   "loop-carried shapes constant across iterations and no dynamic scan output length"),
+                "fold it with fixed shapes (--static) where the condition is a shape test",
+            )
+        )
     return found
 
 

@@ -49,7 +49,7 @@ def versions() -> list[str]:
     return sorted(p.stem.removeprefix("onnx_operators_") for p in DATA.glob("onnx_operators_*.json"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_table(version: str = DEFAULT_VERSION) -> OperatorTable:
     path = DATA / f"onnx_operators_{version}.json"
     if not path.is_file():
