@@ -35,7 +35,7 @@ class EncoderOutputs(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _offline_and_quiet():
+def offline_and_quiet():
     """Hub access off and transformers quiet while a local directory loads, then as they were: the
     environment variables and transformers' verbosity and progress bar are process-wide state.
     (huggingface_hub reads HF_HUB_OFFLINE once, when first imported; ``local_files_only=True`` below
@@ -74,7 +74,7 @@ def resolve_hf_dir(path: Path):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is a directory without config.json; expected a Hugging Face model directory")
     try:
-        with _offline_and_quiet() as transformers, torch.random.fork_rng(devices=[]):
+        with offline_and_quiet() as transformers, torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # weights the checkpoint lacks (a pooler) initialise alike at build and compare
             config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
             model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True).eval()
@@ -98,7 +98,7 @@ def resolve_hf_dir(path: Path):
 def load_tokenizer(path: Path):
     """The tokenizer a local Hugging Face directory ships (offline), or a UsageError saying it has none."""
     try:
-        with _offline_and_quiet() as transformers:
+        with offline_and_quiet() as transformers:
             return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except UsageError:
         raise

@@ -1,0 +1,36 @@
+"""What a runtime needs to know about a decoder graph besides its tensors: the cache layout, the longest
+sequence it was built for and the special tokens. Written into the manifest by the build, read by the
+generation loop (standard library only)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderInfo:
+    family: str  # the transformers config's model_type
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_length: int  # the longest sequence (prompt + new tokens) the bundle is built for
+    bos: int | None = None
+    eos: tuple[int, ...] = ()
+    pad: int | None = None
+    sliding_window: int | None = None
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"eos": list(self.eos)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DecoderInfo:
+        return cls(**{**data, "eos": tuple(data.get("eos", ()))})
