@@ -22,10 +22,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
 
+from exporter.export import quiet_exporters, save_checked
 from exporter.hf import offline_and_quiet
 from exporter.resolved import ResolvedModel
 from foundation.decoder import DecoderInfo
@@ -55,7 +59,7 @@ class FlatCacheDecoder(torch.nn.Module):
         keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{keyword: cache})  # transformers 5 renamed past_key_values to cache
-        present = out.past_key_values
+        present = out.cache if hasattr(type(out), "cache") or "cache" in out else out.past_key_values
         return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
 
@@ -181,8 +185,9 @@ def decoder_spec(info: DecoderInfo, max_batch: int = 4) -> InputSpec:
     return InputSpec.parse(texts)
 
 
-def export_decoder(module: FlatCacheDecoder, info: DecoderInfo, path: Path, opset: int = 18) -> None:
-    """One graph for prefill and decode (module docstring), written to ``path`` (external data beside it)."""
+def export_decoder(module: FlatCacheDecoder, info: DecoderInfo, path: Path, opset: int = 18) -> bool:
+    """One graph for prefill and decode (module docstring), written to ``path`` with its weights inline, or
+    beside it as external data over 2 GB (returned: whether they are)."""
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     b, s, p = 2, 3, 5  # sizes above 1 and distinct, so the exporter specializes none of them
     example = (torch.randint(0, info.vocab, (b, s)), torch.ones(b, p + s, dtype=torch.int64),
@@ -191,10 +196,38 @@ def export_decoder(module: FlatCacheDecoder, info: DecoderInfo, path: Path, opse
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in info.past_names)}
     names_in = ["input_ids", "attention_mask", "position_ids", *info.past_names]
-    try:
-        torch.onnx.export(module, example, str(path), dynamo=True, input_names=names_in,
-                          output_names=["logits", *info.present_names], dynamic_shapes=shapes,
-                          opset_version=opset, optimize=True, external_data=True)
-    except Exception as exc:  # the exporter raises many types
-        raise ExportError(f"the dynamo exporter could not export the {info.family} decoder: "
-                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        try:
+            with quiet_exporters():
+                program = torch.onnx.export(module, example, dynamo=True, input_names=names_in,
+                                            output_names=["logits", *info.present_names], dynamic_shapes=shapes,
+                                            opset_version=opset, optimize=True)
+                program.save(str(raw), external_data=True)
+        except Exception as exc:  # the exporter raises many types
+            raise ExportError(f"the dynamo exporter could not export the {info.family} decoder: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        return save_checked(onnx.load(str(raw)), path)
+
+
+def parity_feeds(module: FlatCacheDecoder, info: DecoderInfo, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds for the parity check and golden.npz, whose dims hold ``total = past + seq``: a ``prefill`` of
+    two seeded prompts, and a ``decode`` of two more tokens for the first of them on the prefill's presents
+    (computed by PyTorch, so both runtimes read the same cache); batch, seq, past and total all differ
+    between the two, so the outputs' dims are told apart by how they move. No padding: a padded position's
+    logits are undefined (its query sees no key) and differ between runtimes; padded batches are checked by
+    generation against transformers."""
+    rng = np.random.default_rng(seed)
+    longest = max(2, min(8, info.max_length // 2))
+    ids = rng.integers(0, info.vocab, (2, longest))
+    mask = np.ones((2, longest), np.int64)
+    empty = np.zeros((2, info.kv_heads, 0, info.head_dim), np.float32)
+    prefill = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(np.cumsum(mask, 1) - 1, 0),
+               **{name: empty for name in info.past_names}}
+    with torch.no_grad():
+        outputs = module(*[torch.from_numpy(v) for v in prefill.values()])
+    decode = {"input_ids": rng.integers(0, info.vocab, (1, 2)), "attention_mask": np.ones((1, longest + 2), np.int64),
+              "position_ids": np.arange(longest, longest + 2)[None],
+              **{name: t[:1].numpy() for name, t in zip(info.past_names, outputs[1:])}}
+    return {"prefill": prefill, "decode": decode}

@@ -75,7 +75,7 @@ def _dynamo_shapes(module: torch.nn.Module, spec: InputSpec) -> dict | None:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporters():
     """The exporters print progress and warnings; their own logging shows only where every library's debug
     logging is on (the CLI's -vv); their stdout and warnings come back as planforge DEBUG lines (-v)."""
     out = io.StringIO()
@@ -98,7 +98,7 @@ def _quiet():
 
 
 def _export_dynamo(module, args, spec, output_names, path: Path, opset: int) -> None:
-    with _quiet():
+    with quiet_exporters():
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=spec.names, output_names=list(output_names),
             dynamic_shapes=_dynamo_shapes(module, spec), opset_version=opset,
@@ -108,7 +108,7 @@ def _export_dynamo(module, args, spec, output_names, path: Path, opset: int) -> 
 
 def _export_torchscript(module, args, spec, output_names, path: Path, opset: int) -> None:
     axes = {t.name: {i: d.name for i, d in enumerate(t.dims) if d.is_dynamic} for t in spec}
-    with _quiet():
+    with quiet_exporters():
         torch.onnx.export(
             module, args, str(path), dynamo=False, input_names=spec.names, output_names=list(output_names),
             dynamic_axes={k: v for k, v in axes.items() if v}, opset_version=opset,

@@ -69,14 +69,17 @@ def check_parity(
     rtol: float = 1e-3,
     seed: int = 0,
     points: tuple[str, ...] | None = None,
+    given: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> ParityReport:
-    """Run both at each shape point; raise ``ParityError`` naming the worst output when they differ."""
+    """Run both at each shape point (seeded random feeds from the spec), or on the ``given`` feeds per named
+    point (a decoder's prefill and decode step, whose dims depend on each other); raise ``ParityError``
+    naming the worst output when they differ."""
     session = create_session(onnx_path, optimize=True)
     names = [o.name for o in session.get_outputs()]
-    points = points or (("min", "max") if spec.is_dynamic else ("opt",))
+    points = tuple(given) if given else points or (("min", "max") if spec.is_dynamic else ("opt",))
     report = ParityReport(atol, rtol, {}, {})
     for i, point in enumerate(points):
-        feeds = spec.random_feeds(point, seed + i)
+        feeds = given[point] if given else spec.random_feeds(point, seed + i)
         expected = torch_outputs(module, feeds)
         actual = session.run(names, feeds)
         if len(expected) != len(actual):
@@ -88,7 +91,7 @@ def check_parity(
             logger.debug("parity %s %s: max_abs=%.3g max_rel=%.3g", point, name, err.max_abs, err.max_rel)
     if not report.ok:
         point, name, err = next((p, n, e) for p, errs in report.points.items() for n, e in errs.items() if not e.ok)
-        shapes = {k: list(v.shape) for k, v in spec.random_feeds(point, 0).items()}
+        shapes = {k: list(v.shape) for k, v in (given[point] if given else spec.random_feeds(point, 0)).items()}
         raise ParityError(
             f"ONNX Runtime differs from PyTorch on output {name!r} at the {point} shapes {shapes}: "
             f"max abs error {err.max_abs:.3g}, max rel error {err.max_rel:.3g}, "

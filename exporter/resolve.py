@@ -36,11 +36,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_ONNX_RANGE = (1, 4, 16)  # min, opt, max for a leading dynamic dim of a .onnx MODEL without --input
 
 
-def resolve(model: str, cache_dir: Path) -> ResolvedModel:
-    """Resolve ``model`` (see the module docstring); raise ``UsageError``/``ExportError`` with advice."""
+def resolve(model: str, cache_dir: Path, max_length: int | None = None) -> ResolvedModel:
+    """Resolve ``model`` (see the module docstring); raise ``UsageError``/``ExportError`` with advice.
+    ``max_length``: a decoder's longest sequence (prompt and new tokens) the bundle is built for."""
     path_part = model.rsplit(":", 1)[0] if model.count(":") == 1 and ".py:" in model else model
     if model.endswith(".onnx"):
         return _resolve_onnx(Path(model))
+    if model.endswith(".gguf") or Path(path_part).is_dir():
+        from exporter.decoder import is_decoder_source, resolve_decoder  # noqa: PLC0415 - transformers, optional
+
+        if model.endswith(".gguf") and not Path(model).is_file():
+            raise UsageError(f"GGUF file {model} does not exist")
+        if is_decoder_source(Path(path_part)):
+            return resolve_decoder(Path(path_part), cache_dir, max_length)
     if ".py:" in model or model.endswith(".py"):
         return _resolve_python(model)
     if Path(path_part).is_dir():

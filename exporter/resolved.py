@@ -14,7 +14,7 @@ from foundation.spec import InputSpec
 @dataclasses.dataclass
 class ResolvedModel:
     name: str
-    kind: str  # zoo | python | onnx | hf
+    kind: str  # zoo | python | onnx | hf | decoder
     source: str
     input_spec: InputSpec
     output_names: tuple[str, ...]

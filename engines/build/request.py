@@ -24,6 +24,7 @@ class ExportOptions:
     exporter: str = "auto"  # auto | dynamo | torchscript
     parity_atol: float = 1e-4
     parity_rtol: float = 1e-3
+    max_length: int | None = None  # a decoder's longest sequence, prompt and new tokens [2048, or the model's]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,8 @@ class BuildRequest:
                   "profiles": list(shapes.profiles), "profiles_auto": shapes.profiles_auto, "static": shapes.static,
                   "trt": self.trt.to_json(),
                   "planforge": __version__, "schema": SCHEMA_VERSION}
+        if export.max_length is not None:  # only decoders have it; every other key stays as it was
+            fields["max_length"] = export.max_length
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

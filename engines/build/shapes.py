@@ -34,7 +34,7 @@ def output_specs(model: onnx.ModelProto, spec: InputSpec | None = None, golden: 
 
 def _measured_shapes(spec: InputSpec, golden: dict) -> dict[str, tuple]:
     points = golden_points(golden)
-    sizes = {name: tuple(dim.at(p) for p in points) for name, dim in spec.symbols().items()}
+    sizes = _symbol_sizes(spec, golden, points)
     outputs = {k.split("/", 2)[2] for k in golden if "/out/" in k}
     shapes = {}
     for name in outputs:
@@ -51,6 +51,20 @@ def _measured_shapes(spec: InputSpec, golden: dict) -> dict[str, tuple]:
                 dims.append(matches[0] if len(matches) == 1 else None)  # two dims moving alike: ambiguous
         shapes[name] = tuple(dims)
     return shapes
+
+
+def _symbol_sizes(spec: InputSpec, golden: dict, points: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each symbolic dim's size at each golden point, read off the golden inputs that carry it (the points
+    may be the spec's min and max, or a decoder's prefill and decode step)."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    for tensor in spec:
+        arrays = [golden.get(golden_key(p, "in", tensor.name)) for p in points]
+        if any(a is None for a in arrays):
+            continue
+        for axis, dim in enumerate(tensor.dims):
+            if dim.name is not None and dim.name not in sizes:
+                sizes[dim.name] = tuple(int(np.shape(a)[axis]) for a in arrays)
+    return sizes
 
 
 SHAPE_OPERANDS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Resize": 3}

@@ -10,6 +10,8 @@ import filecmp
 import json
 import logging
 import platform
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +55,38 @@ ROLES = {"model.onnx": "exported", "model.trt.onnx": "trt-graph", "model.ort.onn
          "model.onnx.data": "external-data", "model.plan": "trt-plan", "model.layers.json": "trt-layers"}
 
 
+# A decoder's tokenizer, copied from the model directory: what `planforge generate` and a server read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
 def roles(root: Path) -> dict[str, str]:
-    return {p.name: ROLES.get(p.name, "other") for p in root.iterdir()}
+    return {p.name: ROLES.get(p.name, "tokenizer" if p.name in TOKENIZER_FILES else "other") for p in root.iterdir()}
+
+
+def tokenizer(root: Path, model: ResolvedModel) -> list[str]:
+    """A decoder's tokenizer files copied into the bundle (none for other models)."""
+    source = getattr(model.module, "tokenizer_dir", None) if model.kind == "decoder" else None
+    copied = []
+    for name in TOKENIZER_FILES if source else ():
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, root / name)
+            copied.append(name)
+    return copied
 
 
 def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec) -> tuple[ExportInfo, onnx.ModelProto]:
     """``model.onnx`` in ``root``: exported from PyTorch, or the .onnx MODEL checked and copied. Returns the
     export record and the graph as loaded (weights not needed: for shape checks)."""
     exported = root / "model.onnx"
+    if model.kind == "decoder":
+        from exporter.decoder import export_decoder  # noqa: PLC0415 - imports torch's exporter
+
+        start = time.perf_counter()
+        external = export_decoder(model.module, model.module.decoder_info, exported, request.export.opset)
+        info = ExportInfo("dynamo", None, request.export.opset, round(time.perf_counter() - start, 3), external,
+                          "pytorch")
+        return info, onnx.load(str(exported), load_external_data=False)
     if model.module is not None:
         from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
 
@@ -83,8 +109,14 @@ def reference(root: Path, request: BuildRequest, model: ResolvedModel, spec: Inp
     if model.module is not None:
         from exporter.parity import check_parity  # noqa: PLC0415 - imports torch
 
-        report = check_parity(model.module, root / "model.onnx", spec, request.export.parity_atol, request.export.parity_rtol,
-                              points=("opt",) if request.shapes.static else None)
+        given = None
+        if model.kind == "decoder":  # a prefill and a decode step: dims that depend on each other
+            from exporter.decoder import parity_feeds  # noqa: PLC0415 - imports torch
+
+            given = parity_feeds(model.module, model.module.decoder_info)
+        report = check_parity(model.module, root / "model.onnx", spec, request.export.parity_atol,
+                              request.export.parity_rtol, points=("opt",) if request.shapes.static else None,
+                              given=given)
         for point, errs in report.points.items():
             logger.info("parity at %s: %s", point, ", ".join(f"{n} max_abs={e.max_abs:.2g}" for n, e in errs.items()))
         golden, parity = report.golden, report.to_json()
@@ -289,7 +321,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None),
-        trt_check=compat)
+        trt_check=compat, decoder=model.module.decoder_info if model.kind == "decoder" else None)
 
 
 def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from engines.profiles import Profile
+from foundation.decoder import DecoderInfo
 from foundation.errors import BundleError
 from foundation.numerics import Budget
 from foundation.spec import InputSpec, OutputSpec
@@ -48,7 +49,7 @@ class ModelSource:
     """What the bundle was built from: a zoo name, a file.py:factory, an .onnx file or an HF directory."""
 
     name: str
-    kind: str  # zoo | python | onnx | hf
+    kind: str  # zoo | python | onnx | hf | decoder
     source: str  # an absolute path for files and directories (a zoo name otherwise)
     source_sha256: str
     task: str | None = None
@@ -254,6 +255,7 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     packed: dict | None = None  # ``planforge pack``: what it came from, runtime_only, what it left out
     trt_check: dict | None = None  # the TensorRT compatibility check of the trt graph (engines.trt_build.compat)
+    decoder: DecoderInfo | None = None  # a language-model decoder: cache layout, max length, special tokens
 
     @property
     def output_names(self) -> list[str]:
@@ -279,6 +281,7 @@ class Manifest:
             "artifacts": {name: a.to_json() for name, a in self.artifacts.items()},
             **({"packed": self.packed} if self.packed else {}),
             **({"trt_check": self.trt_check} if self.trt_check else {}),
+            **({"decoder": self.decoder.to_json()} if self.decoder else {}),
         }
 
     @classmethod
@@ -299,7 +302,8 @@ class Manifest:
                 backends=Backends.from_json(data["backends"]), environment=Environment.from_json(data["environment"]),
                 accuracy=Accuracy.from_json(data["accuracy"]), build_seconds=data.get("build_seconds") or {},
                 artifacts={n: Artifact(**_fields(Artifact, a)) for n, a in data["artifacts"].items()},
-                schema_version=SCHEMA_VERSION, packed=data.get("packed"), trt_check=data.get("trt_check"))
+                schema_version=SCHEMA_VERSION, packed=data.get("packed"), trt_check=data.get("trt_check"),
+                decoder=DecoderInfo.from_json(data["decoder"]) if data.get("decoder") else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"{where} is missing or has a malformed {exc!s}; rebuild the bundle") from exc
 

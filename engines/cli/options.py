@@ -48,7 +48,10 @@ export_options = option_group(
     click.Option(["--parity-atol"], type=float, default=1e-4, show_default=True,
                  help="Absolute tolerance of the PyTorch-vs-ONNX Runtime parity check."),
     click.Option(["--parity-rtol"], type=float, default=1e-3, show_default=True,
-                 help="Relative tolerance of the parity check."))
+                 help="Relative tolerance of the parity check."),
+    click.Option(["--max-length"], type=click.IntRange(2), metavar="TOKENS",
+                 help="Decoders: the longest sequence (prompt and new tokens) the bundle serves [2048, or less "
+                      "where the model's positions end]."))
 
 pass_options = option_group(
     "passes", PassOptions,

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from engines.runtime.base import Runner
-from foundation.errors import BundleError
+from engines.runtime.generate import Generator, Sampling
+from foundation.errors import BundleError, UsageError
 from foundation.ort_session import create_session
 from foundation.spec import InputSpec, OutputSpec
 
@@ -30,6 +31,23 @@ class OrtRunner(Runner):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._names, self.session.run(self._names, feeds)))
+
+    def generator(self) -> Generator:
+        """Text generation on this session, for a decoder bundle (``engines.runtime.generate``)."""
+        decoder = self.manifest.decoder if self.manifest is not None else None
+        if decoder is None:
+            raise UsageError(f"{self.bundle_path or 'this bundle'} is not a decoder bundle: generation needs one "
+                             "built from a Hugging Face *ForCausalLM directory or a .gguf file")
+        return Generator(self.session, decoder)
+
+    def generate(self, prompts, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 stop=()) -> list[list[int]]:
+        """The new token ids for each prompt (lists of token ids); see ``Generator.generate``."""
+        return self.generator().generate(prompts, max_new_tokens, sampling, stop)
+
+    def stream(self, prompts, max_new_tokens: int = 64, sampling: Sampling | None = None, stop=()):
+        """Each step's tokens as they are chosen; see ``Generator.stream``."""
+        return self.generator().stream(prompts, max_new_tokens, sampling, stop)
 
     def close(self) -> None:
         super().close()
