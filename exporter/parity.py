@@ -17,7 +17,7 @@ import torch
 
 from foundation.errors import ParityError
 from foundation.golden import golden_key
-from foundation.numerics import ArrayError, compare_arrays
+from foundation.numerics import ArrayError, compare_arrays, scaled_atol
 from foundation.ort_session import create_session
 from foundation.spec import InputSpec
 
@@ -70,10 +70,12 @@ def check_parity(
     seed: int = 0,
     points: tuple[str, ...] | None = None,
     given: dict[str, dict[str, np.ndarray]] | None = None,
+    scaled: bool = False,
 ) -> ParityReport:
     """Run both at each shape point (seeded random feeds from the spec), or on the ``given`` feeds per named
     point (a decoder's prefill and decode step, whose dims depend on each other); raise ``ParityError``
-    naming the worst output when they differ."""
+    naming the worst output when they differ. ``scaled``: ``atol`` is relative to each output's largest
+    magnitude (``foundation.numerics.scaled_atol``), for a language model's logits."""
     session = create_session(onnx_path, optimize=True)
     names = [o.name for o in session.get_outputs()]
     points = tuple(given) if given else points or (("min", "max") if spec.is_dynamic else ("opt",))
@@ -84,7 +86,8 @@ def check_parity(
         actual = session.run(names, feeds)
         if len(expected) != len(actual):
             raise ParityError(f"PyTorch returns {len(expected)} outputs, the ONNX graph {len(actual)} ({names})")
-        report.points[point] = {n: compare_arrays(a, e, atol, rtol) for n, a, e in zip(names, actual, expected)}
+        report.points[point] = {n: compare_arrays(a, e, scaled_atol(atol, e) if scaled else atol, rtol)
+                                for n, a, e in zip(names, actual, expected)}
         report.golden.update({golden_key(point, "in", k): v for k, v in feeds.items()})
         report.golden.update({golden_key(point, "out", n): e for n, e in zip(names, expected)})
         for name, err in report.points[point].items():
@@ -100,3 +103,4 @@ def check_parity(
             "if the error is expected"
         )
     return report
+

@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from foundation.errors import PassError
+from foundation.numerics import scaled_atol
 from passes.verify import run_graph, worst_difference
 
 logger = logging.getLogger(__name__)
@@ -143,10 +144,11 @@ def flatten(steps: Sequence[Step]) -> list[Pass]:
 
 
 class PassManager:
-    """Runs passes in order; checks ``requires``; optionally verifies numbers after each pass."""
+    """Runs passes in order; checks ``requires``; optionally verifies numbers after each pass (``scaled``:
+    the FP32 atol relative to each output's magnitude, ``foundation.numerics.scaled_atol``: a decoder's logits)."""
 
     def __init__(self, passes: Sequence[Step], verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
-                 atol: float = 1e-5, rtol: float = 1e-4, quiet: bool = False):
+                 atol: float = 1e-5, rtol: float = 1e-4, quiet: bool = False, scaled: bool = False):
         seen: set[type[Pass]] = set()
         for p in flatten(passes):
             missing = [r.__name__ for r in p.requires if r not in seen]
@@ -158,7 +160,7 @@ class PassManager:
             seen.add(type(p))
         self.passes = tuple(passes)
         self.verify_feeds = list(verify_feeds or [])
-        self.atol, self.rtol = atol, rtol
+        self.atol, self.rtol, self.scaled = atol, rtol, scaled
         self.quiet = quiet  # log every pass at DEBUG (for managers run many times, e.g. sensitivity analysis)
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PassRecord]]:
@@ -234,7 +236,8 @@ class PassManager:
                 actual = run_graph(checked, feeds)
             except Exception as exc:  # ORT raises its own types
                 raise PassError(f"after pass {p.name} the graph no longer runs under ONNX Runtime: {exc}") from exc
-            tolerances = p.budget(expected) or {n: (self.atol, self.rtol) for n in expected}
+            tolerances = p.budget(expected) or {
+                n: (scaled_atol(self.atol, e) if self.scaled else self.atol, self.rtol) for n, e in expected.items()}
             name, err = worst_difference(actual, expected, tolerances)
             if name is not None:
                 shapes = {key: list(v.shape) for key, v in feeds.items()}

