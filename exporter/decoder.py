@@ -51,15 +51,16 @@ class FlatCacheDecoder(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # transformers 5 renamed the forward's past_key_values to cache (the old name still works, with a warning)
+        self.cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache  # noqa: PLC0415 - optional extra, only for decoders
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
-        keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{keyword: cache})  # transformers 5 renamed past_key_values to cache
-        present = out.cache if hasattr(type(out), "cache") or "cache" in out else out.past_key_values
+                         use_cache=True, **{self.cache_keyword: cache})
+        present = out["cache"] if "cache" in out else out.past_key_values  # transformers 5's name, or 4's
         return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
 
