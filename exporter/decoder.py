@@ -93,12 +93,9 @@ def resolve_decoder(path: Path, cache_dir: Path, max_length: int | None = None) 
     directory = _gguf_as_directory(path, source_sha256, cache_dir) if path.suffix == ".gguf" else path
     model = load_causal_lm(directory)
     info = decoder_info(model.config, max_length)
-    module = FlatCacheDecoder(model).eval()
-    module.decoder_info = info
-    module.tokenizer_dir = directory
     outputs = ("logits", *info.present_names)
     return ResolvedModel(path.stem, "decoder", str(path.resolve()), decoder_spec(info), outputs, source_sha256,
-                         "generation", module)
+                         "generation", FlatCacheDecoder(model).eval(), decoder=info, tokenizer_dir=directory)
 
 
 def load_causal_lm(directory: Path) -> torch.nn.Module:

@@ -66,7 +66,7 @@ def roles(root: Path) -> dict[str, str]:
 
 def tokenizer(root: Path, model: ResolvedModel) -> list[str]:
     """A decoder's tokenizer files copied into the bundle (none for other models)."""
-    source = getattr(model.module, "tokenizer_dir", None) if model.kind == "decoder" else None
+    source = model.tokenizer_dir
     copied = []
     for name in TOKENIZER_FILES if source else ():
         if (Path(source) / name).is_file():
@@ -83,7 +83,7 @@ def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputS
         from exporter.decoder import export_decoder  # noqa: PLC0415 - imports torch's exporter
 
         start = time.perf_counter()
-        external = export_decoder(model.module, model.module.decoder_info, exported, request.export.opset)
+        external = export_decoder(model.module, model.decoder, exported, request.export.opset)
         info = ExportInfo("dynamo", None, request.export.opset, round(time.perf_counter() - start, 3), external,
                           "pytorch")
         return info, onnx.load(str(exported), load_external_data=False)
@@ -113,7 +113,7 @@ def reference(root: Path, request: BuildRequest, model: ResolvedModel, spec: Inp
         if model.kind == "decoder":  # a prefill and a decode step: dims that depend on each other
             from exporter.decoder import parity_feeds  # noqa: PLC0415 - imports torch
 
-            given = parity_feeds(model.module, model.module.decoder_info)
+            given = parity_feeds(model.module, model.decoder)
         report = check_parity(model.module, root / "model.onnx", spec, request.export.parity_atol,
                               request.export.parity_rtol, points=("opt",) if request.shapes.static else None,
                               given=given, scaled=given is not None)
@@ -323,7 +323,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None),
-        trt_check=compat, decoder=model.module.decoder_info if model.kind == "decoder" else None)
+        trt_check=compat, decoder=model.decoder)
 
 
 def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:
