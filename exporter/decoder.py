@@ -14,7 +14,7 @@ keeps its whole history (sliding-window layers are masked by the window, not tri
 all layers have one length, as one graph needs. A GGUF file loads through transformers (its
 dequantized weights, its tokenizer); the first load of a file is slow (a minute for Gemma 3 270M), so
 the model is kept, re-saved as safetensors with its tokenizer, in the cache directory under the file's
-sha256.
+sha256. Measurements behind these choices: docs/decisions/008-decoder-graph.md.
 """
 
 from __future__ import annotations
