@@ -19,7 +19,6 @@ sha256. Measurements behind these choices: docs/decisions/008-decoder-graph.md.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import tempfile
@@ -34,7 +33,7 @@ from exporter.hf import offline_and_quiet
 from exporter.resolved import ResolvedModel
 from foundation.decoder import DecoderInfo
 from foundation.errors import ExportError, UsageError
-from foundation.files import sha256_file
+from foundation.files import sha256_source
 from foundation.spec import InputSpec
 
 logger = logging.getLogger(__name__)
@@ -83,13 +82,7 @@ def is_decoder_source(path: Path) -> bool:
 def resolve_decoder(path: Path, cache_dir: Path, max_length: int | None = None) -> ResolvedModel:
     """A decoder source as a ``ResolvedModel`` whose module is a ``FlatCacheDecoder`` (module docstring)."""
     path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_file():
-        sha256_file(path, digest)
-    else:
-        for file in sorted(p for p in path.iterdir() if p.is_file()):
-            sha256_file(file, digest)
-    source_sha256 = digest.hexdigest()
+    source_sha256 = sha256_source(path)
     directory = _gguf_as_directory(path, source_sha256, cache_dir) if path.suffix == ".gguf" else path
     model = load_causal_lm(directory)
     info = decoder_info(model.config, max_length)

@@ -9,7 +9,6 @@ with ``local_files_only=True`` (safetensors, or torch checkpoints through transf
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from exporter.resolved import ResolvedModel
 from foundation.errors import ExportError, UsageError
-from foundation.files import sha256_file
+from foundation.files import sha256_source
 from foundation.spec import InputSpec
 
 OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -88,10 +87,7 @@ def resolve_hf_dir(path: Path):
         f"input_ids:int64:[batch=1..8@2,seq=1..{max_len}@16]:0..{vocab}",
         "attention_mask:int64:[batch,seq]:0..2",  # the valid range (the runtime checks it), as the zoo writes it
     ])
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
-        sha256_file(file, digest)
-    return ResolvedModel(path.name, "hf", str(path.resolve()), spec, ("last_hidden_state",), digest.hexdigest(),
+    return ResolvedModel(path.name, "hf", str(path.resolve()), spec, ("last_hidden_state",), sha256_source(path),
                          "embedding", EncoderOutputs(model).eval())
 
 

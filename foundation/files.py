@@ -19,6 +19,18 @@ def sha256_file(path: Path, digest=None):
     return digest
 
 
+def sha256_source(path: Path) -> str:
+    """The sha256 of a model source: a file's bytes, or a directory's files (not its subdirectories) in name
+    order, so a Hugging Face directory hashes the same wherever it lies."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        sha256_file(file, digest)
+    return digest.hexdigest()
+
+
 def write_atomic(path: Path, content: bytes) -> None:
     """``content`` at ``path`` via a temporary sibling and a rename: readers see the old file or the new."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
