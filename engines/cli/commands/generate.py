@@ -41,7 +41,7 @@ def generate(bundle, prompt, max_new_tokens, temperature, top_k, top_p, repetiti
         new: list[int] = []
         shown = ""
         for step in runner.stream([prompt_ids], max_new_tokens, sampling):
-            if step.finished[0]:
+            if not step.emitted[0]:
                 break
             new.append(int(step.tokens[0]))
             if tokenizer is not None and not as_json:

@@ -31,9 +31,11 @@ class GenerationError(RuntimeInputError):
 
 @dataclasses.dataclass
 class Step:
-    """What one step produced: the new token of every row, and which rows are finished after it."""
+    """What one step produced: the token of every row, which rows it extends (not finished before, not a stop
+    token: a stop token ends a row and is not part of its text), and which rows are finished after it."""
 
     tokens: np.ndarray  # [batch] int64
+    emitted: np.ndarray  # [batch] bool
     finished: np.ndarray  # [batch] bool
 
 
@@ -48,12 +50,9 @@ class Generator:
                  sampling: Sampling | None = None, stop: Sequence[int] = ()) -> list[list[int]]:
         """The new tokens of each prompt (a stop token ends a row and is not included)."""
         new: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
         for step in self.stream(prompts, max_new_tokens, sampling, stop):
-            for row, (token, finished) in enumerate(zip(step.tokens.tolist(), step.finished.tolist())):
-                if not done[row] and not (finished and self._is_stop(token, stop)):
-                    new[row].append(token)
-                done[row] = done[row] or finished
+            for row in np.flatnonzero(step.emitted):
+                new[row].append(int(step.tokens[row]))
         return new
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
@@ -72,9 +71,11 @@ class Generator:
         for _ in range(max_new_tokens):
             logits, pasts = self._run(feeds, pasts)
             tokens = next_tokens(logits, sampling, rng, history)
-            finished = finished | np.isin(tokens, [*self.info.eos, *stop])
+            stops = np.isin(tokens, [*self.info.eos, *stop])
+            emitted = ~finished & ~stops
+            finished = finished | stops
             history = [np.append(h, t) for h, t in zip(history, tokens)]
-            yield Step(tokens, finished.copy())
+            yield Step(tokens, emitted, finished.copy())
             if finished.all():
                 return
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
@@ -120,6 +121,3 @@ class Generator:
             ids[row, longest - len(prompt):] = np.asarray(prompt, np.int64)
             mask[row, longest - len(prompt):] = 1
         return ids, mask
-
-    def _is_stop(self, token: int, stop: Sequence[int]) -> bool:
-        return token in self.info.eos or token in stop
