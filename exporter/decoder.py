@@ -31,7 +31,7 @@ import torch
 from exporter.export import quiet_exporters, save_checked
 from exporter.hf import offline_and_quiet
 from exporter.resolved import ResolvedModel
-from foundation.decoder import DecoderInfo
+from foundation.decoder import DECODER_OPSET, DecoderInfo
 from foundation.errors import ExportError, UsageError
 from foundation.files import sha256_source
 from foundation.spec import InputSpec
@@ -176,7 +176,7 @@ def decoder_spec(info: DecoderInfo, max_batch: int = 4) -> InputSpec:
     return InputSpec.parse(texts)
 
 
-def export_decoder(module: FlatCacheDecoder, info: DecoderInfo, path: Path, opset: int = 18) -> bool:
+def export_decoder(module: FlatCacheDecoder, info: DecoderInfo, path: Path, opset: int = DECODER_OPSET) -> bool:
     """One graph for prefill and decode (module docstring), written to ``path`` with its weights inline, or
     beside it as external data over 2 GB (returned: whether they are)."""
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))

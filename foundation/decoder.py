@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# Decoders export at opset 23 or later: its Attention, RotaryEmbedding and RMSNormalization are what the
+# decoder fusions match and what TensorRT's parser reads (docs/decisions/008-decoder-graph.md).
+DECODER_OPSET = 23
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderInfo:
@@ -19,6 +23,9 @@ class DecoderInfo:
     eos: tuple[int, ...] = ()
     pad: int | None = None
     sliding_window: int | None = None
+    # How the graph keeps its cache: "grow" (present = past + new tokens, left padding) or "shared" (past and
+    # present one max-length buffer written in place, rows padded on the right: GroupQueryAttention).
+    cache: str = "grow"
 
     @property
     def past_names(self) -> list[str]:

@@ -20,6 +20,7 @@ from passes.fold_shapes import FoldShapes
 from passes.fuse_attention import FuseAttention
 from passes.fuse_conv_bn import FuseConvBatchNorm
 from passes.fuse_gelu import FuseGelu
+from passes.fuse_group_query_attention import FuseGroupQueryAttention
 from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_linear_affine import FuseLinearAffine
 from passes.fuse_matmul_add import FuseMatMulAdd
@@ -38,7 +39,7 @@ FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, Fus
 FUSE_TRT = FUSE_COMMON + (FuseStandardAttention,)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention,)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -103,6 +104,7 @@ __all__ = [
     "FuseAttention",
     "FuseConvBatchNorm",
     "FuseGelu",
+    "FuseGroupQueryAttention",
     "FuseLayerNorm",
     "FuseLinearAffine",
     "FuseMatMulAdd",

@@ -2,7 +2,9 @@
 the issue names: Gemma 3 (1 KV head, sliding-window layers), LLaMA and Qwen2 (grouped-query attention),
 GPT-2 (learned positions). One graph for prefill and decode; its logits against transformers' at the
 prefill and over 16 decode steps; greedy generation token-identical to transformers' ``generate`` on a
-left-padded batch of prompts; sampling reproducible by seed; bad requests refused with the reason."""
+padded batch of prompts; sampling reproducible by seed; bad requests refused with the reason. Generation
+runs on both cache forms: the export as it is (a growing cache, left padding) and after the ``ort`` passes
+(GroupQueryAttention over one shared buffer, right padding)."""
 
 from __future__ import annotations
 
@@ -14,56 +16,29 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from decoders import FAMILIES, VOCAB, exported, ort_pipeline, seeded  # noqa: E402
+
 from engines.runtime.generate import GenerationError, Generator, Sampling  # noqa: E402
-from exporter.decoder import FlatCacheDecoder, decoder_info, export_decoder  # noqa: E402
-
-VOCAB = 96
-
-
-def _gemma3():
-    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-        max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1))
-
-
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-
-
-def _qwen2():
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-
-
-def _gpt2():
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0))
-
-
-FAMILIES = {"gemma3_text": _gemma3, "llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def decoder(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = FAMILIES[request.param]().eval()
-    with torch.no_grad():  # norms away from 1 (or 0 for Gemma's 1 + w), so a wrong norm shows in the numbers
-        for name, p in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
-                p.normal_(0.0 if request.param == "gemma3_text" else 1.0, 0.3)
-    info = decoder_info(model.config, 64)
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    export_decoder(FlatCacheDecoder(model).eval(), info, path)
+    model = seeded(request.param)
+    info, path = exported(model, tmp_path_factory.mktemp(request.param))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return model, info, path, session
+
+
+@pytest.fixture(scope="module", params=["grow", "shared"])
+def generation(request, decoder, tmp_path_factory):
+    """(model, info, session) of the export as it is (a growing cache, left padding), or after the ``ort``
+    passes (GroupQueryAttention: one shared cache buffer, right padding)."""
+    model, info, path, session = decoder
+    if request.param == "grow":
+        return model, info, session
+    fused = tmp_path_factory.mktemp("fused") / "model.ort.onnx"
+    info, _, _ = ort_pipeline(model, info, path, fused)
+    return model, info, ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
 
 
 def _reference_logits(model, prompt: list[int], steps: int) -> tuple[list[np.ndarray], list[int]]:
@@ -109,8 +84,8 @@ def test_logits_match_transformers_at_prefill_and_over_16_decode_steps(decoder):
                  **{p: out[q] for p, q in zip(info.past_names, info.present_names)}}
 
 
-def test_greedy_generation_is_token_identical_to_transformers_on_a_left_padded_batch(decoder):
-    model, info, _, session = decoder
+def test_greedy_generation_is_token_identical_to_transformers_on_a_padded_batch(generation):
+    model, info, session = generation
     prompts = [[2, 11, 12, 13, 14, 15, 16, 17, 18], [2, 40, 41], [2, 70, 71, 72, 73, 74]]
     ours = Generator(session, info).generate(prompts, max_new_tokens=20)
     longest = max(map(len, prompts))
@@ -125,8 +100,8 @@ def test_greedy_generation_is_token_identical_to_transformers_on_a_left_padded_b
     assert alone[0] == ours[1]
 
 
-def test_sampling_is_reproducible_with_a_seed_and_follows_the_options(decoder):
-    _, info, _, session = decoder
+def test_sampling_is_reproducible_with_a_seed_and_follows_the_options(generation):
+    _, info, session = generation
     generator, prompt = Generator(session, info), [[2, 30, 31, 32]]
     sampled = Sampling(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7)
     first = generator.generate(prompt, max_new_tokens=12, sampling=sampled)
@@ -137,8 +112,8 @@ def test_sampling_is_reproducible_with_a_seed_and_follows_the_options(decoder):
     assert top1 == generator.generate(prompt, max_new_tokens=12)  # top-k 1 is greedy
 
 
-def test_streaming_yields_each_step_and_stops_at_a_stop_token(decoder):
-    _, info, _, session = decoder
+def test_streaming_yields_each_step_and_stops_at_a_stop_token(generation):
+    _, info, session = generation
     generator = Generator(session, info)
     greedy = generator.generate([[2, 5, 6]], max_new_tokens=8)[0]
     steps = list(generator.stream([[2, 5, 6]], max_new_tokens=8))
@@ -150,10 +125,10 @@ def test_streaming_yields_each_step_and_stops_at_a_stop_token(decoder):
 @pytest.mark.parametrize("prompts, max_new, message", [
     ([[]], 4, "prompt 0 is empty"),
     ([[2, VOCAB + 5]], 4, f"token id {VOCAB + 5}, outside the vocabulary 0..{VOCAB - 1}"),
-    ([[2] * 60], 10, "longer than the bundle's max length 64"),
+    ([[2] * 60], 10, "longer than the max length 64"),
     ([], 4, "no prompt given"),
 ])
-def test_bad_requests_are_refused_with_the_reason(decoder, prompts, max_new, message):
-    _, info, _, session = decoder
+def test_bad_requests_are_refused_with_the_reason(generation, prompts, max_new, message):
+    _, info, session = generation
     with pytest.raises(GenerationError, match=message):
         Generator(session, info).generate(prompts, max_new_tokens=max_new)

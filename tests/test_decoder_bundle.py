@@ -118,6 +118,6 @@ def test_what_decoders_cannot_do_yet_is_refused_in_one_line(llm, run_cli, tmp_pa
 
 def test_bad_generation_requests_exit_with_the_reason(bundle, run_cli, tmp_path):
     code, _, err = run_cli("generate", bundle, "1," + ",".join(["7"] * 70), "--ids")
-    assert code != 0 and "longer than the bundle's max length 64" in err
+    assert code != 0 and "longer than the max length 64" in err
     code, _, err = run_cli("generate", bundle, "1,x", "--ids")
     assert code == 2 and "expected token ids separated by commas" in err

@@ -38,6 +38,7 @@ from engines.bundle import (
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
 from engines.trt_build.cache import build_or_reuse
+from foundation.decoder import DECODER_OPSET, DecoderInfo
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import compare_arrays, graph_tolerance
 from foundation.spec import InputSpec
@@ -83,9 +84,12 @@ def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputS
         from exporter.decoder import export_decoder  # noqa: PLC0415 - imports torch's exporter
 
         start = time.perf_counter()
-        external = export_decoder(model.module, model.decoder, exported, request.export.opset)
-        info = ExportInfo("dynamo", None, request.export.opset, round(time.perf_counter() - start, 3), external,
-                          "pytorch")
+        opset = max(request.export.opset, DECODER_OPSET)
+        if opset != request.export.opset:
+            logger.info("decoder: exported at opset %d (Attention, RotaryEmbedding and RMSNormalization, what the "
+                        "decoder fusions and TensorRT read), not %d", opset, request.export.opset)
+        external = export_decoder(model.module, model.decoder, exported, opset)
+        info = ExportInfo("dynamo", None, opset, round(time.perf_counter() - start, 3), external, "pytorch")
         return info, onnx.load(str(exported), load_external_data=False)
     if model.module is not None:
         from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
@@ -323,7 +327,16 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None),
-        trt_check=compat, decoder=model.decoder)
+        trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"]))
+
+
+def decoder_cache(decoder: DecoderInfo | None, ort: TargetGraph) -> DecoderInfo | None:
+    """The decoder as the ONNX Runtime graph runs it: a shared past/present buffer with right padding once
+    GroupQueryAttention holds the cache (``passes/fuse_group_query_attention.py``), else a growing one."""
+    if decoder is None or not ort.records:
+        return decoder
+    fused = ort.records[-1]["nodes_after"].get("GroupQueryAttention", 0)
+    return dataclasses.replace(decoder, cache="shared" if fused else "grow")
 
 
 def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:

@@ -28,17 +28,22 @@ class OrtRunner(Runner):
             raise BundleError(f"ONNX Runtime cannot load {graph.name}: {str(exc).splitlines()[0][:300]}") from exc
         self.backend = "ort-cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "ort-cpu"
         self._names = [o.name for o in self.session.get_outputs()]
+        self._generator: Generator | None = None
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._names, self.session.run(self._names, feeds)))
 
-    def generator(self) -> Generator:
-        """Text generation on this session, for a decoder bundle (``engines.runtime.generate``)."""
+    def generator(self, max_length: int | None = None) -> Generator:
+        """Text generation on this session, for a decoder bundle (``engines.runtime.generate``). The same
+        generator, with its cache buffers, serves every later call (one generation at a time); ``max_length``
+        (default: the bundle's) sizes the cache."""
         decoder = self.manifest.decoder if self.manifest is not None else None
         if decoder is None:
             raise UsageError(f"{self.bundle_path or 'this bundle'} is not a decoder bundle: generation needs one "
                              "built from a Hugging Face *ForCausalLM directory or a .gguf file")
-        return Generator(self.session, decoder)
+        if self._generator is None or (max_length and max_length != self._generator.max_length):
+            self._generator = Generator(self.session, decoder, max_length)
+        return self._generator
 
     def generate(self, prompts, max_new_tokens: int = 64, sampling: Sampling | None = None,
                  stop=()) -> list[list[int]]:
@@ -51,4 +56,4 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         super().close()
-        self.session = None
+        self.session = self._generator = None

@@ -1,12 +1,22 @@
 """The generation loop over a decoder graph (``exporter.decoder``: one graph for prefill and decode).
 
-A batch of prompts is left-padded to one length (``attention_mask`` 0 at the pads, ``position_ids`` the
-running count of real tokens, as Hugging Face's ``generate`` does), run once as the prefill with empty
-pasts, then one token per step. The presents of each step go back in as the next step's pasts through
-ONNX Runtime's I/O binding: the cache stays in ONNX Runtime's own buffers as ``OrtValue``s, never copied
-to NumPy or back; only the logits of the last position are read. A row that emits a stop token (the
-bundle's end-of-sequence tokens, or ``stop``) is finished: it keeps running with the batch until every
-row is done or ``max_new_tokens`` is reached, and what it produces after its stop token is dropped.
+A batch of prompts is padded to one length, run once as the prefill, then one token per step; only the
+logits of each row's last position are read. How the cache travels depends on the graph
+(``DecoderInfo.cache``):
+
+- ``"grow"`` (the exported graph: present = past + this step): prompts are left-padded (``attention_mask``
+  0 at the pads, ``position_ids`` the running count of real tokens, as Hugging Face's ``generate`` does);
+  each step's presents go back in as the next step's pasts through ONNX Runtime's I/O binding, as
+  ``OrtValue``s that never travel through NumPy.
+- ``"shared"`` (GroupQueryAttention, ``passes/fuse_group_query_attention.py``): one
+  ``[batch, kv_heads, max_length, head_dim]`` buffer per past, allocated once per batch size and bound as
+  both the past input and the present output, so the op writes each step's keys and values in place: no
+  allocation and no copy of the cache per token. Rows are padded on the right; each row's length says
+  where its next token goes (``seqlens_k`` inside the graph, ``position_ids`` here).
+
+A row that emits a stop token (the bundle's end-of-sequence tokens, or ``stop``) is finished: it keeps
+running with the batch until every row is done or ``max_new_tokens`` is reached, and what it produces after
+its stop token is dropped.
 
 Bad requests raise ``GenerationError`` naming what was expected: an empty prompt, a token id outside the
 vocabulary, a prompt plus new tokens longer than the bundle's ``max_length``.
@@ -40,11 +50,14 @@ class Step:
 
 
 class Generator:
-    """Generation over one ONNX Runtime session of a decoder graph (module docstring)."""
+    """Generation over one ONNX Runtime session of a decoder graph (module docstring). ``max_length``: the
+    longest prompt plus new tokens, and the length of a shared cache (default: the bundle's)."""
 
-    def __init__(self, session: ort.InferenceSession, info: DecoderInfo):
+    def __init__(self, session: ort.InferenceSession, info: DecoderInfo, max_length: int | None = None):
         self.session, self.info = session, info
+        self.max_length = int(max_length or info.max_length)
         self._device = "cpu"
+        self._buffers: dict[int, dict[str, ort.OrtValue]] = {}  # a shared cache per batch size, made once
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling | None = None, stop: Sequence[int] = ()) -> list[list[int]]:
@@ -59,17 +72,26 @@ class Generator:
                sampling: Sampling | None = None, stop: Sequence[int] = ()) -> Iterator[Step]:
         """Yields each step's tokens as soon as they are chosen (a streaming client prints them)."""
         sampling = sampling or Sampling()
-        ids, mask = self._left_padded(prompts, max_new_tokens)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        self._check(prompts, max_new_tokens)
+        shared = self.info.cache == "shared"
+        ids, mask = self._padded(prompts, right=shared)
         batch = ids.shape[0]
-        empty = np.zeros((batch, self.info.kv_heads, 0, self.info.head_dim), np.float32)
-        pasts = {name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.info.past_names}
+        lengths = mask.sum(axis=1)
+        if shared:
+            pasts = self.shared_cache(batch)
+            positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+            read = lengths - 1  # each row's last real position in the prefill's logits
+        else:
+            empty = np.zeros((batch, self.info.kv_heads, 0, self.info.head_dim), np.float32)
+            pasts = {name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.info.past_names}
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            read = np.full(batch, ids.shape[1] - 1)
         history = [np.asarray(p, np.int64) for p in prompts]
         finished = np.zeros(batch, dtype=bool)
         rng = sampling.rng()
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         for _ in range(max_new_tokens):
-            logits, pasts = self._run(feeds, pasts)
+            logits, pasts = self._run(feeds, pasts, read, shared)
             tokens = next_tokens(logits, sampling, rng, history)
             stops = np.isin(tokens, [*self.info.eos, *stop])
             emitted = ~finished & ~stops
@@ -78,31 +100,49 @@ class Generator:
             yield Step(tokens, emitted, finished.copy())
             if finished.all():
                 return
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {"input_ids": tokens[:, None], "attention_mask": mask,
-                     "position_ids": feeds["position_ids"][:, -1:] + 1}
+            if shared:  # the new token goes at each row's length; the mask covers what each row holds
+                positions = lengths[:, None].astype(np.int64)
+                lengths = lengths + 1
+                mask = (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
+            else:
+                positions = feeds["position_ids"][:, -1:] + 1
+                mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
+            read = np.zeros(batch, dtype=np.int64)
 
-    def _run(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue]):
-        """One call: the last position's logits as NumPy, the presents as OrtValues keyed by the past names."""
+    def shared_cache(self, batch: int) -> dict[str, ort.OrtValue]:
+        """The max-length past/present buffers for ``batch`` rows, allocated on first use and reused by every
+        later generation of that batch size (what a row held before is never read: the lengths say)."""
+        if batch not in self._buffers:
+            shape = (batch, self.info.kv_heads, self.max_length, self.info.head_dim)
+            self._buffers[batch] = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                                    for name in self.info.past_names}
+        return self._buffers[batch]
+
+    def _run(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue], read: np.ndarray, shared: bool):
+        """One call: the logits at each row's ``read`` position as NumPy, and the caches for the next step (the
+        same buffers when shared, else the presents as OrtValues keyed by the past names)."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in pasts.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self._device)
-        for name in self.info.present_names:
-            binding.bind_output(name, self._device)
+        for past, present in zip(self.info.past_names, self.info.present_names):
+            if shared:
+                binding.bind_ortvalue_output(present, pasts[past])
+            else:
+                binding.bind_output(present, self._device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound
-        logits = outputs[0].numpy()[:, -1, :]
-        return logits, dict(zip(self.info.past_names, outputs[1:]))
+        logits = outputs[0].numpy()[np.arange(len(read)), read, :]
+        return logits, (pasts if shared else dict(zip(self.info.past_names, outputs[1:])))
 
-    def _left_padded(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts:
             raise GenerationError("no prompt given: expected at least one sequence of token ids")
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens is {max_new_tokens}: expected at least 1")
-        longest = max(len(p) for p in prompts)
         for k, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise GenerationError(f"prompt {k} is empty: expected at least one token (a BOS token at least)")
@@ -110,14 +150,19 @@ class Generator:
             if bad:
                 raise GenerationError(f"prompt {k} holds token id {bad[0]}, outside the vocabulary "
                                       f"0..{self.info.vocab - 1}")
-        if longest + max_new_tokens > self.info.max_length:
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_length:
             raise GenerationError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens is longer than the "
-                                  f"bundle's max length {self.info.max_length}: shorten the prompt, ask for fewer "
-                                  "tokens, or rebuild with a larger --max-length")
+                                  f"max length {self.max_length}: shorten the prompt, ask for fewer tokens, or "
+                                  "rebuild with a larger --max-length")
+
+    def _padded(self, prompts: Sequence[Sequence[int]], right: bool) -> tuple[np.ndarray, np.ndarray]:
+        longest = max(len(p) for p in prompts)
         pad = self.info.pad if self.info.pad is not None else 0
         ids = np.full((len(prompts), longest), pad, np.int64)
         mask = np.zeros((len(prompts), longest), np.int64)
         for row, prompt in enumerate(prompts):
-            ids[row, longest - len(prompt):] = np.asarray(prompt, np.int64)
-            mask[row, longest - len(prompt):] = 1
+            where = slice(0, len(prompt)) if right else slice(longest - len(prompt), longest)
+            ids[row, where] = np.asarray(prompt, np.int64)
+            mask[row, where] = 1
         return ids, mask

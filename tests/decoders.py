@@ -1,0 +1,76 @@
+"""Seeded small decoders of the families the decoder work supports (Gemma 3 with 1 KV head and
+sliding-window layers, LLaMA and Qwen2 with grouped-query attention, GPT-2 with learned positions), their
+export, and the ONNX Runtime pass pipeline over it: what the decoder tests share."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import torch
+import transformers
+
+from exporter.decoder import FlatCacheDecoder, decoder_info, export_decoder, parity_feeds
+from passes import PassManager, pipeline
+
+VOCAB = 96
+
+
+def _gemma3():
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1))
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
+def _gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0))
+
+
+FAMILIES = {"gemma3_text": _gemma3, "llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
+
+
+def seeded(family: str) -> torch.nn.Module:
+    """The family's small model, seeded, with norms away from 1 (or 0 for Gemma's 1 + w), so a wrong norm
+    shows in the numbers."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.normal_(0.0 if family == "gemma3_text" else 1.0, 0.3)
+    return model
+
+
+def exported(model: torch.nn.Module, directory, max_length: int = 64):
+    """(DecoderInfo, model.onnx path) of the one-graph export."""
+    info = decoder_info(model.config, max_length)
+    path = directory / "model.onnx"
+    export_decoder(FlatCacheDecoder(model).eval(), info, path)
+    return info, path
+
+
+def ort_pipeline(model: torch.nn.Module, info, path, out):
+    """The ``ort`` FP32 pass pipeline over the export, verified after every pass on the build's parity feeds
+    (a prefill and a decode step); returns (DecoderInfo for the shared cache, the graph, the pass records)."""
+    feeds = list(parity_feeds(FlatCacheDecoder(model).eval(), info).values())
+    graph, records = PassManager(pipeline("ort", "fp32"), verify_feeds=feeds, scaled=True).run(onnx.load(str(path)))
+    onnx.save(graph, str(out))
+    return dataclasses.replace(info, cache="shared"), graph, records
