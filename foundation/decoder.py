@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from foundation.errors import UsageError
+
 # Decoders export at opset 23 or later: its Attention, RotaryEmbedding and RMSNormalization are what the
 # decoder fusions match and what TensorRT's parser reads (docs/decisions/008-decoder-graph.md).
 DECODER_OPSET = 23
@@ -41,3 +43,38 @@ class DecoderInfo:
     @classmethod
     def from_json(cls, data: dict) -> DecoderInfo:
         return cls(**{**data, "eos": tuple(data.get("eos", ()))})
+
+
+DECODER_BUDGET_METRICS = ("perplexity", "agreement")
+DEFAULT_DECODER_BUDGET = "perplexity=0.02"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderBudget:
+    """A decoder's accuracy budget against its float graph on held-out text: ``perplexity=R`` (perplexity at
+    most ``1 + R`` times the float graph's) or ``agreement=A`` (the next-token first choice equal to the
+    float graph's at a fraction ``A`` of the positions, at least)."""
+
+    metric: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str | None) -> DecoderBudget:
+        text = text or DEFAULT_DECODER_BUDGET
+        metric, _, value = text.partition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = None
+        if metric not in DECODER_BUDGET_METRICS or threshold is None or threshold < 0:
+            raise UsageError(f"decoder budget {text!r}: expected perplexity=R (at most 1 + R times the float "
+                             "model's perplexity, e.g. perplexity=0.02) or agreement=A (e.g. agreement=0.95)")
+        return cls(metric, threshold)
+
+    def met(self, perplexity: float, agreement: float, reference_perplexity: float) -> bool:
+        if self.metric == "perplexity":
+            return perplexity <= reference_perplexity * (1 + self.threshold)
+        return agreement >= self.threshold
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.threshold:g}"

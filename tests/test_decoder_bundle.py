@@ -107,8 +107,42 @@ def test_compare_passes_on_the_decoder_bundle(bundle, tmp_path):
     assert {p.runner for p in result.pairs} >= {"onnxruntime model.ort.onnx", "planforge ort-cpu"}
 
 
+@pytest.fixture(scope="module")
+def int4_bundle(llm):
+    from engines.cli import main
+
+    root, _, _ = llm
+    out = root / "bundle-int4"
+    assert main(["build", str(root / "tiny-llama"), "-o", str(out), "--max-length", "64", "--precision", "int4",
+                 "-q"]) == 0
+    return out
+
+
+def test_an_int4_bundle_holds_4_bit_weights_within_its_perplexity_budget(int4_bundle):
+    import onnx
+
+    from engines.runtime.generate.perplexity import evaluation_ids, score
+    from engines.runtime.generate.text import Tokenizer
+
+    manifest = read_manifest(int4_bundle)
+    report = manifest.accuracy.int4["ort"]
+    assert manifest.precision == "int4" and manifest.backends.ort.precision == "int4"
+    assert report.budget == "perplexity=0.02" and report.tries[-1]["met"] or any(t["met"] for t in report.tries)
+    assert report.result["perplexity"] <= report.reference["perplexity"] * 1.02
+    graph = onnx.load(str(int4_bundle / manifest.backends.ort.graph))
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert bits.count(4) == report.int4 and bits.count(8) == len(report.int8) and bits
+    assert not [n for n in graph.graph.node if n.op_type == "MatMul"]
+    with load(int4_bundle) as runner:  # the recorded perplexity is the bundle's, scored again here
+        ids = evaluation_ids(Tokenizer(int4_bundle).encode, manifest.decoder.bos, report.result["tokens"])
+        again, _ = score(runner.generator(), ids)
+        assert again.perplexity == pytest.approx(report.result["perplexity"], rel=1e-4)
+        assert len(runner.generate([[1, 5, 6, 7]], max_new_tokens=6)[0]) <= 6
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--precision", "int8"], "--precision int8 is not available for decoders yet"),
+    (["--precision", "int8"], "--precision int8 is not available for decoders"),
+    (["--precision", "int4", "--budget", "top1=0.9"], "decoder budget 'top1=0.9': expected perplexity=R"),
 ])
 def test_what_decoders_cannot_do_yet_is_refused_in_one_line(llm, run_cli, tmp_path, args, message):
     root, _, _ = llm

@@ -16,11 +16,13 @@ from typing import Callable
 import onnx
 
 from engines.build import stages
+from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
 from engines.build.request import PRECISIONS, BuildRequest, BuildResult, default_out
 from engines.build.shapes import check_profiles, with_shape_values
 from engines.bundle import MANIFEST, Manifest, StagedBundle, read_manifest
 from engines.profiles import Profile, envelope, profiles_for
+from foundation.decoder import DecoderBudget
 from foundation.errors import BuildError, BundleError, UsageError
 from foundation.spec import InputSpec
 from passes import TARGETS
@@ -39,8 +41,11 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     on_stage("resolve")
     model = resolve(request.model, request.build_root / ".cache", request.export.max_length)
     if model.kind == "decoder" and request.precision == "int8":
-        raise UsageError("--precision int8 is not available for decoders yet: build fp32 (fp16 for TensorRT); "
-                         "4-bit weights are the decoder form to come")
+        raise UsageError("--precision int8 is not available for decoders: build int4 (4-bit weights, 8 where the "
+                         "budget needs them), fp32, or fp16 for TensorRT")
+    if model.kind != "decoder" and request.precision == "int4":
+        raise UsageError(f"--precision int4 (4-bit weights) is for language-model decoders; {request.model} is a "
+                         f"{model.kind} model: build int8, fp16 or fp32")
     spec = model.input_spec.override(request.inputs)
     check_assumed(spec, request.model)
     profiles = [] if request.shapes.static else profiles_for(spec, request.shapes.profiles, request.shapes.profiles_auto)
@@ -127,15 +132,17 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     if request.shapes.static:
 
         frozen, spec = [FreezeInputShapes(spec.shapes("opt"))], spec.frozen("opt")
-    int8 = None
+    int8 = int4 = None
     if request.precision == "int8":
         graph = stages.int8_opset(graph, golden)
         int8 = Int8Stage(root, request.int8, model, spec, calib_cache)
-    graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder")
-              for t in TARGETS}
+    if request.precision == "int4":
+        int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
+    graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder",
+                                 int4) for t in TARGETS}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env, golden, ort_graph, compat)
+                           trt_env, golden, ort_graph, compat, int4)

@@ -13,7 +13,7 @@ from engines.bundle import SCHEMA_VERSION, Manifest
 from engines.trt_build.builder import TrtOptions
 from foundation.spec import InputSpec
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,5 +108,9 @@ def default_out(name: str, precision: str, root: Path = Path("build")) -> Path:
 
 
 def target_precisions(precision: str) -> dict[str, str]:
-    """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels)."""
+    """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels). 4-bit
+    weights (a decoder's) are ONNX Runtime's MatMulNBits; the TensorRT graph stays FP32 until its blocked
+    DequantizeLinear form lands."""
+    if precision == "int4":
+        return {"trt": "fp32", "ort": "int4"}
     return {"trt": precision, "ort": "fp32" if precision == "fp16" else precision}

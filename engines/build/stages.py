@@ -19,6 +19,7 @@ import onnx
 import onnxruntime
 
 from engines import __version__
+from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
 from engines.build.request import BuildRequest, target_precisions
 from engines.build.shapes import output_specs
@@ -212,17 +213,23 @@ class TargetGraph:
 
 
 def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelProto, frozen: list, golden: dict,
-             int8: Int8Stage | None, on_stage, scaled: bool = False) -> TargetGraph:
-    """``model.<target>.onnx``: the target's passes (verified after each), then INT8 when asked."""
+             int8: Int8Stage | None, on_stage, scaled: bool = False, int4: Int4Stage | None = None) -> TargetGraph:
+    """``model.<target>.onnx``: the target's passes (verified after each), then INT8 or 4-bit weights when
+    asked."""
     precision = target_precisions(request.precision)[target]
     on_stage(f"passes ({target})")
-    steps = frozen + pipeline(target, "fp32" if int8 else precision, skip=request.passes.skip_passes, keep=request.passes.keep_fp32)
+    floating = int8 or precision == "int4"
+    steps = frozen + pipeline(target, "fp32" if floating else precision, skip=request.passes.skip_passes,
+                              keep=request.passes.keep_fp32)
     verify = golden_feeds(golden) if request.passes.verify_passes else []
     optimized, records = PassManager(steps, verify_feeds=verify, scaled=scaled).run(graph)
     if int8 is not None:
         on_stage(f"int8 ({target})")
         optimized = int8.quantize(target, optimized)
         precision = int8.precision(target)
+    if int4 is not None and precision == "int4":
+        on_stage(f"int4 ({target})")
+        optimized = int4.quantize(optimized)
     name = f"model.{target}.onnx"
     onnx.save_model(optimized, str(root / name))
     fp32_nodes = []
@@ -310,7 +317,7 @@ def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: 
 def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
              int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None,
-             ort_graph: str = "model.ort.onnx", compat: dict | None = None) -> Manifest:
+             ort_graph: str = "model.ort.onnx", compat: dict | None = None, int4: Int4Stage | None = None) -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
@@ -326,7 +333,8 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         environment=environment(trt_env, trt_backend.skipped, request.trt.hardware_compatibility),
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
-                          {t: r.report() for t, r in int8.results.items()} if int8 else None),
+                          {t: r.report() for t, r in int8.results.items()} if int8 else None,
+                          {"ort": int4.report} if int4 is not None and int4.report else None),
         trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"]))
 
 

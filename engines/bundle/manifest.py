@@ -215,21 +215,47 @@ class Int8Report:
 
 
 @dataclasses.dataclass(frozen=True)
+class Int4Report:
+    """How a decoder's 4-bit weights met their budget (``engines/build/int4.py``): the float graph's and the
+    result's perplexity and agreement on the held-out text, which MatMuls went to 8 bits, every try."""
+
+    budget: str
+    block_size: int
+    accuracy_level: int
+    reference: dict  # Score of the float graph: perplexity, agreement, tokens, text
+    result: dict  # Score of the chosen graph
+    int4: int  # MatMuls at 4 bits
+    int8: tuple[str, ...]  # MatMuls at 8 bits, the budget's choice
+    tries: tuple[dict, ...]  # {"int8": n, "perplexity", "agreement", "met"} in the order tried
+    seconds: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"int8": list(self.int8), "tries": list(self.tries)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Int4Report:
+        return cls(**{**data, "int8": tuple(data.get("int8", ())), "tries": tuple(data.get("tries", ()))})
+
+
+@dataclasses.dataclass(frozen=True)
 class Accuracy:
     parity_ok: bool | None
     parity_worst: dict | None  # per output max abs / rel error against PyTorch
     graphs: dict[str, dict]  # optimized graph -> per output max abs error against the reference
     int8: dict[str, Int8Report] | None = None  # per target
+    int4: dict[str, Int4Report] | None = None  # per target (a decoder's 4-bit weights)
 
     def to_json(self) -> dict:
         return {"parity_ok": self.parity_ok, "parity_worst": self.parity_worst, "graphs": self.graphs,
-                "int8": {t: r.to_json() for t, r in self.int8.items()} if self.int8 is not None else None}
+                "int8": {t: r.to_json() for t, r in self.int8.items()} if self.int8 is not None else None,
+                **({"int4": {t: r.to_json() for t, r in self.int4.items()}} if self.int4 else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Accuracy:
-        int8 = data.get("int8")
+        int8, int4 = data.get("int8"), data.get("int4")
         return cls(data.get("parity_ok"), data.get("parity_worst"), data.get("graphs", {}),
-                   {t: Int8Report.from_json(r) for t, r in int8.items()} if int8 is not None else None)
+                   {t: Int8Report.from_json(r) for t, r in int8.items()} if int8 is not None else None,
+                   {t: Int4Report.from_json(r) for t, r in int4.items()} if int4 else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,8 +23,9 @@ from engines.cli.options import (
 @click.argument("model")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Bundle directory [build/<model>[-<precision>]].")
 @input_option
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="fp16: the TensorRT graph in FP16 (the CPU fallback stays FP32); int8: both graphs with Q/DQ.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default="fp32", show_default=True,
+              help="fp16: the TensorRT graph in FP16 (the CPU fallback stays FP32); int8: both graphs with Q/DQ; "
+                   "int4: a decoder's weights in 4 bits (8 where its --budget needs them).")
 @click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
 @export_options
 @pass_options

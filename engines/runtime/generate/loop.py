@@ -110,6 +110,32 @@ class Generator:
             feeds = {"input_ids": tokens[:, None], "attention_mask": mask, "position_ids": positions}
             read = np.zeros(batch, dtype=np.int64)
 
+    def score(self, ids: Sequence[int], chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced scoring of one token sequence: for each position but the last, the log-probability
+        of the next token and the token the model ranks first, run ``chunk`` tokens per call over the cache
+        (perplexity = exp(-mean(log-probabilities)); agreement between two graphs = equal first choices)."""
+        ids = np.asarray(ids, np.int64)
+        self._check([ids[:-1].tolist()], 1)  # the last token is only a target
+        shared = self.info.cache == "shared"
+        if shared:
+            pasts = self.shared_cache(1)
+        else:
+            empty = np.zeros((1, self.info.kv_heads, 0, self.info.head_dim), np.float32)
+            pasts = {name: ort.OrtValue.ortvalue_from_numpy(empty) for name in self.info.past_names}
+        logprobs, best = [], []
+        for start in range(0, len(ids) - 1, chunk):
+            piece = ids[start:min(start + chunk, len(ids) - 1)]
+            feeds = {"input_ids": piece[None], "attention_mask": np.ones((1, start + len(piece)), np.int64),
+                     "position_ids": np.arange(start, start + len(piece), dtype=np.int64)[None]}
+            logits, pasts = self._run(feeds, pasts, None, shared)
+            logits = logits[0].astype(np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+            target = ids[start + 1:start + 1 + len(piece)]
+            logprobs.append(logits[np.arange(len(piece)), target] - norm)
+            best.append(logits.argmax(axis=-1))
+        return np.concatenate(logprobs), np.concatenate(best)
+
     def shared_cache(self, batch: int) -> dict[str, ort.OrtValue]:
         """The max-length past/present buffers for ``batch`` rows, allocated on first use and reused by every
         later generation of that batch size (what a row held before is never read: the lengths say)."""
@@ -119,9 +145,10 @@ class Generator:
                                     for name in self.info.past_names}
         return self._buffers[batch]
 
-    def _run(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue], read: np.ndarray, shared: bool):
-        """One call: the logits at each row's ``read`` position as NumPy, and the caches for the next step (the
-        same buffers when shared, else the presents as OrtValues keyed by the past names)."""
+    def _run(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue], read: np.ndarray | None,
+             shared: bool):
+        """One call: the logits at each row's ``read`` position (None: every position) as NumPy, and the caches
+        for the next step (the same buffers when shared, else the presents as OrtValues keyed by past name)."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -135,7 +162,8 @@ class Generator:
                 binding.bind_output(present, self._device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound
-        logits = outputs[0].numpy()[np.arange(len(read)), read, :]
+        logits = outputs[0].numpy()
+        logits = logits if read is None else logits[np.arange(len(read)), read, :]
         return logits, (pasts if shared else dict(zip(self.info.past_names, outputs[1:])))
 
     def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:

@@ -1,0 +1,108 @@
+"""A decoder's 4-bit weights under an accuracy budget (``--precision int4``).
+
+The ONNX Runtime graph's MatMuls become 4-bit ``MatMulNBits`` (``passes/quantize_weights_nbits.py``);
+the float graph and each candidate are scored on held-out text (``engines.runtime.generate.perplexity``:
+perplexity, and agreement of the next-token first choice with the float graph). When 4 bits everywhere
+break the budget, the MatMuls 4 bits hold worst -- the largest relative weight error, which is where a
+weight carries more than 16 levels per block, as a GGUF's 5-, 6- and 8-bit tensors do -- move to 8 bits:
+the smallest such prefix that meets the budget, found by bisection over the ordered list (a handful of
+scored tries; each weight is quantized once per bit width and reused). When even 8 bits everywhere
+break it, the build stops and says so. Block size and accuracy level: measured on this CPU
+(docs/decisions/009-int4-weights.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from engines.bundle.manifest import Int4Report
+from engines.runtime.generate import Generator
+from engines.runtime.generate.perplexity import DEFAULT_TOKENS, Score, evaluation_ids, score
+from engines.runtime.generate.text import Tokenizer
+from foundation.decoder import DecoderBudget, DecoderInfo
+from foundation.errors import BuildError
+from foundation.ort_session import create_session
+from passes import InferShapes, PassManager
+from passes.quantize_weights_nbits import QuantizeWeightsNBits
+
+logger = logging.getLogger(__name__)
+
+BLOCK_SIZE = 32  # docs/decisions/009-int4-weights.md
+ACCURACY_LEVEL = 4  # int8 activations: the integer dot-product units; measured faster at equal perplexity
+
+
+@dataclasses.dataclass
+class Int4Stage:
+    """Quantizes the ``ort`` graph of a decoder to 4-bit weights within ``budget`` (module docstring)."""
+
+    root: Path
+    info: DecoderInfo
+    tokenizer_dir: Path
+    budget: DecoderBudget
+    tokens: int = DEFAULT_TOKENS
+    threads: int | None = None
+    report: Int4Report | None = None
+
+    def quantize(self, graph: onnx.ModelProto) -> onnx.ModelProto:
+        start = time.perf_counter()
+        ids = evaluation_ids(Tokenizer(self.tokenizer_dir).encode, self.info.bos, min(self.tokens, self.info.max_length))
+        if len(ids) < 16:
+            raise BuildError(f"the held-out text gave {len(ids)} tokens with this tokenizer: too few to score")
+        reference, choices = self._score(graph, ids)
+        logger.info("int4: the float graph's perplexity %.3f on %d tokens of %s", reference.perplexity,
+                    reference.tokens, reference.text)
+        memo: dict = {}
+        tries: list[dict] = []
+
+        def attempt(eight: tuple[str, ...]):
+            candidate, stats = self._candidate(graph, eight, memo)
+            result, _ = self._score(candidate, ids, choices)
+            met = self.budget.met(result.perplexity, result.agreement, reference.perplexity)
+            tries.append({"int8": len(eight), "perplexity": round(result.perplexity, 4),
+                          "agreement": round(result.agreement, 4), "met": met})
+            logger.info("int4: %d MatMuls at 8 bits: perplexity %.3f, agreement %.3f -> %s", len(eight),
+                        result.perplexity, result.agreement, "within" if met else "outside")
+            return candidate, stats, result, met
+
+        candidate, stats, result, met = attempt(())
+        chosen: tuple[str, ...] = ()
+        if not met:
+            order = tuple(sorted(stats["relative_error"], key=lambda n: -stats["relative_error"][n]))
+            best = attempt(order)
+            if not best[3]:
+                raise BuildError(f"4-bit weights break the budget {self.budget} even with every MatMul at 8 bits "
+                                 f"(perplexity {best[2].perplexity:.3f} against the float graph's "
+                                 f"{reference.perplexity:.3f}): loosen --budget, or build fp32")
+            low, high = 0, len(order)  # low fails, high meets
+            while high - low > 1:
+                middle = (low + high) // 2
+                found = attempt(order[:middle])
+                if found[3]:
+                    high, best = middle, found
+                else:
+                    low = middle
+            candidate, stats, result, _ = best
+            chosen = order[:high]
+        self.report = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(), result.to_json(),
+                                 stats["int4"], chosen, tuple(tries), round(time.perf_counter() - start, 1))
+        logger.info("int4: %d MatMuls at 4 bits, %d at 8; perplexity %.3f (float %.3f), agreement %.3f",
+                    stats["int4"], len(chosen), result.perplexity, reference.perplexity, result.agreement)
+        return candidate
+
+    def _candidate(self, graph: onnx.ModelProto, eight: tuple[str, ...], memo: dict):
+        passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, eight_bit=eight, memo=memo)]
+        quantized, records = PassManager(passes, quiet=True).run(graph)
+        return quantized, records[-1].stats
+
+    def _score(self, graph: onnx.ModelProto, ids: list[int], choices=None) -> tuple[Score, object]:
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".int4-") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            onnx.save_model(graph, str(path), save_as_external_data=graph.ByteSize() > 1_800_000_000)
+            session = create_session(path, self.threads)
+            return score(Generator(session, self.info), ids, choices)

@@ -1,0 +1,193 @@
+"""Weight-only 4-bit (and 8-bit) quantization of MatMul weights for ONNX Runtime (``--precision int4``).
+
+Every ``MatMul(A, W)`` whose ``W`` is a constant ``[K, N]`` (or the ``Transpose`` of one: a tied LM head,
+``logits = h . E^T``) becomes ``com.microsoft.MatMulNBits``: ``W`` is cut along K into blocks of
+``block_size`` and each block is stored as ``bits``-bit integers with one float scale,
+
+    W[k, n] ~= (q[n, k / bs, k % bs] - 2^(bits-1)) * scale[n, k / bs],    q in [0, 2^bits)
+
+symmetric round-to-nearest with the block's largest-magnitude value mapped exactly onto -2^(bits-1) (the
+scale takes its sign), as ONNX Runtime's own quantizer does. Packing: 4-bit values two per byte along K,
+the lower nibble holding the even k (docs/decisions/008). ``accuracy_level`` 4 lets the kernel quantize
+``A`` to int8 per block and use the integer dot-product units (AVX-512 VNNI, AMX, AVX2); 0 keeps ``A`` in
+float. Which block size and level a bundle uses is measured (docs/decisions/009-int4-weights.md).
+
+A tied embedding -- a ``Gather`` of the same table the LM head transposes -- reads the head's 4-bit table
+through ``GatherBlockQuantized`` (gather_axis 0, quantize_axis 2, on the ``[vocab, K/bs, bs/2]`` blocks
+MatMulNBits holds), so the table is stored once, in 4 bits, instead of a float copy for the embedding.
+
+Written here rather than with ``onnxruntime.quantization.MatMulNBitsQuantizer``: that tool works on whole
+models, skips a head whose weights are a Transpose (tied embeddings: the largest matrix of a small LLM),
+does not share the table with the embedding, and takes no per-MatMul bit width, which the accuracy budget
+(``engines/build/int4.py``) chooses. ``eight_bit`` names the MatMuls the budget moved to 8 bits; ``keep``
+those it kept in float.
+
+Skipped, with the reason logged: weights that are not constant, K not a multiple of the block size,
+K smaller than a block, batched (3-D) weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.base import Pass, PassResult
+from passes.graph_utils import constant_value, fresh_name, producer
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(packed uint8 [N, K/bs, bs*bits/8], scales float32 [N, K/bs], zero points) of a ``[K, N]`` weight.
+    Symmetric (module docstring): no zero points, the kernel's default 2^(bits-1). Asymmetric: each block's
+    range [min, max] over the 2^bits levels, ``W ~= (q - zp) * scale`` with a float zero point ``[N, K/bs]``
+    -- exact for a block that already holds 2^bits evenly spaced values, as a GGUF Q4_K block does."""
+    k, n = weight.shape
+    blocks = np.ascontiguousarray(weight.T, dtype=np.float32).reshape(n, k // block_size, block_size)
+    top = 2 ** bits - 1
+    if symmetric:
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        zero = np.full(extreme.shape, 2 ** (bits - 1), np.float32)
+        scales = extreme / -zero
+    else:  # the block's range [min, max] (widened to hold 0, so the zero point is a level) over the levels
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = (high - low) / top
+        scales[scales == 0] = 1.0
+        zero = np.clip(np.rint(-low / scales), 0, top).astype(np.float32)
+    scales[scales == 0] = 1.0  # a constant block: any scale holds it
+    q = np.clip(np.rint(blocks / scales[..., None] + zero[..., None]), 0, top).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return q, scales.astype(np.float32), (None if symmetric else zero.astype(np.uint8))
+
+
+def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' packed zero points: uint8 ``[N, ceil(blocks * bits / 8)]``, two 4-bit values per byte
+    (the lower nibble the even block; an odd count padded with the default 8)."""
+    if bits == 8:
+        return zero
+    if zero.shape[1] % 2:
+        zero = np.concatenate([zero, np.full((zero.shape[0], 1), 8, np.uint8)], axis=1)
+    return zero[:, 0::2] | (zero[:, 1::2] << 4)
+
+
+def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, block_size: int,
+                      zero: np.ndarray | None = None) -> np.ndarray:
+    """The ``[K, N]`` float weight that ``(packed, scales, zero)`` stands for (``quantize_blocks`` undone)."""
+    if bits == 4:
+        q = np.empty(packed.shape[:-1] + (block_size,), np.uint8)
+        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+    else:
+        q = packed
+    zero = np.float32(2 ** (bits - 1)) if zero is None else zero[..., None].astype(np.float32)
+    values = (q.astype(np.float32) - zero) * scales[..., None]
+    return values.reshape(values.shape[0], -1).T
+
+
+class QuantizeWeightsNBits(Pass):
+    """MatMul with constant weights -> MatMulNBits (4 bits, or 8 where told); a tied embedding Gather ->
+    GatherBlockQuantized on the same 4-bit table."""
+
+    def __init__(self, block_size: int = 32, accuracy_level: int = 4, eight_bit: tuple[str, ...] = (),
+                 keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None):
+        self.block_size, self.accuracy_level, self.symmetric = block_size, accuracy_level, symmetric
+        self.memo = memo if memo is not None else {}  # (node, bits) -> blocks: a budget search runs many times
+        self.eight_bit, self.keep = set(eight_bit), set(keep)
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        counts = {"4": 0, "8": 0}
+        error: dict[str, float] = {}
+        tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # id(embedding constant) -> (packed, scales)
+        gathered = {id(n.inputs[0]): n.inputs[0] for n in graph.nodes
+                    if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and n.inputs[0].values.ndim == 2}
+        for node in [n for n in graph.nodes if n.op == "MatMul"]:
+            found = self._weight(node)
+            if isinstance(found, str):
+                logger.debug("skip %s: %s", node.name, found)
+                continue
+            weight, tied = found
+            if tied is None:  # an exporter may have folded the head's Transpose into a copy of the table
+                tied = next((t for t in gathered.values() if t.values.shape == weight.shape[::-1]
+                             and np.array_equal(t.values, weight.T)), None)
+            bits = 8 if node.name in self.eight_bit else 4
+            symmetric = self.symmetric or tied is not None  # a table shared with the Gather: no zero points
+            if (node.name, bits) not in self.memo:
+                packed, scales, zero = quantize_blocks(weight, bits, self.block_size, symmetric)
+                back = dequantize_blocks(packed, scales, bits, self.block_size, zero)
+                self.memo[node.name, bits] = (packed, scales, zero, float(
+                    np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)))
+            packed, scales, zero, error[node.name] = self.memo[node.name, bits]
+            k, n = weight.shape
+            packed_t = gs.Constant(fresh_name(graph, f"{node.name}_q{bits}"), packed)
+            scales_t = gs.Constant(fresh_name(graph, f"{node.name}_scales"), scales)
+            out = node.outputs[0]
+            node.outputs.clear()
+            graph.layer(op="MatMulNBits", name=f"{node.name}_nbits", domain=MS_DOMAIN,
+                        inputs=[node.inputs[0], packed_t, scales_t] + ([] if zero is None else [
+                            gs.Constant(fresh_name(graph, f"{node.name}_zero_points"), pack_zero_points(zero, bits))]),
+                        outputs=[out],
+                        attrs={"K": k, "N": n, "bits": bits, "block_size": self.block_size,
+                               "accuracy_level": self.accuracy_level})
+            node.inputs.clear()
+            counts[str(bits)] += 1
+            if tied is not None:
+                tables[id(tied)] = (packed_t, scales_t, bits)
+        embeddings = self._share_embedding(graph, tables) if tables else 0
+        if not any(counts.values()):
+            return PassResult(False)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(True, {"int4": counts["4"], "int8": counts["8"], "embedding_4bit": embeddings,
+                                 "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                                 "relative_error": error})
+
+    def _weight(self, node: gs.Node):
+        """(the [K, N] float weight, the constant it is the transpose of or None), or why not."""
+        if node.name in self.keep:
+            return "kept in float by the accuracy budget"
+        b = node.inputs[1]
+        value, tied = constant_value(b), None
+        if value is None:
+            transpose = producer(b)
+            source = transpose.inputs[0] if transpose is not None and transpose.op == "Transpose" else None
+            if source is None or constant_value(source) is None:
+                return "the weights are not a constant (or a Transpose of one)"
+            perm = transpose.attrs.get("perm")
+            if perm is not None and list(perm) != [1, 0]:
+                return f"the weights are a Transpose with perm {list(perm)}"
+            value, tied = constant_value(source).T, source
+        if value.ndim != 2 or value.dtype != np.float32:
+            return f"the weights are {value.ndim}-D {value.dtype}, not a 2-D float32 matrix"
+        k = value.shape[0]
+        if k < self.block_size or k % self.block_size:
+            return f"K = {k} is not a multiple of the block size {self.block_size}"
+        return value, tied
+
+    def _share_embedding(self, graph: gs.Graph, tables: dict) -> int:
+        """Gather(table, ids) of a table whose transpose became a 4-bit head -> GatherBlockQuantized on the
+        head's blocks ([vocab, K/bs, bs/2], quantize_axis 2), reshaped back to [..., K]."""
+        shared = 0
+        for node in [n for n in graph.nodes if n.op == "Gather" and id(n.inputs[0]) in tables]:
+            if int(node.attrs.get("axis", 0)) != 0:
+                logger.debug("skip %s: a Gather of the tied table along axis %s", node.name, node.attrs.get("axis"))
+                continue
+            packed, scales, bits = tables[id(node.inputs[0])]
+            vocab, blocks, _ = packed.values.shape
+            scales3 = gs.Constant(fresh_name(graph, f"{scales.name}_3d"), scales.values.reshape(vocab, blocks, 1))
+            out = node.outputs[0]
+            rows = gs.Variable(fresh_name(graph, f"{node.name}_blocks"), dtype=np.float32)
+            graph.layer(op="GatherBlockQuantized", name=f"{node.name}_4bit", domain=MS_DOMAIN,
+                        inputs=[packed, node.inputs[1], scales3], outputs=[rows],
+                        attrs={"bits": bits, "block_size": self.block_size, "gather_axis": 0, "quantize_axis": 2})
+            node.outputs.clear()
+            node.inputs.clear()
+            flat = gs.Constant(fresh_name(graph, "embedding_rows_shape"), np.array([0, 0, -1], np.int64))
+            if out.shape is not None and len(out.shape) != 3:
+                flat = gs.Constant(flat.name, np.array([0] * (len(out.shape) - 1) + [-1], np.int64))
+            graph.layer(op="Reshape", name=f"{node.name}_rows", inputs=[rows, flat], outputs=[out])
+            shared += 1
+        return shared

@@ -1,0 +1,139 @@
+"""QuantizeWeightsNBits: MatMul weights -> MatMulNBits (4 bits, 8 where the budget says), a tied embedding
+-> GatherBlockQuantized on the head's table. The maths (blocks, the exact extreme, packing) against NumPy;
+the quantized graph under ONNX Runtime against the float graph holding the dequantized weights (so every
+difference is the kernel's, not the rounding's); the table stored once; what must not fire; idempotence."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes import InferShapes, PassManager
+from passes.quantize_weights_nbits import QuantizeWeightsNBits, dequantize_blocks, quantize_blocks
+
+VOCAB, HIDDEN, FF = 80, 64, 96
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocks_round_to_the_nearest_level_and_hold_each_blocks_extreme_exactly(bits):
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((128, 24)).astype(np.float32)
+    packed, scales, _ = quantize_blocks(weight, bits, 32)
+    assert packed.shape == (24, 4, 32 * bits // 8) and packed.dtype == np.uint8 and scales.shape == (24, 4)
+    back = dequantize_blocks(packed, scales, bits, 32)
+    blocks = np.abs(back - weight).T.reshape(24, 4, 32)
+    step = np.abs(scales)[..., None]
+    inside = np.abs(weight.T.reshape(24, 4, 32) / scales[..., None]) <= 2 ** (bits - 1) - 0.5
+    assert (blocks[inside] <= (step / 2 + 1e-6).repeat(32, -1)[inside]).all()  # round to nearest
+    assert (blocks <= step + 1e-6).all()  # the far end of the range stops one level short of -extreme
+    extremes = np.abs(weight).T.reshape(24, 4, 32).argmax(-1)
+    exact = np.take_along_axis((back - weight).T.reshape(24, 4, 32), extremes[..., None], -1)
+    assert np.abs(exact).max() < 1e-6
+    if bits == 4:  # two values per byte, the lower nibble holding the even k
+        q = np.clip(np.rint(weight.T.reshape(24, 4, 32) / scales[..., None]) + 8, 0, 15).astype(np.uint8)
+        assert (packed & 0x0F == q[..., 0::2]).all() and (packed >> 4 == q[..., 1::2]).all()
+
+
+def _decoder_like(k_ff: int = FF, tied_transpose: bool = True) -> onnx.ModelProto:
+    """ids -> Gather(E) -> MatMul(W1) -> Relu -> MatMul(W2) -> MatMul(E^T): an embedding, an MLP and a head
+    tied to the embedding (through a Transpose, as torch exports it, or a folded copy)."""
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
+    w1 = rng.standard_normal((HIDDEN, k_ff)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((k_ff, HIDDEN)).astype(np.float32) * 0.2
+    inits = [numpy_helper.from_array(table, "embed"), numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h0"], name="embedding"),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="up"),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "w2"], ["h3"], name="down")]
+    if tied_transpose:
+        nodes += [helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["h3", "embed_t"], ["logits"], name="head")]
+    else:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(table.T), "head_weight"))
+        nodes.append(helper.make_node("MatMul", ["h3", "head_weight"], ["logits"], name="head"))
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", VOCAB])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _quantize(model, **options):
+    out, records = PassManager([InferShapes(), QuantizeWeightsNBits(**options)]).run(model)
+    return out, records[-1]
+
+
+def _dequantized_float_graph(model: onnx.ModelProto, options: dict) -> onnx.ModelProto:
+    """The float graph whose weights are what the 4/8-bit blocks stand for (the reference for the kernels)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    eight = set(options.get("eight_bit", ()))
+    weights = {t.name: numpy_helper.to_array(t) for t in copy.graph.initializer}
+    bits = {"w1": 8 if "up" in eight else 4, "w2": 8 if "down" in eight else 4, "embed": 4}
+    for tensor in copy.graph.initializer:
+        w = weights[tensor.name]
+        w = w.T if tensor.name == "embed" else w
+        packed, scales, _ = quantize_blocks(w, bits.get(tensor.name, 4), 32)
+        back = dequantize_blocks(packed, scales, bits.get(tensor.name, 4), 32)
+        tensor.CopyFrom(numpy_helper.from_array((back.T if tensor.name == "embed" else back).astype(np.float32),
+                                                tensor.name))
+    return copy
+
+
+def _run(model, ids):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"ids": ids})[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"eight_bit": ("up",)}], ids=["int4", "int4+int8"])
+def test_the_quantized_graph_computes_the_dequantized_weights(options):
+    model = _decoder_like()
+    quantized, record = _quantize(model, block_size=32, accuracy_level=0, **options)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert ops.count("MatMulNBits") == 3 and "MatMul" not in ops and ops.count("GatherBlockQuantized") == 1
+    assert "Gather" not in ops and "Transpose" not in ops
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in quantized.graph.node
+            if n.op_type == "MatMulNBits"}
+    assert bits == {"up_nbits": 8 if options else 4, "down_nbits": 4, "head_nbits": 4}
+    assert record.stats["int4"] == (2 if options else 3) and record.stats["embedding_4bit"] == 1
+    stored = sum(numpy_helper.to_array(t).nbytes for t in quantized.graph.initializer)
+    assert stored < 0.4 * sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)  # E stored once
+    ids = np.array([[1, 5, 79, 0], [3, 3, 40, 2]])
+    expected = _run(_dequantized_float_graph(model, options), ids)
+    np.testing.assert_allclose(_run(quantized, ids), expected, atol=2e-4, rtol=1e-4)
+    assert max(record.stats["relative_error"].values()) < 0.15  # 4 bits of a Gaussian: ~0.1
+
+
+def test_accuracy_level_4_quantizes_the_activations_too_and_stays_close():
+    model = _decoder_like()
+    quantized, _ = _quantize(model, block_size=32, accuracy_level=4)
+    ids = np.array([[1, 5, 79, 0]])
+    expected = _run(_dequantized_float_graph(model, {}), ids)
+    got = _run(quantized, ids)
+    assert np.abs(got - expected).max() / np.abs(expected).max() < 0.03  # int8 activations per block
+
+
+def test_a_head_the_exporter_folded_into_a_copy_of_the_table_still_shares_it():
+    quantized, record = _quantize(_decoder_like(tied_transpose=False), block_size=32, accuracy_level=0)
+    assert record.stats["embedding_4bit"] == 1
+    assert "embed" not in {t.name for t in quantized.graph.initializer}
+
+
+def test_weights_it_cannot_hold_are_left_in_float_with_the_reason(caplog):
+    model = _decoder_like(k_ff=40)  # down's K = 40 is not a multiple of 32
+    with caplog.at_level(logging.DEBUG, logger="passes.quantize_weights_nbits"):
+        quantized, record = _quantize(model, block_size=32, accuracy_level=0, keep=("up",))
+    assert "K = 40 is not a multiple of the block size 32" in caplog.text
+    assert "kept in float by the accuracy budget" in caplog.text
+    assert [n.name for n in quantized.graph.node if n.op_type == "MatMul"] == ["up", "down"]
+    assert record.stats["int4"] == 1
+
+
+def test_running_again_changes_nothing():
+    quantized, _ = _quantize(_decoder_like(), block_size=32, accuracy_level=0)
+    assert not _quantize(quantized, block_size=32, accuracy_level=0)[1].changed
