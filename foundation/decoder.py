@@ -28,6 +28,8 @@ class DecoderInfo:
     # How the graph keeps its cache: "grow" (present = past + new tokens, left padding) or "shared" (past and
     # present one max-length buffer written in place, rows padded on the right: GroupQueryAttention).
     cache: str = "grow"
+    # The TensorRT graph's: "grow", or "static" (buffers of the max length written by TensorScatter).
+    trt_cache: str = "grow"
 
     @property
     def past_names(self) -> list[str]:
@@ -78,3 +80,27 @@ class DecoderBudget:
 
     def __str__(self) -> str:
         return f"{self.metric}={self.threshold:g}"
+
+
+PAST_PREFIX = "past_key_values."
+
+
+def static_cache_feeds(feeds: dict) -> dict:
+    """Growing-cache feeds (pasts ``[B, kv, P, H]``, a step of S tokens) as a static-cache graph reads them:
+    each past in a buffer exactly ``P + S`` long, the step's slots zero (``passes/fuse_static_kv_cache.py``).
+    Feeds without pasts, or already padded, come back as they are."""
+    steps = feeds["input_ids"].shape[1] if "input_ids" in feeds else 0
+    total = feeds["attention_mask"].shape[1] if "attention_mask" in feeds else None
+    out = dict(feeds)
+    for name, value in feeds.items():
+        if name.startswith(PAST_PREFIX) and getattr(value, "ndim", 0) == 4 and value.shape[2] + steps == total:
+            pad = [(0, 0)] * 4
+            pad[2] = (0, steps)
+            out[name] = _pad(value, pad)
+    return out
+
+
+def _pad(value, widths):
+    import numpy as np  # noqa: PLC0415 - the standard library above; NumPy only where feeds are padded
+
+    return np.pad(value, widths)

@@ -26,7 +26,9 @@ from passes.fuse_linear_affine import FuseLinearAffine
 from passes.fuse_matmul_add import FuseMatMulAdd
 from passes.fuse_rms_norm import FuseRmsNorm
 from passes.fuse_standard_attention import FuseStandardAttention
+from passes.fuse_static_kv_cache import FuseStaticKVCache
 from passes.infer_shapes import InferShapes
+from passes.merge_parallel_matmuls import MergeParallelMatMuls
 from passes.merge_reshapes import MergeReshapes
 from passes.merge_transposes import MergeTransposes
 from passes.remove_noops import RemoveNoOps
@@ -36,10 +38,10 @@ TARGETS = ("trt", "ort")
 SIMPLIFY = (InferShapes, FoldShapes, FoldConstants, Cleanup, RemoveNoOps, MergeTransposes, MergeReshapes,
             DeduplicateConstants, EliminateCommonSubexpressions)
 FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerNorm, FuseRmsNorm)
-FUSE_TRT = FUSE_COMMON + (FuseStandardAttention,)
+FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -110,7 +112,9 @@ __all__ = [
     "FuseMatMulAdd",
     "FuseRmsNorm",
     "FuseStandardAttention",
+    "FuseStaticKVCache",
     "InferShapes",
+    "MergeParallelMatMuls",
     "MergeReshapes",
     "MergeTransposes",
     "RemoveNoOps",

@@ -56,6 +56,12 @@ class Pass:
         """The graph the manager runs to check this pass's numbers (default: its output as written)."""
         return after
 
+    def feeds_after(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Feeds that mean to the graph after this pass what ``feeds`` meant before (default: the same); a pass
+        that changes the graph's interface (a static cache buffer) says how, and the manager verifies it and
+        every later pass with them."""
+        return feeds
+
     def repair(self, before: onnx.ModelProto, after: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> str | None:
         """When the pass broke its budget: a change to its options that should fix it, described, after which
         the manager runs it again on the graph as it was (None: no repair; the budget error stands)."""
@@ -224,14 +230,16 @@ class PassManager:
         log("%s: %s in %.2f s (%d -> %d nodes)", p.name, result.stats or "no change", seconds,
             sum(before.values()), sum(record.nodes_after.values()))
         if result.changed and self.verify_feeds:
-            self._verify(p, to_model(graph, model), reference, before_model)
+            feeds = [p.feeds_after(f) for f in self.verify_feeds]
+            self._verify(p, to_model(graph, model), reference, before_model, feeds)
+            self.verify_feeds = feeds
         return result.changed
 
     def _verify(self, p: Pass, candidate: onnx.ModelProto, reference: list[dict[str, np.ndarray]],
-                before: onnx.ModelProto | None = None) -> None:
+                before: onnx.ModelProto | None = None, verify_feeds: list | None = None) -> None:
         """Compare with the graph before the pass; the result becomes the next pass's reference."""
         checked = p.verification_model(before, candidate) if before is not None else candidate
-        for k, (feeds, expected) in enumerate(zip(self.verify_feeds, reference)):
+        for k, (feeds, expected) in enumerate(zip(verify_feeds or self.verify_feeds, reference)):
             try:
                 actual = run_graph(checked, feeds)
             except Exception as exc:  # ORT raises its own types

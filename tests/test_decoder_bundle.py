@@ -60,6 +60,8 @@ def test_the_manifest_records_the_decoder_and_the_bundle_ships_its_tokenizer(bun
     assert (decoder.family, decoder.layers, decoder.kv_heads, decoder.head_dim, decoder.vocab) == \
         ("llama", 2, 2, 16, len(WORDS))
     assert decoder.max_length == 64 and decoder.bos == 1 and decoder.eos == (2,)
+    assert (decoder.cache, decoder.trt_cache) == ("shared", "static")  # GroupQueryAttention; TensorScatter
+    assert manifest.trt_check["refused"] == 0
     assert manifest.model.kind == "decoder" and manifest.export.exporter == "dynamo"
     assert manifest.artifacts["tokenizer.json"].role == "tokenizer"
     shapes = {o.name: o.shape for o in manifest.outputs}

@@ -39,7 +39,7 @@ from engines.bundle import (
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
 from engines.trt_build.cache import build_or_reuse
-from foundation.decoder import DECODER_OPSET, DecoderInfo
+from foundation.decoder import DECODER_OPSET, DecoderInfo, static_cache_feeds
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import compare_arrays, graph_tolerance
 from foundation.spec import InputSpec
@@ -236,18 +236,22 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
     if precision == "fp16":
         measured = tuple(n for r in records if r.name == "ConvertToFp16" for n in r.stats.get("measured_fp32", ()))
         fp32_nodes = kept(optimized, request.passes.keep_fp32, measured)
+    static = any(r.name == "FuseStaticKVCache" and r.changed for r in records)
     return TargetGraph(target, precision, [r.to_json() for r in records],
-                       check_graph(root / name, golden, precision, target, scaled), fp32_nodes)
+                       check_graph(root / name, golden, precision, target, scaled, static), fp32_nodes)
 
 
-def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str, scaled: bool = False) -> dict:
+def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str, scaled: bool = False,
+                static_cache: bool = False) -> dict:
     """The optimized graph against the reference outputs in golden.npz: the ``ort`` graph with ORT's
     optimizations on (as it runs), the ``trt`` graph as written (float emulation, ``engines.build.int8``).
-    ``scaled``: FP32 outputs judged relative to their magnitude (a decoder's logits)."""
+    ``scaled``: FP32 outputs judged relative to their magnitude (a decoder's logits). ``static_cache``: the
+    graph keeps a decoder's cache in static buffers (``foundation.decoder.static_cache_feeds``)."""
     sess = session(path, optimize=target != "trt")
     names = [o.name for o in sess.get_outputs()]
     points = {}
     for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
+        feeds = static_cache_feeds(feeds) if static_cache else feeds
         actual = dict(zip(names, sess.run(names, feeds)))
         expected = {n: golden[golden_key(point, "out", n)] for n in names}
         points[point] = {
@@ -335,16 +339,19 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None,
                           {"ort": int4.report} if int4 is not None and int4.report else None),
-        trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"]))
+        trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"], graphs.get("trt")))
 
 
-def decoder_cache(decoder: DecoderInfo | None, ort: TargetGraph) -> DecoderInfo | None:
-    """The decoder as the ONNX Runtime graph runs it: a shared past/present buffer with right padding once
-    GroupQueryAttention holds the cache (``passes/fuse_group_query_attention.py``), else a growing one."""
+def decoder_cache(decoder: DecoderInfo | None, ort: TargetGraph, trt: TargetGraph | None = None
+                  ) -> DecoderInfo | None:
+    """The decoder as each graph runs it: for ONNX Runtime a shared past/present buffer with right padding once
+    GroupQueryAttention holds the cache (``passes/fuse_group_query_attention.py``), else a growing one; for
+    TensorRT static buffers written by TensorScatter (``passes/fuse_static_kv_cache.py``), else growing."""
     if decoder is None or not ort.records:
         return decoder
     fused = ort.records[-1]["nodes_after"].get("GroupQueryAttention", 0)
-    return dataclasses.replace(decoder, cache="shared" if fused else "grow")
+    static = trt is not None and any(r["name"] == "FuseStaticKVCache" and r["changed"] for r in trt.records)
+    return dataclasses.replace(decoder, cache="shared" if fused else "grow", trt_cache="static" if static else "grow")
 
 
 def write_report(root: Path, parity: dict | None, graphs: dict[str, TargetGraph]) -> None:

@@ -29,6 +29,7 @@ from engines.evaluate.compare.polygraphy_lines import polygraphy_commands
 from engines.evaluate.compare.results import CompareRequest, CompareResult, PairResult, Side
 from engines.evaluate.compare.runners import (
     PlanforgeRunner,
+    StaticCacheRunner,
     TorchRunner,
     onnxrt_runner,
     polygraphy_quiet,
@@ -146,6 +147,8 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
             shared = target == "trt" and backends.ort.graph == entry.graph
             name = f"onnxruntime {entry.graph}{' as written' if shared else ''}"
             runner = onnxrt_runner(verified_path(bundle, manifest, entry.graph), name, optimize=target != "trt")
+            if target == "trt" and manifest.decoder is not None and manifest.decoder.trt_cache == "static":
+                runner = StaticCacheRunner(runner, spec)
             sides.append(Side(name, entry.precision, runner, entry.graph, target))
     loaded, skipped = BundleView(bundle), {}
     for backend in ORDER:

@@ -25,6 +25,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from engines.runtime import load
+from foundation.decoder import static_cache_feeds
 from foundation.errors import InferenceError
 from foundation.spec import InputSpec
 
@@ -105,6 +106,31 @@ class PlanforgeRunner(BaseRunner):
     def deactivate_impl(self):
         self.engine.close()
         self.engine = None
+
+
+class StaticCacheRunner(BaseRunner):
+    """A runner of a graph that keeps a decoder's cache in static buffers (``passes/fuse_static_kv_cache.py``),
+    fed the growing-cache data every other side gets, each past padded to the buffer that means the same
+    (``foundation.decoder.static_cache_feeds``)."""
+
+    def __init__(self, inner, spec: InputSpec):
+        super().__init__(name=inner.name)
+        self.inner, self.spec = inner, spec
+
+    def activate_impl(self):
+        self.inner.activate()
+
+    def get_input_metadata_impl(self):
+        return input_metadata(self.spec)  # the data every side gets: the growing cache's
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        outputs = self.inner.infer_impl(static_cache_feeds(dict(feed_dict)))
+        self.inference_time = time.perf_counter() - start
+        return outputs
+
+    def deactivate_impl(self):
+        self.inner.deactivate()
 
 
 def onnxrt_runner(path: Path, name: str, providers=("cpu",), optimize: bool = True):

@@ -60,17 +60,21 @@ class Generator:
         self._buffers: dict[int, dict[str, ort.OrtValue]] = {}  # a shared cache per batch size, made once
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 sampling: Sampling | None = None, stop: Sequence[int] = ()) -> list[list[int]]:
+                 sampling: Sampling | None = None, stop: Sequence[int] = (), ignore_eos: bool = False
+                 ) -> list[list[int]]:
         """The new tokens of each prompt (a stop token ends a row and is not included)."""
         new: list[list[int]] = [[] for _ in prompts]
-        for step in self.stream(prompts, max_new_tokens, sampling, stop):
+        for step in self.stream(prompts, max_new_tokens, sampling, stop, ignore_eos):
             for row in np.flatnonzero(step.emitted):
                 new[row].append(int(step.tokens[row]))
         return new
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-               sampling: Sampling | None = None, stop: Sequence[int] = ()) -> Iterator[Step]:
-        """Yields each step's tokens as soon as they are chosen (a streaming client prints them)."""
+               sampling: Sampling | None = None, stop: Sequence[int] = (), ignore_eos: bool = False
+               ) -> Iterator[Step]:
+        """Yields each step's tokens as soon as they are chosen (a streaming client prints them).
+        ``ignore_eos``: only ``stop`` ends a row, not the bundle's end-of-sequence tokens (a benchmark's
+        fixed number of new tokens)."""
         sampling = sampling or Sampling()
         self._check(prompts, max_new_tokens)
         shared = self.info.cache == "shared"
@@ -93,7 +97,7 @@ class Generator:
         for _ in range(max_new_tokens):
             logits, pasts = self._run(feeds, pasts, read, shared)
             tokens = next_tokens(logits, sampling, rng, history)
-            stops = np.isin(tokens, [*self.info.eos, *stop])
+            stops = np.isin(tokens, [*([] if ignore_eos else self.info.eos), *stop])
             emitted = ~finished & ~stops
             finished = finished | stops
             history = [np.append(h, t) for h, t in zip(history, tokens)]
