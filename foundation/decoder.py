@@ -83,6 +83,17 @@ class DecoderBudget:
 
 
 PAST_PREFIX = "past_key_values."
+LOGIT_POSITIONS = "logit_positions"  # int64 [batch, kept]: where a decoder graph computes logits
+
+
+def every_logit_position(feeds: dict) -> dict:
+    """``feeds`` asking a graph with a ``logit_positions`` input for the logits at every position of the step
+    (what feeds without it meant; ``passes/select_logit_positions.py``)."""
+    if LOGIT_POSITIONS in feeds or "input_ids" not in feeds:
+        return feeds
+    batch, steps = feeds["input_ids"].shape
+    positions = _pad(_arange(steps)[None], [(0, batch - 1), (0, 0)], mode="edge")
+    return {**feeds, LOGIT_POSITIONS: positions}
 
 
 def static_cache_feeds(feeds: dict) -> dict:
@@ -100,7 +111,13 @@ def static_cache_feeds(feeds: dict) -> dict:
     return out
 
 
-def _pad(value, widths):
+def _pad(value, widths, mode: str = "constant"):
     import numpy as np  # noqa: PLC0415 - the standard library above; NumPy only where feeds are padded
 
-    return np.pad(value, widths)
+    return np.pad(value, widths, mode=mode)
+
+
+def _arange(n: int):
+    import numpy as np  # noqa: PLC0415 - as _pad
+
+    return np.arange(n, dtype=np.int64)

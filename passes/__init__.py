@@ -32,16 +32,17 @@ from passes.merge_parallel_matmuls import MergeParallelMatMuls
 from passes.merge_reshapes import MergeReshapes
 from passes.merge_transposes import MergeTransposes
 from passes.remove_noops import RemoveNoOps
+from passes.select_logit_positions import SelectLogitPositions
 
 TARGETS = ("trt", "ort")
 
 SIMPLIFY = (InferShapes, FoldShapes, FoldConstants, Cleanup, RemoveNoOps, MergeTransposes, MergeReshapes,
             DeduplicateConstants, EliminateCommonSubexpressions)
 FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, FuseLayerNorm, FuseRmsNorm)
-FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache)
+FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache, SelectLogitPositions)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls, SelectLogitPositions)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -118,4 +119,5 @@ __all__ = [
     "MergeReshapes",
     "MergeTransposes",
     "RemoveNoOps",
+    "SelectLogitPositions",
 ]

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from decoders import exported, ort_pipeline, seeded
 
+from foundation.decoder import LOGIT_POSITIONS, every_logit_position
 from passes import FuseGroupQueryAttention, InferShapes, PassManager
 
 
@@ -44,7 +45,8 @@ def test_one_group_query_attention_per_layer_with_the_models_heads_window_and_sc
     model, info, path, _, graph, records = fused
     nodes = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     assert len(nodes) == info.layers and all(n.domain == "com.microsoft" for n in nodes)
-    assert not [n for n in graph.graph.node if n.op_type in ("Attention", "Softmax", "Expand", "GatherND")]
+    assert not [n for n in graph.graph.node if n.op_type in ("Attention", "Softmax", "Expand", "GatherND")
+                and not n.output[0].startswith("logit_")]  # the logits' positions have an Expand of their own
     attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
     assert {a["num_heads"] for a in attrs} == {model.config.num_attention_heads}
     assert {a["kv_num_heads"] for a in attrs} == {info.kv_heads}
@@ -56,7 +58,7 @@ def test_one_group_query_attention_per_layer_with_the_models_heads_window_and_sc
     stats = next(r.stats for r in records if r.name == "FuseGroupQueryAttention" and r.changed)
     assert stats["fused"] == info.layers
     inputs = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-    assert [i.name for i in graph.graph.input] == inputs  # the interface keeps its names
+    assert [i.name for i in graph.graph.input] == inputs + [LOGIT_POSITIONS]  # the names kept, one input added
     assert [o.name for o in graph.graph.output] == ["logits", *info.present_names]
 
 
@@ -71,7 +73,7 @@ def test_the_fused_graph_gives_the_exports_logits_and_cache_over_a_prefill_and_8
              **{n: np.zeros((2, info.kv_heads, 0, info.head_dim), np.float32) for n in info.past_names}}
     for step in range(9):
         expected = dict(zip(names, before.run(None, feeds)))
-        got = dict(zip(names, after.run(None, feeds)))
+        got = dict(zip(names, after.run(None, every_logit_position(feeds))))
         for name in names:
             np.testing.assert_allclose(got[name], expected[name], atol=2e-5, rtol=1e-4, err_msg=f"{name} step {step}")
         total = feeds["attention_mask"].shape[1] + 1
@@ -93,6 +95,7 @@ def test_the_cache_is_written_in_place_in_one_shared_buffer(fused):
     binding.bind_cpu_input("input_ids", ids)
     binding.bind_cpu_input("attention_mask", np.ones((1, 5), np.int64))
     binding.bind_cpu_input("position_ids", np.arange(5)[None])
+    binding.bind_cpu_input(LOGIT_POSITIONS, np.array([[4]]))
     binding.bind_output("logits", "cpu")
     for past, present in zip(info.past_names, info.present_names):
         binding.bind_ortvalue_input(past, buffers[past])

@@ -20,7 +20,7 @@ from decoders import exported, seeded
 
 from engines.trt_build.compat import check_model
 from exporter.decoder import FlatCacheDecoder, parity_feeds
-from foundation.decoder import static_cache_feeds
+from foundation.decoder import every_logit_position, static_cache_feeds
 from passes import FuseStaticKVCache, InferShapes, PassManager, pipeline
 
 BUFFER = 32
@@ -52,7 +52,8 @@ def test_each_cache_is_a_tensor_scatter_into_a_buffer_the_attention_reads_and_te
     attentions = [n for n in nodes if n.op_type == "Attention"]
     assert len(attentions) == info.layers
     assert {a.input[1] for a in attentions} == {f"present.{i}.key" for i in range(info.layers)}
-    assert not [n for n in nodes if n.op_type in ("Expand", "GatherND")]  # repeat_kv and the old mask are gone
+    assert not [n for n in nodes if n.op_type in ("Expand", "GatherND") and not n.output[0].startswith("logit_")]
+    # repeat_kv and the old mask are gone (the logits' positions have an Expand of their own)
     assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 24
     assert next(r.stats for r in records if r.name == "FuseStaticKVCache" and r.changed)["caches"] == 2 * info.layers
     report = check_model(graph)
@@ -78,7 +79,7 @@ def test_a_max_length_buffer_gives_the_exports_logits_over_a_prefill_and_8_decod
     static_feeds = {**grow, **buffers}
     for step in range(9):
         expected = dict(zip(names, before.run(None, grow)))
-        got = dict(zip(names, after.run(None, static_feeds)))
+        got = dict(zip(names, after.run(None, every_logit_position(static_feeds))))
         np.testing.assert_allclose(got["logits"], expected["logits"], atol=2e-5, rtol=1e-4, err_msg=f"step {step}")
         total = grow["attention_mask"].shape[1]
         for present in info.present_names:
@@ -97,12 +98,12 @@ def test_a_right_padded_batch_gives_each_rows_logits_alone(static):
     ids = np.array([r + [0] * (6 - len(r)) for r in rows])
     mask = np.array([[1] * len(r) + [0] * (6 - len(r)) for r in rows])
     buffers = {n: np.zeros((2, info.kv_heads, BUFFER, info.head_dim), np.float32) for n in info.past_names}
-    batched = session.run(["logits"], {"input_ids": ids, "attention_mask": mask,
-                                       "position_ids": np.tile(np.arange(6), (2, 1)), **buffers})[0]
+    batched = session.run(["logits"], every_logit_position({"input_ids": ids, "attention_mask": mask,
+                                       "position_ids": np.tile(np.arange(6), (2, 1)), **buffers}))[0]
     for k, row in enumerate(rows):
-        alone = session.run(["logits"], {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)),
-                                         np.int64), "position_ids": np.arange(len(row))[None],
-                                         **{n: v[:1] for n, v in buffers.items()}})[0]
+        alone = session.run(["logits"], every_logit_position({
+            "input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), np.int64),
+            "position_ids": np.arange(len(row))[None], **{n: v[:1] for n, v in buffers.items()}}))[0]
         np.testing.assert_allclose(batched[k, :len(row)], alone[0], atol=2e-5, rtol=1e-4)
 
 

@@ -39,7 +39,13 @@ from engines.bundle import (
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
 from engines.trt_build.cache import build_or_reuse
-from foundation.decoder import DECODER_OPSET, DecoderInfo, static_cache_feeds
+from foundation.decoder import (
+    DECODER_OPSET,
+    LOGIT_POSITIONS,
+    DecoderInfo,
+    every_logit_position,
+    static_cache_feeds,
+)
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import compare_arrays, graph_tolerance
 from foundation.spec import InputSpec
@@ -252,6 +258,7 @@ def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, targe
     points = {}
     for feeds, point in zip(golden_feeds(golden), golden_points(golden)):
         feeds = static_cache_feeds(feeds) if static_cache else feeds
+        feeds = every_logit_position(feeds) if LOGIT_POSITIONS in {i.name for i in sess.get_inputs()} else feeds
         actual = dict(zip(names, sess.run(names, feeds)))
         expected = {n: golden[golden_key(point, "out", n)] for n in names}
         points[point] = {

@@ -11,6 +11,7 @@ import numpy as np
 
 from engines.runtime.base import Runner
 from engines.runtime.generate import Generator, Sampling
+from foundation.decoder import LOGIT_POSITIONS, every_logit_position
 from foundation.errors import BundleError, UsageError
 from foundation.ort_session import create_session
 from foundation.spec import InputSpec, OutputSpec
@@ -29,8 +30,11 @@ class OrtRunner(Runner):
         self.backend = "ort-cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "ort-cpu"
         self._names = [o.name for o in self.session.get_outputs()]
         self._generator: Generator | None = None
+        self._every_position = LOGIT_POSITIONS in {i.name for i in self.session.get_inputs()}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._every_position:  # a decoder graph that computes logits where asked: every position, as exported
+            feeds = every_logit_position(feeds)
         return dict(zip(self._names, self.session.run(self._names, feeds)))
 
     def generator(self, max_length: int | None = None) -> Generator:

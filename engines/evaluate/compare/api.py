@@ -28,8 +28,8 @@ from engines.evaluate.compare.data import load_data
 from engines.evaluate.compare.polygraphy_lines import polygraphy_commands
 from engines.evaluate.compare.results import CompareRequest, CompareResult, PairResult, Side
 from engines.evaluate.compare.runners import (
+    DecoderGraphRunner,
     PlanforgeRunner,
-    StaticCacheRunner,
     TorchRunner,
     onnxrt_runner,
     polygraphy_quiet,
@@ -147,8 +147,8 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
             shared = target == "trt" and backends.ort.graph == entry.graph
             name = f"onnxruntime {entry.graph}{' as written' if shared else ''}"
             runner = onnxrt_runner(verified_path(bundle, manifest, entry.graph), name, optimize=target != "trt")
-            if target == "trt" and manifest.decoder is not None and manifest.decoder.trt_cache == "static":
-                runner = StaticCacheRunner(runner, spec)
+            if manifest.decoder is not None:
+                runner = DecoderGraphRunner(runner, spec, target == "trt" and manifest.decoder.trt_cache == "static")
             sides.append(Side(name, entry.precision, runner, entry.graph, target))
     loaded, skipped = BundleView(bundle), {}
     for backend in ORDER:

@@ -25,7 +25,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from engines.runtime import load
-from foundation.decoder import static_cache_feeds
+from foundation.decoder import every_logit_position, static_cache_feeds
 from foundation.errors import InferenceError
 from foundation.spec import InputSpec
 
@@ -108,14 +108,15 @@ class PlanforgeRunner(BaseRunner):
         self.engine = None
 
 
-class StaticCacheRunner(BaseRunner):
-    """A runner of a graph that keeps a decoder's cache in static buffers (``passes/fuse_static_kv_cache.py``),
-    fed the growing-cache data every other side gets, each past padded to the buffer that means the same
-    (``foundation.decoder.static_cache_feeds``)."""
+class DecoderGraphRunner(BaseRunner):
+    """A runner of a decoder graph whose interface the passes changed, fed the data every other side gets:
+    logits asked at every position (``passes/select_logit_positions.py``) and, for a graph that keeps its
+    cache in static buffers (``passes/fuse_static_kv_cache.py``), each past padded to the buffer that means
+    the same (``foundation.decoder``)."""
 
-    def __init__(self, inner, spec: InputSpec):
+    def __init__(self, inner, spec: InputSpec, static: bool):
         super().__init__(name=inner.name)
-        self.inner, self.spec = inner, spec
+        self.inner, self.spec, self.static = inner, spec, static
 
     def activate_impl(self):
         self.inner.activate()
@@ -125,7 +126,8 @@ class StaticCacheRunner(BaseRunner):
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
-        outputs = self.inner.infer_impl(static_cache_feeds(dict(feed_dict)))
+        feeds = static_cache_feeds(dict(feed_dict)) if self.static else dict(feed_dict)
+        outputs = self.inner.infer_impl(every_logit_position(feeds))
         self.inference_time = time.perf_counter() - start
         return outputs
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.runtime.generate.sampling import Sampling, next_tokens
-from foundation.decoder import DecoderInfo
+from foundation.decoder import LOGIT_POSITIONS, DecoderInfo
 from foundation.errors import RuntimeInputError
 
 
@@ -58,6 +58,8 @@ class Generator:
         self.max_length = int(max_length or info.max_length)
         self._device = "cpu"
         self._buffers: dict[int, dict[str, ort.OrtValue]] = {}  # a shared cache per batch size, made once
+        # A graph that computes logits only where asked (passes/select_logit_positions.py): one row per sequence.
+        self._positions = LOGIT_POSITIONS in {i.name for i in session.get_inputs()}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  sampling: Sampling | None = None, stop: Sequence[int] = (), ignore_eos: bool = False
@@ -153,6 +155,12 @@ class Generator:
              shared: bool):
         """One call: the logits at each row's ``read`` position (None: every position) as NumPy, and the caches
         for the next step (the same buffers when shared, else the presents as OrtValues keyed by past name)."""
+        if self._positions:  # the graph computes just the logits read
+            steps = feeds["input_ids"].shape[1]
+            wanted = np.tile(np.arange(steps, dtype=np.int64), (len(feeds["input_ids"]), 1)) if read is None \
+                else np.asarray(read, np.int64)[:, None]
+            feeds = {**feeds, LOGIT_POSITIONS: wanted}
+            read = None if read is None else np.zeros(len(read), np.int64)
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
