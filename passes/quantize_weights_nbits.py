@@ -16,6 +16,14 @@ A tied embedding -- a ``Gather`` of the same table the LM head transposes -- rea
 through ``GatherBlockQuantized`` (gather_axis 0, quantize_axis 2, on the ``[vocab, K/bs, bs/2]`` blocks
 MatMulNBits holds), so the table is stored once, in 4 bits, instead of a float copy for the embedding.
 
+The rescored head (``rescore=k``, an 8-bit LM head): reading a 262,144 x 640 head in 8 bits costs each
+generated token ~190 MB of memory traffic, more than the rest of a small model together, and 4 bits of it
+lose accuracy (Gemma 3 270M: perplexity +15 %). So the head runs as a 4-bit pass over the whole vocabulary
+(block 128) whose ``k`` best candidates (``TopK``) are computed again from the 8-bit table
+(``GatherBlockQuantized`` of k rows, a small MatMul) and written over the approximations
+(``ScatterElements``): greedy, top-k and top-p choices see 8-bit logits, the tail keeps 4-bit ones, and the
+8-bit table is only gathered from (it is the embedding's too). Measured in docs/decisions/009.
+
 Written here rather than with ``onnxruntime.quantization.MatMulNBitsQuantizer``: that tool works on whole
 models, skips a head whose weights are a Transpose (tied embeddings: the largest matrix of a small LLM),
 does not share the table with the embedding, and takes no per-MatMul bit width, which the accuracy budget
@@ -35,10 +43,12 @@ import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
 from passes.graph_utils import constant_value, fresh_name, producer
+from passes.select_logit_positions import lm_head
 
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+APPROX_BLOCK = 128  # the rescored head's 4-bit pass: measured fastest for a vocabulary-wide head (decisions/009)
 
 
 def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True
@@ -94,17 +104,20 @@ class QuantizeWeightsNBits(Pass):
     GatherBlockQuantized on the same 4-bit table."""
 
     def __init__(self, block_size: int = 32, accuracy_level: int = 4, eight_bit: tuple[str, ...] = (),
-                 keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None):
+                 keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None, rescore: int = 0):
         self.block_size, self.accuracy_level, self.symmetric = block_size, accuracy_level, symmetric
+        self.rescore = rescore
         self.memo = memo if memo is not None else {}  # (node, bits) -> blocks: a budget search runs many times
         self.eight_bit, self.keep = set(eight_bit), set(keep)
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"4": 0, "8": 0}
         error: dict[str, float] = {}
+        rescored = None
         tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # id(embedding constant) -> (packed, scales)
         gathered = {id(n.inputs[0]): n.inputs[0] for n in graph.nodes
                     if n.op == "Gather" and isinstance(n.inputs[0], gs.Constant) and n.inputs[0].values.ndim == 2}
+        head = lm_head(graph)
         for node in [n for n in graph.nodes if n.op == "MatMul"]:
             found = self._weight(node)
             if isinstance(found, str):
@@ -127,6 +140,14 @@ class QuantizeWeightsNBits(Pass):
             scales_t = gs.Constant(fresh_name(graph, f"{node.name}_scales"), scales)
             out = node.outputs[0]
             node.outputs.clear()
+            if node is head and bits == 8 and self.rescore and n > 8 * self.rescore:
+                self._rescored_head(graph, node, weight, packed_t, scales_t, out)
+                node.inputs.clear()
+                counts["8"] += 1
+                if tied is not None:
+                    tables[id(tied)] = (packed_t, scales_t, bits)
+                rescored = node.name
+                continue
             graph.layer(op="MatMulNBits", name=f"{node.name}_nbits", domain=MS_DOMAIN,
                         inputs=[node.inputs[0], packed_t, scales_t] + ([] if zero is None else [
                             gs.Constant(fresh_name(graph, f"{node.name}_zero_points"), pack_zero_points(zero, bits))]),
@@ -143,7 +164,48 @@ class QuantizeWeightsNBits(Pass):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(True, {"int4": counts["4"], "int8": counts["8"], "embedding_4bit": embeddings,
                                  "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+                                 **({"rescored_head": rescored, "rescore": self.rescore} if rescored else {}),
                                  "relative_error": error})
+
+    def _rescored_head(self, graph: gs.Graph, node: gs.Node, weight: np.ndarray, table: gs.Constant,
+                       scales: gs.Constant, out: gs.Tensor) -> None:
+        """An 8-bit tied head as a 4-bit pass over the vocabulary and an 8-bit rescoring of its ``rescore``
+        best candidates (module docstring, "The rescored head")."""
+        k, n = weight.shape
+        block = APPROX_BLOCK if k % APPROX_BLOCK == 0 else self.block_size
+        if (node.name, "approx") not in self.memo:
+            self.memo[node.name, "approx"] = quantize_blocks(weight, 4, block)[:2]
+        approx_q, approx_s = self.memo[node.name, "approx"]
+        x = node.inputs[0]
+
+        def var(base, dtype=np.float32):
+            return gs.Variable(fresh_name(graph, f"{node.name}_{base}"), dtype=dtype)
+
+        approx = var("approx_logits")
+        graph.layer(op="MatMulNBits", name=approx.name, domain=MS_DOMAIN, outputs=[approx],
+                    inputs=[x, gs.Constant(fresh_name(graph, f"{node.name}_approx_q4"), approx_q),
+                            gs.Constant(fresh_name(graph, f"{node.name}_approx_scales"), approx_s)],
+                    attrs={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": self.accuracy_level})
+        values, index = var("candidate_logits"), var("candidates", np.int64)
+        graph.layer(op="TopK", name=index.name, inputs=[approx, gs.Constant(fresh_name(graph, "rescore_k"),
+                    np.array([self.rescore], np.int64))], outputs=[values, index], attrs={"axis": -1})
+        blocks = var("candidate_blocks")
+        scales3 = gs.Constant(fresh_name(graph, f"{scales.name}_3d"), scales.values.reshape(n, -1, 1))
+        graph.layer(op="GatherBlockQuantized", name=blocks.name, domain=MS_DOMAIN, outputs=[blocks],
+                    inputs=[table, index, scales3],
+                    attrs={"bits": 8, "block_size": self.block_size, "gather_axis": 0, "quantize_axis": 2})
+        rows = var("candidate_rows")
+        graph.layer(op="Reshape", name=rows.name, inputs=[blocks, gs.Constant(fresh_name(graph, "rows_shape"),
+                    np.array([0, 0, 0, -1], np.int64))], outputs=[rows])
+        column = var("hidden_column")
+        graph.layer(op="Unsqueeze", name=column.name, inputs=[x, gs.Constant(fresh_name(graph, "last_axis"),
+                    np.array([-1], np.int64))], outputs=[column])
+        exact4, exact = var("exact_column"), var("exact_logits")
+        graph.layer(op="MatMul", name=exact4.name, inputs=[rows, column], outputs=[exact4])
+        graph.layer(op="Squeeze", name=exact.name, inputs=[exact4, gs.Constant(fresh_name(graph, "squeeze_last"),
+                    np.array([-1], np.int64))], outputs=[exact])
+        graph.layer(op="ScatterElements", name=f"{node.name}_rescored", inputs=[approx, index, exact],
+                    outputs=[out], attrs={"axis": -1})
 
     def _weight(self, node: gs.Node):
         """(the [K, N] float weight, the constant it is the transpose of or None), or why not."""

@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 POSITIONWISE = ("Div", "Mul", "Tanh", "Add", "Sub", "Cast", "Identity")
 
 
+def lm_head(graph: gs.Graph) -> gs.Node | None:
+    """The MatMul (or MatMulNBits) that writes a decoder's ``logits`` output, through position-wise ops."""
+    logits = next((t for t in graph.outputs if t.name == "logits"), None)
+    node = producer(logits) if logits is not None else None
+    while node is not None and node.op in POSITIONWISE:
+        node = next((producer(t) for t in node.inputs if producer(t) is not None), None)
+    return node if node is not None and node.op in ("MatMul", "MatMulNBits") else None
+
+
 class SelectLogitPositions(Pass):
     """Gathers the hidden states at ``logit_positions`` before a decoder's LM head."""
 
@@ -42,11 +51,8 @@ class SelectLogitPositions(Pass):
         if any(t.name == LOGIT_POSITIONS for t in graph.inputs):
             logger.debug("skip: the graph already has %s", LOGIT_POSITIONS)
             return PassResult(False)
-        logits = next((t for t in graph.outputs if t.name == "logits"), None)
-        node = producer(logits) if logits is not None else None
-        while node is not None and node.op in POSITIONWISE:
-            node = next((producer(t) for t in node.inputs if producer(t) is not None), None)
-        if node is None or node.op not in ("MatMul", "MatMulNBits"):
+        node = lm_head(graph)
+        if node is None:
             logger.debug("skip: no MatMul writes the logits output")
             return PassResult(False)
         hidden = node.inputs[0]

@@ -137,3 +137,21 @@ def test_weights_it_cannot_hold_are_left_in_float_with_the_reason(caplog):
 def test_running_again_changes_nothing():
     quantized, _ = _quantize(_decoder_like(), block_size=32, accuracy_level=0)
     assert not _quantize(quantized, block_size=32, accuracy_level=0)[1].changed
+
+
+def test_a_rescored_head_gives_8_bit_logits_for_its_best_candidates_and_4_bit_ones_for_the_rest():
+    model = _decoder_like()
+    rescored, record = _quantize(model, block_size=32, accuracy_level=0, eight_bit=("head",), rescore=4)
+    ops = [n.op_type for n in rescored.graph.node]
+    assert record.stats["rescored_head"] == "head" and ops.count("TopK") == 1 and "ScatterElements" in ops
+    assert ops.count("GatherBlockQuantized") == 2  # the embedding and the candidates read the one 8-bit table
+    tables = [n.input[0] for n in rescored.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert tables[0] == tables[1]
+    ids = np.array([[1, 5, 79, 0], [3, 3, 40, 2]])
+    got = _run(rescored, ids)
+    eight, _ = _quantize(model, block_size=32, accuracy_level=0, eight_bit=("head",))  # the plain 8-bit head
+    exact = _run(eight, ids)
+    close = np.isclose(got, exact, atol=1e-4, rtol=0)
+    assert (close.sum(-1) >= 4).all()  # the k candidates carry the 8-bit head's logits exactly
+    assert (close.sum(-1) < VOCAB // 2).all()  # the rest carry the 4-bit pass's
+    assert (got.argmax(-1) == exact.argmax(-1)).all()  # greedy decoding sees the 8-bit head

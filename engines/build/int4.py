@@ -6,8 +6,9 @@ perplexity, and agreement of the next-token first choice with the float graph). 
 break the budget, the MatMuls 4 bits hold worst -- the largest relative weight error, which is where a
 weight carries more than 16 levels per block, as a GGUF's 5-, 6- and 8-bit tensors do -- move to 8 bits:
 the smallest such prefix that meets the budget, found by bisection over the ordered list (a handful of
-scored tries; each weight is quantized once per bit width and reused). When even 8 bits everywhere
-break it, the build stops and says so. Block size and accuracy level: measured on this CPU
+scored tries; each weight is quantized once per bit width and reused). An LM head at 8 bits runs rescored
+(a 4-bit pass over the vocabulary, its best candidates in 8 bits: ``passes/quantize_weights_nbits.py``).
+When even 8 bits everywhere break the budget, the build stops and says so. Block size and accuracy level: measured on this CPU
 (docs/decisions/009-int4-weights.md).
 """
 
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32  # docs/decisions/009-int4-weights.md
 ACCURACY_LEVEL = 4  # int8 activations: the integer dot-product units; measured faster at equal perplexity
+RESCORE = 256  # an 8-bit LM head as a 4-bit pass + its 256 best candidates in 8 bits (decisions/009)
 
 
 @dataclasses.dataclass
@@ -90,13 +92,15 @@ class Int4Stage:
             candidate, stats, result, _ = best
             chosen = order[:high]
         self.report = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(), result.to_json(),
-                                 stats["int4"], chosen, tuple(tries), round(time.perf_counter() - start, 1))
+                                 stats["int4"], chosen, tuple(tries), round(time.perf_counter() - start, 1),
+                                 stats.get("rescored_head"), RESCORE if stats.get("rescored_head") else 0)
         logger.info("int4: %d MatMuls at 4 bits, %d at 8; perplexity %.3f (float %.3f), agreement %.3f",
                     stats["int4"], len(chosen), result.perplexity, reference.perplexity, result.agreement)
         return candidate
 
     def _candidate(self, graph: onnx.ModelProto, eight: tuple[str, ...], memo: dict):
-        passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, eight_bit=eight, memo=memo)]
+        passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, eight_bit=eight, memo=memo,
+                                                      rescore=RESCORE)]
         quantized, records = PassManager(passes, quiet=True).run(graph)
         return quantized, records[-1].stats
 

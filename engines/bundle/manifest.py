@@ -228,6 +228,8 @@ class Int4Report:
     int8: tuple[str, ...]  # MatMuls at 8 bits, the budget's choice
     tries: tuple[dict, ...]  # {"int8": n, "perplexity", "agreement", "met"} in the order tried
     seconds: float
+    rescored_head: str | None = None  # the LM head run as a 4-bit pass + its best candidates in 8 bits
+    rescore: int = 0  # how many candidates
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"int8": list(self.int8), "tries": list(self.tries)}
