@@ -157,3 +157,16 @@ def test_bad_generation_requests_exit_with_the_reason(bundle, run_cli, tmp_path)
     assert code != 0 and "longer than the max length 64" in err
     code, _, err = run_cli("generate", bundle, "1,x", "--ids")
     assert code == 2 and "expected token ids separated by commas" in err
+
+
+def test_compare_reports_perplexity_and_agreement_and_judges_an_int4_bundle_by_its_budget(int4_bundle, tmp_path):
+    from engines.evaluate.compare import CompareRequest, compare
+
+    result = compare(CompareRequest(int4_bundle, report=tmp_path / "r.json", cache_dir=tmp_path / ".cache"))
+    metric = result.task_metric
+    report = read_manifest(int4_bundle).accuracy.int4["ort"]
+    assert metric["values"]["planforge ort-cpu"] == pytest.approx(report.result["perplexity"], rel=1e-4)
+    assert metric["values"]["onnxruntime model.onnx"] == pytest.approx(report.reference["perplexity"], rel=1e-3)
+    assert metric["budget"] == "perplexity=0.02" and metric["passed"] and result.ok
+    judged = [p for p in result.pairs if p.precision == "int4"]
+    assert judged and all(p.budget["passed"] for p in judged)

@@ -209,12 +209,19 @@ def compare_table(console: Console, result) -> None:
                  "", "", f"{b['metric']} {b['value']:.4f} " + ("pass" if b["passed"] else "FAIL"))
     console.print(table)
     if result.task_metric:
-        task = Table(title=f"{result.task_metric['metric']} ({result.task_metric['samples']} samples)")
+        metric = result.task_metric
+        task = Table(title=f"{metric['metric']} ({metric['samples']} samples)")
         task.add_column("runner")
-        task.add_column("accuracy", justify="right")
-        for name, value in result.task_metric["values"].items():
-            _row(task, name, f"{value:.4f}")
+        agreement = metric.get("agreement")
+        task.add_column("perplexity" if agreement is not None else "accuracy", justify="right")
+        if agreement is not None:
+            task.add_column("agreement", justify="right")
+        for name, value in metric["values"].items():
+            extra = [] if agreement is None else [f"{agreement[name]:.4f}" if name in agreement else "reference"]
+            _row(task, name, f"{value:.4f}", *extra)
         console.print(task)
+        if "budget" in metric:
+            console.print(f"budget {metric['budget']}: " + ("pass" if metric["passed"] else "FAIL"))
     for name, reason in result.skipped.items():
         console.print(f"not compared: {escape(name)}: {escape(reason)}")
     built, here = result.cpu.get("int8_ort_validated_on"), result.cpu.get("cpu_isa")

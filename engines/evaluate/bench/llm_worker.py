@@ -128,8 +128,12 @@ class OnnxruntimeGenai:
             "intra_op_num_threads": request["threads"], "inter_op_num_threads": 1}}}}))
         self.model = og.Model(config)
         self.precision = json.loads((Path(model) / "planforge_peer.json").read_text())["precision"]
+        decoder = json.loads((Path(model) / "genai_config.json").read_text())["model"]["decoder"]
+        self.window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
 
     def _generator(self, batch: int, length: int):
+        # Its sliding-window layers keep a window-sized cache and refuse a max length below the window (512).
+        length = max(length, self.window)
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=length, batch_size=batch, do_sample=False, min_length=length)
         return self.og.Generator(self.model, params)

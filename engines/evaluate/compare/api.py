@@ -75,7 +75,13 @@ def compare(request: CompareRequest) -> CompareResult:
     budget = manifest.calibration.budget if manifest.calibration else None
     pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds, state)
              for i, side in enumerate(sides[1:], start=1)]
-    task = _task_metric(manifest, sides)
+    task = _task_metric(manifest, sides) or _decoder_metric(bundle, manifest, request.threads)
+    if task and task.get("budget"):  # a 4-bit decoder: its perplexity budget decides, as at build
+        for pair in pairs:
+            if pair.precision == "int4":
+                pair.budget = {"budget": task["budget"], "metric": task["budget"].split("=")[0],
+                               "value": task["judged"], "passed": task["passed"]}
+                pair.passed = pair.passed and task["passed"]
     result = CompareResult(bundle, data, sides[0].name, pairs, skipped, task,
                            polygraphy_commands(bundle, manifest, pairs, request.save_inputs, len(data.feeds)),
                            _cpu(manifest), stateful=bool(state))
@@ -253,6 +259,39 @@ def _task_metric(manifest: Manifest, sides: list[Side]) -> dict | None:
         logits = np.concatenate([np.asarray(it["logits"]) for it in results[side.runner.name]])
         accuracy[side.name] = logits_accuracy(logits)
     return {"metric": "digits test accuracy", "samples": len(labels), "values": accuracy}
+
+
+def _decoder_metric(bundle: Path, manifest: Manifest, threads: int | None) -> dict | None:
+    """A decoder bundle's perplexity and next-token agreement on held-out text (what its 4-bit budget judged
+    at build, ``engines/build/int4.py``): the exported FP32 graph as the reference, the bundle's ONNX Runtime
+    graph as planforge runs it. None without a decoder or a tokenizer."""
+    decoder = manifest.decoder
+    if decoder is None or "tokenizer.json" not in manifest.artifacts:
+        return None
+    import dataclasses  # noqa: PLC0415 - only for decoders
+
+    from engines.runtime import load  # noqa: PLC0415
+    from engines.runtime.generate import Generator  # noqa: PLC0415
+    from engines.runtime.generate.perplexity import evaluation_ids, score  # noqa: PLC0415
+    from engines.runtime.generate.text import Tokenizer  # noqa: PLC0415
+    from foundation.decoder import DecoderBudget  # noqa: PLC0415
+    from foundation.ort_session import create_session  # noqa: PLC0415
+
+    verified_path(bundle, manifest, "tokenizer.json")
+    ids = evaluation_ids(Tokenizer(bundle).encode, decoder.bos, min(512, decoder.max_length))
+    exported = create_session(verified_path(bundle, manifest, "model.onnx"), threads)
+    reference, choices = score(Generator(exported, dataclasses.replace(decoder, cache="grow")), ids)
+    with load(bundle, backend="ort-cpu", threads=threads) as runner:
+        ours, _ = score(runner.generator(), ids, choices)
+    result = {"metric": f"perplexity on {reference.text}, next-token agreement", "samples": len(ids),
+              "values": {"onnxruntime model.onnx": reference.perplexity, "planforge ort-cpu": ours.perplexity},
+              "agreement": {"planforge ort-cpu": ours.agreement}}
+    report = manifest.accuracy.int4.get("ort") if manifest.accuracy.int4 else None
+    if report is not None:
+        budget = DecoderBudget.parse(report.budget)
+        result.update(budget=str(budget), passed=budget.met(ours.perplexity, ours.agreement, reference.perplexity),
+                      judged=ours.perplexity if budget.metric == "perplexity" else ours.agreement)
+    return result
 
 
 def _write_report(bundle: Path, result: CompareResult, report: Path | None) -> Path:
