@@ -2,7 +2,9 @@
 (Gemma Terms of Use: installed by the make target, never committed), built as an FP32 decoder bundle
 with default options. Its greedy continuations equal transformers' ``generate`` on the same weights
 (the GGUF file dequantized by transformers) token for token, 64 new tokens on several prompts, and
-``planforge generate`` writes readable text. Numbers go to build/real/summary.jsonl."""
+``planforge generate`` writes readable text. Built ``--precision int4`` with default options, its
+perplexity on held-out text is within the budget of the float graph's (scored again here, independently of
+the build's record), and it writes readable text too. Numbers go to build/real/summary.jsonl."""
 
 from __future__ import annotations
 
@@ -36,6 +38,50 @@ def gemma(tmp_path_factory):
     started = time.monotonic()
     result = build(BuildRequest(str(gguf), out=root / "bundle", build_root=root, export=ExportOptions(max_length=256)))
     return root, result.out, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def gemma_int4(gemma):
+    root, _, _ = gemma
+    gguf = root / "gemma-3-270m-q4_k_m.gguf"
+    started = time.monotonic()
+    result = build(BuildRequest(str(gguf), out=root / "bundle-int4", build_root=root, precision="int4",
+                                export=ExportOptions(max_length=256)))
+    return result.out, time.monotonic() - started
+
+
+def test_gemma3_int4_perplexity_is_within_its_budget(gemma, gemma_int4):
+    from engines.runtime.generate.perplexity import evaluation_ids, score
+
+    _, fp32_bundle, _ = gemma
+    bundle, seconds = gemma_int4
+    manifest = read_manifest(bundle)
+    report = manifest.accuracy.int4["ort"]
+    assert report.budget == "perplexity=0.02" and report.int4 + len(report.int8) > 0
+    ids = evaluation_ids(Tokenizer(bundle).encode, manifest.decoder.bos, report.result["tokens"])
+    with load(fp32_bundle) as runner:  # the float model, independently of the build's record
+        reference, choices = score(runner.generator(), ids)
+    with load(bundle) as runner:
+        ours, _ = score(runner.generator(), ids, choices)
+    assert ours.perplexity <= reference.perplexity * 1.02 + 1e-6, (ours, reference)
+    assert ours.agreement >= 0.85, ours
+    sizes = {name: a.size for name, a in manifest.artifacts.items()}
+    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
+    with SUMMARY.open("a") as f:
+        f.write(json.dumps({"model": "gemma-3-270m (GGUF Q4_K_M)", "precision": "int4", "build_s": round(seconds, 1),
+                            "perplexity": round(ours.perplexity, 3), "fp32 perplexity": round(reference.perplexity, 3),
+                            "agreement": round(ours.agreement, 4), "tokens": ours.tokens, "int4 MatMuls": report.int4,
+                            "int8 MatMuls": len(report.int8), "rescored head": report.rescore,
+                            "ort graph MB": round(sizes.get(manifest.backends.ort.graph, 0) / 2**20, 1)}) + "\n")
+
+
+def test_gemma3_int4_writes_readable_text(gemma_int4, run_cli):
+    bundle, _ = gemma_int4
+    code, out, err = run_cli("generate", bundle, "The capital of France is", "--max-new-tokens", "24")
+    assert code == 0, err
+    words = re.findall(r"[A-Za-z]+", out)
+    assert len(words) >= 8 and sum(w.lower() in {"the", "of", "and", "is", "a", "in", "city", "france", "paris"}
+                                   for w in words) >= 3, out
 
 
 def test_gemma3_greedy_generation_equals_transformers_token_for_token(gemma):
