@@ -25,6 +25,7 @@ from passes.fuse_layer_norm import FuseLayerNorm
 from passes.fuse_linear_affine import FuseLinearAffine
 from passes.fuse_matmul_add import FuseMatMulAdd
 from passes.fuse_rms_norm import FuseRmsNorm
+from passes.fuse_skip_rms_norm import FuseSkipRmsNorm
 from passes.fuse_standard_attention import FuseStandardAttention
 from passes.fuse_static_kv_cache import FuseStaticKVCache
 from passes.infer_shapes import InferShapes
@@ -42,7 +43,8 @@ FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, Fus
 FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache, SelectLogitPositions)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls, SelectLogitPositions)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls, SelectLogitPositions,
+                          FuseSkipRmsNorm)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -112,6 +114,7 @@ __all__ = [
     "FuseLinearAffine",
     "FuseMatMulAdd",
     "FuseRmsNorm",
+    "FuseSkipRmsNorm",
     "FuseStandardAttention",
     "FuseStaticKVCache",
     "InferShapes",
