@@ -14,6 +14,7 @@ from exporter.decoder import FlatCacheDecoder, decoder_info, export_decoder, par
 from passes import PassManager, pipeline
 
 VOCAB = 96
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)]
 
 
 def _gemma3():
@@ -74,3 +75,25 @@ def ort_pipeline(model: torch.nn.Module, info, path, out):
     graph, records = PassManager(pipeline("ort", "fp32"), verify_feeds=feeds, scaled=True).run(onnx.load(str(path)))
     onnx.save(graph, str(out))
     return dataclasses.replace(info, cache="shared"), graph, records
+
+
+def tiny_llama(root):
+    """A seeded LLaMA-style model (GQA) saved as a Hugging Face directory with a word-level tokenizer made
+    here (BOS first): (directory, model, tokenizer)."""
+    import tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    directory = root / "tiny-llama"
+    model.save_pretrained(str(directory))
+    fast = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    fast.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="<s>", eos_token="</s>",
+                                                     pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(str(directory))
+    return directory, model, tokenizer

@@ -13,34 +13,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from decoders import WORDS, tiny_llama  # noqa: E402
+
 from engines.bundle import read_manifest  # noqa: E402
 from engines.runtime import load  # noqa: E402
-
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(92)]
-
-
-def _tokenizer(directory):
-    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>")
-    fast = tokenizers.Tokenizer(model)
-    fast.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast.decoder = tokenizers.decoders.WordPiece(prefix="##")
-    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="<s>", eos_token="</s>",
-                                                   pad_token="<pad>", unk_token="<unk>")
-    wrapped.save_pretrained(str(directory))
-    return wrapped
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(str(root / "tiny-llama"))
-    tokenizer = _tokenizer(root / "tiny-llama")
+    _, model, tokenizer = tiny_llama(root)
     return root, model, tokenizer
 
 

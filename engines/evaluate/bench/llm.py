@@ -97,7 +97,7 @@ def bench_llm(request: LlmBenchRequest, on_row=lambda row: None) -> dict:
                            "held_out": held_out if batch == request.batches[0] and round_ == 0 else None}
                     path = Path(tmp) / "request.json"
                     path.write_text(json.dumps(doc))
-                    for row in _run(python, backend, model, path, request):
+                    for row in _run(python, backend, model, path, request, batch):
                         row["model"] = str(model)
                         samples.setdefault((backend, str(model), batch), []).append(row)
                         on_row(row)
@@ -110,18 +110,19 @@ def bench_llm(request: LlmBenchRequest, on_row=lambda row: None) -> dict:
             "rows": rows, "environment": environment}
 
 
-def _run(python: Path, backend: str, model: Path, request_path: Path, request: LlmBenchRequest) -> list[dict]:
+def _run(python: Path, backend: str, model: Path, request_path: Path, request: LlmBenchRequest,
+         batch: int) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(request.threads), PYTHONWARNINGS="ignore")
     cmd = [str(python), str(WORKER), backend, str(model), str(request_path)]
     logger.info("bench-llm: %s %s", backend, model)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=request.timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return [{"backend": backend, "skipped": f"timed out after {request.timeout_s:.0f} s"}]
+        return [{"backend": backend, "batch": batch, "skipped": f"timed out after {request.timeout_s:.0f} s"}]
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
         logger.warning("bench-llm: %s on %s failed: %s", backend, model, last)
-        return [{"backend": backend, "skipped": last}]
+        return [{"backend": backend, "batch": batch, "skipped": last}]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -9,7 +9,7 @@ the batch, the new-token count and the thread count. It prints one JSON row on s
 Timing: one untimed warm-up generation, then one timed: TTFT from the call to the first token chosen,
 prompt tokens/s = batch * prompt length / TTFT, decode tokens/s = batch * (new tokens - 1) / the time from
 the first token to the last, per-token latency p50/p99 over those steps. Greedy, exactly ``new_tokens``
-tokens (stop tokens ignored), context = prompt + new tokens. Peak RSS (``ru_maxrss``) is read after the
+tokens (stop tokens ignored), context = prompt + new tokens. Peak RSS (VmHWM) is read after the
 generations and before scoring: scoring's logits are not part of serving. Perplexity: teacher-forced over
 the held-out ids, exp of the mean negative log-likelihood of each next token.
 """
@@ -30,6 +30,15 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     top = logits.max(axis=-1, keepdims=True)
     norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
     return logits[np.arange(len(targets)), targets] - norm
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: a child started by fork + exec inherits
+    the parent's peak there, and the parent is the benchmark driver."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no /proc: the best there is
 
 
 def _perplexity(logprobs: np.ndarray) -> float:
@@ -60,7 +69,7 @@ class Planforge:
         return self.generator.stream(prompts, new, stop=(), ignore_eos=True)
 
     def score(self, ids: list[int]) -> float:
-        logprobs, _ = self.generator.score(ids)
+        logprobs, _ = self.runner.generator(max_length=max(len(ids), self.generator.max_length)).score(ids)
         return _perplexity(logprobs)
 
 
@@ -210,7 +219,7 @@ def main(argv: list[str]) -> int:
                      "ttft_ms": timed["ttft"] * 1e3, "prompt_tok_per_s": batch * len(prompts[0]) / timed["ttft"],
                      "decode_tok_per_s": batch * len(steps) / float(np.sum(steps)),
                      "p50_ms": float(np.percentile(steps, 50) * 1e3), "p99_ms": float(np.percentile(steps, 99) * 1e3)})
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     perplexity = runner.score(request["held_out"]) if request.get("held_out") else None
     for row in rows:
         row.update(peak_rss_mb=peak, perplexity=perplexity, perplexity_tokens=len(request.get("held_out") or ()))
