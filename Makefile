@@ -123,11 +123,15 @@ $(PEERS)/genai/.installed:
 	$(PEERS)/genai/bin/python -m pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 torch==2.13.0 \
 	  transformers==5.25.0 gguf==0.19.0 accelerate==1.16.0 onnx onnx_ir numpy
 	touch $@
+# llama.cpp: every x86 SIMD level ggml has up to AVX-512 (VNNI, BF16, VBMI), without AMX: the native build
+# (GGML_NATIVE, which turns AMX on where the CPU flags it) segfaults in its first decode on this VM.
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 $(PEERS)/llama-cpp/.installed:
 	$(PYTHON) -m venv $(PEERS)/llama-cpp
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llama-cpp/bin/python -m pip install -q --no-binary llama-cpp-python \
-	  llama-cpp-python==0.3.36 numpy
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PEERS)/llama-cpp/bin/python -m pip install -q \
+	  --no-cache-dir --no-binary llama-cpp-python llama-cpp-python==0.3.36 numpy
 	touch $@
 bench-llm: $(GEMMA_GGUF) $(PEERS)/genai/.installed $(PEERS)/llama-cpp/.installed
 	$(BIN)/planforge build $(GEMMA_GGUF) -o build/gemma3 --max-length 2048 > /dev/null
