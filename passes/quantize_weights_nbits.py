@@ -30,6 +30,13 @@ does not share the table with the embedding, and takes no per-MatMul bit width, 
 (``engines/build/int4.py``) chooses. ``eight_bit`` names the MatMuls the budget moved to 8 bits; ``keep``
 those it kept in float.
 
+Target ``trt`` (TensorRT takes standard ONNX only): ``MatMul(A, DequantizeLinear(Wq, scale, axis=0,
+block_size))``, signed int4 / int8 weights with zero point 0 and positive scales (TensorRT takes no other):
+each block's largest magnitude onto +-7 (+-127), a level fewer than the ort form's; the embedding keeps its
+float table there. ``eight_bit_error``: 8 bits for every MatMul whose 4-bit relative
+error reaches it -- the threshold the ONNX Runtime graph's budget arrived at, applied to a graph whose
+MatMuls are not merged the same way.
+
 Skipped, with the reason logged: weights that are not constant, K not a multiple of the block size,
 K smaller than a block, batched (3-D) weights.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
@@ -48,10 +56,11 @@ from passes.select_logit_positions import lm_head
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size
 APPROX_BLOCK = 128  # the rescored head's 4-bit pass: measured fastest for a vocabulary-wide head (decisions/009)
 
 
-def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True
+def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True, positive: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(packed uint8 [N, K/bs, bs*bits/8], scales float32 [N, K/bs], zero points) of a ``[K, N]`` weight.
     Symmetric (module docstring): no zero points, the kernel's default 2^(bits-1). Asymmetric: each block's
@@ -60,7 +69,10 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: b
     k, n = weight.shape
     blocks = np.ascontiguousarray(weight.T, dtype=np.float32).reshape(n, k // block_size, block_size)
     top = 2 ** bits - 1
-    if symmetric:
+    if symmetric and positive:  # TensorRT's: positive scales, the largest magnitude onto +-(2^(bits-1) - 1)
+        zero = np.full(blocks.shape[:-1], 2 ** (bits - 1), np.float32)
+        scales = np.abs(blocks).max(-1) / (2 ** (bits - 1) - 1)
+    elif symmetric:
         extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
         zero = np.full(extreme.shape, 2 ** (bits - 1), np.float32)
         scales = extreme / -zero
@@ -86,14 +98,19 @@ def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
     return zero[:, 0::2] | (zero[:, 1::2] << 4)
 
 
+def unpack_levels(packed: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """The levels ``[N, K/bs, bs]`` (uint8, 0 .. 2^bits - 1) of packed MatMulNBits blocks."""
+    if bits == 8:
+        return packed
+    q = np.empty(packed.shape[:-1] + (block_size,), np.uint8)
+    q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
+    return q
+
+
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, block_size: int,
                       zero: np.ndarray | None = None) -> np.ndarray:
     """The ``[K, N]`` float weight that ``(packed, scales, zero)`` stands for (``quantize_blocks`` undone)."""
-    if bits == 4:
-        q = np.empty(packed.shape[:-1] + (block_size,), np.uint8)
-        q[..., 0::2], q[..., 1::2] = packed & 0x0F, packed >> 4
-    else:
-        q = packed
+    q = unpack_levels(packed, bits, block_size)
     zero = np.float32(2 ** (bits - 1)) if zero is None else zero[..., None].astype(np.float32)
     values = (q.astype(np.float32) - zero) * scales[..., None]
     return values.reshape(values.shape[0], -1).T
@@ -104,15 +121,17 @@ class QuantizeWeightsNBits(Pass):
     GatherBlockQuantized on the same 4-bit table."""
 
     def __init__(self, block_size: int = 32, accuracy_level: int = 4, eight_bit: tuple[str, ...] = (),
-                 keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None, rescore: int = 0):
+                 keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None, rescore: int = 0,
+                 target: str = "ort", eight_bit_error: float | None = None):
         self.block_size, self.accuracy_level, self.symmetric = block_size, accuracy_level, symmetric
-        self.rescore = rescore
+        self.rescore, self.target, self.eight_bit_error = rescore, target, eight_bit_error
         self.memo = memo if memo is not None else {}  # (node, bits) -> blocks: a budget search runs many times
         self.eight_bit, self.keep = set(eight_bit), set(keep)
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"4": 0, "8": 0}
         error: dict[str, float] = {}
+        eight: list[str] = []
         rescored = None
         tables: dict[int, tuple[gs.Constant, gs.Constant]] = {}  # id(embedding constant) -> (packed, scales)
         gathered = {id(n.inputs[0]): n.inputs[0] for n in graph.nodes
@@ -127,14 +146,19 @@ class QuantizeWeightsNBits(Pass):
             if tied is None:  # an exporter may have folded the head's Transpose into a copy of the table
                 tied = next((t for t in gathered.values() if t.values.shape == weight.shape[::-1]
                              and np.array_equal(t.values, weight.T)), None)
+            symmetric = self.symmetric or tied is not None or self.target == "trt"  # no zero points there
             bits = 8 if node.name in self.eight_bit else 4
-            symmetric = self.symmetric or tied is not None  # a table shared with the Gather: no zero points
-            if (node.name, bits) not in self.memo:
-                packed, scales, zero = quantize_blocks(weight, bits, self.block_size, symmetric)
-                back = dequantize_blocks(packed, scales, bits, self.block_size, zero)
-                self.memo[node.name, bits] = (packed, scales, zero, float(
-                    np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)))
-            packed, scales, zero, error[node.name] = self.memo[node.name, bits]
+            threshold = self.eight_bit_error
+            if threshold is not None and self._error(node.name, weight, 4, symmetric) >= threshold:
+                bits = 8  # as 4 bits hold it no better than what the budget moved to 8 bits
+            self._error(node.name, weight, bits, symmetric)
+            packed, scales, zero, error[node.name] = self.memo[node.name, bits, self.target]
+            if bits == 8:
+                eight.append(node.name)
+            if self.target == "trt":
+                self._dequantize_linear(graph, node, packed, scales, bits, weight.shape)
+                counts[str(bits)] += 1
+                continue
             k, n = weight.shape
             packed_t = gs.Constant(fresh_name(graph, f"{node.name}_q{bits}"), packed)
             scales_t = gs.Constant(fresh_name(graph, f"{node.name}_scales"), scales)
@@ -165,7 +189,39 @@ class QuantizeWeightsNBits(Pass):
         return PassResult(True, {"int4": counts["4"], "int8": counts["8"], "embedding_4bit": embeddings,
                                  "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                                  **({"rescored_head": rescored, "rescore": self.rescore} if rescored else {}),
+                                 "eight_bit": eight,
                                  "relative_error": error})
+
+    def _error(self, name: str, weight: np.ndarray, bits: int, symmetric: bool) -> float:
+        """The relative error of ``weight`` at ``bits`` (quantized once and kept in the memo)."""
+        key = (name, bits, self.target)
+        if key not in self.memo:
+            packed, scales, zero = quantize_blocks(weight, bits, self.block_size, symmetric, self.target == "trt")
+            back = dequantize_blocks(packed, scales, bits, self.block_size, zero)
+            self.memo[key] = (packed, scales, zero,
+                              float(np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)))
+        return self.memo[key][3]
+
+    def _dequantize_linear(self, graph: gs.Graph, node: gs.Node, packed: np.ndarray, scales: np.ndarray, bits: int,
+                           shape: tuple[int, int]) -> None:
+        """TensorRT's form: ``MatMul(A, DequantizeLinear(Wq, scale, axis=0, block_size))`` with signed int4 or
+        int8 weights and zero point 0 (the only one TensorRT takes); the same values as the MatMulNBits form."""
+        k, n = shape
+        signed = (unpack_levels(packed, bits, self.block_size).astype(np.int16) - 2 ** (bits - 1)).reshape(n, k).T
+        name = fresh_name(graph, f"{node.name}_w{bits}")
+        if bits == 4:  # ONNX packs int4 two per byte, the first element in the low nibble (numpy has no int4)
+            flat = np.ascontiguousarray(signed).reshape(-1).astype(np.uint8) & 0x0F
+            raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+            proto = onnx.helper.make_tensor(name, onnx.TensorProto.INT4, [k, n], raw.tobytes(), raw=True)
+            weights = gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+        else:
+            weights = gs.Constant(name, np.ascontiguousarray(signed).astype(np.int8))
+        scale = gs.Constant(fresh_name(graph, f"{node.name}_scale"), np.ascontiguousarray(scales.T))
+        dequantized = gs.Variable(fresh_name(graph, f"{node.name}_dequantized"), dtype=np.float32)
+        graph.layer(op="DequantizeLinear", name=dequantized.name, inputs=[weights, scale], outputs=[dequantized],
+                    attrs={"axis": 0, "block_size": self.block_size})
+        node.inputs[1] = dequantized
+        graph.opset = max(graph.opset, BLOCKED_DQ_OPSET)
 
     def _rescored_head(self, graph: gs.Graph, node: gs.Node, weight: np.ndarray, table: gs.Constant,
                        scales: gs.Constant, out: gs.Tensor) -> None:
@@ -173,7 +229,7 @@ class QuantizeWeightsNBits(Pass):
         best candidates (module docstring, "The rescored head")."""
         k, n = weight.shape
         block = APPROX_BLOCK if k % APPROX_BLOCK == 0 else self.block_size
-        if (node.name, "approx") not in self.memo:
+        if (node.name, "approx") not in self.memo:  # a 4-bit pass for the ort form only
             self.memo[node.name, "approx"] = quantize_blocks(weight, 4, block)[:2]
         approx_q, approx_s = self.memo[node.name, "approx"]
         x = node.inputs[0]

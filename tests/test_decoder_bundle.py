@@ -117,6 +117,11 @@ def test_an_int4_bundle_holds_4_bit_weights_within_its_perplexity_budget(int4_bu
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert bits.count(4) == report.int4 and bits.count(8) == len(report.int8) and bits
     assert not [n for n in graph.graph.node if n.op_type == "MatMul"]
+    trt = onnx.load(str(int4_bundle / manifest.backends.trt.graph))  # TensorRT's form: standard ONNX
+    trt_ops = [n.op_type for n in trt.graph.node]
+    assert "MatMulNBits" not in trt_ops and trt_ops.count("DequantizeLinear") == trt_ops.count("MatMul") > 0
+    assert manifest.backends.trt.precision == "int4" and manifest.trt_check["refused"] == 0
+    assert manifest.accuracy.int4["trt"].int4 + len(manifest.accuracy.int4["trt"].int8) == trt_ops.count("MatMul")
     with load(int4_bundle) as runner:  # the recorded perplexity is the bundle's, scored again here
         ids = evaluation_ids(Tokenizer(int4_bundle).encode, manifest.decoder.bos, report.result["tokens"])
         again, _ = score(runner.generator(), ids)

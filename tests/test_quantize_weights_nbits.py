@@ -155,3 +155,42 @@ def test_a_rescored_head_gives_8_bit_logits_for_its_best_candidates_and_4_bit_on
     assert (close.sum(-1) >= 4).all()  # the k candidates carry the 8-bit head's logits exactly
     assert (close.sum(-1) < VOCAB // 2).all()  # the rest carry the 4-bit pass's
     assert (got.argmax(-1) == exact.argmax(-1)).all()  # greedy decoding sees the 8-bit head
+
+
+def test_tensorrts_form_is_blocked_dequantize_linear_with_zero_point_0_and_the_same_values():
+    from engines.trt_build.compat import check_model
+
+    model = _decoder_like()
+    trt, _ = _quantize(model, block_size=32, accuracy_level=0, target="trt", eight_bit=("up",))
+    ops = [n.op_type for n in trt.graph.node]
+    assert ops.count("DequantizeLinear") == 3 and ops.count("MatMul") == 3 and "MatMulNBits" not in ops
+    types = {i.name: i.data_type for i in trt.graph.initializer}
+    dq = [n for n in trt.graph.node if n.op_type == "DequantizeLinear"]
+    assert sorted(types[n.input[0]] for n in dq) == sorted([TensorProto.INT8, TensorProto.INT4, TensorProto.INT4])
+    assert all(len(n.input) == 2 for n in dq)  # no zero point: 0
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def back(w, bits):  # TensorRT's grid: positive scales, the largest magnitude onto +-7 (+-127)
+        packed, scales, _ = quantize_blocks(w, bits, 32, positive=True)
+        assert (scales > 0).all()
+        return dequantize_blocks(packed, scales, bits, 32)
+
+    ids = np.array([[1, 5, 79, 0]])
+    hidden = np.maximum(weights["embed"][ids] @ back(weights["w1"], 8), 0) @ back(weights["w2"], 4)
+    expected = hidden @ back(weights["embed"].T, 4)  # the embedding keeps its float table in this form
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as written, as TensorRT reads it
+    got = ort.InferenceSession(trt.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+    assert check_model(trt).ok
+
+
+def test_a_threshold_from_the_budget_picks_the_same_8_bit_weights_in_another_graph():
+    model = _decoder_like()
+    _, record = _quantize(model, block_size=32, accuracy_level=0)
+    errors = record.stats["relative_error"]
+    worst = max(errors, key=errors.get)
+    _, again = _quantize(model, block_size=32, accuracy_level=0, eight_bit_error=errors[worst])
+    assert again.stats["int8"] == 1 and again.stats["int4"] == 2
+    assert again.stats["relative_error"][worst] < errors[worst] / 4  # that one at 8 bits

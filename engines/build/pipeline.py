@@ -138,8 +138,9 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         int8 = Int8Stage(root, request.int8, model, spec, calib_cache)
     if request.precision == "int4":
         int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
+    targets = ("ort", "trt") if int4 else TARGETS  # TensorRT's 4-bit graph takes the ort graph's budget outcome
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder",
-                                 int4) for t in TARGETS}
+                                 int4) for t in targets}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)

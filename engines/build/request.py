@@ -109,8 +109,5 @@ def default_out(name: str, precision: str, root: Path = Path("build")) -> Path:
 
 def target_precisions(precision: str) -> dict[str, str]:
     """FP16 is for TensorRT; the ONNX Runtime CPU fallback keeps FP32 (no fast FP16 CPU kernels). 4-bit
-    weights (a decoder's) are ONNX Runtime's MatMulNBits; the TensorRT graph stays FP32 until its blocked
-    DequantizeLinear form lands."""
-    if precision == "int4":
-        return {"trt": "fp32", "ort": "int4"}
+    weights (a decoder's): MatMulNBits for ONNX Runtime, blocked DequantizeLinear + MatMul for TensorRT."""
     return {"trt": precision, "ort": "fp32" if precision == "fp16" else precision}

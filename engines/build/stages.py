@@ -235,7 +235,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
         precision = int8.precision(target)
     if int4 is not None and precision == "int4":
         on_stage(f"int4 ({target})")
-        optimized = int4.quantize(optimized)
+        optimized = int4.quantize(optimized, target)
     name = f"model.{target}.onnx"
     onnx.save_model(optimized, str(root / name))
     fp32_nodes = []
@@ -345,7 +345,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None,
-                          {"ort": int4.report} if int4 is not None and int4.report else None),
+                          int4.reports if int4 is not None and int4.reports else None),
         trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"], graphs.get("trt")))
 
 

@@ -121,6 +121,12 @@ def _weighted(node, index) -> list[Finding]:
     data_dq, weight_dq = _dq(index, node.input[0]), _dq(index, node.input[k])
     if node.op_type == "MatMul" and index.constant(node.input[k]) is None and weight_dq is None:
         return _half(node) if data_dq is not None else []  # activation x activation MatMul left in float
+    if data_dq is None and weight_dq is not None and node.op_type in ("MatMul", "Gemm") and \
+            attr(weight_dq, "block_size", 0) and index.constant(weight_dq.input[0]) is not None:
+        # Weight-only quantization: a blocked INT4/INT8 weight dequantized into a float GEMM, which TensorRT keeps
+        # as an int weight constant with a DQ prologue (Torch-TensorRT's "INT4 weight-only quantization" example,
+        # docs.pytorch.org/TensorRT/.../quantize_linear_int4_woq.html); zero points must still be 0 (_scale, above).
+        return []
     if (data_dq is None) != (weight_dq is None):
         return _half(node)
     if weight_dq is None:
