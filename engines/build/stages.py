@@ -349,15 +349,15 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"], graphs.get("trt")))
 
 
-def decoder_cache(decoder: DecoderInfo | None, ort: TargetGraph, trt: TargetGraph | None = None
+def decoder_cache(decoder: DecoderInfo | None, ort_graph: TargetGraph, trt_graph: TargetGraph | None = None
                   ) -> DecoderInfo | None:
     """The decoder as each graph runs it: for ONNX Runtime a shared past/present buffer with right padding once
     GroupQueryAttention holds the cache (``passes/fuse_group_query_attention.py``), else a growing one; for
     TensorRT static buffers written by TensorScatter (``passes/fuse_static_kv_cache.py``), else growing."""
-    if decoder is None or not ort.records:
+    if decoder is None or not ort_graph.records:
         return decoder
-    fused = ort.records[-1]["nodes_after"].get("GroupQueryAttention", 0)
-    static = trt is not None and any(r["name"] == "FuseStaticKVCache" and r["changed"] for r in trt.records)
+    fused = ort_graph.records[-1]["nodes_after"].get("GroupQueryAttention", 0)
+    static = trt_graph is not None and any(r["name"] == "FuseStaticKVCache" and r["changed"] for r in trt_graph.records)
     return dataclasses.replace(decoder, cache="shared" if fused else "grow", trt_cache="static" if static else "grow")
 
 
