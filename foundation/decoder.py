@@ -48,7 +48,9 @@ class DecoderInfo:
 
 
 DECODER_BUDGET_METRICS = ("perplexity", "agreement")
-DEFAULT_DECODER_BUDGET = "perplexity=0.02"
+# 1.5 %: as close to the float model as the 4-bit GGUF runtimes it is compared with (llama.cpp: +0.7 % on
+# Gemma 3 270M here, docs/decisions/009), with room for 4 bits where they hold.
+DEFAULT_DECODER_BUDGET = "perplexity=0.015"
 
 
 @dataclasses.dataclass(frozen=True)

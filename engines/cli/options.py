@@ -82,7 +82,7 @@ int8_options = option_group(
     click.Option(["--budget"], metavar="[OUTPUT:]METRIC[@STAT]=VALUE",
                  help="INT8 accuracy budget: top1=0.99, cosine=0.99 or relerr=0.05 [default by task]; OUTPUT: one "
                       "output (probs:top1=0.99); STAT: relerr@mean|pNN|sample|channel, cosine@min|pNN "
-                      "(boxes:relerr@p99=0.05). A decoder's int4 budget: perplexity=0.02 [default] (at most 2% "
+                      "(boxes:relerr@p99=0.05). A decoder's int4 budget: perplexity=0.015 [default] (at most 1.5% "
                       "above the float model's on held-out text) or agreement=0.95 (next-token choices)."),
     click.Option(["--metric", "metric_hook"], metavar="FILE.py:FUNCTION",
                  help="A task metric as the INT8 budget: FUNCTION(reference, candidate, feeds) -> (score, passed), "
