@@ -145,8 +145,8 @@ def test_a_rescored_head_gives_8_bit_logits_for_its_best_candidates_and_4_bit_on
     ops = [n.op_type for n in rescored.graph.node]
     assert record.stats["rescored_head"] == "head" and ops.count("TopK") == 1 and "ScatterElements" in ops
     assert ops.count("GatherBlockQuantized") == 2  # the embedding and the candidates read the one 8-bit table
-    tables = [n.input[0] for n in rescored.graph.node if n.op_type == "GatherBlockQuantized"]
-    assert tables[0] == tables[1]
+    tables = [(n.input[0], n.input[2]) for n in rescored.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert tables[0] == tables[1]  # the same blocks and the same scales
     ids = np.array([[1, 5, 79, 0], [3, 3, 40, 2]])
     got = _run(rescored, ids)
     eight, _ = _quantize(model, block_size=32, accuracy_level=0, eight_bit=("head",))  # the plain 8-bit head
