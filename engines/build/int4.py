@@ -15,6 +15,7 @@ When even 8 bits everywhere break the budget, the build stops and says so. Block
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import tempfile
 import time
@@ -66,35 +67,39 @@ class Int4Stage:
         tries: list[dict] = []
 
         def attempt(eight: tuple[str, ...]):
+            """Score the graph with ``eight`` at 8 bits; only the numbers are kept (a candidate is ~0.4 GB for a
+            270M model and its graphsurgeon copy holds reference cycles: collected before the next try)."""
             candidate, stats = self._candidate(graph, eight, memo)
             result, _ = self._score(candidate, ids, choices)
+            del candidate
+            gc.collect()
             met = self.budget.met(result.perplexity, result.agreement, reference.perplexity)
             tries.append({"int8": len(eight), "perplexity": round(result.perplexity, 4),
                           "agreement": round(result.agreement, 4), "met": met})
             logger.info("int4: %d MatMuls at 8 bits: perplexity %.3f, agreement %.3f -> %s", len(eight),
                         result.perplexity, result.agreement, "within" if met else "outside")
-            return candidate, stats, result, met
+            return stats, result, met
 
-        candidate, stats, result, met = attempt(())
+        stats, result, met = attempt(())
         errors4 = dict(stats["relative_error"])
         chosen: tuple[str, ...] = ()
         if not met:
-            order = tuple(sorted(stats["relative_error"], key=lambda n: -stats["relative_error"][n]))
-            best = attempt(order)
-            if not best[3]:
+            order = tuple(sorted(errors4, key=lambda n: -errors4[n]))
+            stats, result, met = attempt(order)
+            if not met:
                 raise BuildError(f"4-bit weights break the budget {self.budget} even with every MatMul at 8 bits "
-                                 f"(perplexity {best[2].perplexity:.3f} against the float graph's "
+                                 f"(perplexity {result.perplexity:.3f} against the float graph's "
                                  f"{reference.perplexity:.3f}): loosen --budget, or build fp32")
             low, high = 0, len(order)  # low fails, high meets
             while high - low > 1:
                 middle = (low + high) // 2
                 found = attempt(order[:middle])
-                if found[3]:
-                    high, best = middle, found
+                if found[2]:
+                    high, (stats, result, _) = middle, found
                 else:
                     low = middle
-            candidate, stats, result, _ = best
             chosen = order[:high]
+        candidate, stats = self._candidate(graph, chosen, memo)  # the chosen one again, from the memo
         self.threshold = min((errors4[n] for n in chosen), default=float("inf"))
         self.reports["ort"] = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(),
                                          result.to_json(), stats["int4"], chosen, tuple(tries),
