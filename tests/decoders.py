@@ -4,7 +4,12 @@ export, and the ONNX Runtime pass pipeline over it: what the decoder tests share
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import shutil
+import tempfile
+from pathlib import Path
 
 import onnx
 import torch
@@ -75,6 +80,30 @@ def ort_pipeline(model: torch.nn.Module, info, path, out):
     graph, records = PassManager(pipeline("ort", "fp32"), verify_feeds=feeds, scaled=True).run(onnx.load(str(path)))
     onnx.save(graph, str(out))
     return dataclasses.replace(info, cache="shared"), graph, records
+
+
+_EXPORTS = Path(tempfile.mkdtemp(prefix="planforge-decoders-"))
+atexit.register(shutil.rmtree, _EXPORTS, ignore_errors=True)
+
+
+@functools.cache
+def family_export(family: str):
+    """(model, DecoderInfo, model.onnx) of a family's seeded model, exported once per test process: the decoder
+    test files share it (an export takes seconds, and make test has ten minutes)."""
+    model = seeded(family)
+    directory = _EXPORTS / family
+    directory.mkdir()
+    info, path = exported(model, directory)
+    return model, info, path
+
+
+@functools.cache
+def family_ort(family: str):
+    """(DecoderInfo, graph, pass records, model.ort.onnx) of the ``ort`` pipeline over ``family_export``."""
+    model, info, path = family_export(family)
+    out = path.with_name("model.ort.onnx")
+    shared, graph, records = ort_pipeline(model, info, path, out)
+    return shared, graph, records, out
 
 
 def tiny_llama(root):

@@ -16,28 +16,26 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from decoders import FAMILIES, VOCAB, exported, ort_pipeline, seeded  # noqa: E402
+from decoders import FAMILIES, VOCAB, family_export, family_ort  # noqa: E402
 
 from engines.runtime.generate import GenerationError, Generator, Sampling  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def decoder(request, tmp_path_factory):
-    model = seeded(request.param)
-    info, path = exported(model, tmp_path_factory.mktemp(request.param))
+def decoder(request):
+    model, info, path = family_export(request.param)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return model, info, path, session
 
 
 @pytest.fixture(scope="module", params=["grow", "shared"])
-def generation(request, decoder, tmp_path_factory):
+def generation(request, decoder):
     """(model, info, session) of the export as it is (a growing cache, left padding), or after the ``ort``
     passes (GroupQueryAttention: one shared cache buffer, right padding)."""
     model, info, path, session = decoder
     if request.param == "grow":
         return model, info, session
-    fused = tmp_path_factory.mktemp("fused") / "model.ort.onnx"
-    info, _, _ = ort_pipeline(model, info, path, fused)
+    info, _, _, fused = family_ort(info.family)
     return model, info, ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
 
 

@@ -16,19 +16,17 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("transformers")
 
-from decoders import exported, ort_pipeline, seeded
+from decoders import family_export, family_ort
 
 from foundation.decoder import LOGIT_POSITIONS, every_logit_position
 from passes import FuseGroupQueryAttention, InferShapes, PassManager
 
 
 @pytest.fixture(scope="module", params=["gemma3_text", "gpt2"])
-def fused(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = seeded(request.param)
-    info, path = exported(model, root)
-    shared, graph, records = ort_pipeline(model, info, path, root / "model.ort.onnx")
-    return model, info, path, root / "model.ort.onnx", graph, records
+def fused(request):
+    model, info, path = family_export(request.param)
+    _, graph, records, out = family_ort(request.param)
+    return model, info, path, out, graph, records
 
 
 def _session(path):

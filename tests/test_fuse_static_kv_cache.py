@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("transformers")
 
-from decoders import exported, seeded
+from decoders import family_export
 
 from engines.trt_build.compat import check_model
 from exporter.decoder import FlatCacheDecoder, parity_feeds
@@ -27,10 +27,8 @@ BUFFER = 32
 
 
 @pytest.fixture(scope="module", params=["gemma3_text", "llama"])
-def static(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    model = seeded(request.param)
-    info, path = exported(model, root)
+def static(request):
+    model, info, path = family_export(request.param)
     feeds = list(parity_feeds(FlatCacheDecoder(model).eval(), info).values())
     graph, records = PassManager(pipeline("trt", "fp32"), verify_feeds=feeds, scaled=True).run(onnx.load(str(path)))
     return model, info, path, graph, records
