@@ -49,6 +49,18 @@ class CacheAttention:
     softcap: float
 
 
+def cache_attentions(graph: gs.Graph, logger) -> list[CacheAttention]:
+    """Every cache attention of ``graph``; each Attention that is not one is logged at DEBUG with the reason."""
+    matches = []
+    for node in [n for n in graph.nodes if n.op == "Attention"]:
+        match = match_cache_attention(node, graph)
+        if isinstance(match, str):
+            logger.debug("skip %s: %s", node.name, match)
+        else:
+            matches.append(match)
+    return matches
+
+
 def match_cache_attention(node: gs.Node, graph: gs.Graph) -> CacheAttention | str:
     """The pieces of one cache attention, or why ``node`` is not one."""
     if node.op != "Attention":

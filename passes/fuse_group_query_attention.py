@@ -38,7 +38,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.cache_attention_match import CacheAttention, match_cache_attention
+from passes.cache_attention_match import CacheAttention, cache_attentions
 from passes.graph_utils import fresh_name
 from passes.infer_shapes import InferShapes
 
@@ -54,13 +54,7 @@ class FuseGroupQueryAttention(Pass):
     requires = (InferShapes,)
 
     def run(self, graph: gs.Graph) -> PassResult:
-        matches = []
-        for node in [n for n in graph.nodes if n.op == "Attention"]:
-            match = match_cache_attention(node, graph)
-            if isinstance(match, str):
-                logger.debug("skip %s: %s", node.name, match)
-            else:
-                matches.append(match)
+        matches = cache_attentions(graph, logger)
         if not matches:
             return PassResult(False)
         lengths: dict[str, tuple[gs.Tensor, gs.Tensor]] = {}
