@@ -106,6 +106,12 @@ def family_ort(family: str):
     return shared, graph, records, out
 
 
+# A chat template in the words of the tiny vocabulary: each message as "w1 <role word> <content>", then "w2"
+# (transformers' apply_chat_template renders it the same way as planforge's server, which the tests check).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w1 {{ 'w3' if m['role'] == 'user' else 'w4' }} "
+                 "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}")
+
+
 def tiny_llama(root):
     """A seeded LLaMA-style model (GQA) saved as a Hugging Face directory with a word-level tokenizer made
     here (BOS first): (directory, model, tokenizer)."""
@@ -124,5 +130,6 @@ def tiny_llama(root):
     fast.decoder = tokenizers.decoders.WordPiece(prefix="##")
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=fast, bos_token="<s>", eos_token="</s>",
                                                      pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))
     return directory, model, tokenizer

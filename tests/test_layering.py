@@ -20,7 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("foundation", "exporter", "passes", "engines")
-ROOMS = ("bundle", "runtime", "trt_build", "build", "evaluate", "deploy", "cli")  # each may import those before it
+# each room may import those before it
+ROOMS = ("bundle", "runtime", "trt_build", "build", "evaluate", "deploy", "serve", "cli")
 SHARED = {"engines", "engines.profiles"}
 
 
@@ -137,7 +138,8 @@ def test_the_runtime_stays_lean():
     code = ("import sys, engines.runtime, engines.bundle; "
             "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'onnx', 'onnx_graphsurgeon', 'polygraphy', 'click', 'rich', 'tensorrt', 'passes', "
-            "'transformers', 'matplotlib') or m.startswith(('engines.build', 'engines.evaluate', 'engines.cli', "
+            "'transformers', 'matplotlib', 'starlette', 'uvicorn', 'fastapi', 'jinja2') or m.startswith(( "
+            "'engines.build', 'engines.serve', 'engines.evaluate', 'engines.cli', "
             "'exporter.zoo', 'exporter.resolve')))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == []

@@ -27,10 +27,11 @@ from engines.runtime.base import Runner
 from engines.runtime.batching import Batching
 from engines.runtime.cache import ResponseCache
 from engines.runtime.cpu import detect
+from engines.runtime.generate.continuous import ContinuousBatching, GenerationServer
 from engines.runtime.ort_runner import OrtRunner
 from engines.runtime.scheduler import Scheduler
 from engines.runtime.trt_runner import TrtRunner, unavailable as trt_unavailable
-from foundation.errors import BundleError, InferenceError, IntegrityError
+from foundation.errors import BundleError, InferenceError, IntegrityError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +90,36 @@ def _warn_if_validated_elsewhere(bundle: BundleView) -> None:
 
 
 def load(bundle: str | Path, backend: str = "auto", device: int = 0, threads: int | None = None,
-         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True) -> Runner:
+         fallback_on_error: bool = False, cuda_graphs: bool = False, check_values: bool = True,
+         batching: Batching | ContinuousBatching | None = None):
     """Load ``bundle`` on the first backend that fits (``auto``) or the one named, as one ``Runner``.
+
+    ``batching``: for many callers. A ``ContinuousBatching`` on a decoder bundle gives a
+    ``GenerationServer`` (``engines.runtime.generate.continuous``: continuous batching, a prefix cache); a
+    ``Batching`` gives a ``Scheduler`` with its defaults (as ``schedule``).
 
     ``threads``: ONNX Runtime intra-op threads. ``cuda_graphs``: TensorRT replays CUDA graphs for
     repeated static shapes. ``check_values``: integer inputs are checked against the spec's value range
     on every call (one min and max per integer input; False skips it). For many callers in one
     process (dynamic batching, a response cache, degradation), ``schedule``.
     """
-    return _load(bundle, backend, device, threads, fallback_on_error, cuda_graphs, check_values)
+    if isinstance(batching, Batching):
+        return schedule(bundle, batching, backend=backend, device=device, threads=threads, check_values=check_values)
+    runner = _load(bundle, backend, device, threads, fallback_on_error, cuda_graphs, check_values)
+    if batching is None:
+        return runner
+    try:
+        decoder = runner.manifest.decoder if runner.manifest is not None else None
+        if decoder is None:
+            raise UsageError(f"{bundle}: continuous batching is for decoder bundles; for this model pass "
+                             "batching=Batching(...) (the dynamic batcher)")
+        if not isinstance(runner, OrtRunner):
+            raise UsageError(f"{bundle}: continuous batching runs the ONNX Runtime graph; {runner.backend} was "
+                             "chosen: pass backend='ort-cpu' (or 'ort-cuda')")
+        return GenerationServer(runner.session, decoder, batching, owned=(runner,), name=Path(bundle).name)
+    except BaseException:
+        runner.close()
+        raise
 
 
 def schedule(bundle: str | Path, batching: Batching | None = None, cache_bytes: int = 0,

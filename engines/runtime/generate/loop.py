@@ -78,7 +78,7 @@ class Generator:
         ``ignore_eos``: only ``stop`` ends a row, not the bundle's end-of-sequence tokens (a benchmark's
         fixed number of new tokens)."""
         sampling = sampling or Sampling()
-        self._check(prompts, max_new_tokens)
+        self.check(prompts, max_new_tokens)
         shared = self.info.cache == "shared"
         ids, mask = self._padded(prompts, right=shared)
         batch = ids.shape[0]
@@ -97,7 +97,7 @@ class Generator:
         rng = sampling.rng()
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         for _ in range(max_new_tokens):
-            logits, pasts = self._run(feeds, pasts, read, shared)
+            logits, pasts = self.forward(feeds, pasts, read, shared)
             tokens = next_tokens(logits, sampling, rng, history)
             stops = np.isin(tokens, [*([] if ignore_eos else self.info.eos), *stop])
             emitted = ~finished & ~stops
@@ -121,7 +121,7 @@ class Generator:
         of the next token and the token the model ranks first, run ``chunk`` tokens per call over the cache
         (perplexity = exp(-mean(log-probabilities)); agreement between two graphs = equal first choices)."""
         ids = np.asarray(ids, np.int64)
-        self._check([ids[:-1].tolist()], 1)  # the last token is only a target
+        self.check([ids[:-1].tolist()], 1)  # the last token is only a target
         shared = self.info.cache == "shared"
         if shared:
             pasts = self.shared_cache(1)
@@ -133,7 +133,7 @@ class Generator:
             piece = ids[start:min(start + chunk, len(ids) - 1)]
             feeds = {"input_ids": piece[None], "attention_mask": np.ones((1, start + len(piece)), np.int64),
                      "position_ids": np.arange(start, start + len(piece), dtype=np.int64)[None]}
-            logits, pasts = self._run(feeds, pasts, None, shared)
+            logits, pasts = self.forward(feeds, pasts, None, shared)
             logits = logits[0].astype(np.float64)
             top = logits.max(axis=-1, keepdims=True)
             norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
@@ -151,10 +151,11 @@ class Generator:
                                     for name in self.info.past_names}
         return self._buffers[batch]
 
-    def _run(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue], read: np.ndarray | None,
-             shared: bool):
-        """One call: the logits at each row's ``read`` position (None: every position) as NumPy, and the caches
-        for the next step (the same buffers when shared, else the presents as OrtValues keyed by past name)."""
+    def forward(self, feeds: dict[str, np.ndarray], pasts: dict[str, ort.OrtValue], read: np.ndarray | None,
+                shared: bool):
+        """One call of the graph (the continuous-batching server's too): the logits at each row's ``read``
+        position (None: every position) as NumPy, and the caches for the next step (the same buffers when
+        shared, else the presents as OrtValues keyed by past name)."""
         if self._positions:  # the graph computes just the logits read
             steps = feeds["input_ids"].shape[1]
             wanted = np.tile(np.arange(steps, dtype=np.int64), (len(feeds["input_ids"]), 1)) if read is None \
@@ -178,7 +179,7 @@ class Generator:
         logits = logits if read is None else logits[np.arange(len(read)), read, :]
         return logits, (pasts if shared else dict(zip(self.info.past_names, outputs[1:])))
 
-    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if not prompts:
             raise GenerationError("no prompt given: expected at least one sequence of token ids")
         if max_new_tokens < 1:
