@@ -97,6 +97,7 @@ class GenerationStream:
         self.prompt = [int(t) for t in prompt]
         self.max_new_tokens, self.sampling, self.stop, self.deadline = max_new_tokens, sampling, stop, deadline
         self.tokens: list[int] = []
+        self.times: list[float] = []  # when each token was handed over
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
@@ -172,6 +173,7 @@ class GenerationStream:
     def _push(self, token: int) -> None:
         with self._cond:
             self.tokens.append(token)
+            self.times.append(time.monotonic())
             self._cond.notify_all()
             wakers = list(self._wakers)
         for wake in wakers:
