@@ -338,10 +338,35 @@ def serve_table(console: Console, doc: dict, out) -> None:
     for col in ("mode", "concurrency", "req/s", "p50 ms", "p90 ms", "p99 ms", "mean batch", "rejected", "cache hits"):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for r in doc["rows"]:
-        table.add_row(r["mode"], str(r["concurrency"]), f"{r['throughput_per_s']:.1f}", _ms(r["p50_ms"]),
-                      _ms(r["p90_ms"]), _ms(r["p99_ms"]), f"{r['mean_batch']:.2f}", str(r["rejected"]),
+        mode = r["mode"] if r.get("transport", "in-process") == "in-process" else f"{r['mode']} ({r['transport']})"
+        table.add_row(mode, str(r["concurrency"]), f"{r['throughput_per_s']:.1f}", _ms(r["p50_ms"]),
+                      _ms(r["p90_ms"]), _ms(r["p99_ms"]), _ms(r["mean_batch"]), str(r["rejected"]),
                       f"{r['cache_hit_ratio']:.2f}" if "cache_hit_ratio" in r else "")
     console.print(table)
+    for k, v in doc["targets"].items():
+        console.print(f"{k}: {v}")
+    if out is not None:
+        console.print(f"wrote {escape(str(out))}/bench-serve.json and bench-serve.png")
+
+
+def serve_llm_table(console: Console, doc: dict, out) -> None:
+    """``bench-serve`` on a decoder: one row per mode, transport and concurrency; the targets below."""
+    env = doc["environment"]
+    table = Table(title=f"{doc['model']} ({doc['precision']}): {env.get('cpu_model')} ({env.get('cpu_isa')}), "
+                        f"{doc['threads']} thread(s), prompt {doc['prompt_tokens']}, new {doc['new_tokens']} "
+                        f"(+-{doc['spread']:.0%}), shared prefix {doc['shared_prefix']}, "
+                        f"load {env['load_1min']['start']}->{env['load_1min']['end']}")
+    for col in ("mode", "transport", "streams", "req/s in", "ttft p50", "ttft p99", "tpot p50", "tpot p99",
+                "tokens/s", "rejected", "prefix hits"):
+        table.add_column(col, justify="left" if col in ("mode", "transport") else "right")
+    for r in doc["rows"]:
+        mode = r["mode"] + ("" if r.get("prefix_cache", True) else " (no prefix cache)")
+        table.add_row(mode, r["transport"], str(r["concurrency"]), f"{r['rate_per_s']:.2f}", _ms(r["ttft_p50_ms"]),
+                      _ms(r["ttft_p99_ms"]), _ms(r["tpot_p50_ms"]), _ms(r["tpot_p99_ms"]), _ms(r["tokens_per_s"]),
+                      str(r["rejected"]), str(r["prefix_hits"]))
+    console.print(table)
+    if doc.get("peer"):
+        console.print(f"peer: {doc['peer']}")
     for k, v in doc["targets"].items():
         console.print(f"{k}: {v}")
     if out is not None:

@@ -58,9 +58,7 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out, as_json):
 
 @click.command("bench-serve")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option(
-    "--concurrency", default="1,4,16,64", show_default=True, help="Closed-loop client counts, comma-separated."
-)
+@click.option("--concurrency", help="Client counts, comma-separated [1,4,16,64; decoders: 1,4,8 streams].")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
               help="Seconds per row.")
 @click.option("--rate", type=click.FloatRange(0, min_open=True), help="Open loop: Poisson arrivals per second instead.")
@@ -70,11 +68,50 @@ def bench(bundles, batches, warmup, iterations, threads, peer, out, as_json):
               help="The batcher's maximum queue delay.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--no-http", is_flag=True, help="In-process rows only (no planforge serve subprocess).")
+@click.option("--requests", type=click.IntRange(1), help="Decoders: requests per level [max(8, 3 x streams)].")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="Decoders: mean prompt length.")
+@click.option("--new-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="Decoders: mean output length.")
+@click.option("--spread", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="Decoders: lengths uniform in mean x (1 +- spread).")
+@click.option("--shared-prefix", type=click.IntRange(0), default=0, show_default=True,
+              help="Decoders: the same N-token prefix on every prompt (the prefix cache's case).")
+@click.option("--llama-server", type=click.Path(path_type=Path), help="Decoders: llama.cpp's llama-server binary, "
+              "run as the peer on --gguf.")
+@click.option("--gguf", type=click.Path(path_type=Path), help="Decoders: the GGUF file the peer serves.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Directory for bench-serve.json and .png "
               "[build/bench-serve/<model>].")
 @json_option
-def bench_serve(bundle, concurrency, duration, rate, zipf, max_delay_ms, threads, out, as_json):
-    """Load-test the serving layer on BUNDLE: unbatched, batched, batched+cache, and the largest-batch ceiling."""
+def bench_serve(bundle, concurrency, duration, rate, zipf, max_delay_ms, threads, no_http, requests, prompt_tokens,
+                new_tokens, spread, shared_prefix, llama_server, gguf, out, as_json):
+    """Load-test serving on BUNDLE. Decoders: continuous batching against one-at-a-time and llama.cpp's server,
+    in-process and over HTTP. Other models: unbatched, batched, batched+cache, batched over HTTP, and the
+    largest-batch ceiling."""
+    from engines.bundle import read_manifest  # noqa: PLC0415 - per command: --help stays fast
+
+    manifest = read_manifest(bundle)
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",")) if concurrency else None
+    except ValueError:
+        raise UsageError(f"--concurrency {concurrency!r}: expected integers separated by commas, e.g. 1,4,16") from None
+    target = out or Path("build") / "bench-serve" / manifest.model.name
+    if manifest.decoder is not None:
+        from engines.cli.present import serve_llm_table  # noqa: PLC0415
+        from engines.evaluate.bench.serve_llm import (  # noqa: PLC0415
+            LlmServeBenchRequest,
+            bench_serve_llm,
+            check_request as check_llm,
+        )
+
+        request = LlmServeBenchRequest(bundle, levels or (1, 4, 8), requests, prompt_tokens, new_tokens, spread,
+                                       shared_prefix, ("in-process",) if no_http else ("in-process", "http"),
+                                       threads=threads or None, llama_server=llama_server, gguf=gguf, out=target)
+        check_llm(request)
+        doc = bench_serve_llm(request, on_step=lambda s: err_console.print(f"[dim]{s}[/dim]"))
+        print_json(doc) if as_json else serve_llm_table(console, doc, request.out)
+        return
     from engines.cli.present import serve_table  # noqa: PLC0415 - per command: --help stays fast
     from engines.evaluate.bench.serve import (  # noqa: PLC0415 - per command: --help stays fast
         ServeBenchRequest,
@@ -82,13 +119,8 @@ def bench_serve(bundle, concurrency, duration, rate, zipf, max_delay_ms, threads
         check_request,
     )
 
-    try:
-        levels = tuple(int(c) for c in concurrency.split(","))
-    except ValueError:
-        raise UsageError(f"--concurrency {concurrency!r}: expected integers separated by commas, e.g. 1,4,16") from None
-    manifest_name = read_manifest_name(bundle)
-    request = ServeBenchRequest(bundle, levels, duration, rate, zipf, threads or None, max_delay_ms,
-                                out=out or Path("build") / "bench-serve" / manifest_name)
+    request = ServeBenchRequest(bundle, levels or (1, 4, 16, 64), duration, rate, zipf, threads or None, max_delay_ms,
+                                out=target, http=not no_http)
     check_request(request)
     doc = run(request)
     print_json(doc) if as_json else serve_table(console, doc, request.out)

@@ -9,6 +9,8 @@ at that many requests per second, latency counted from the scheduled arrival. Ro
 - ``unbatched``: every client calls the plain runner (ONNX Runtime sessions run concurrently);
 - ``batched``: the ``Scheduler`` (``engines.runtime.scheduler``) with its dynamic batcher;
 - ``batched+cache``: the same with a response cache;
+- ``batched`` over ``http``: the same batcher behind ``planforge serve`` in a subprocess, called over the Open
+  Inference Protocol with binary tensors (one keep-alive connection per client, as ``perf_analyzer``);
 - ``ceiling``: one caller running the same request mix in the largest batches the bundle takes, grouped
   and padded as the batcher would, directly (no queue, no threads): what batching can reach. It is
   measured beside every concurrency level (its ``concurrency`` says which), since a shared machine's
@@ -31,6 +33,7 @@ import numpy as np
 
 from engines.bundle import read_manifest
 from engines.evaluate.bench.environment import LoadWatch
+from engines.evaluate.bench.http import KserveClient, start_planforge, stop
 from engines.evaluate.bench.report import write_results
 from engines.evaluate.compare.data import load_data
 from engines.runtime import Batching, load, schedule
@@ -53,6 +56,7 @@ class ServeBenchRequest:
     max_delay_ms: float = 2.0
     cache_mib: int = 64
     out: Path | None = None
+    http: bool = True  # also the batcher over HTTP (planforge serve, /v2)
 
 
 def pool(bundle: Path, size: int = POOL) -> list[dict]:
@@ -83,8 +87,14 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
         plain = load(bundle, threads=request.threads)
         options = Batching(max_delay_ms=request.max_delay_ms)
         targets_ = {"unbatched": plain}
+        server = None
         try:
             targets_["batched"] = schedule(bundle, threads=request.threads, batching=options)
+            if request.http:
+                threads = ["--threads", str(request.threads)] if request.threads else []
+                server, port = start_planforge([f"bench={bundle}"], "--max-delay-ms", str(request.max_delay_ms),
+                                               *threads)
+                remote = KserveClient(port, "bench")
             for c in request.concurrency:  # modes interleaved per level: drift in the machine hits them alike
                 for mode in MODES:
                     on_step(f"{mode} x{c}")
@@ -94,12 +104,17 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
                             rows.append(_run(mode, cached, requests, c, request))
                     else:
                         rows.append(_run(mode, targets_[mode], requests, c, request))
+                if server is not None:
+                    on_step(f"batched over http x{c}")
+                    rows.append(_run("batched", remote, requests, c, request, transport="http"))
                 on_step(f"ceiling beside x{c}")  # measured per level too: this machine's speed drifts
                 rows.append(dict(_ceiling(plain, requests, request), concurrency=c))
         finally:
             for target in targets_.values():
                 target.close()
-        rows.sort(key=lambda r: (MODES + ("ceiling",)).index(r["mode"]))
+            if server is not None:
+                stop(server)
+        rows.sort(key=lambda r: ((MODES + ("ceiling",)).index(r["mode"]), r["transport"] == "http"))
     manifest = read_manifest(bundle)
     doc = {"model": manifest.model.name, "bundle": str(bundle), "precision": manifest.precision,
            "backend": plain.backend, "threads": request.threads or watch.cpu.cores, "duration_s": request.duration,
@@ -110,9 +125,10 @@ def bench_serve(request: ServeBenchRequest, on_step=lambda s: None) -> dict:
     return doc
 
 
-def _run(mode: str, target, requests: list[dict], concurrency: int, request: ServeBenchRequest) -> dict:
+def _run(mode: str, target, requests: list[dict], concurrency: int, request: ServeBenchRequest,
+         transport: str = "in-process") -> dict:
     latencies, rejected, lock = [], [0], threading.Lock()
-    before = target.stats() if mode != "unbatched" else None
+    before = target.stats() if mode != "unbatched" and transport == "in-process" else None
     stop = time.perf_counter() + request.duration
     if request.rate:
         done = _open_loop(target, requests, concurrency, request, latencies, rejected, lock, stop)
@@ -129,8 +145,8 @@ def _run(mode: str, target, requests: list[dict], concurrency: int, request: Ser
         [t.start() for t in threads]
         [t.join() for t in threads]
         done = time.perf_counter() - began
-    row = {"mode": mode, "concurrency": concurrency, **_summary(latencies, done), "rejected": rejected[0],
-           "mean_batch": 1.0}
+    row = {"mode": mode, "transport": transport, "concurrency": concurrency, **_summary(latencies, done),
+           "rejected": rejected[0], "mean_batch": 1.0 if transport == "in-process" else None}
     if before is not None:
         after = target.stats()
         sizes = {k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0) for k in after["batch_sizes"]}
@@ -138,8 +154,8 @@ def _run(mode: str, target, requests: list[dict], concurrency: int, request: Ser
         row["mean_batch"] = round(sum(k * v for k, v in sizes.items()) / runs, 2) if runs else 0.0
         if after.get("cache"):
             row["cache_hit_ratio"] = round(after["cache"]["hit_ratio"], 3)
-    logger.debug("%s x%d: %.1f/s p50 %.2f p99 %.2f ms mean batch %.2f", mode, concurrency, row["throughput_per_s"],
-                row["p50_ms"], row["p99_ms"], row["mean_batch"])
+    logger.debug("%s (%s) x%d: %.1f/s p50 %s p99 %s ms", mode, transport, concurrency, row["throughput_per_s"],
+                 row["p50_ms"], row["p99_ms"])
     return row
 
 
@@ -204,7 +220,8 @@ def _ceiling(runner, requests: list[dict], request: ServeBenchRequest) -> dict:
     done = time.perf_counter() - began
     summary = _summary(latencies, done)
     summary["throughput_per_s"] = round(samples / done, 1)
-    return {"mode": "ceiling", "concurrency": 1, **summary, "rejected": 0, "mean_batch": float(plan.max_batch)}
+    return {"mode": "ceiling", "transport": "in-process", "concurrency": 1, **summary, "rejected": 0,
+            "mean_batch": float(plan.max_batch)}
 
 
 def _summary(latencies: list[float], seconds: float) -> dict:
@@ -217,15 +234,19 @@ def _summary(latencies: list[float], seconds: float) -> dict:
 
 def targets(rows: list[dict]) -> dict:
     """The issue's targets, computed on this run: batched throughput at concurrency 16 against the ceiling
-    and unbatched; p99 at concurrency 1 batched against unbatched."""
-    def row(mode, c):
-        return next((r for r in rows if r["mode"] == mode and r["concurrency"] == c), None)
+    and unbatched; p99 at concurrency 1 batched against unbatched; batched over HTTP against in-process."""
+    def row(mode, c, transport="in-process"):
+        return next((r for r in rows if r["mode"] == mode and r["concurrency"] == c
+                     and r.get("transport", "in-process") == transport), None)
 
     out = {}
     ceiling, b16, u16 = row("ceiling", 16), row("batched", 16), row("unbatched", 16)
     if ceiling and b16 and u16:
         out["batched_x16_of_ceiling"] = round(b16["throughput_per_s"] / ceiling["throughput_per_s"], 3)
         out["batched_x16_over_unbatched"] = round(b16["throughput_per_s"] / u16["throughput_per_s"], 3)
+    h16 = row("batched", 16, "http")
+    if h16 and b16 and b16["throughput_per_s"]:
+        out["http_x16_of_in_process_batched"] = round(h16["throughput_per_s"] / b16["throughput_per_s"], 3)
     b1, u1 = row("batched", 1), row("unbatched", 1)
     if b1 and u1 and b1["p99_ms"] and u1["p99_ms"]:
         out["batched_x1_p99_vs_unbatched"] = round(b1["p99_ms"] / u1["p99_ms"], 3)
@@ -243,10 +264,12 @@ def _plot(doc: dict, target) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (thr, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mode in MODES:
-        rows = [r for r in doc["rows"] if r["mode"] == mode]
-        thr.plot([r["concurrency"] for r in rows], [r["throughput_per_s"] for r in rows], marker="o", label=mode)
-        lat.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], marker="o", label=mode)
+    for mode, transport in [(m, "in-process") for m in MODES] + [("batched", "http")]:
+        rows = [r for r in doc["rows"] if r["mode"] == mode and r.get("transport", "in-process") == transport]
+        label = mode if transport == "in-process" else f"{mode} over {transport}"
+        if rows:
+            thr.plot([r["concurrency"] for r in rows], [r["throughput_per_s"] for r in rows], marker="o", label=label)
+            lat.plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], marker="o", label=label)
     ceiling = [r for r in doc["rows"] if r["mode"] == "ceiling"]
     if ceiling:
         thr.plot([r["concurrency"] for r in ceiling], [r["throughput_per_s"] for r in ceiling], linestyle="--",
