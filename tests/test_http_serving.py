@@ -308,3 +308,32 @@ def test_runtime_load_gives_a_generation_server_for_a_decoder_bundle_only(bundle
         assert server.generate([1, 7, 8, 9], 10) == alone
     with pytest.raises(UsageError, match="continuous batching is for decoder bundles"):
         load(mlp, batching=ContinuousBatching())
+
+
+def test_bench_serve_on_a_decoder_gives_every_row_the_issue_names(bundles, tmp_path):
+    """``bench-serve`` on the tiny decoder: continuous in-process and over HTTP, one-at-a-time, and the same
+    requests with the prefix cache off; every row has the fields the JSON promises, every request was served,
+    and the 40-token shared prefix was a prefix-cache hit for all but the first requests."""
+    from engines.evaluate.bench.serve_llm import LlmServeBenchRequest, bench_serve_llm, check_request
+
+    llm, _, _ = bundles
+    request = LlmServeBenchRequest(llm, concurrency=(1, 2), requests=4, prompt_tokens=8, new_tokens=8,
+                                   shared_prefix=40, threads=1, out=tmp_path)
+    check_request(request)
+    doc = bench_serve_llm(request)
+    rows = doc["rows"]
+    assert {(r["mode"], r["transport"], r["concurrency"]) for r in rows} == {
+        (m, t, c) for c in (1, 2) for m, t in (("continuous", "in-process"), ("one-at-a-time", "in-process"),
+                                               ("continuous", "http"))} | {("continuous", "in-process", 1)}
+    for row in rows:
+        assert row["requests"] == 4 and row["rejected"] == 0 and row["failed"] == 0, row
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"]
+        assert row["tokens_per_s"] > 0
+        if row.get("prefix_cache", True):  # each server's first request may miss; every later one hits
+            assert row["prefix_hits"] >= row["requests"] - 1 and row["ttft_hit_p50_ms"] > 0
+        else:
+            assert row["prefix_hits"] == 0
+    assert json.loads((tmp_path / "bench-serve.json").read_text())["rows"] == rows
+    assert (tmp_path / "bench-serve.png").stat().st_size > 0
+    with pytest.raises(UsageError, match="max length"):
+        check_request(LlmServeBenchRequest(llm, prompt_tokens=200, new_tokens=100))

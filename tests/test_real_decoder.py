@@ -129,3 +129,35 @@ def test_planforge_generate_writes_readable_text(gemma, run_cli):
     words = re.findall(r"[A-Za-z]+", out)
     assert len(words) >= 8 and sum(w.lower() in {"the", "of", "and", "is", "a", "in", "city", "france", "paris"}
                                    for w in words) >= 3, out
+
+
+def test_gemma3_int4_served_over_http_streams_what_the_runtime_generates_to_concurrent_clients(gemma_int4):
+    """``planforge serve`` on the int4 bundle, four concurrent streaming clients (the ``openai`` package): each
+    gets the greedy text one-at-a-time generation gives, a repeated prompt is served from the prefix cache."""
+    openai = pytest.importorskip("openai")
+    from engines.evaluate.bench.http import start_planforge, stop
+
+    bundle, _ = gemma_int4
+    tokenizer = Tokenizer(bundle)
+    with load(bundle) as runner:
+        expected = [tokenizer.decode(runner.generate([tokenizer.encode(p)], 24)[0]) for p in PROMPTS]
+    process, port = start_planforge([f"gemma={bundle}"], "--max-sequences", "4")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+        def stream(prompt):
+            chunks = client.completions.create(model="gemma", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                               stream_options={"include_usage": True})
+            parts = list(chunks)
+            return "".join(c.choices[0].text for c in parts if c.choices), parts[-1].usage
+
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(stream, [*PROMPTS, PROMPTS[1]]))
+        assert [text for text, _ in results[:3]] == expected
+        long = PROMPTS[2] * 8  # over two 32-token blocks
+        first, again = (client.completions.create(model="gemma", prompt=long, max_tokens=8, temperature=0)
+                        for _ in range(2))
+        assert first.choices[0].text == again.choices[0].text and again.usage.prompt_tokens_details.cached_tokens >= 64
+    finally:
+        assert stop(process) == 0

@@ -263,8 +263,10 @@ def test_bench_serve_writes_rows_for_every_mode_and_level_with_the_machine(mlp, 
                              "--json")
     assert code == 0, err
     doc = json.loads(out)
-    modes = {(r["mode"], r["concurrency"]) for r in doc["rows"]}
-    assert modes == {(m, c) for m in ("unbatched", "batched", "batched+cache", "ceiling") for c in (1, 4)}
+    modes = {(r["mode"], r["transport"], r["concurrency"]) for r in doc["rows"]}
+    assert modes == {(m, t, c) for m, t in (("unbatched", "in-process"), ("batched", "in-process"),
+                                            ("batched+cache", "in-process"), ("ceiling", "in-process"),
+                                            ("batched", "http")) for c in (1, 4)}  # http: planforge serve, /v2
     for r in doc["rows"]:
         assert r["requests"] > 0 and r["throughput_per_s"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
     assert all(r["mean_batch"] == 16 for r in doc["rows"] if r["mode"] == "ceiling")  # the largest batch it takes
@@ -273,7 +275,7 @@ def test_bench_serve_writes_rows_for_every_mode_and_level_with_the_machine(mlp, 
     assert env["cpu_isa"] and env["cpu_model"] and doc["threads"] >= 1 and "start" in env["load_1min"]
     assert (tmp_path / "b" / "bench-serve.json").is_file() and (tmp_path / "b" / "bench-serve.png").stat().st_size > 0
     open_loop = json.loads(run_cli("bench-serve", mlp, "--concurrency", "2", "--duration", "0.3", "--rate", "200",
-                                   "-o", tmp_path / "o", "--json")[1])
+                                   "--no-http", "-o", tmp_path / "o", "--json")[1])
     assert open_loop["open_loop_rate"] == 200 and 20 <= next(r for r in open_loop["rows"]
                                                              if r["mode"] == "batched")["requests"] <= 120
     code, _, err = run_cli("bench-serve", mlp, "--concurrency", "1,x")
