@@ -135,7 +135,7 @@ def test_gemma3_int4_served_over_http_streams_what_the_runtime_generates_to_conc
     """``planforge serve`` on the int4 bundle, four concurrent streaming clients (the ``openai`` package): each
     gets the greedy text one-at-a-time generation gives, a repeated prompt is served from the prefix cache."""
     openai = pytest.importorskip("openai")
-    from engines.evaluate.bench.http import start_planforge, stop
+    from engines.evaluate.bench.remote import start_planforge, stop
 
     bundle, _ = gemma_int4
     tokenizer = Tokenizer(bundle)

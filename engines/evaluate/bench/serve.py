@@ -33,7 +33,7 @@ import numpy as np
 
 from engines.bundle import read_manifest
 from engines.evaluate.bench.environment import LoadWatch
-from engines.evaluate.bench.http import KserveClient, start_planforge, stop
+from engines.evaluate.bench.remote import KserveClient, start_planforge, stop
 from engines.evaluate.bench.report import write_results
 from engines.evaluate.compare.data import load_data
 from engines.runtime import Batching, load, schedule

@@ -39,7 +39,7 @@ import numpy as np
 
 from engines.bundle import read_manifest
 from engines.evaluate.bench.environment import LoadWatch
-from engines.evaluate.bench.http import free_port, start_planforge, stop, wait_ready
+from engines.evaluate.bench.remote import free_port, start_planforge, stop, wait_ready
 from engines.evaluate.bench.report import write_results
 from engines.runtime import ContinuousBatching, load
 from engines.runtime.generate.perplexity import held_out_text

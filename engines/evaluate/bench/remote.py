@@ -2,7 +2,9 @@
 subprocess on a free loopback port and waited for, and an Open Inference Protocol client speaking the binary
 tensor extension as Triton's clients and ``perf_analyzer`` do (the JSON header, then raw tensors), on one
 keep-alive connection per thread. Written on ``http.client`` rather than ``tritonclient``: the benchmark runs
-where only planforge is installed, and one connection per client thread is what the measurement wants."""
+where only planforge is installed, and one connection per client thread is what the measurement wants. (Not
+named ``http``: ``llm_worker.py`` runs as a script from this folder, where that name would shadow the
+standard library's.)"""
 
 from __future__ import annotations
 
