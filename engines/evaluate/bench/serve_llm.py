@@ -1,8 +1,10 @@
 """``planforge bench-serve DECODER_BUNDLE``: generation under load, after vLLM's ``benchmark_serving``.
 
 The workload: ``requests`` per level, arriving open loop (Poisson) at ``concurrency`` x the rate one stream
-sustains (one over a lone request's latency, measured first), with at most ``concurrency`` in flight (a
-request arriving while all are busy waits, and its time counts from its scheduled arrival). Prompt and output
+sustains (one over a lone request's latency, measured first), with at most ``concurrency`` in flight: the
+level's number of concurrent streams. A request arriving while all streams are busy waits for one, as in
+vLLM's ``benchmark_serving`` with ``--max-concurrency``, and its times count from when it is sent (the
+server's queueing counts, the load generator's backlog does not). Prompt and output
 lengths are uniform in ``n * (1 +- spread)`` around ``prompt_tokens`` and ``new_tokens``; prompts are windows
 of the held-out English text the decoder budget uses (``pydoc_data.topics``), after the BOS token, the same
 for every mode; ``shared_prefix`` N puts the text's first N tokens on every prompt. Outputs run to their
@@ -100,7 +102,7 @@ class _Job:
 
 @dataclasses.dataclass
 class _Result:
-    ttft: float | None = None  # seconds from the scheduled arrival
+    ttft: float | None = None  # seconds from the send
     tpot: float | None = None
     tokens: int = 0
     end: float = 0.0
@@ -277,7 +279,7 @@ class _Targets:
     def _in_process(self, name: str):
         server = self.servers[name]
 
-        def call(job: _Job, scheduled: float) -> _Result:
+        def call(job: _Job) -> _Result:
             try:
                 stream = server.submit(job.prompt, job.new, ignore_eos=True)
             except Overloaded:
@@ -285,11 +287,10 @@ class _Targets:
             stream.result()
             # the stream's times are monotonic; this harness keeps perf_counter: convert by the offset now
             offset = time.perf_counter() - time.monotonic()
-            first = stream.first_token_at + offset
-            last = stream.finished_at + offset
             n = len(stream.tokens)
-            return _Result(first - scheduled, (stream.times[-1] - stream.times[0]) / (n - 1) if n > 1 else None, n,
-                           last, stream.cached_tokens)
+            return _Result(stream.first_token_at - stream.submitted,
+                           (stream.times[-1] - stream.times[0]) / (n - 1) if n > 1 else None, n,
+                           stream.finished_at + offset, stream.cached_tokens)
         return call
 
     def _start_planforge(self) -> tuple[str, int]:
@@ -314,8 +315,8 @@ class _Targets:
 
 
 def _drive(jobs: list[_Job], concurrency: int, call) -> tuple[list[_Result], float]:
-    """Open-loop arrivals with at most ``concurrency`` in flight: (results, seconds from the first arrival to the
-    last token)."""
+    """Open-loop arrivals with at most ``concurrency`` in flight (module docstring): (results, seconds from the
+    first arrival to the last token)."""
     start = time.perf_counter() + 0.05
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         futures = []
@@ -324,7 +325,7 @@ def _drive(jobs: list[_Job], concurrency: int, call) -> tuple[list[_Result], flo
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            futures.append(pool.submit(call, job, scheduled))
+            futures.append(pool.submit(call, job))
         results = [f.result() for f in futures]
     end = max((r.end for r in results), default=start)
     return results, end - start
@@ -335,7 +336,8 @@ def _sse(address: tuple[str, int], model: str | None):
     tokens from the final usage (else the chunks), cached prompt tokens."""
     host, port = address
 
-    def call(job: _Job, scheduled: float) -> _Result:
+    def call(job: _Job) -> _Result:
+        sent = time.perf_counter()
         body = {"prompt": job.prompt, "max_tokens": job.new, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         if model:
@@ -369,7 +371,7 @@ def _sse(address: tuple[str, int], model: str | None):
         cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         if first is None:
             return _Result(status=500, end=time.perf_counter())
-        return _Result(first - scheduled, (last - first) / (tokens - 1) if tokens > 1 else None, tokens, last, cached)
+        return _Result(first - sent, (last - first) / (tokens - 1) if tokens > 1 else None, tokens, last, cached)
     return call
 
 
