@@ -1,0 +1,176 @@
+"""Finding the units structured pruning can remove (no rewriting here; ``prune_units`` rewrites).
+
+An **MLP group** is a hidden layer of ``h`` units between up-projections and one down-projection:
+
+    x --MatMul(W_up [d, h]) [--Add(b [h])]--+
+    x --MatMul(W_gate [d, h]) [--Add]-------+--> elementwise region --> MatMul(W_down [h, d']) --> y
+
+(one up-projection for BERT's and GPT-2's GELU MLP, two for LLaMA's and Gemma's gated ones). Unit ``j`` is
+column ``j`` of every up weight and bias and row ``j`` of the down weight: removing it from all of them at once
+keeps the graph consistent, since every op between them is elementwise along the last axis. The region is
+every node from the up-projections' outputs to the down-projection's input; it must be elementwise
+(``ELEMENTWISE``), each of its constants must be a scalar or a vector of ``h`` (sliced with the units), and
+none of its tensors may be read outside it or be a graph output (a unit visible elsewhere cannot be removed).
+The weights must be constant initializers read by this group alone, 2-D, and the hidden axis the last one.
+Each group not found is logged with the reason at debug level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import onnx_graphsurgeon as gs
+
+from passes.graph_utils import constant_value, is_graph_output, producer
+
+logger = logging.getLogger(__name__)
+
+# Ops that act on each element (or broadcast a scalar or a per-unit vector) along the hidden axis.
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Gelu", "FastGelu", "Erf", "Tanh",
+                         "Sigmoid", "HardSigmoid", "HardSwish", "Pow", "Sqrt", "Neg", "Exp", "Softplus", "Elu",
+                         "Selu", "Clip", "Identity", "Cast", "QuickGelu", "Mish"})
+MIN_UNITS = 16  # a hidden layer narrower than this is left alone (nothing worth removing)
+
+
+@dataclasses.dataclass(eq=False)
+class Projection:
+    """An up-projection: ``MatMul(x, weight)`` and the ``Add`` of its bias (None without one)."""
+
+    matmul: gs.Node
+    weight: gs.Constant
+    bias_add: gs.Node | None
+    bias: gs.Constant | None
+
+
+@dataclasses.dataclass(eq=False)
+class MlpGroup:
+    ups: list[Projection]
+    region: list[gs.Node]  # the elementwise nodes between, in graph order
+    hidden: gs.Tensor  # the down-projection's input: what is measured on calibration data
+    down: gs.Node
+    down_weight: gs.Constant
+    down_bias_add: gs.Node | None
+    down_bias: gs.Constant | None
+    units: int
+
+    @property
+    def name(self) -> str:
+        return self.down.name
+
+
+def mlp_groups(graph: gs.Graph) -> list[MlpGroup]:
+    """Every MLP group of ``graph`` (module docstring), in graph order."""
+    uses = _uses(graph)
+    found = []
+    for node in graph.nodes:
+        if node.op != "MatMul":
+            continue
+        group, why = _group(node, graph, uses)
+        if group is None:
+            logger.debug("no MLP group ending at %s: %s", node.name, why)
+        else:
+            found.append(group)
+    return found
+
+
+def _uses(graph: gs.Graph) -> dict[int, int]:
+    """How many node inputs read each tensor (by id)."""
+    counts: dict[int, int] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            counts[id(tensor)] = counts.get(id(tensor), 0) + 1
+    return counts
+
+
+def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGroup | None, str]:
+    weight = down.inputs[1]
+    if not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
+        return None, "the down-projection's weight is not a 2-D constant"
+    if uses.get(id(weight), 0) != 1:
+        return None, "the down-projection's weight is read elsewhere too"
+    units = int(weight.values.shape[0])
+    if units < MIN_UNITS:
+        return None, f"{units} hidden units (fewer than {MIN_UNITS})"
+    hidden = down.inputs[0]
+    # walk back through the elementwise region to the up-projections
+    region, ups, frontier, seen = [], [], [hidden], set()
+    while frontier:
+        tensor = frontier.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if is_graph_output(tensor, graph):
+            return None, f"{tensor.name} is a graph output"
+        node = producer(tensor)
+        if node is None:
+            return None, f"{tensor.name} is a graph input"
+        up = _projection(node, units, uses)
+        if up is not None:
+            ups.append(up)
+            continue
+        if node.op not in ELEMENTWISE:
+            return None, f"{node.op} {node.name} between the projections is not elementwise"
+        region.append(node)
+        for operand in node.inputs:
+            if isinstance(operand, gs.Constant) or constant_value(operand) is not None:
+                value = constant_value(operand)
+                if value is None or not (value.size == 1 or (value.size == units and value.shape[-1] == units)):
+                    return None, f"{node.name} has a constant of shape {None if value is None else value.shape}"
+            elif not (isinstance(operand, gs.Variable) and operand.name == ""):
+                frontier.append(operand)
+    if not ups:
+        return None, "no up-projection feeds it"
+    # every tensor inside the region is read only inside it (or by the down-projection)
+    inside = {id(n) for n in region} | {id(down)}
+    tensors = [up.bias_add.outputs[0] if up.bias_add else up.matmul.outputs[0] for up in ups]
+    tensors += [t for n in region for t in n.outputs]
+    for tensor in tensors:
+        if is_graph_output(tensor, graph):
+            return None, f"{tensor.name} is a graph output"
+        if any(id(c) not in inside for c in tensor.outputs):
+            return None, f"{tensor.name} is read outside the MLP"
+    bias_add, bias = _bias_after(down, uses)
+    order = {id(n): k for k, n in enumerate(graph.nodes)}
+    region.sort(key=lambda n: order[id(n)])
+    return MlpGroup(ups, region, hidden, down, weight, bias_add, bias, units), ""
+
+
+def _projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection | None:
+    """``node`` as the end of an up-projection of ``units`` outputs: MatMul(x, W [d, units]) or Add(it, b)."""
+    bias_add = bias = None
+    if node.op == "Add":
+        for var, const in (node.inputs, node.inputs[::-1]):
+            value = constant_value(const)
+            inner = producer(var)
+            if value is not None and value.shape == (units,) and inner is not None and inner.op == "MatMul" \
+                    and isinstance(const, gs.Constant) and uses.get(id(const), 0) == 1 \
+                    and len(inner.outputs[0].outputs) == 1:
+                bias_add, bias, node = node, const, inner
+                break
+        else:
+            return None
+    if node.op != "MatMul":
+        return None
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or weight.values.shape[1] != units \
+            or uses.get(id(weight), 0) != 1 or isinstance(node.inputs[0], gs.Constant):
+        return None
+    return Projection(node, weight, bias_add, bias)
+
+
+def _bias_after(down: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs.Constant | None]:
+    """The Add of a constant [d'] right after the down-projection (where a refit's bias goes), if any."""
+    out = down.outputs[0]
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None, None
+    add = out.outputs[0]
+    width = down.inputs[1].values.shape[1]
+    for operand in add.inputs:
+        if operand is not out and isinstance(operand, gs.Constant) and operand.values.shape == (width,) \
+                and uses.get(id(operand), 0) == 1:
+            return add, operand
+    return None, None
+
+
+__all__ = ["ELEMENTWISE", "MIN_UNITS", "MlpGroup", "Projection", "mlp_groups"]
