@@ -100,11 +100,12 @@ def fp16_atol(reference: np.ndarray) -> float:
 
 def graph_tolerance(precision: str, reference: np.ndarray, scaled: bool = False) -> tuple[float | None, float]:
     """(atol, rtol) a graph of this precision may differ from ``reference`` by; atol None records only
-    (INT8 and 4-bit weights: the budget metric decides). ``scaled``: the FP32 atol relative to the output's magnitude
+    (INT8, 4-bit weights, a pruned graph:
+    the budget metric decides). ``scaled``: the FP32 atol relative to the output's magnitude
     (``scaled_atol``), for a language model's logits."""
     if precision == "fp16":
         return fp16_atol(reference), 0.0
-    if precision in ("int8", "int4"):
+    if precision in ("int8", "int4", "pruned"):
         return None, 0.0
     return (scaled_atol(GRAPH_ATOL, reference) if scaled else GRAPH_ATOL), GRAPH_RTOL
 

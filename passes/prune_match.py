@@ -35,12 +35,19 @@ MIN_UNITS = 16  # a hidden layer narrower than this is left alone (nothing worth
 
 @dataclasses.dataclass(eq=False)
 class Projection:
-    """An up-projection: ``MatMul(x, weight)`` and the ``Add`` of its bias (None without one)."""
+    """An up-projection: ``MatMul(x, weight)`` and the ``Add`` of its bias (None without one), or a ``Gemm``
+    (its bias its third input, ``bias_add`` the Gemm itself). ``transposed``: the weight is stored
+    ``[units, d]`` (Gemm's ``transB=1``, what torch.nn.Linear exports), its units along axis 0."""
 
     matmul: gs.Node
     weight: gs.Constant
     bias_add: gs.Node | None
     bias: gs.Constant | None
+    transposed: bool = False
+
+    @property
+    def output(self) -> gs.Tensor:
+        return (self.bias_add or self.matmul).outputs[0]
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,6 +60,12 @@ class MlpGroup:
     down_bias_add: gs.Node | None
     down_bias: gs.Constant | None
     units: int
+    down_transposed: bool = False  # the down weight stored [d', units] (Gemm transB=1)
+
+    @property
+    def down_matrix(self):
+        """The down weight as ``[units, d']`` (a view)."""
+        return self.down_weight.values.T if self.down_transposed else self.down_weight.values
 
     @property
     def name(self) -> str:
@@ -64,7 +77,7 @@ def mlp_groups(graph: gs.Graph) -> list[MlpGroup]:
     uses = _uses(graph)
     found = []
     for node in graph.nodes:
-        if node.op != "MatMul":
+        if node.op not in ("MatMul", "Gemm") or (node.op == "Gemm" and not _plain_gemm(node)):
             continue
         group, why = _group(node, graph, uses)
         if group is None:
@@ -83,13 +96,20 @@ def _uses(graph: gs.Graph) -> dict[int, int]:
     return counts
 
 
+def _plain_gemm(node: gs.Node) -> bool:
+    """A Gemm that is a linear layer: alpha = beta = 1, A not transposed."""
+    attrs = node.attrs
+    return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+
+
 def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGroup | None, str]:
     weight = down.inputs[1]
     if not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
         return None, "the down-projection's weight is not a 2-D constant"
     if uses.get(id(weight), 0) != 1:
         return None, "the down-projection's weight is read elsewhere too"
-    units = int(weight.values.shape[0])
+    transposed = down.op == "Gemm" and bool(down.attrs.get("transB", 0))
+    units = int(weight.values.shape[1 if transposed else 0])
     if units < MIN_UNITS:
         return None, f"{units} hidden units (fewer than {MIN_UNITS})"
     hidden = down.inputs[0]
@@ -123,21 +143,32 @@ def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGro
         return None, "no up-projection feeds it"
     # every tensor inside the region is read only inside it (or by the down-projection)
     inside = {id(n) for n in region} | {id(down)}
-    tensors = [up.bias_add.outputs[0] if up.bias_add else up.matmul.outputs[0] for up in ups]
+    tensors = [up.output for up in ups]
     tensors += [t for n in region for t in n.outputs]
     for tensor in tensors:
         if is_graph_output(tensor, graph):
             return None, f"{tensor.name} is a graph output"
         if any(id(c) not in inside for c in tensor.outputs):
             return None, f"{tensor.name} is read outside the MLP"
-    bias_add, bias = _bias_after(down, uses)
+    bias_add, bias = _gemm_bias(down, uses) if down.op == "Gemm" else _bias_after(down, uses)
+    if down.op == "Gemm" and len(down.inputs) > 2 and bias is None:
+        return None, "the down Gemm's bias is not a constant vector of its own"
     order = {id(n): k for k, n in enumerate(graph.nodes)}
     region.sort(key=lambda n: order[id(n)])
-    return MlpGroup(ups, region, hidden, down, weight, bias_add, bias, units), ""
+    return MlpGroup(ups, region, hidden, down, weight, bias_add, bias, units, transposed), ""
 
 
 def _projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection | None:
-    """``node`` as the end of an up-projection of ``units`` outputs: MatMul(x, W [d, units]) or Add(it, b)."""
+    """``node`` as the end of an up-projection of ``units`` outputs: MatMul(x, W [d, units]) or Add(it, b), or
+    a linear Gemm."""
+    if node.op == "Gemm":
+        weight, transposed = node.inputs[1], bool(node.attrs.get("transB", 0))
+        bias_add, bias = _gemm_bias(node, uses)
+        if not _plain_gemm(node) or not isinstance(weight, gs.Constant) or weight.values.ndim != 2 \
+                or weight.values.shape[0 if transposed else 1] != units or uses.get(id(weight), 0) != 1 \
+                or (len(node.inputs) > 2 and (bias is None or bias.values.shape != (units,))):
+            return None
+        return Projection(node, weight, bias_add, bias, transposed)
     bias_add = bias = None
     if node.op == "Add":
         for var, const in (node.inputs, node.inputs[::-1]):
@@ -159,13 +190,23 @@ def _projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection |
     return Projection(node, weight, bias_add, bias)
 
 
+def _gemm_bias(node: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs.Constant | None]:
+    """A Gemm's own bias (its third input), when a constant vector read by it alone."""
+    if len(node.inputs) < 3:
+        return None, None
+    bias = node.inputs[2]
+    if isinstance(bias, gs.Constant) and bias.values.ndim == 1 and uses.get(id(bias), 0) == 1:
+        return node, bias
+    return None, None
+
+
 def _bias_after(down: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs.Constant | None]:
     """The Add of a constant [d'] right after the down-projection (where a refit's bias goes), if any."""
     out = down.outputs[0]
     if len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return None, None
     add = out.outputs[0]
-    width = down.inputs[1].values.shape[1]
+    width = down.inputs[1].values.shape[1]  # a MatMul's [h, d']
     for operand in add.inputs:
         if operand is not out and isinstance(operand, gs.Constant) and operand.values.shape == (width,) \
                 and uses.get(id(operand), 0) == 1:

@@ -96,7 +96,7 @@ def measure(model: onnx.ModelProto, groups: list[MlpGroup], batches: list[dict[s
 
 def kept_units(group: MlpGroup, moments: Moments, ratio: float, multiple: int = 8) -> np.ndarray:
     """The indices of the units kept at ``ratio`` (sorted), by importance (module docstring)."""
-    weight = group.down_weight.values.astype(np.float64)
+    weight = group.down_matrix.astype(np.float64)
     score = moments.variance() * np.sum(weight * weight, axis=1)
     keep = min(group.units, max(multiple, int(math.ceil(group.units * (1 - ratio) / multiple)) * multiple))
     return np.sort(np.argsort(-score, kind="stable")[:keep])
@@ -140,7 +140,7 @@ class PruneMlpUnits(Pass):
             keep = kept_units(group, moments[group.name], self.ratios.get(group.name, self.ratio), self.multiple)
             if len(keep) < group.units:
                 removed[group.name] = group.units - len(keep)
-                _rewrite(graph, group, keep, *refit(group.down_weight.values, moments[group.name], keep))
+                _rewrite(graph, group, keep, *refit(group.down_matrix, moments[group.name], keep))
             after += _params(group)
         graph.cleanup().toposort()
         return PassResult(bool(removed), {"groups": len(groups), "pruned": len(removed),
@@ -162,7 +162,7 @@ def _params(group: MlpGroup) -> int:
 def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndarray, delta: np.ndarray) -> None:
     units, k = group.units, len(keep)
     for up in group.ups:
-        up.weight.values = np.ascontiguousarray(up.weight.values[:, keep])
+        up.weight.values = np.ascontiguousarray(up.weight.values[keep] if up.transposed else up.weight.values[:, keep])
         if up.bias is not None:
             up.bias.values = np.ascontiguousarray(up.bias.values[keep])
     for node in group.region:  # per-unit constants: a sliced copy for this group (a scalar stays)
@@ -172,7 +172,7 @@ def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndar
                 sliced = np.ascontiguousarray(value.reshape(-1)[keep].reshape(*value.shape[:-1], k))
                 node.inputs[i] = gs.Constant(f"{operand.name}_pruned_{group.name}", sliced)
     dtype = group.down_weight.values.dtype
-    group.down_weight.values = np.ascontiguousarray(weight.astype(dtype))
+    group.down_weight.values = np.ascontiguousarray((weight.T if group.down_transposed else weight).astype(dtype))
     if group.down_bias is not None:
         group.down_bias.values = (group.down_bias.values.astype(np.float64) + delta).astype(dtype)
     else:
@@ -183,7 +183,7 @@ def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndar
                                    inputs=[shifted, gs.Constant(f"{group.name}_refit_delta", delta.astype(dtype))],
                                    outputs=[out]))
         group.down_bias_add = graph.nodes[-1]
-    tensors = [up.bias_add.outputs[0] if up.bias_add else up.matmul.outputs[0] for up in group.ups]
+    tensors = [up.output for up in group.ups]
     tensors += [up.matmul.outputs[0] for up in group.ups] + [t for n in group.region for t in n.outputs]
     for tensor in tensors:  # the hidden axis is now k wide
         if tensor.shape is not None and len(tensor.shape) and tensor.shape[-1] == units:

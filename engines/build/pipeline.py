@@ -18,6 +18,7 @@ import onnx
 from engines.build import stages
 from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
+from engines.build.prune import PruneStage, parse_prune
 from engines.build.request import PRECISIONS, BuildRequest, BuildResult, default_out
 from engines.build.shapes import check_profiles, with_shape_values
 from engines.bundle import MANIFEST, Manifest, StagedBundle, read_manifest
@@ -43,6 +44,10 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if model.kind == "decoder" and request.precision == "int8":
         raise UsageError("--precision int8 is not available for decoders: build int4 (4-bit weights, 8 where the "
                          "budget needs them), fp32, or fp16 for TensorRT")
+    pruning = parse_prune(request.prune)
+    if pruning is not None and model.kind == "decoder":
+        raise UsageError("--prune is not available for decoders yet: their MLPs are judged by perplexity, which "
+                         "the prune search does not measure; build without --prune")
     if model.kind != "decoder" and request.precision == "int4":
         raise UsageError(f"--precision int4 (4-bit weights) is for language-model decoders; {request.model} is a "
                          f"{model.kind} model: build int8, fp16 or fp32")
@@ -128,6 +133,11 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     graph = onnx.load(str(root / "model.onnx"))
     if model.kind != "decoder":  # a decoder's max shapes (a whole max-length prompt over its vocabulary) are not
         check_profiles(graph, profiles, spec)  # run here: its parity covers a prefill and a decode step instead
+    prune = None
+    if request.prune is not None:  # before either target: both start from the same pruned graph
+        on_stage("prune")
+        prune = PruneStage(root, parse_prune(request.prune), request.int8, model, spec)
+        graph = prune.run(graph)
     frozen = []
     if request.shapes.static:
 
@@ -140,10 +150,10 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
     targets = ("ort", "trt") if int4 else TARGETS  # TensorRT's 4-bit graph takes the ort graph's budget outcome
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder",
-                                 int4) for t in targets}
+                                 int4, pruned=prune is not None) for t in targets}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env, golden, ort_graph, compat, int4)
+                           trt_env, golden, ort_graph, compat, int4, prune.report if prune else None)

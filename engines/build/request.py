@@ -76,6 +76,7 @@ class BuildRequest:
     shapes: ProfileOptions = ProfileOptions()
     require_trt: bool = False
     trt: TrtOptions = TrtOptions()
+    prune: str | None = None  # --prune auto|RATIO: MLP hidden units removed under the budget (engines/build/prune.py)
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
@@ -92,6 +93,8 @@ class BuildRequest:
                   "planforge": __version__, "schema": SCHEMA_VERSION}
         if export.max_length is not None:  # only decoders have it; every other key stays as it was
             fields["max_length"] = export.max_length
+        if self.prune is not None:  # likewise: an unpruned build's key is unchanged
+            fields["prune"] = self.prune
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

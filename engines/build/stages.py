@@ -31,6 +31,7 @@ from engines.bundle import (
     Manifest,
     ModelSource,
     OrtBackend,
+    PruneReport,
     TrtBackend,
     golden_feeds,
     golden_key,
@@ -219,15 +220,17 @@ class TargetGraph:
 
 
 def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelProto, frozen: list, golden: dict,
-             int8: Int8Stage | None, on_stage, scaled: bool = False, int4: Int4Stage | None = None) -> TargetGraph:
+             int8: Int8Stage | None, on_stage, scaled: bool = False, int4: Int4Stage | None = None,
+             pruned: bool = False) -> TargetGraph:
     """``model.<target>.onnx``: the target's passes (verified after each), then INT8 or 4-bit weights when
-    asked."""
+    asked. ``pruned``: the graph lost units (``engines/build/prune.py``): its outputs differ from the golden
+    data by design, so they are recorded there, and the budget is what judged it."""
     precision = target_precisions(request.precision)[target]
     on_stage(f"passes ({target})")
     floating = int8 or precision == "int4"
     steps = frozen + pipeline(target, "fp32" if floating else precision, skip=request.passes.skip_passes,
                               keep=request.passes.keep_fp32)
-    verify = golden_feeds(golden) if request.passes.verify_passes else []
+    verify = golden_feeds(golden) if request.passes.verify_passes else []  # each pass against its input graph
     optimized, records = PassManager(steps, verify_feeds=verify, scaled=scaled).run(graph)
     if int8 is not None:
         on_stage(f"int8 ({target})")
@@ -244,7 +247,8 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
         fp32_nodes = kept(optimized, request.passes.keep_fp32, measured)
     static = any(r.name == "FuseStaticKVCache" and r.changed for r in records)
     return TargetGraph(target, precision, [r.to_json() for r in records],
-                       check_graph(root / name, golden, precision, target, scaled, static), fp32_nodes)
+                       check_graph(root / name, golden, "pruned" if pruned else precision, target, scaled, static),
+                       fp32_nodes)
 
 
 def check_graph(path: Path, golden: dict[str, np.ndarray], precision: str, target: str, scaled: bool = False,
@@ -328,7 +332,8 @@ def environment(trt_env: dict, trt_skipped: str | None, hardware_compatibility: 
 def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputSpec, graph: onnx.ModelProto,
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
              int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None,
-             ort_graph: str = "model.ort.onnx", compat: dict | None = None, int4: Int4Stage | None = None) -> Manifest:
+             ort_graph: str = "model.ort.onnx", compat: dict | None = None, int4: Int4Stage | None = None,
+             prune: PruneReport | None = None) -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
@@ -345,7 +350,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None,
-                          int4.reports if int4 is not None and int4.reports else None),
+                          int4.reports if int4 is not None and int4.reports else None, prune),
         trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"], graphs.get("trt")))
 
 

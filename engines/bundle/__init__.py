@@ -12,6 +12,7 @@ from engines.bundle.manifest import (
                                      Manifest,
                                      ModelSource,
                                      OrtBackend,
+                                     PruneReport,
                                      TrtBackend,
 )
 from engines.bundle.store import (
@@ -39,6 +40,7 @@ __all__ = [
     "Manifest",
     "ModelSource",
     "OrtBackend",
+    "PruneReport",
     "TrtBackend",
     "StagedBundle",
     "add_artifacts",

@@ -240,24 +240,61 @@ class Int4Report:
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneReport:
+    """What ``--prune`` removed (``engines/build/prune.py``): the ratio of MLP hidden units (asked and chosen),
+    the budget and its metric on the held-out batches against the unpruned graph, the groups and their
+    units before, parameters (MLPs and whole graph) before and after, every ratio tried, ONNX Runtime CPU
+    latency before and after."""
+
+    requested: str  # "auto" or the ratio asked
+    ratio: float  # the ratio applied (0: unchanged)
+    budget: Budget
+    metric: float | None
+    passed: bool
+    groups: int
+    units: dict  # group (its down-projection node) -> hidden units before
+    mlp_params_before: int
+    mlp_params_after: int
+    tries: tuple[dict, ...]
+    latency_ms_before: float | None
+    latency_ms_after: float | None
+    seconds: float
+    units_removed: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    method: str = "MLP hidden units: var(a) x |W_down row|^2, least-squares refit + bias compensation"
+    evaluation_file: str | None = None  # the held-out batches judged (compare judges them again)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"budget": self.budget.to_json(), "tries": list(self.tries)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PruneReport:
+        return cls(**{**_fields(cls, data), "budget": _budget(data["budget"]), "tries": tuple(data.get("tries", ()))})
+
+
+@dataclasses.dataclass(frozen=True)
 class Accuracy:
     parity_ok: bool | None
     parity_worst: dict | None  # per output max abs / rel error against PyTorch
     graphs: dict[str, dict]  # optimized graph -> per output max abs error against the reference
     int8: dict[str, Int8Report] | None = None  # per target
     int4: dict[str, Int4Report] | None = None  # per target (a decoder's 4-bit weights)
+    prune: PruneReport | None = None  # both targets' graphs start from the same pruned graph
 
     def to_json(self) -> dict:
         return {"parity_ok": self.parity_ok, "parity_worst": self.parity_worst, "graphs": self.graphs,
                 "int8": {t: r.to_json() for t, r in self.int8.items()} if self.int8 is not None else None,
-                **({"int4": {t: r.to_json() for t, r in self.int4.items()}} if self.int4 else {})}
+                **({"int4": {t: r.to_json() for t, r in self.int4.items()}} if self.int4 else {}),
+                **({"prune": self.prune.to_json()} if self.prune else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Accuracy:
-        int8, int4 = data.get("int8"), data.get("int4")
+        int8, int4, prune = data.get("int8"), data.get("int4"), data.get("prune")
         return cls(data.get("parity_ok"), data.get("parity_worst"), data.get("graphs", {}),
                    {t: Int8Report.from_json(r) for t, r in int8.items()} if int8 is not None else None,
-                   {t: Int4Report.from_json(r) for t, r in int4.items()} if int4 else None)
+                   {t: Int4Report.from_json(r) for t, r in int4.items()} if int4 else None,
+                   PruneReport.from_json(prune) if prune else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,18 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
     console.print(f"backends available: {', '.join(available)}")
     if worst is not None:
         console.print(f"parity PyTorch vs ONNX Runtime: max abs error {worst:.2g} (ok)")
+    prune = manifest.accuracy.prune
+    if prune is not None:
+        if prune.ratio:
+            latency = (f"; ONNX Runtime CPU {prune.latency_ms_before:.2f} -> {prune.latency_ms_after:.2f} ms"
+                       if prune.latency_ms_before and prune.latency_ms_after else "")
+            console.print(f"pruned {prune.ratio:.0%} of the MLP hidden units ({prune.units_removed} in {prune.groups} "
+                          f"groups; parameters {prune.params_before:,} -> {prune.params_after:,}); budget "
+                          f"{prune.budget} met ({prune.metric:.4f}){latency}")
+        else:
+            console.print(f"--prune {prune.requested}: nothing pruned ({prune.groups} MLP groups; no ratio kept the "
+                          f"budget {prune.budget})" if prune.groups else f"--prune {prune.requested}: no MLP group "
+                          "to prune in this graph")
     for target, report in (manifest.accuracy.int8 or {}).items():
         if not report.quantized:
             console.print(f"INT8 {target}: model.{target}.onnx stays FP32: {escape(report.reason or '')} "

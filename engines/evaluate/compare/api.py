@@ -72,8 +72,11 @@ def compare(request: CompareRequest) -> CompareResult:
         else:
             results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
                                      save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
-    budget = manifest.calibration.budget if manifest.calibration else None
-    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds, state)
+    prune = manifest.accuracy.prune if manifest.accuracy else None
+    pruned = prune is not None and prune.ratio > 0  # a pruned graph differs by design: its budget judges it
+    budget = manifest.calibration.budget if manifest.calibration else (prune.budget if pruned else None)
+    pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds, state,
+                         pruned and side.artifact != "model.onnx")  # every side but the unpruned export
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides) or _decoder_metric(bundle, manifest, request.threads)
     if task and task.get("budget"):  # a 4-bit decoder: its perplexity budget decides, as at build
@@ -174,7 +177,7 @@ def _sides(bundle: Path, manifest: Manifest, spec: InputSpec, outputs: list[str]
 
 
 def _check_pair(results, reference: Side, side: Side, index: int, overrides: dict, budget, task,
-                feeds: list[dict], state=()) -> PairResult:
+                feeds: list[dict], state=(), pruned: bool = False) -> PairResult:
     from polygraphy.comparator import Comparator, SimpleCompareFunc  # noqa: PLC0415 - polygraphy is heavy
 
     ref_iters, act_iters = results[reference.runner.name], results[side.runner.name]
@@ -182,7 +185,9 @@ def _check_pair(results, reference: Side, side: Side, index: int, overrides: dic
     references = {n: [np.asarray(it[n]) for it in ref_iters] for n in names}
     judged = [names[i] for i in judged_outputs(names, state)] if budget and budget.output is None and \
         budget.metric != "user" else names  # the outputs the budget judges, as the build did (engines.build.int8)
-    tols = tolerances(side.precision, references, budget if side.precision == "int8" else None, overrides, judged)
+    by_budget = side.precision == "int8" or pruned  # the budget decides (the build judged it so)
+    tols = tolerances("pruned" if pruned and side.precision != "int8" else side.precision, references,
+                      budget if by_budget else None, overrides, judged)
     func = SimpleCompareFunc(atol={n: _bound(t.atol) for n, t in tols.items()},
                              rtol={n: t.rtol for n, t in tols.items()},
                              check_error_stat={n: t.stat for n, t in tols.items()},
@@ -197,7 +202,7 @@ def _check_pair(results, reference: Side, side: Side, index: int, overrides: dic
         outputs[name] = {**_stats([it[name] for it in per_iter], tols[name]),
                          "cosine": cosine(ref, act), "top1": top1(ref, act) if task == "classification" else None}
     verdict = None
-    if side.precision == "int8" and budget:
+    if by_budget and budget:
         verdict = _budget_verdict(budget, [[np.asarray(it[n]) for n in judged] for it in ref_iters],
                                   [[np.asarray(it[n]) for n in judged] for it in act_iters], judged, feeds)
     passed = all(o["passed"] for o in outputs.values()) and (verdict is None or verdict["passed"])

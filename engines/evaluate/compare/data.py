@@ -49,8 +49,9 @@ def load_data(source: str, bundle: Path, manifest: Manifest, spec: InputSpec, it
               seed: int = 0, module=None) -> CompareData:
     """The feeds for ``source`` (see the module docstring); ``auto`` is ``eval`` for INT8 zoo bundles."""
     if source == "auto":
-        stored = manifest.calibration is not None and manifest.calibration.evaluation_file
-        source = "eval" if manifest.precision == "int8" and (stored or _zoo_entry(manifest) is not None) else "golden"
+        stored = _stored_evaluation(manifest)
+        budgeted = manifest.precision == "int8" or bool(manifest.accuracy and manifest.accuracy.prune)
+        source = "eval" if budgeted and (stored or _zoo_entry(manifest) is not None) else "golden"
     if source == "golden":
         data = _golden(bundle, manifest)
     elif source == "random":
@@ -106,11 +107,19 @@ def _zoo_entry(manifest: Manifest):
     return entry if entry is not None and entry.calibration else None
 
 
+def _stored_evaluation(manifest: Manifest) -> str | None:
+    """The held-out batches a budget was measured on (INT8's, or a pruned build's), if the bundle has them."""
+    if manifest.calibration is not None and manifest.calibration.evaluation_file:
+        return manifest.calibration.evaluation_file
+    prune = manifest.accuracy.prune if manifest.accuracy else None
+    return prune.evaluation_file if prune else None
+
+
 def _evaluation(bundle: Path, manifest: Manifest, module) -> CompareData:
-    stored = manifest.calibration.evaluation_file if manifest.calibration else None
+    stored = _stored_evaluation(manifest)
     if stored:
         batches = load_evaluation(verified_path(bundle, manifest, stored))
-        return CompareData("eval", batches, f"{stored}: the {len(batches)} held-out batches the build's INT8 budget "
+        return CompareData("eval", batches, f"{stored}: the {len(batches)} held-out batches the build's budget "
                                             f"was measured on")
     entry = _zoo_entry(manifest)
     if entry is None or module is None:
