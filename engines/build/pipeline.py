@@ -19,6 +19,7 @@ from engines.build import stages
 from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
 from engines.build.prune import PruneStage, parse_prune
+from engines.build.sparsity import SparsityStage, parse_sparsity
 from engines.build.request import PRECISIONS, BuildRequest, BuildResult, default_out
 from engines.build.shapes import check_profiles, with_shape_values
 from engines.bundle import MANIFEST, Manifest, StagedBundle, read_manifest
@@ -45,6 +46,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
         raise UsageError("--precision int8 is not available for decoders: build int4 (4-bit weights, 8 where the "
                          "budget needs them), fp32, or fp16 for TensorRT")
     pruning = parse_prune(request.prune)
+    if parse_sparsity(request.sparsity) is not None:  # TensorRT uses its sparse kernels only when told
+        request = dataclasses.replace(request, trt=dataclasses.replace(request.trt, sparse_weights=True))
     if pruning is not None and model.kind == "decoder":
         raise UsageError("--prune is not available for decoders yet: their MLPs are judged by perplexity, which "
                          "the prune search does not measure; build without --prune")
@@ -138,6 +141,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         on_stage("prune")
         prune = PruneStage(root, parse_prune(request.prune), request.int8, model, spec)
         graph = prune.run(graph)
+    sparsity = SparsityStage(root, request.sparsity, request.int8, model, spec) if request.sparsity else None
     frozen = []
     if request.shapes.static:
 
@@ -150,10 +154,11 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
     targets = ("ort", "trt") if int4 else TARGETS  # TensorRT's 4-bit graph takes the ort graph's budget outcome
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder",
-                                 int4, pruned=prune is not None) for t in targets}
+                                 int4, pruned=prune is not None, sparsity=sparsity) for t in targets}
     ort_graph = stages.share_graph(root)
     compat = stages.trt_check(root, request)
     trt_backend, trt_env = stages.tensorrt(root, request, profiles, graphs["trt"].precision, on_stage)
     stages.write_report(root, parity, graphs)
     return stages.manifest(request, key, model, spec, graph, profiles, export_info, parity, graphs, int8, trt_backend,
-                           trt_env, golden, ort_graph, compat, int4, prune.report if prune else None)
+                           trt_env, golden, ort_graph, compat, int4, prune.report if prune else None,
+                           sparsity.report if sparsity else None)

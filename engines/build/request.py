@@ -77,6 +77,7 @@ class BuildRequest:
     require_trt: bool = False
     trt: TrtOptions = TrtOptions()
     prune: str | None = None  # --prune auto|RATIO: MLP hidden units removed under the budget (engines/build/prune.py)
+    sparsity: str | None = None  # --sparsity 2:4: the trt graph's weights (engines/build/sparsity.py)
 
     def key(self, source_sha256: str, spec: InputSpec) -> str:
         """What makes two builds the same: reuse a bundle only when this matches."""
@@ -95,6 +96,8 @@ class BuildRequest:
             fields["max_length"] = export.max_length
         if self.prune is not None:  # likewise: an unpruned build's key is unchanged
             fields["prune"] = self.prune
+        if self.sparsity is not None:
+            fields["sparsity"] = self.sparsity
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,6 +23,7 @@ from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
 from engines.build.request import BuildRequest, target_precisions
 from engines.build.shapes import output_specs
+from engines.build.sparsity import SparsityStage
 from engines.bundle import (
     Accuracy,
     Backends,
@@ -32,6 +33,7 @@ from engines.bundle import (
     ModelSource,
     OrtBackend,
     PruneReport,
+    SparsityReport,
     TrtBackend,
     golden_feeds,
     golden_key,
@@ -221,17 +223,29 @@ class TargetGraph:
 
 def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelProto, frozen: list, golden: dict,
              int8: Int8Stage | None, on_stage, scaled: bool = False, int4: Int4Stage | None = None,
-             pruned: bool = False) -> TargetGraph:
+             pruned: bool = False, sparsity: SparsityStage | None = None) -> TargetGraph:
     """``model.<target>.onnx``: the target's passes (verified after each), then INT8 or 4-bit weights when
     asked. ``pruned``: the graph lost units (``engines/build/prune.py``): its outputs differ from the golden
-    data by design, so they are recorded there, and the budget is what judged it."""
+    data by design, so they are recorded there, and the budget is what judged it. ``sparsity``: the trt graph's
+    weights made 2:4 after its FP32 passes (``engines/build/sparsity.py``), then FP16 conversion if asked."""
     precision = target_precisions(request.precision)[target]
     on_stage(f"passes ({target})")
     floating = int8 or precision == "int4"
     steps = frozen + pipeline(target, "fp32" if floating else precision, skip=request.passes.skip_passes,
                               keep=request.passes.keep_fp32)
     verify = golden_feeds(golden) if request.passes.verify_passes else []  # each pass against its input graph
-    optimized, records = PassManager(steps, verify_feeds=verify, scaled=scaled).run(graph)
+    sparse = sparsity is not None and target == "trt"
+    if sparse:  # the FP32 passes, the 2:4 weights under the budget, then the precision's pipeline (FP16 keeps zeros)
+        steps = frozen + pipeline(target, "fp32", skip=request.passes.skip_passes, keep=request.passes.keep_fp32)
+        optimized, records = PassManager(steps, verify_feeds=verify, scaled=scaled).run(graph)
+        on_stage("2:4 sparsity (trt)")
+        optimized = sparsity.apply(optimized)
+        if precision == "fp16":
+            optimized, more = PassManager(pipeline(target, precision, skip=request.passes.skip_passes,
+                                                   keep=request.passes.keep_fp32)).run(optimized)
+            records += more
+    else:
+        optimized, records = PassManager(steps, verify_feeds=verify, scaled=scaled).run(graph)
     if int8 is not None:
         on_stage(f"int8 ({target})")
         optimized = int8.quantize(target, optimized)
@@ -247,7 +261,8 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
         fp32_nodes = kept(optimized, request.passes.keep_fp32, measured)
     static = any(r.name == "FuseStaticKVCache" and r.changed for r in records)
     return TargetGraph(target, precision, [r.to_json() for r in records],
-                       check_graph(root / name, golden, "pruned" if pruned else precision, target, scaled, static),
+                       check_graph(root / name, golden, "pruned" if pruned or sparse else precision, target, scaled,
+                                   static),
                        fp32_nodes)
 
 
@@ -333,7 +348,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
              profiles: list[Profile], export_info: ExportInfo, parity: dict | None, graphs: dict[str, TargetGraph],
              int8: Int8Stage | None, trt_backend: TrtBackend, trt_env: dict, golden: dict | None = None,
              ort_graph: str = "model.ort.onnx", compat: dict | None = None, int4: Int4Stage | None = None,
-             prune: PruneReport | None = None) -> Manifest:
+             prune: PruneReport | None = None, sparsity: SparsityReport | None = None) -> Manifest:
     """The typed manifest of a finished build (artifacts are added when the bundle is committed)."""
     return Manifest(
         planforge_version=__version__,
@@ -350,7 +365,7 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         accuracy=Accuracy(parity["ok"] if parity else None, parity["worst"] if parity else None,
                           {f"model.{t}.onnx": g.check["worst"] for t, g in graphs.items()},
                           {t: r.report() for t, r in int8.results.items()} if int8 else None,
-                          int4.reports if int4 is not None and int4.reports else None, prune),
+                          int4.reports if int4 is not None and int4.reports else None, prune, sparsity),
         trt_check=compat, decoder=decoder_cache(model.decoder, graphs["ort"], graphs.get("trt")))
 
 

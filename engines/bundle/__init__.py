@@ -13,6 +13,7 @@ from engines.bundle.manifest import (
                                      ModelSource,
                                      OrtBackend,
                                      PruneReport,
+                                     SparsityReport,
                                      TrtBackend,
 )
 from engines.bundle.store import (
@@ -41,6 +42,7 @@ __all__ = [
     "ModelSource",
     "OrtBackend",
     "PruneReport",
+    "SparsityReport",
     "TrtBackend",
     "StagedBundle",
     "add_artifacts",

@@ -274,6 +274,32 @@ class PruneReport:
 
 
 @dataclasses.dataclass(frozen=True)
+class SparsityReport:
+    """What ``--sparsity 2:4`` did to the TensorRT graph (``engines/build/sparsity.py``): the layers made sparse
+    and those the budget kept dense, the budget's metric against the dense graph, every try."""
+
+    pattern: str
+    budget: Budget
+    metric: float | None
+    passed: bool
+    eligible: int
+    sparse: tuple[str, ...]
+    dense: tuple[str, ...]
+    tries: tuple[dict, ...]
+    seconds: float
+    evaluation_file: str | None = None  # the held-out batches judged (compare judges them again)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"budget": self.budget.to_json(), "sparse": list(self.sparse),
+                                           "dense": list(self.dense), "tries": list(self.tries)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> SparsityReport:
+        return cls(**{**_fields(cls, data), "budget": _budget(data["budget"]), "sparse": tuple(data["sparse"]),
+                      "dense": tuple(data["dense"]), "tries": tuple(data.get("tries", ()))})
+
+
+@dataclasses.dataclass(frozen=True)
 class Accuracy:
     parity_ok: bool | None
     parity_worst: dict | None  # per output max abs / rel error against PyTorch
@@ -281,20 +307,23 @@ class Accuracy:
     int8: dict[str, Int8Report] | None = None  # per target
     int4: dict[str, Int4Report] | None = None  # per target (a decoder's 4-bit weights)
     prune: PruneReport | None = None  # both targets' graphs start from the same pruned graph
+    sparsity: SparsityReport | None = None  # the trt graph's 2:4 weights
 
     def to_json(self) -> dict:
         return {"parity_ok": self.parity_ok, "parity_worst": self.parity_worst, "graphs": self.graphs,
                 "int8": {t: r.to_json() for t, r in self.int8.items()} if self.int8 is not None else None,
                 **({"int4": {t: r.to_json() for t, r in self.int4.items()}} if self.int4 else {}),
-                **({"prune": self.prune.to_json()} if self.prune else {})}
+                **({"prune": self.prune.to_json()} if self.prune else {}),
+                **({"sparsity": self.sparsity.to_json()} if self.sparsity else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> Accuracy:
-        int8, int4, prune = data.get("int8"), data.get("int4"), data.get("prune")
+        int8, int4, prune, sparsity = data.get("int8"), data.get("int4"), data.get("prune"), data.get("sparsity")
         return cls(data.get("parity_ok"), data.get("parity_worst"), data.get("graphs", {}),
                    {t: Int8Report.from_json(r) for t, r in int8.items()} if int8 is not None else None,
                    {t: Int4Report.from_json(r) for t, r in int4.items()} if int4 else None,
-                   PruneReport.from_json(prune) if prune else None)
+                   PruneReport.from_json(prune) if prune else None,
+                   SparsityReport.from_json(sparsity) if sparsity else None)
 
 
 @dataclasses.dataclass(frozen=True)

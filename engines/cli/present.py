@@ -54,6 +54,11 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
             console.print(f"--prune {prune.requested}: nothing pruned ({prune.groups} MLP groups; no ratio kept the "
                           f"budget {prune.budget})" if prune.groups else f"--prune {prune.requested}: no MLP group "
                           "to prune in this graph")
+    sparsity = manifest.accuracy.sparsity
+    if sparsity is not None:
+        judged = "" if sparsity.metric is None else f"; budget {sparsity.budget} met ({sparsity.metric:.4f})"
+        console.print(f"2:4 sparsity (trt): {len(sparsity.sparse)} of {sparsity.eligible} eligible layers sparse, "
+                      f"{len(sparsity.dense)} kept dense by the budget{judged}")
     for target, report in (manifest.accuracy.int8 or {}).items():
         if not report.quantized:
             console.print(f"INT8 {target}: model.{target}.onnx stays FP32: {escape(report.reason or '')} "

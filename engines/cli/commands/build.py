@@ -30,20 +30,22 @@ from engines.cli.options import (
 @click.option("--prune", metavar="auto|RATIO", help="Remove MLP hidden units before the passes, with a least-squares "
               "refit: RATIO of them, or auto: as many as --budget allows (judged on the --calib data's held-out "
               "batches, as INT8).")
+@click.option("--sparsity", type=click.Choice(["2:4"]), help="Make the TensorRT graph's weights 2:4 sparse (2 of every "
+              "4 input-channel weights zero) where --budget allows, and build with TensorRT's sparse kernels.")
 @export_options
 @pass_options
 @int8_options
 @profile_options
 @click.option("--require-trt", is_flag=True, help="Fail (exit 8) instead of skipping TensorRT when it cannot build.")
 @trt_options
-def build(model, out, inputs, precision, force, prune, export, passes, int8, shapes, require_trt, trt):
+def build(model, out, inputs, precision, force, prune, sparsity, export, passes, int8, shapes, require_trt, trt):
     """Export MODEL, run the passes and write a bundle."""
     from engines.build import BuildRequest, build as run_build  # noqa: PLC0415 - per command: --help stays fast
     from engines.cli.present import build_summary  # noqa: PLC0415 - per command: --help stays fast
 
     request = BuildRequest(model=model, out=out, inputs=tuple(inputs), precision=precision, force=force,
                            export=export, passes=passes, int8=int8, shapes=shapes, require_trt=require_trt, trt=trt,
-                           prune=prune)
+                           prune=prune, sparsity=sparsity)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("build", total=None)

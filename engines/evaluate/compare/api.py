@@ -73,10 +73,14 @@ def compare(request: CompareRequest) -> CompareResult:
             results = Comparator.run([s.runner for s in sides], data_loader=data.feeds,
                                      save_inputs_path=str(request.save_inputs) if request.save_inputs else None)
     prune = manifest.accuracy.prune if manifest.accuracy else None
+    sparsity = manifest.accuracy.sparsity if manifest.accuracy else None
     pruned = prune is not None and prune.ratio > 0  # a pruned graph differs by design: its budget judges it
-    budget = manifest.calibration.budget if manifest.calibration else (prune.budget if pruned else None)
+    sparse = sparsity is not None and bool(sparsity.sparse)  # so does the trt graph with 2:4 weights
+    budget = manifest.calibration.budget if manifest.calibration else \
+        (prune.budget if pruned else sparsity.budget if sparse else None)
     pairs = [_check_pair(results, sides[0], side, i, overrides, budget, manifest.model.task, data.feeds, state,
-                         pruned and side.artifact != "model.onnx")  # every side but the unpruned export
+                         (pruned and side.artifact != "model.onnx")  # every side but the unpruned export
+                         or (sparse and _runs_trt_graph(side, manifest)))
              for i, side in enumerate(sides[1:], start=1)]
     task = _task_metric(manifest, sides) or _decoder_metric(bundle, manifest, request.threads)
     if task and task.get("budget"):  # a 4-bit decoder: its perplexity budget decides, as at build
@@ -90,6 +94,12 @@ def compare(request: CompareRequest) -> CompareResult:
                            _cpu(manifest), stateful=bool(state))
     result.report = _write_report(bundle, result, request.report)
     return result
+
+
+def _runs_trt_graph(side: Side, manifest) -> bool:
+    """The side runs the TensorRT graph or its plan (where 2:4 weights are)."""
+    return side.target == "trt" or side.artifact in ("model.trt.onnx", "model.plan") or side.name.startswith(
+        ("tensorrt", "planforge trt"))
 
 
 def _run_sequences(sides: list[Side], feeds: list[dict], state) -> object:

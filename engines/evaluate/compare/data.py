@@ -50,7 +50,8 @@ def load_data(source: str, bundle: Path, manifest: Manifest, spec: InputSpec, it
     """The feeds for ``source`` (see the module docstring); ``auto`` is ``eval`` for INT8 zoo bundles."""
     if source == "auto":
         stored = _stored_evaluation(manifest)
-        budgeted = manifest.precision == "int8" or bool(manifest.accuracy and manifest.accuracy.prune)
+        budgeted = manifest.precision == "int8" or bool(manifest.accuracy and (manifest.accuracy.prune or
+                                                                              manifest.accuracy.sparsity))
         source = "eval" if budgeted and (stored or _zoo_entry(manifest) is not None) else "golden"
     if source == "golden":
         data = _golden(bundle, manifest)
@@ -108,11 +109,11 @@ def _zoo_entry(manifest: Manifest):
 
 
 def _stored_evaluation(manifest: Manifest) -> str | None:
-    """The held-out batches a budget was measured on (INT8's, or a pruned build's), if the bundle has them."""
+    """The held-out batches a budget was measured on (INT8's, a pruned or 2:4 build's), if the bundle has them."""
     if manifest.calibration is not None and manifest.calibration.evaluation_file:
         return manifest.calibration.evaluation_file
-    prune = manifest.accuracy.prune if manifest.accuracy else None
-    return prune.evaluation_file if prune else None
+    reports = (manifest.accuracy.prune, manifest.accuracy.sparsity) if manifest.accuracy else ()
+    return next((r.evaluation_file for r in reports if r is not None and r.evaluation_file), None)
 
 
 def _evaluation(bundle: Path, manifest: Manifest, module) -> CompareData:

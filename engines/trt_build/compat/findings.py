@@ -33,6 +33,8 @@ class CompatReport:
     graph: str  # what was checked
     nodes: int
     findings: tuple[Finding, ...]
+    eligible_24: int = 0  # layers whose weights could hold TensorRT's 2:4 pattern
+    sparse_24: tuple[str, ...] = ()  # those that do (passes/sparsify_24.py)
 
     @property
     def refused(self) -> list[Finding]:
@@ -47,15 +49,19 @@ class CompatReport:
         return not self.refused
 
     def summary(self) -> str:
+        sparse = f"; 2:4 sparse weights in {len(self.sparse_24)} of {self.eligible_24} eligible layers" \
+            if self.sparse_24 else ""
         return (f"TensorRT {self.tensorrt_version} compatibility: {self.nodes} nodes, {len(self.refused)} refused, "
-                f"{len(self.to_check)} to check")
+                f"{len(self.to_check)} to check{sparse}")
 
     def to_json(self) -> dict:
         return {"tensorrt_version": self.tensorrt_version, "source": self.source, "graph": self.graph,
                 "nodes": self.nodes, "refused": len(self.refused), "check": len(self.to_check),
-                "findings": [f.to_json() for f in self.findings]}
+                "findings": [f.to_json() for f in self.findings], "eligible_24": self.eligible_24,
+                "sparse_24": list(self.sparse_24)}
 
     @classmethod
     def from_json(cls, data: dict) -> CompatReport:
         return cls(data["tensorrt_version"], data.get("source", ""), data.get("graph", ""), int(data["nodes"]),
-                   tuple(Finding.from_json(f) for f in data.get("findings", ())))
+                   tuple(Finding.from_json(f) for f in data.get("findings", ())), int(data.get("eligible_24", 0)),
+                   tuple(data.get("sparse_24", ())))
