@@ -1,5 +1,11 @@
 """Finding the units structured pruning can remove (no rewriting here; ``prune_units`` rewrites).
 
+Two kinds of group, found the same way: an MLP's hidden units (below), and a convolution's output channels
+between two Convs of group 1: ``Conv(W_up [C, I, kh, kw]) -> channel-wise ops (BatchNormalization,
+activations, pooling; constants per channel) -> Conv(W_down [O, C, kh', kw'])``, channel ``c`` being filter
+``c`` of the first and input channel ``c`` of the second. A residual ``Add`` or a ``Concat`` between them
+is not channel-wise: such a pair is left whole.
+
 An **MLP group** is a hidden layer of ``h`` units between up-projections and one down-projection:
 
     x --MatMul(W_up [d, h]) [--Add(b [h])]--+
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graph_utils import constant_value, is_graph_output, producer
@@ -31,6 +38,8 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Gelu"
                          "Sigmoid", "HardSigmoid", "HardSwish", "Pow", "Sqrt", "Neg", "Exp", "Softplus", "Elu",
                          "Selu", "Clip", "Identity", "Cast", "QuickGelu", "Mish"})
 MIN_UNITS = 16  # a hidden layer narrower than this is left alone (nothing worth removing)
+# Ops that act on each channel of an NCHW tensor apart (a Conv group's region; their constants per channel).
+CHANNELWISE = frozenset({"BatchNormalization", "MaxPool", "AveragePool", "PRelu"})
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,7 +60,7 @@ class Projection:
 
 
 @dataclasses.dataclass(eq=False)
-class MlpGroup:
+class UnitGroup:
     ups: list[Projection]
     region: list[gs.Node]  # the elementwise nodes between, in graph order
     hidden: gs.Tensor  # the down-projection's input: what is measured on calibration data
@@ -61,27 +70,43 @@ class MlpGroup:
     down_bias: gs.Constant | None
     units: int
     down_transposed: bool = False  # the down weight stored [d', units] (Gemm transB=1)
+    axis: int = -1  # the units' axis in the activations: -1 for an MLP, 1 for convolutions' channels (NCHW)
+
+    @property
+    def conv(self) -> bool:
+        return self.axis == 1
 
     @property
     def down_matrix(self):
-        """The down weight as ``[units, d']`` (a view)."""
-        return self.down_weight.values.T if self.down_transposed else self.down_weight.values
+        """The down weight as ``[units, d']`` (a conv's ``[C, O * kh * kw]``)."""
+        w = self.down_weight.values
+        if self.conv:
+            return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+        return w.T if self.down_transposed else w
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 convolution with stride 1 and no padding: a matrix product at every pixel (refit exactly)."""
+        attrs = self.down.attrs
+        return self.down_weight.values.shape[2:] == (1, 1) and all(v == 1 for v in attrs.get("strides", [1])) \
+            and not any(attrs.get("pads", [0])) and all(v == 1 for v in attrs.get("dilations", [1]))
 
     @property
     def name(self) -> str:
         return self.down.name
 
 
-def mlp_groups(graph: gs.Graph) -> list[MlpGroup]:
+def unit_groups(graph: gs.Graph) -> list[UnitGroup]:
     """Every MLP group of ``graph`` (module docstring), in graph order."""
     uses = _uses(graph)
     found = []
     for node in graph.nodes:
-        if node.op not in ("MatMul", "Gemm") or (node.op == "Gemm" and not _plain_gemm(node)):
+        if node.op not in ("MatMul", "Gemm", "Conv") or (node.op == "Gemm" and not _plain_gemm(node)) \
+                or (node.op == "Conv" and node.attrs.get("group", 1) != 1):
             continue
         group, why = _group(node, graph, uses)
         if group is None:
-            logger.debug("no MLP group ending at %s: %s", node.name, why)
+            logger.debug("no prunable group ending at %s: %s", node.name, why)
         else:
             found.append(group)
     return found
@@ -102,14 +127,15 @@ def _plain_gemm(node: gs.Node) -> bool:
     return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
 
 
-def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGroup | None, str]:
+def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[UnitGroup | None, str]:
     weight = down.inputs[1]
-    if not isinstance(weight, gs.Constant) or weight.values.ndim != 2:
-        return None, "the down-projection's weight is not a 2-D constant"
+    conv = down.op == "Conv"
+    if not isinstance(weight, gs.Constant) or weight.values.ndim != (4 if conv else 2):
+        return None, f"the down-projection's weight is not a {4 if conv else 2}-D constant"
     if uses.get(id(weight), 0) != 1:
         return None, "the down-projection's weight is read elsewhere too"
     transposed = down.op == "Gemm" and bool(down.attrs.get("transB", 0))
-    units = int(weight.values.shape[1 if transposed else 0])
+    units = int(weight.values.shape[1 if transposed or conv else 0])
     if units < MIN_UNITS:
         return None, f"{units} hidden units (fewer than {MIN_UNITS})"
     hidden = down.inputs[0]
@@ -125,17 +151,18 @@ def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGro
         node = producer(tensor)
         if node is None:
             return None, f"{tensor.name} is a graph input"
-        up = _projection(node, units, uses)
+        up = _conv_projection(node, units, uses) if conv else _projection(node, units, uses)
         if up is not None:
             ups.append(up)
             continue
-        if node.op not in ELEMENTWISE:
+        if node.op not in ELEMENTWISE and not (conv and node.op in CHANNELWISE):
             return None, f"{node.op} {node.name} between the projections is not elementwise"
         region.append(node)
         for operand in node.inputs:
             if isinstance(operand, gs.Constant) or constant_value(operand) is not None:
                 value = constant_value(operand)
-                if value is None or not (value.size == 1 or (value.size == units and value.shape[-1] == units)):
+                if value is None or not (value.size == 1 or (value.size == units and unit_axis(value, node, conv)
+                                                             is not None)):
                     return None, f"{node.name} has a constant of shape {None if value is None else value.shape}"
             elif not (isinstance(operand, gs.Variable) and operand.name == ""):
                 frontier.append(operand)
@@ -150,12 +177,39 @@ def _group(down: gs.Node, graph: gs.Graph, uses: dict[int, int]) -> tuple[MlpGro
             return None, f"{tensor.name} is a graph output"
         if any(id(c) not in inside for c in tensor.outputs):
             return None, f"{tensor.name} is read outside the MLP"
-    bias_add, bias = _gemm_bias(down, uses) if down.op == "Gemm" else _bias_after(down, uses)
-    if down.op == "Gemm" and len(down.inputs) > 2 and bias is None:
-        return None, "the down Gemm's bias is not a constant vector of its own"
+    bias_add, bias = _gemm_bias(down, uses) if down.op in ("Gemm", "Conv") else _bias_after(down, uses)
+    if down.op in ("Gemm", "Conv") and len(down.inputs) > 2 and bias is None:
+        return None, f"the down {down.op}'s bias is not a constant vector of its own"
     order = {id(n): k for k, n in enumerate(graph.nodes)}
     region.sort(key=lambda n: order[id(n)])
-    return MlpGroup(ups, region, hidden, down, weight, bias_add, bias, units, transposed), ""
+    return UnitGroup(ups, region, hidden, down, weight, bias_add, bias, units, transposed, 1 if conv else -1), ""
+
+
+def unit_axis(value, node: gs.Node, conv: bool) -> int | None:
+    """The axis of a per-unit constant along which units run: the last for an MLP; for a conv group's NCHW
+    activations, a BatchNormalization parameter's only axis or the channel axis of ``[C, 1, 1]`` /
+    ``[1, C, 1, 1]``; None when the constant would broadcast along another axis."""
+    if not conv:
+        return value.ndim - 1 if value.shape[-1] == value.size else None
+    if node.op == "BatchNormalization":
+        return 0 if value.ndim == 1 else None
+    if value.ndim >= 3 and value.shape[-3] == value.size:
+        return value.ndim - 3
+    return None
+
+
+def _conv_projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection | None:
+    """``node`` as a convolution of ``units`` output channels (group 1), its own bias the third input."""
+    if node.op != "Conv" or node.attrs.get("group", 1) != 1:
+        return None
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) or weight.values.ndim != 4 or weight.values.shape[0] != units \
+            or uses.get(id(weight), 0) != 1:
+        return None
+    bias_add, bias = _gemm_bias(node, uses)
+    if len(node.inputs) > 2 and (bias is None or bias.values.shape != (units,)):
+        return None
+    return Projection(node, weight, bias_add, bias, transposed=True)  # units along the weight's axis 0
 
 
 def _projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection | None:
@@ -191,7 +245,7 @@ def _projection(node: gs.Node, units: int, uses: dict[int, int]) -> Projection |
 
 
 def _gemm_bias(node: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs.Constant | None]:
-    """A Gemm's own bias (its third input), when a constant vector read by it alone."""
+    """A Gemm's or Conv's own bias (its third input), when a constant vector read by it alone."""
     if len(node.inputs) < 3:
         return None, None
     bias = node.inputs[2]
@@ -214,4 +268,4 @@ def _bias_after(down: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs
     return None, None
 
 
-__all__ = ["ELEMENTWISE", "MIN_UNITS", "MlpGroup", "Projection", "mlp_groups"]
+__all__ = ["CHANNELWISE", "ELEMENTWISE", "MIN_UNITS", "UnitGroup", "Projection", "unit_groups", "unit_axis"]

@@ -1,4 +1,8 @@
-"""Structured pruning of MLP hidden units with a least-squares refit of the down-projection, no retraining.
+"""Structured pruning of MLP hidden units and convolution channels, with a refit of what reads them, no
+retraining (groups: ``passes/prune_match.py``). The MLP case below; a conv group (channels between two
+Convs) is the same with one row per pixel of the channels, a 1x1 next conv refit by least squares as a
+down-projection, and a k x k one (whose kernels mix pixels) keeping its kernels and taking the removed
+channels' mean contribution into its bias (``compensation``).
 
 For each MLP group (``passes/prune_match.py``: up-projections, an elementwise region, a down-projection
 ``W [h, d]``), the hidden activations ``a`` (the down-projection's input, ``[tokens, h]``) are measured on
@@ -41,7 +45,7 @@ import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
 from passes.graph_utils import constant_value
-from passes.prune_match import MlpGroup, mlp_groups
+from passes.prune_match import UnitGroup, unit_axis, unit_groups
 from passes.verify import session
 
 logger = logging.getLogger(__name__)
@@ -64,7 +68,7 @@ class Moments:
         return np.maximum(np.diag(self.gram) / self.count - mean * mean, 0.0)
 
 
-def measure(model: onnx.ModelProto, groups: list[MlpGroup], batches: list[dict[str, np.ndarray]]) -> dict[str, Moments]:
+def measure(model: onnx.ModelProto, groups: list[UnitGroup], batches: list[dict[str, np.ndarray]]) -> dict[str, Moments]:
     """Each group's ``Moments`` (keyed by group name) over ``batches``, run by ONNX Runtime as written."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -81,8 +85,10 @@ def measure(model: onnx.ModelProto, groups: list[MlpGroup], batches: list[dict[s
         outputs = sess.run(names, {k: v for k, v in batch.items() if k in wanted})
         mask = batch.get(MASK)
         for group, value in zip(groups, outputs):
+            if group.conv:  # NCHW: one row per pixel
+                value = np.moveaxis(value, 1, -1)
             rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            if mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
+            if not group.conv and mask is not None and value.ndim == 3 and value.shape[:2] == mask.shape:
                 rows = rows[mask.reshape(-1) != 0]
             found = moments.get(group.name)
             if found is None:
@@ -94,7 +100,7 @@ def measure(model: onnx.ModelProto, groups: list[MlpGroup], batches: list[dict[s
     return moments
 
 
-def kept_units(group: MlpGroup, moments: Moments, ratio: float, multiple: int = 8) -> np.ndarray:
+def kept_units(group: UnitGroup, moments: Moments, ratio: float, multiple: int = 8) -> np.ndarray:
     """The indices of the units kept at ``ratio`` (sorted), by importance (module docstring)."""
     weight = group.down_matrix.astype(np.float64)
     score = moments.variance() * np.sum(weight * weight, axis=1)
@@ -117,7 +123,7 @@ def refit(weight: np.ndarray, moments: Moments, keep: np.ndarray) -> tuple[np.nd
     return solution[:k], solution[k]
 
 
-class PruneMlpUnits(Pass):
+class PruneUnits(Pass):
     """Removes ``ratio`` of every MLP group's hidden units and refits the down-projection (module docstring).
     ``batches``: calibration feeds. ``ratios``: a ratio per group name, overriding ``ratio`` (the budget
     search's per-group outcome)."""
@@ -130,7 +136,7 @@ class PruneMlpUnits(Pass):
         self.ratios, self.moments = dict(ratios or {}), moments  # moments: measured once by a search's caller
 
     def run(self, graph: gs.Graph) -> PassResult:
-        groups = mlp_groups(graph)
+        groups = unit_groups(graph)
         if not groups or (self.ratio == 0 and not any(self.ratios.values())):
             return PassResult(False, {"groups": len(groups)})
         moments = self.moments or measure(_exported(graph), groups, self.batches)
@@ -140,12 +146,25 @@ class PruneMlpUnits(Pass):
             keep = kept_units(group, moments[group.name], self.ratios.get(group.name, self.ratio), self.multiple)
             if len(keep) < group.units:
                 removed[group.name] = group.units - len(keep)
-                _rewrite(graph, group, keep, *refit(group.down_matrix, moments[group.name], keep))
+                found = moments[group.name]
+                if group.conv and not group.pointwise:  # a k x k kernel mixes pixels: bias compensation only
+                    _rewrite(graph, group, keep, None, compensation(group, found, keep))
+                else:
+                    _rewrite(graph, group, keep, *refit(group.down_matrix, found, keep))
             after += _params(group)
         graph.cleanup().toposort()
         return PassResult(bool(removed), {"groups": len(groups), "pruned": len(removed),
                                           "units_removed": sum(removed.values()),
                                           "mlp_params_before": before, "mlp_params_after": after})
+
+
+def compensation(group: UnitGroup, moments: Moments, keep: np.ndarray) -> np.ndarray:
+    """The down-projection's bias change that keeps the removed channels' mean contribution (FLAP):
+    ``delta_o = sum over removed c of mean(a_c) * sum_ij W[o, c, i, j]`` (borders' padding aside)."""
+    removed = np.setdiff1d(np.arange(group.units), keep)
+    mean = moments.total / moments.count
+    w = group.down_weight.values.astype(np.float64)  # [O, C, kh, kw]
+    return np.einsum("c,ocij->o", mean[removed], w[:, removed])
 
 
 def _exported(graph: gs.Graph) -> onnx.ModelProto:
@@ -154,12 +173,15 @@ def _exported(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _params(group: MlpGroup) -> int:
+def _params(group: UnitGroup) -> int:
     sizes = [up.weight.values.size + (up.bias.values.size if up.bias is not None else 0) for up in group.ups]
     return sum(sizes) + group.down_weight.values.size
 
 
-def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndarray, delta: np.ndarray) -> None:
+def _rewrite(graph: gs.Graph, group: UnitGroup, keep: np.ndarray, weight: np.ndarray | None,
+             delta: np.ndarray) -> None:
+    """Keeps units ``keep``: ``weight`` is the refit down matrix ``[k, d']`` (None: the down weight's kept
+    rows as they are, a conv's k x k kernels), ``delta`` the bias change."""
     units, k = group.units, len(keep)
     for up in group.ups:
         up.weight.values = np.ascontiguousarray(up.weight.values[keep] if up.transposed else up.weight.values[:, keep])
@@ -169,12 +191,19 @@ def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndar
         for i, operand in enumerate(node.inputs):
             value = constant_value(operand)
             if value is not None and value.size == units and units > 1:
-                sliced = np.ascontiguousarray(value.reshape(-1)[keep].reshape(*value.shape[:-1], k))
+                sliced = np.ascontiguousarray(np.take(value, keep, axis=unit_axis(value, node, group.conv)))
                 node.inputs[i] = gs.Constant(f"{operand.name}_pruned_{group.name}", sliced)
-    dtype = group.down_weight.values.dtype
-    group.down_weight.values = np.ascontiguousarray((weight.T if group.down_transposed else weight).astype(dtype))
+    down = group.down_weight.values
+    dtype = down.dtype
+    if group.conv:  # [O, C, kh, kw]: the kept input channels, refit where the kernel is 1x1
+        new = down[:, keep] if weight is None else np.moveaxis(weight.reshape(k, down.shape[0], 1, 1), 0, 1)
+    else:
+        new = weight.T if group.down_transposed else weight
+    group.down_weight.values = np.ascontiguousarray(new.astype(dtype))
     if group.down_bias is not None:
         group.down_bias.values = (group.down_bias.values.astype(np.float64) + delta).astype(dtype)
+    elif group.conv:  # a Conv without bias takes one as its third input
+        group.down.inputs.append(gs.Constant(f"{group.name}_refit_bias", delta.astype(dtype)))
     else:
         out = group.down.outputs[0]
         shifted = gs.Variable(f"{out.name}_unpruned", dtype=out.dtype, shape=out.shape)
@@ -185,10 +214,13 @@ def _rewrite(graph: gs.Graph, group: MlpGroup, keep: np.ndarray, weight: np.ndar
         group.down_bias_add = graph.nodes[-1]
     tensors = [up.output for up in group.ups]
     tensors += [up.matmul.outputs[0] for up in group.ups] + [t for n in group.region for t in n.outputs]
-    for tensor in tensors:  # the hidden axis is now k wide
-        if tensor.shape is not None and len(tensor.shape) and tensor.shape[-1] == units:
-            tensor.shape = [*tensor.shape[:-1], k]
+    axis = group.axis
+    for tensor in tensors:  # the units' axis is now k wide
+        if tensor.shape is not None and len(tensor.shape) > max(axis, 0) and tensor.shape[axis] == units:
+            shape = list(tensor.shape)
+            shape[axis] = k
+            tensor.shape = shape
     group.units = k
 
 
-__all__ = ["Moments", "PruneMlpUnits", "kept_units", "measure", "refit"]
+__all__ = ["Moments", "PruneUnits", "compensation", "kept_units", "measure", "refit"]

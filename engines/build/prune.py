@@ -1,5 +1,5 @@
-"""The pruning stage of a build (``planforge build --prune auto|RATIO``): MLP hidden units removed from the
-exported graph before either target's passes (``passes/prune_units.py``), under the same accuracy budget,
+"""The pruning stage of a build (``planforge build --prune auto|RATIO``): MLP hidden units and convolution
+channels removed from the exported graph before either target's passes (``passes/prune_units.py``), under the same accuracy budget,
 metric and calibration data as INT8.
 
 Pruning runs on the exported ONNX graph rather than the PyTorch module: a bring-your-own ONNX file benefits
@@ -33,8 +33,8 @@ from foundation.errors import BuildError, UsageError
 from foundation.numerics import Budget, budget_metric
 from passes import PassManager, pipeline
 from passes.base import to_model
-from passes.prune_match import mlp_groups
-from passes.prune_units import PruneMlpUnits, measure
+from passes.prune_match import unit_groups
+from passes.prune_units import PruneUnits, measure
 from passes.verify import session
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def parse_prune(value: str | None) -> float | str | None:
         return None
     if value == "auto":
         return "auto"
-    problem = UsageError(f"--prune {value}: expected auto or a ratio of hidden units to remove, above 0 and at most "
+    problem = UsageError(f"--prune {value}: expected auto or a ratio of units to remove, above 0 and at most "
                          f"{MAX_RATIO} (e.g. --prune 0.3)")
     try:
         ratio = float(value)
@@ -76,10 +76,11 @@ class PruneStage:
 
     def run(self, graph: onnx.ModelProto) -> onnx.ModelProto:
         started = time.perf_counter()
-        groups = mlp_groups(gs.import_onnx(graph))
+        groups = unit_groups(gs.import_onnx(graph))
         if not groups:
-            logger.warning("--prune: no MLP group to prune in this graph (an up-projection, an elementwise "
-                           "activation, a down-projection, nothing read outside them); the graph is unchanged")
+            logger.warning("--prune: nothing to prune in this graph (no MLP: up-projection, elementwise activation, "
+                           "down-projection; no pair of Convs with channel-wise ops between; or their units are read "
+                           "elsewhere); the graph is unchanged")
             self.report = PruneReport(str(self.requested), 0.0, self.budget, None, True, 0, {}, 0, 0, (),
                                       None, None, round(time.perf_counter() - started, 1),
                                       evaluation_file=self.evaluation_file)
@@ -92,7 +93,7 @@ class PruneStage:
 
         def attempt(ratio: float):
             pruned = gs.import_onnx(graph)
-            result = PruneMlpUnits(ratio, self.data.calibration, moments=moments).run(pruned)
+            result = PruneUnits(ratio, self.data.calibration, moments=moments).run(pruned)
             model = to_model(pruned, graph)
             value = float(budget_metric(self.budget, reference, self._outputs(model, evaluation), names, evaluation))
             met = bool(self.budget.met(value))

@@ -241,7 +241,8 @@ class Int4Report:
 
 @dataclasses.dataclass(frozen=True)
 class PruneReport:
-    """What ``--prune`` removed (``engines/build/prune.py``): the ratio of MLP hidden units (asked and chosen),
+    """What ``--prune`` removed (``engines/build/prune.py``): the ratio of units (MLP hidden units and conv
+    channels; asked and chosen),
     the budget and its metric on the held-out batches against the unpruned graph, the groups and their
     units before, parameters (MLPs and whole graph) before and after, every ratio tried, ONNX Runtime CPU
     latency before and after."""
@@ -262,7 +263,8 @@ class PruneReport:
     units_removed: int = 0
     params_before: int = 0
     params_after: int = 0
-    method: str = "MLP hidden units: var(a) x |W_down row|^2, least-squares refit + bias compensation"
+    method: str = ("MLP hidden units and conv channels: var(a) x |W_down row|^2; least-squares refit (MLPs, 1x1 convs) "
+                   "or mean compensation (k x k convs) in the bias")
     evaluation_file: str | None = None  # the held-out batches judged (compare judges them again)
 
     def to_json(self) -> dict:

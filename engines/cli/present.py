@@ -47,12 +47,12 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
         if prune.ratio:
             latency = (f"; ONNX Runtime CPU {prune.latency_ms_before:.2f} -> {prune.latency_ms_after:.2f} ms"
                        if prune.latency_ms_before and prune.latency_ms_after else "")
-            console.print(f"pruned {prune.ratio:.0%} of the MLP hidden units ({prune.units_removed} in {prune.groups} "
+            console.print(f"pruned {prune.ratio:.0%} of the prunable units ({prune.units_removed} in {prune.groups} "
                           f"groups; parameters {prune.params_before:,} -> {prune.params_after:,}); budget "
                           f"{prune.budget} met ({prune.metric:.4f}){latency}")
         else:
-            console.print(f"--prune {prune.requested}: nothing pruned ({prune.groups} MLP groups; no ratio kept the "
-                          f"budget {prune.budget})" if prune.groups else f"--prune {prune.requested}: no MLP group "
+            console.print(f"--prune {prune.requested}: nothing pruned ({prune.groups} groups; no ratio kept the "
+                          f"budget {prune.budget})" if prune.groups else f"--prune {prune.requested}: no group "
                           "to prune in this graph")
     sparsity = manifest.accuracy.sparsity
     if sparsity is not None:

@@ -27,9 +27,9 @@ from engines.cli.options import (
               help="fp16: the TensorRT graph in FP16 (the CPU fallback stays FP32); int8: both graphs with Q/DQ; "
                    "int4: a decoder's weights in 4 bits (8 where its --budget needs them).")
 @click.option("--force", is_flag=True, help="Rebuild even if a bundle exists.")
-@click.option("--prune", metavar="auto|RATIO", help="Remove MLP hidden units before the passes, with a least-squares "
-              "refit: RATIO of them, or auto: as many as --budget allows (judged on the --calib data's held-out "
-              "batches, as INT8).")
+@click.option("--prune", metavar="auto|RATIO", help="Remove MLP hidden units and conv channels before the passes, "
+              "refitting what follows: RATIO of them, or auto: as many as --budget allows (judged on the --calib "
+              "data's held-out batches, as INT8).")
 @click.option("--sparsity", type=click.Choice(["2:4"]), help="Make the TensorRT graph's weights 2:4 sparse (2 of every "
               "4 input-channel weights zero) where --budget allows, and build with TensorRT's sparse kernels.")
 @export_options
