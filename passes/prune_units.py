@@ -68,7 +68,8 @@ class Moments:
         return np.maximum(np.diag(self.gram) / self.count - mean * mean, 0.0)
 
 
-def measure(model: onnx.ModelProto, groups: list[UnitGroup], batches: list[dict[str, np.ndarray]]) -> dict[str, Moments]:
+def measure(model: onnx.ModelProto, groups: list[UnitGroup],
+            batches: list[dict[str, np.ndarray]]) -> dict[str, Moments]:
     """Each group's ``Moments`` (keyed by group name) over ``batches``, run by ONNX Runtime as written."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
