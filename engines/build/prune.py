@@ -115,6 +115,8 @@ class PruneStage:
                 raise BuildError(f"--prune {self.requested} breaks the budget {self.budget}: {self.budget.metric} "
                                  f"{value:.4f}; prune less, or use --prune auto to find the most the budget allows")
         stats = result.stats if result is not None else {}
+        if not stats.get("units_removed"):  # a ratio too small to remove a multiple of 8 units: nothing changed
+            chosen, ratio, stats = graph, 0.0, {}
         self.report = PruneReport(
             str(self.requested), ratio, self.budget, value, met, len(groups),
             {g.name: g.units for g in groups}, stats.get("mlp_params_before", 0), stats.get("mlp_params_after", 0),
