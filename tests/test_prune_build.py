@@ -12,6 +12,8 @@ from onnx import numpy_helper
 from engines.bundle import read_manifest
 from engines.evaluate.compare import CompareRequest, compare
 
+pytestmark = pytest.mark.xdist_group("prune-build")  # one worker builds the module's bundle (--dist loadgroup)
+
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
