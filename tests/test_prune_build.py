@@ -61,6 +61,10 @@ def test_prune_then_int8_judges_both_and_records_both(in_tmp, tmp_path, run_cli)
     assert all(r.met for r in manifest.accuracy.int8.values())
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "b" / "model.ort.onnx")).graph.initializer]
     assert any(w.dtype == np.int8 and 384 in w.shape for w in weights)  # the pruned hidden layer, quantized
+    # INT8 of the pruned graph was judged against the unpruned export: compare's verdict on the final graphs agrees
+    result = compare(CompareRequest(tmp_path / "b", report=tmp_path / "r.json", cache_dir=tmp_path / ".cache"))
+    finals = {p.target: p.budget["value"] for p in result.pairs if p.graph}
+    assert result.ok and all(abs(finals[t] - r.final) < 1e-3 for t, r in manifest.accuracy.int8.items()), finals
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-0.1", "half"])

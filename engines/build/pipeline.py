@@ -136,7 +136,7 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
     graph = onnx.load(str(root / "model.onnx"))
     if model.kind != "decoder":  # a decoder's max shapes (a whole max-length prompt over its vocabulary) are not
         check_profiles(graph, profiles, spec)  # run here: its parity covers a prefill and a decode step instead
-    prune = None
+    prune, unpruned = None, graph
     if request.prune is not None:  # before either target: both start from the same pruned graph
         on_stage("prune")
         prune = PruneStage(root, parse_prune(request.prune), request.int8, model, spec)
@@ -147,9 +147,12 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
 
         frozen, spec = [FreezeInputShapes(spec.shapes("opt"))], spec.frozen("opt")
     int8 = int4 = None
+    pruned = prune is not None and graph is not unpruned
     if request.precision == "int8":
         graph = stages.int8_opset(graph, golden)
         int8 = Int8Stage(root, request.int8, model, spec, calib_cache)
+        if pruned:  # INT8 of a pruned graph is judged against the unpruned export: the final graph, end to end
+            int8.reference = stages.int8_opset(unpruned, golden)
     if request.precision == "int4":
         int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
     targets = ("ort", "trt") if int4 else TARGETS  # TensorRT's 4-bit graph takes the ort graph's budget outcome

@@ -116,15 +116,17 @@ class Trial:
 
 def quantize_target(fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
                     on_step: Callable[[str], None] = lambda s: None, ort_form: str = "auto",
-                    time_limit: float | None = None, state: StatePairs = ()) -> Int8Result:
+                    time_limit: float | None = None, state: StatePairs = (),
+                    reference: onnx.ModelProto | None = None) -> Int8Result:
     """Quantize ``fp32`` for ``target`` and fall back to float per unit until ``budget`` holds.
 
     ``ort_form``: ``auto`` measures the candidate forms of this CPU's class, or one form, forced.
     ``time_limit``: seconds for the fallback search; when it runs out, the best graph found is kept.
     A target whose budget holds only with every unit in float, or not at all, stays float
     (``quantized=False``): a graph without Q/DQ is never called INT8. ``state``: the evaluation batches
-    are a sequence and each graph feeds its own state back (drift through the state counts)."""
-    trials = TargetTrials(fp32, target, ranges, evaluation, budget, state)
+    are a sequence and each graph feeds its own state back (drift through the state counts). ``reference``: the
+    graph the budget compares with, when not ``fp32`` (a pruned build's unpruned export: judged end to end)."""
+    trials = TargetTrials(fp32, target, ranges, evaluation, budget, state, reference=reference)
     isa = detect().isa
     choice = None
     if target == "ort":
@@ -192,10 +194,12 @@ class TargetTrials:
     ``planforge debug --bisect``."""
 
     def __init__(self, fp32: onnx.ModelProto, target: str, ranges: dict, evaluation: list[dict], budget: Budget,
-                 state: StatePairs = (), form: str | None = None):
+                 state: StatePairs = (), form: str | None = None, reference: onnx.ModelProto | None = None):
         self.fp32, self.target, self.ranges, self.evaluation, self.budget = fp32, target, ranges, evaluation, budget
         self.state, self.form = state, form
-        self.reference = run_target(fp32, evaluation, target, state)
+        # ``reference``: the graph the budget is measured against when it is not ``fp32`` itself (a pruned build:
+        # the unpruned export, so the final graph is judged end to end)
+        self.reference = run_target(reference if reference is not None else fp32, evaluation, target, state)
         names = [o.name for o in fp32.graph.output]
         budget.check_outputs(names)
         self.names = names

@@ -56,6 +56,7 @@ class Int8Stage:
         self.required = {"trt", "ort"} if "all" in options.require else set(options.require)
         self.ranges: dict[str, dict] = {}
         self.results: dict[str, Int8Result] = {}
+        self.reference: onnx.ModelProto | None = None  # set by a pruned build: the unpruned export (end to end)
         self.reused: dict[str, bool] = {}
         self.evaluation_stored = save_evaluation(root / EVALUATION_FILE, self.data.evaluation)
         _warn_if_small(self.data.evaluation)
@@ -68,7 +69,7 @@ class Int8Stage:
         self.ranges[target] = {"graph_sha256": graph_hash, "ranges": {k: list(v) for k, v in sorted(ranges.items())}}
         save_ranges(self.root / "calibration.json", self.ranges, self.method, self.data_hash, self.data.samples)
         result = quantize_target(fp32, target, ranges, self.data.evaluation, self.budget, ort_form=self.ort_form,
-                                 time_limit=self.time_limit, state=self.state)
+                                 time_limit=self.time_limit, state=self.state, reference=self.reference)
         self.results[target] = result
         if not result.quantized and target in self.required:
             raise BuildError(f"--require-int8 {target}: model.{target}.onnx cannot be INT8: {result.reason}; "
