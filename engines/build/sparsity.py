@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from engines.build.int8 import run_target
 from engines.build.int8.data import load_calibration
 from engines.build.request import Int8Options
 from engines.bundle import SparsityReport
@@ -27,7 +28,6 @@ from foundation.errors import UsageError
 from foundation.numerics import Budget, budget_metric
 from passes.base import to_model
 from passes.sparsify_24 import Sparsify24, eligible
-from passes.verify import session
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,4 @@ class SparsityStage:
 
 
 def _outputs(model: onnx.ModelProto, batches: list[dict]) -> list[list[np.ndarray]]:
-    sess = session(model, optimize=False)  # the trt graph as written: float emulation
-    wanted = {i.name for i in sess.get_inputs()}
-    names = [o.name for o in sess.get_outputs()]
-    return [sess.run(names, {k: v for k, v in b.items() if k in wanted}) for b in batches]
+    return run_target(model, batches, "trt")  # the trt graph as written: float emulation (INT8's one definition)
