@@ -32,6 +32,7 @@ from engines.bundle import PruneReport
 from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import Budget, budget_metric
+from foundation.ort_session import time_runs
 from passes import PassManager, pipeline
 from passes.base import to_model
 from passes.prune_match import unit_groups
@@ -156,11 +157,4 @@ def _latency(model: onnx.ModelProto, batches: list[dict], runs: int = 20) -> flo
     sess = session(optimized, optimize=True)
     wanted = {i.name for i in sess.get_inputs()}
     feed = {k: v for k, v in batches[0].items() if k in wanted}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return round(float(np.median(times)), 3)
+    return round(float(np.median(time_runs(sess, feed, warmup=3, runs=runs))), 3)

@@ -130,8 +130,6 @@ async def _events(stream: GenerationStream, tokens, first, text: _Text, chat: bo
             usage = {"id": ident, "object": kind, "created": created, "model": name, "choices": [],
                      "usage": _usage(stream)}
             yield f"data: {json.dumps(usage)}\n\n"
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:  # noqa: BLE001 - the status line has gone: the error travels as an event
         error = classify(exc)
         yield f"data: {json.dumps({'error': {'message': error.message, 'code': error.status}})}\n\n"
