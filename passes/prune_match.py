@@ -19,6 +19,16 @@ every node from the up-projections' outputs to the down-projection's input; it m
 none of its tensors may be read outside it or be a graph output (a unit visible elsewhere cannot be removed).
 The weights must be constant initializers read by this group alone, 2-D, and the hidden axis the last one.
 Each group not found is logged with the reason at debug level.
+
+An **attention-head group** is a multi-head attention block (``passes/attention_match.py``: q, k, v split into
+``N`` heads of ``H``, softmax, merged back) whose q, k and v are each a projection of their own
+(``MatMul(x, W [d, N*H])`` and its bias) and whose merged context is read by one output projection
+``W_o [N*H, d']`` alone. Head ``n`` is columns ``n*H .. n*H+H-1`` of the three projections and the same rows of
+``W_o``: every op between works on each head apart (batched MatMuls over the head axis, softmax over the
+keys, scalar scales, a mask broadcast over heads), so removing them all at once leaves the other heads'
+numbers unchanged. Refused when the head count is written in the graph (a Reshape target holding ``N`` or
+``N*H`` rather than -1 or a shape read at run time: it would go stale), when a constant inside the block is
+not a scalar (a per-head bias), when the mask has a head axis, or when a tensor of the block is read outside it.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from passes.attention_match import AttentionMatch, attention_blocks
 from passes.graph_utils import constant_value, is_graph_output, producer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +51,11 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Gelu"
 MIN_UNITS = 16  # a hidden layer narrower than this is left alone (nothing worth removing)
 # Ops that act on each channel of an NCHW tensor apart (a Conv group's region; their constants per channel).
 CHANNELWISE = frozenset({"BatchNormalization", "MaxPool", "AveragePool", "PRelu"})
+# Ops an attention block may hold between its head split and its merge (each acts on every head apart, or
+# computes a Reshape target from shapes read at run time).
+HEADWISE = frozenset({"Reshape", "Transpose", "MatMul", "Mul", "Div", "Add", "Sub", "Softmax", "IsNaN", "Where",
+                      "Shape", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Cast", "Identity"})
+MAX_BLOCK_NODES = 256  # a forward walk from q, k and v that grows past this has left the block
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,6 +87,17 @@ class UnitGroup:
     units: int
     down_transposed: bool = False  # the down weight stored [d', units] (Gemm transB=1)
     axis: int = -1  # the units' axis in the activations: -1 for an MLP, 1 for convolutions' channels (NCHW)
+    block: int = 1  # channels per unit: an attention head's size (removed together), 1 otherwise
+    head_tensors: list = dataclasses.field(default_factory=list)  # the attention block's tensors (shapes redone)
+
+    @property
+    def count(self) -> int:
+        """Units in the group: hidden units, channels, or heads."""
+        return self.units // self.block
+
+    @property
+    def kind(self) -> str:
+        return "heads" if self.block > 1 else "channels" if self.conv else "units"
 
     @property
     def conv(self) -> bool:
@@ -93,13 +120,15 @@ class UnitGroup:
 
     @property
     def name(self) -> str:
-        return self.down.name
+        """The down-projection's node name (its output's where the node has none: a hand-written graph)."""
+        return self.down.name or self.down.outputs[0].name
 
 
 def unit_groups(graph: gs.Graph) -> list[UnitGroup]:
-    """Every MLP group of ``graph`` (module docstring), in graph order."""
+    """Every MLP, convolution and attention-head group of ``graph`` (module docstring), in graph order of their
+    down-projections."""
     uses = _uses(graph)
-    found = []
+    found = head_groups(graph, uses)
     for node in graph.nodes:
         if node.op not in ("MatMul", "Gemm", "Conv") or (node.op == "Gemm" and not _plain_gemm(node)) \
                 or (node.op == "Conv" and node.attrs.get("group", 1) != 1):
@@ -109,7 +138,96 @@ def unit_groups(graph: gs.Graph) -> list[UnitGroup]:
             logger.debug("no prunable group ending at %s: %s", node.name, why)
         else:
             found.append(group)
+    order = {id(n): k for k, n in enumerate(graph.nodes)}
+    return sorted(found, key=lambda g: order[id(g.down)])
+
+
+def head_groups(graph: gs.Graph, uses: dict[int, int] | None = None) -> list[UnitGroup]:
+    """Every attention-head group of ``graph`` (module docstring)."""
+    uses = _uses(graph) if uses is None else uses
+    found = []
+    for match in attention_blocks(graph, logger):
+        group, why = _head_group(match, graph, uses)
+        if group is None:
+            logger.debug("no prunable heads in the attention block at %s: %s", match.softmax.name, why)
+        else:
+            found.append(group)
     return found
+
+
+def _head_group(m: AttentionMatch, graph: gs.Graph, uses: dict[int, int]) -> tuple[UnitGroup | None, str]:
+    heads, size = m.heads, m.head_size
+    width = heads * size
+    if heads < 2:
+        return None, "one head"
+    if len({id(m.q), id(m.k), id(m.v)}) != 3:
+        return None, "q, k and v are not three tensors"
+    ups = [_projection(node, width, uses) if (node := producer(t)) is not None else None for t in (m.q, m.k, m.v)]
+    if any(up is None for up in ups) or any(len(t.outputs) != 1 for t in (m.q, m.k, m.v)):
+        return None, "q, k and v are not each a projection of their own (MatMul by a constant [d, N*H], its bias)"
+    if m.bias is not None and (m.bias.shape is None or (len(m.bias.shape) == 4 and m.bias.shape[1] != 1)):
+        return None, "the attention bias may differ per head"
+    written = (heads, width)
+    block, tensors, frontier, seen = [], [], [m.q, m.k, m.v], set()
+    while frontier:  # every node from q, k and v to the merge
+        tensor = frontier.pop()
+        if is_graph_output(tensor, graph):
+            return None, f"{tensor.name} is a graph output"
+        for node in tensor.outputs:
+            if node is m.merge or id(node) in seen:
+                continue
+            seen.add(id(node))
+            block.append(node)
+            if len(block) > MAX_BLOCK_NODES or node.op not in HEADWISE:
+                return None, f"{node.op} {node.name} is read from the block and does not act per head"
+            if node.op == "Softmax" and node is not m.softmax or node.op == "MatMul" and any(
+                    constant_value(i) is not None for i in node.inputs):
+                return None, f"{node.name} is read from the block and does not act per head"
+            for operand in node.inputs:
+                value = constant_value(operand)
+                if value is not None and value.size > 1 and node.op not in ("Reshape", "Concat"):
+                    return None, f"{node.name} has a constant of shape {value.shape} inside the block"
+            if node.op == "Reshape":
+                literal = _literals(node.inputs[1])
+                if literal is None or any(t in written for t in literal):
+                    return None, f"the target of {node.name} holds the head count (or is computed another way)"
+            tensors += [t for t in node.outputs if t not in tensors]
+            frontier += node.outputs
+    literal = _literals(m.merge.inputs[1])
+    if literal is None or width in literal or heads in literal:
+        return None, "the merge's target holds N*H (a head count written in the graph)"
+    y = m.merge.outputs[0]
+    if len(y.outputs) != 1 or is_graph_output(y, graph):
+        return None, "the merged context is read by more than the output projection"
+    down = y.outputs[0]
+    weight = down.inputs[1] if len(down.inputs) > 1 else None
+    transposed = down.op == "Gemm" and bool(down.attrs.get("transB", 0))
+    if down.op not in ("MatMul", "Gemm") or (down.op == "Gemm" and not _plain_gemm(down)) \
+            or down.inputs[0] is not y or not isinstance(weight, gs.Constant) or weight.values.ndim != 2 \
+            or weight.values.shape[1 if transposed else 0] != width or uses.get(id(weight), 0) != 1:
+        return None, "the merged context is not read by an output projection by a constant [N*H, d'] of its own"
+    bias_add, bias = _gemm_bias(down, uses) if down.op == "Gemm" else _bias_after(down, uses)
+    if down.op == "Gemm" and len(down.inputs) > 2 and bias is None:
+        return None, "the output projection's bias is not a constant vector of its own"
+    return UnitGroup(ups, [], y, down, weight, bias_add, bias, width, transposed, -1, block=size,
+                     head_tensors=tensors + [m.merge.inputs[0]]), ""
+
+
+def _literals(tensor: gs.Tensor) -> list[int] | None:
+    """The ints written in the graph that a Reshape target is made of (dims read by ``Shape`` at run time are
+    not); None when it is computed in a way not followed here."""
+    value = constant_value(tensor)
+    if value is not None:
+        return [int(x) for x in value.reshape(-1)]
+    node = producer(tensor)
+    if node is None or node.op == "Shape":
+        return []
+    if node.op == "Concat":
+        parts = [_literals(t) for t in node.inputs]
+        return None if any(p is None for p in parts) else [x for p in parts for x in p]
+    if node.op in ("Slice", "Gather", "Unsqueeze", "Squeeze", "Cast", "Identity"):  # indices are not dims
+        return _literals(node.inputs[0])
+    return None
 
 
 def _uses(graph: gs.Graph) -> dict[int, int]:
@@ -268,4 +386,5 @@ def _bias_after(down: gs.Node, uses: dict[int, int]) -> tuple[gs.Node | None, gs
     return None, None
 
 
-__all__ = ["CHANNELWISE", "ELEMENTWISE", "MIN_UNITS", "UnitGroup", "Projection", "unit_groups", "unit_axis"]
+__all__ = ["CHANNELWISE", "ELEMENTWISE", "HEADWISE", "MIN_UNITS", "UnitGroup", "Projection", "head_groups",
+           "unit_groups", "unit_axis"]

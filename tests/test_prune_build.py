@@ -72,3 +72,30 @@ def test_a_bad_prune_option_is_refused_in_one_line(value, in_tmp, tmp_path, run_
     code, _, err = run_cli("build", "mlp", "--prune", value, "-o", tmp_path / "x")
     assert code == 2 and "expected auto or a ratio" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_prune_measures_planforge_and_torch_pruning_alike_at_the_bundle_ratio(pruned, tmp_path):
+    """bench-prune re-prunes the export at the bundle's ratio from the recorded calibration data (the same
+    graph, so the same metric and parameters as the build's report), and Torch-Pruning, in its own process,
+    removes as many units of the same groups: the same parameter count, scored by the same budget."""
+    from engines.evaluate.bench.prune import PruneBenchRequest, bench_prune
+
+    report = read_manifest(pruned).accuracy.prune
+    doc = bench_prune(PruneBenchRequest((pruned,), methods=("planforge", "torch-pruning"), runs=2,
+                                        cache_dir=tmp_path / ".cache"))
+    rows = {(r["method"], r["ratio"]): r for r in doc["rows"]}
+    dense, ours, peer = rows[("dense", 0.0)], rows[("planforge", report.ratio)], rows[("torch-pruning", report.ratio)]
+    assert dense["metric"] == pytest.approx(1.0, abs=1e-5) and dense["passed"] and dense["speedup"] == 1.0
+    assert ours["metric"] == pytest.approx(report.metric, abs=1e-4) and ours["passed"]
+    assert ours["params"] == report.params_after < dense["params"] and ours["units_removed"] == report.units_removed
+    assert "skipped" not in peer, peer
+    assert peer["params"] == ours["params"] and 0 < peer["metric"] <= 1  # same units removed, its own choice
+    assert all(r["latency_ms"] > 0 and r["budget"] == str(report.budget) for r in rows.values())
+
+
+def test_bench_prune_refuses_a_bundle_built_without_prune(in_tmp, tmp_path, run_cli):
+    assert run_cli("build", "mlp", "-o", tmp_path / "m", "-q")[0] == 0
+    code, _, err = run_cli("bench-prune", tmp_path / "m", "-o", tmp_path / "out")
+    assert code == 2 and "expected a bundle built with --prune" in err and "Traceback" not in err
+    code, _, err = run_cli("bench-prune", tmp_path / "m", "--ratio", "1.5")
+    assert code == 2 and "expected a ratio of units above 0 and below 1" in err

@@ -266,6 +266,10 @@ class PruneReport:
     method: str = ("MLP hidden units and conv channels: var(a) x |W_down row|^2; least-squares refit (MLPs, 1x1 convs) "
                    "or mean compensation (k x k convs) in the bias")
     evaluation_file: str | None = None  # the held-out batches judged (compare judges them again)
+    calibration: str | None = None  # --calib as given (None: the zoo's data); bench-prune measures with it again
+    kept: dict = dataclasses.field(default_factory=dict)  # group -> units it kept (heads, channels or units)
+    allocation: str = "uniform"  # or "by sensitivity": each group its own ratio (engines/build/prune.py)
+    kinds: dict = dataclasses.field(default_factory=dict)  # group -> "units" | "channels" | "heads"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"budget": self.budget.to_json(), "tries": list(self.tries)}

@@ -14,7 +14,7 @@ import click
 from rich.logging import RichHandler
 
 from engines import __version__
-from engines.cli.commands import bench, bench_llm, build, deploy, evaluate, generate, runtime, serve
+from engines.cli.commands import bench, bench_llm, bench_prune, build, deploy, evaluate, generate, runtime, serve
 from engines.cli.console import err_console
 from foundation.errors import PlanforgeError, plain
 
@@ -56,7 +56,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-for module in (build, evaluate, bench, bench_llm, deploy, runtime, generate, serve):
+for module in (build, evaluate, bench, bench_llm, bench_prune, deploy, runtime, generate, serve):
     for command in module.COMMANDS:
         cli.add_command(command)
 
