@@ -134,6 +134,7 @@ def test_an_int4_bundle_holds_4_bit_weights_within_its_perplexity_budget(int4_bu
 @pytest.mark.parametrize("args, message", [
     (["--precision", "int8"], "--precision int8 is not available for decoders"),
     (["--precision", "int4", "--budget", "top1=0.9"], "decoder budget 'top1=0.9': expected perplexity=R"),
+    (["--prune", "auto"], "--prune is not available for decoders"),
 ])
 def test_what_decoders_cannot_do_yet_is_refused_in_one_line(llm, run_cli, tmp_path, args, message):
     root, _, _ = llm

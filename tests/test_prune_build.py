@@ -99,3 +99,11 @@ def test_bench_prune_refuses_a_bundle_built_without_prune(in_tmp, tmp_path, run_
     assert code == 2 and "expected a bundle built with --prune" in err and "Traceback" not in err
     code, _, err = run_cli("bench-prune", tmp_path / "m", "--ratio", "1.5")
     assert code == 2 and "expected a ratio of units above 0 and below 1" in err
+
+
+def test_inspect_shows_what_each_group_kept_and_the_summary_line(pruned, run_cli):
+    report = read_manifest(pruned).accuracy.prune
+    code, out, _ = run_cli("inspect", pruned)
+    assert code == 0 and f"pruned groups ({report.allocation})" in out
+    assert all(name in out for name in report.kept) and set(report.kinds.values()) == {"units"}
+    assert f"{report.units_removed} units in 2 groups" in out and f"{report.params_before:,}" in out

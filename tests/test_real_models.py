@@ -222,6 +222,9 @@ def test_minilm_pruned_by_default_keeps_its_embeddings_and_neighbours(build_root
     metrics = _compare(bundle)  # the pruned graphs judged again by the build's budget on its held-out batches
     report = read_manifest(bundle).accuracy.prune
     assert report.passed and report.ratio > 0 and report.params_after < report.params_before
+    # six FFNs and six attention blocks' heads are candidates; the allocation recorded is the one applied
+    assert sorted(report.kinds.values()).count("heads") == 6 and sorted(report.kinds.values()).count("units") == 6
+    assert set(report.kept) == set(report.kinds) and report.allocation in ("uniform", "by sensitivity")
     feeds, reference, neighbours = _minilm_reference()
     run = _graph_runner(bundle, "ort")
     pruned = minilm.mean_pooled(np.concatenate([run({k: v[i:i + 16] for k, v in feeds.items()})["last_hidden_state"]
@@ -229,7 +232,8 @@ def test_minilm_pruned_by_default_keeps_its_embeddings_and_neighbours(build_root
                                 feeds["attention_mask"])
     cosines = np.sum(pruned * reference, axis=1)
     same = float(np.mean(np.argsort(-(pruned @ pruned.T), axis=1)[:, 1] == neighbours))
-    metrics.update({"pruned ratio": report.ratio, "params": f"{report.params_before} -> {report.params_after}",
+    metrics.update({"pruned ratio": round(report.ratio, 4), "allocation": report.allocation, "kept": report.kept,
+                    "params": f"{report.params_before} -> {report.params_after}",
                     "latency ms": f"{report.latency_ms_before} -> {report.latency_ms_after}",
                     "mean embedding cosine": round(float(cosines.mean()), 4), "same nearest neighbour": same})
     # the search prunes up to the budget's edge (0.99 on the held-out calibration batches' token states): other

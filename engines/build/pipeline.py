@@ -49,8 +49,9 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if parse_sparsity(request.sparsity) is not None:  # TensorRT uses its sparse kernels only when told
         request = dataclasses.replace(request, trt=dataclasses.replace(request.trt, sparse_weights=True))
     if pruning is not None and model.kind == "decoder":
-        raise UsageError("--prune is not available for decoders yet: their MLPs are judged by perplexity, which "
-                         "the prune search does not measure; build without --prune")
+        raise UsageError("--prune is not available for decoders: without retraining, removing 5 % of Gemma 3 270M's "
+                         "MLP units raised its perplexity 13 % against a 1.5 % budget (docs/decisions/011); build "
+                         "without --prune")
     if model.kind != "decoder" and request.precision == "int4":
         raise UsageError(f"--precision int4 (4-bit weights) is for language-model decoders; {request.model} is a "
                          f"{model.kind} model: build int8, fp16 or fp32")

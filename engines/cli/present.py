@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +49,13 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
         if prune.ratio:
             latency = (f"; ONNX Runtime CPU {prune.latency_ms_before:.2f} -> {prune.latency_ms_after:.2f} ms"
                        if prune.latency_ms_before and prune.latency_ms_after else "")
-            console.print(f"pruned {prune.ratio:.0%} of the prunable units ({prune.units_removed} in {prune.groups} "
-                          f"groups; parameters {prune.params_before:,} -> {prune.params_after:,}); budget "
-                          f"{prune.budget} met ({prune.metric:.4f}){latency}")
+            removed = collections.Counter()
+            for name, kind in prune.kinds.items():
+                removed[kind] += prune.units[name] - prune.kept.get(name, prune.units[name])
+            what = ", ".join(f"{n} {kind}" for kind, n in removed.items() if n) or f"{prune.units_removed} units"
+            console.print(f"pruned {prune.ratio:.0%} of the prunable groups' parameters ({prune.allocation}: {what} "
+                          f"in {prune.groups} groups; parameters {prune.params_before:,} -> {prune.params_after:,}); "
+                          f"budget {prune.budget} met ({prune.metric:.4f}){latency}")
         else:
             console.print(f"--prune {prune.requested}: nothing pruned ({prune.groups} groups; no ratio kept the "
                           f"budget {prune.budget})" if prune.groups else f"--prune {prune.requested}: no group "
@@ -110,6 +116,14 @@ def inspect_bundle(console: Console, path: Path, manifest: Manifest) -> None:
         if records:
             console.print(op_diff_table(f"ops before/after ({target})", records[0]["nodes_before"],
                                         records[-1]["nodes_after"]))
+    prune = manifest.accuracy.prune
+    if prune is not None and prune.kept:  # what each group kept
+        table = Table(title=f"pruned groups ({prune.allocation})")
+        for col in ("group (its down-projection)", "kind", "before", "kept"):
+            table.add_column(col)
+        for name, before in prune.units.items():
+            _row(table, name, prune.kinds.get(name, ""), str(before), str(prune.kept.get(name, before)))
+        console.print(table)
     seconds = sum(manifest.build_seconds.values())
     built = f"built {manifest.created}" + (f" in {seconds:.1f} s" if seconds else "")
     build_summary(console, path, manifest, reused=False, seconds=0.0, title=f"bundle {path} ({built})")
