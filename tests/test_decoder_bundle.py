@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from decoders import WORDS, tiny_llama  # noqa: E402
 from engines.bundle import read_manifest  # noqa: E402
 from engines.runtime import load  # noqa: E402
 from foundation.decoder import DEFAULT_DECODER_BUDGET, DecoderBudget  # noqa: E402
+from foundation.errors import IntegrityError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,24 @@ def test_the_manifest_records_the_decoder_and_the_bundle_ships_its_tokenizer(bun
     assert shapes["present.0.key"] == ("batch", 2, "total", 16)
     report = json.loads((bundle / "report.json").read_text())
     assert set(report["parity"]["points"]) == {"prefill", "decode"} and report["parity"]["ok"]
+    # the ort graph's weights sit beside it (ONNX Runtime maps them: one copy in memory), hashed like the graph
+    assert manifest.artifacts["model.ort.onnx.data"].role == "external-data"
+    graph = onnx.load(str(bundle / "model.ort.onnx"), load_external_data=False)
+    assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} == \
+        {"model.ort.onnx.data"}
+
+
+def test_a_changed_external_weights_file_is_refused_before_loading(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = copy / "model.ort.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="model.ort.onnx.data does not match the sha256"):
+        load(copy)
 
 
 def test_the_runtime_generates_what_transformers_generates(bundle, llm):

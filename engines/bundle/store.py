@@ -117,7 +117,10 @@ def read_manifest(bundle: Path) -> Manifest:
 
 
 def verified_path(bundle: Path, manifest: Manifest, name: str) -> Path:
-    """The artifact's path, after its size and sha256 matched the manifest."""
+    """The artifact's path, after its size and sha256 matched the manifest; a graph's external weights
+    (``<name>.data``, listed beside it) are checked with it, since loading the graph reads them."""
+    if f"{name}.data" in manifest.artifacts:
+        verified_path(bundle, manifest, f"{name}.data")
     entry = manifest.artifacts.get(name)
     if entry is None and manifest.packed and name in manifest.packed.get("omitted", ()):
         raise BundleError(f"{bundle} is a runtime-only pack (planforge pack --runtime-only): it holds what the runtime "

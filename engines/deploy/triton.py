@@ -112,6 +112,9 @@ def write_repository(bundle: Path, out: Path, name: str | None = None, version: 
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target))
         try:
             shutil.copyfile(source, staging / filename)
+            weights = f"{source.name}.data"  # a graph's external weights, under the name its tensors give
+            if weights in manifest.artifacts:
+                shutil.copyfile(verified_path(bundle, manifest, weights), staging / weights)
             if (target / str(version)).exists():
                 shutil.rmtree(target / str(version))
             os.replace(staging, target / str(version))
