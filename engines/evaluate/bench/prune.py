@@ -196,8 +196,8 @@ def _time(rows: list[dict], models: list, feed: dict, request: PruneBenchRequest
     dense = statistics.median(times[0])
     for i, row in enumerate(rows):
         if i in times:
-            row["latency_ms"] = round(statistics.median(times[i]), 3)
-            row["speedup"] = round(dense / row["latency_ms"], 3)
+            median = statistics.median(times[i])
+            row["latency_ms"], row["speedup"] = round(median, 3), round(dense / median, 3)
 
 
 def plot(doc: dict, target) -> None:
