@@ -405,3 +405,20 @@ def serve_llm_table(console: Console, doc: dict, out) -> None:
 
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def rows_table(console: Console, rows: list[dict], columns: tuple[str, ...], written: tuple[Path, ...] = ()) -> None:
+    """A benchmark's rows as a table of ``columns`` (a missing cell blank, floats to three decimals below 10),
+    then the files it wrote."""
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*[_cell(row.get(c)) for c in columns])
+    console.print(table)
+    if written:
+        console.print(f"wrote {' and '.join(escape(str(p)) for p in written)}")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return "" if value is None else str(value)

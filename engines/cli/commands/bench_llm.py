@@ -54,19 +54,9 @@ def bench_llm(bundles, hf_dir, genai_dirs, genai_python, gguf, llama_python, bat
     if as_json:
         print_json(doc["rows"])
         return
-    from rich.table import Table  # noqa: PLC0415
+    from engines.cli.present import rows_table  # noqa: PLC0415 - per command: --help stays fast
 
-    table = Table(*COLUMNS)
-    for row in doc["rows"]:
-        table.add_row(*[_cell(row.get(c)) for c in COLUMNS])
-    console.print(table)
-    console.print(f"wrote {json_path} and {png_path}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-    return "" if value is None else str(value)
+    rows_table(console, doc["rows"], COLUMNS, (json_path, png_path))
 
 
 COMMANDS = (bench_llm,)

@@ -53,19 +53,9 @@ def bench_prune(bundles, ratios, methods, peers_path, threads, runs, out, as_jso
     if as_json:
         print_json(doc["rows"])
         return
-    from rich.table import Table  # noqa: PLC0415
+    from engines.cli.present import rows_table  # noqa: PLC0415 - per command: --help stays fast
 
-    table = Table(*COLUMNS)
-    for row in doc["rows"]:
-        table.add_row(*[_cell(row.get(c)) for c in COLUMNS])
-    console.print(table)
-    console.print(f"wrote {json_path} and {png_path}")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
-    return "" if value is None else str(value)
+    rows_table(console, doc["rows"], COLUMNS, (json_path, png_path))
 
 
 COMMANDS = (bench_prune,)
