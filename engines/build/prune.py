@@ -36,13 +36,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from engines.build.int8 import run_target
+from engines.build.int8.forms import interleaved
 from engines.build.int8.data import load_calibration
 from engines.build.request import Int8Options
 from engines.bundle import PruneReport
 from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import Budget, budget_metric
-from foundation.ort_session import time_runs
 from passes import PassManager, pipeline
 from passes.base import to_model
 from passes.prune_match import unit_groups
@@ -251,18 +251,15 @@ def params(model: onnx.ModelProto) -> int:
     return int(sum(np.prod(t.dims) for t in model.graph.initializer))
 
 
-def _latencies(model: onnx.ModelProto, pruned: onnx.ModelProto | None, batches: list[dict], rounds: int = 5,
-               runs: int = 6) -> tuple[float | None, float | None]:
+def _latencies(model: onnx.ModelProto, pruned: onnx.ModelProto | None, batches: list[dict],
+               rounds: int = 30) -> tuple[float | None, float | None]:
     """Median ms of the ``ort`` pipeline's graph of ``model`` and of ``pruned`` (None: not timed) on the first
-    evaluation batch (ONNX Runtime CPU, optimized), in alternating rounds so that drift falls on both alike."""
+    evaluation batch (ONNX Runtime CPU, optimized), interleaved (INT8's ``interleaved``) so that drift falls on
+    both alike."""
     if not batches:
         return None, None
-    sessions = [session(ort_graph(m), optimize=True) for m in (model, pruned) if m is not None]
-    wanted = {i.name for i in sessions[0].get_inputs()}
-    feed = {k: v for k, v in batches[0].items() if k in wanted}
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for sess, found in zip(sessions, times):
-            found += time_runs(sess, feed, warmup=1, runs=runs)
-    medians = [round(float(np.median(t)), 3) for t in times]
-    return medians[0], medians[1] if len(medians) > 1 else None
+    sessions = {k: session(ort_graph(m), optimize=True) for k, m in (("before", model), ("after", pruned))
+                if m is not None}
+    wanted = {i.name for i in sessions["before"].get_inputs()}
+    latency, _ = interleaved(sessions, {k: v for k, v in batches[0].items() if k in wanted}, rounds)
+    return latency["before"], latency.get("after")

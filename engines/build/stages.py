@@ -254,7 +254,7 @@ def optimize(root: Path, request: BuildRequest, target: str, graph: onnx.ModelPr
         on_stage(f"int4 ({target})")
         optimized = int4.quantize(optimized, target)
     name = f"model.{target}.onnx"
-    save_graph(optimized, root / name, external=scaled and target == "ort")
+    save_graph(optimized, root / name, external=scaled and target == "ort")  # scaled: a decoder (pipeline.build)
     fp32_nodes = []
     if precision == "fp16":
         measured = tuple(n for r in records if r.name == "ConvertToFp16" for n in r.stats.get("measured_fp32", ()))
