@@ -187,6 +187,30 @@ def test_a_long_prefill_is_cut_between_the_running_sequences_steps():
     assert len(during) >= 8  # 10 chunks; a token after most of them
 
 
+@pytest.mark.parametrize("chunk", [12, 8])
+def test_prompts_arriving_together_share_one_steps_prefill_budget(chunk):
+    """Three 4-token prompts queued at once: with a 12-token budget all three get their first token before any
+    gets its second (one step's prefill); with 8 the third does not fit and waits for the step after, and no
+    call computes a fragment of it. Their tokens are what each gives alone."""
+    info, _, _, path = family_ort("llama")
+    session = create_session(path, 1, optimize=True)
+    prompts = [[1, 7, 8, 9], [1, 10, 11, 12], [1, 13, 14, 15]]
+    alone = _alone(session, info, prompts, [6, 6, 6])
+    options = ContinuousBatching(max_sequences=4, max_length=MAX_LENGTH, prefill_chunk=chunk, prefix_cache_bytes=0)
+    with GenerationServer(session, info, options) as server:
+        with server._cond:  # the worker sees all three in one look at the queue
+            streams = [server.submit(p, 6, ignore_eos=True) for p in prompts]
+        got = [s.result(60) for s in streams]
+        chunks = server.stats()["prefill_chunks"]
+    assert got == alone
+    assert chunks == 3
+    firsts, seconds = [s.times[0] for s in streams], [s.times[1] for s in streams]
+    if chunk == 12:
+        assert max(firsts) < min(seconds)
+    else:
+        assert max(firsts[:2]) < min(seconds) and firsts[2] > seconds[0]
+
+
 def _wait(condition, timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -6,9 +6,10 @@ TGI and llama.cpp's server), with a prefix cache (``prefix``).
         for token in stream:          # as each is chosen; or stream.result(), or async for in stream.tokens_async()
             ...
 
-One worker thread runs the loop. Each iteration it admits queued requests while a KV slot is free, runs one
-prefill chunk of at most ``prefill_chunk`` tokens for the sequence being prefilled, then one decode step
-for every running sequence: a sequence joins the running batch at the step after its prefill ends and leaves
+One worker thread runs the loop. Each iteration it admits queued requests while a KV slot is free, computes
+at most ``prefill_chunk`` prompt tokens (a chunk of one long prompt, or several short prompts that arrived
+together, one call each: a token budget per step, as vLLM's), then one decode step for every running
+sequence: a sequence joins the running batch at the step after its prefill ends and leaves
 it the moment it finishes (a stop token, ``max_new_tokens``, cancelled), so short answers never wait for
 long ones, and a long prompt's prefill is cut in chunks between decode steps so running sequences keep
 their per-token latency.
@@ -303,8 +304,7 @@ class GenerationServer:
             try:
                 self._admit()
                 self._release()
-                if self._prefilling is not None:
-                    self._prefill_chunk()
+                self._prefill()
                 if self._running:
                     self._decode()
                 elif self._prefilling is None:
@@ -320,9 +320,10 @@ class GenerationServer:
                     self._counters.failed += len(self._running) + (self._prefilling is not None)
                 self._running, self._prefilling = [], None
 
-    def _admit(self) -> None:
+    def _admit(self, fits: int | None = None) -> None:
         """The oldest waiting request starts its prefill when a slot is free (one prefill at a time: the staging
-        row); cancelled and expired requests leave the queue."""
+        row) and, with ``fits``, when its prompt is at most that many tokens; cancelled and expired requests leave
+        the queue."""
         now = time.monotonic()
         with self._cond:
             waiting = list(self._queue)
@@ -342,7 +343,7 @@ class GenerationServer:
         if self._prefilling is not None or len(self._running) >= self.slots:
             return
         with self._cond:
-            if not self._queue:
+            if not self._queue or (fits is not None and len(self._queue[0].prompt) > fits):
                 return
             stream = self._queue.popleft()
         stream.admitted = time.monotonic()
@@ -387,10 +388,23 @@ class GenerationServer:
                 self._running[row] = moved
             self._running.pop()
 
-    def _prefill_chunk(self) -> None:
+    def _prefill(self) -> None:
+        """Prompt tokens between two decode steps: at most ``prefill_chunk`` of them, over as many waiting
+        sequences as they reach (vLLM's token budget per step). Prompts arriving together each get their first
+        token before the next decode step instead of one per step; a long prompt is cut at the budget, and a
+        next prompt starts in the same step only when it fits in what is left (no fragment calls)."""
+        budget = self.options.prefill_chunk
+        while self._prefilling is not None:
+            budget -= self._prefill_chunk(budget)
+            if self._prefilling is not None or budget <= 0:
+                return
+            self._admit(fits=budget)
+
+    def _prefill_chunk(self, budget: int) -> int:
+        """One call over at most ``budget`` of the prefilling sequence's prompt tokens; the tokens computed."""
         seq = self._prefilling
         prompt = seq.stream.prompt
-        start, stop = seq.done, min(len(prompt), seq.done + self.options.prefill_chunk)
+        start, stop = seq.done, min(len(prompt), seq.done + budget)
         feeds = {"input_ids": np.asarray(prompt[start:stop], np.int64)[None],
                  "attention_mask": np.ones((1, stop), np.int64),
                  "position_ids": np.arange(start, stop, dtype=np.int64)[None]}
@@ -399,18 +413,18 @@ class GenerationServer:
         with self._counters.lock:
             self._counters.prefill_chunks += 1
         if stop < len(prompt):
-            return
+            return stop - start
         self._prefilling = None
         if self.prefix is not None:
             self.prefix.insert(prompt, lambda a, b: np.stack([self._stage[n][0, :, a:b] for n in self.info.past_names]))
         with self._counters.lock:
             self._counters.prompt_tokens += len(prompt)
-        if self._emit(seq, int(self._choose(logits, [seq])[0])):
-            return
-        row = len(self._running)
-        for name, array in self._kv.items():
-            array[row, :, :seq.length] = self._stage[name][0, :, :seq.length]
-        self._running.append(seq)
+        if not self._emit(seq, int(self._choose(logits, [seq])[0])):  # it runs on: its used positions to a row
+            row = len(self._running)
+            for name, array in self._kv.items():
+                array[row, :, :seq.length] = self._stage[name][0, :, :seq.length]
+            self._running.append(seq)
+        return stop - start
 
     def _decode(self) -> None:
         n = len(self._running)
