@@ -33,6 +33,7 @@ from passes.merge_parallel_matmuls import MergeParallelMatMuls
 from passes.merge_reshapes import MergeReshapes
 from passes.merge_transposes import MergeTransposes
 from passes.remove_noops import RemoveNoOps
+from passes.rotary_layout import RotaryLayout
 from passes.select_logit_positions import SelectLogitPositions
 
 TARGETS = ("trt", "ort")
@@ -43,8 +44,8 @@ FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, Fus
 FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache, SelectLogitPositions)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, MergeParallelMatMuls, SelectLogitPositions,
-                          FuseSkipRmsNorm)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, RotaryLayout, MergeParallelMatMuls,
+                          SelectLogitPositions, FuseSkipRmsNorm)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -122,5 +123,6 @@ __all__ = [
     "MergeReshapes",
     "MergeTransposes",
     "RemoveNoOps",
+    "RotaryLayout",
     "SelectLogitPositions",
 ]

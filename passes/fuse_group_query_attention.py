@@ -107,7 +107,9 @@ class FuseGroupQueryAttention(Pass):
         out = m.node.outputs[0]
         m.node.outputs.clear()
         m.node.inputs.clear()
-        fused = gs.Variable(fresh_name(graph, f"{m.node.name}_gqa"), dtype=out.dtype)
+        shape = m.query.shape  # [B, N, S, H]: the op's output is [B, S, N*H] (which MergeReshapes reads)
+        fused = gs.Variable(fresh_name(graph, f"{m.node.name}_gqa"), dtype=out.dtype, shape=[
+            shape[0], shape[2], m.heads * m.head_dim] if shape is not None and len(shape) == 4 else None)
         attrs = {"num_heads": m.heads, "kv_num_heads": m.kv_heads, "scale": m.scale,
                  "local_window_size": m.window if m.window else -1}
         if m.softcap:

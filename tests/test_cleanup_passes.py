@@ -116,6 +116,42 @@ def test_merge_reshapes_does_not_fire_when_the_outer_shape_copies_dims():
     assert_same_outputs(model, out, X)
 
 
+def _head_split(back):
+    """x [batch, seq, 8] -> [batch, seq, 2, 4] (a shape computed at run time, as exporters write it) -> ``back``
+    (with 0 entries) -> Relu."""
+    nodes = [helper.make_node("Shape", ["x"], ["full"]),
+             helper.make_node("Slice", ["full", "zero", "two"], ["bs"]),
+             helper.make_node("Concat", ["bs", "heads"], ["s1"], axis=0),
+             helper.make_node("Reshape", ["x", "s1"], ["a"]),
+             helper.make_node("Reshape", ["a", "s2"], ["b"]),
+             helper.make_node("Relu", ["b"], ["y"])]
+    inits = {"zero": np.array([0], np.int64), "two": np.array([2], np.int64), "heads": np.array([2, 4], np.int64),
+             "s2": np.array(back, np.int64)}
+    out = ["batch", "seq"] + [int(d) for d in back[2:]]
+    return make_model(nodes, [("x", F32, ["batch", "seq", 8])], [("y", F32, out)], inits)
+
+
+def test_merge_reshapes_removes_a_round_trip_whose_shapes_are_only_known_at_run_time():
+    """[batch, seq, 8] -> [batch, seq, 2, 4] -> [0, 0, 8]: the inferred shapes say the pair is the identity, though
+    neither target is a constant without 0 entries. Both go (the shape arithmetic with them)."""
+    model = _inferred(_head_split([0, 0, 8]))
+    result, out = run_pass(MergeReshapes(), model)
+    assert result.changed and ops(out) == ["Relu"]
+    feeds = {"x": seeded((3, 5, 8))}
+    assert_same_outputs(model, out, feeds)
+    again, _ = run_pass(MergeReshapes(), _inferred(out))
+    assert not again.changed
+
+
+def test_merge_reshapes_keeps_a_pair_that_does_not_come_back():
+    """[batch, seq, 8] -> [batch, seq, 2, 4] -> [0, 0, 4, 2] is not the identity (nor mergeable: the 0s copy the
+    intermediate's dims); an uninferred graph (no shapes) is left alone too."""
+    for model in (_inferred(_head_split([0, 0, 4, 2])), _head_split([0, 0, 8])):
+        result, out = run_pass(MergeReshapes(), model)
+        assert not result.changed and ops(out).count("Reshape") == 2
+        assert_same_outputs(model, out, {"x": seeded((3, 5, 8))})
+
+
 def _duplicates(same_values=True):
     half = np.array(0.5, F32)
     other = half if same_values else np.array(0.25, F32)
