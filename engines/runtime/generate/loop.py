@@ -176,7 +176,9 @@ class Generator:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # in the order bound
         logits = outputs[0].numpy()
-        logits = logits if read is None else logits[np.arange(len(read)), read, :]
+        if read is not None:  # rows read at one position (every decode step): a view, not a copy of [batch, vocab]
+            same = len(read) and (read == read[0]).all()
+            logits = logits[:, int(read[0]), :] if same else logits[np.arange(len(read)), read, :]
         return logits, (pasts if shared else dict(zip(self.info.past_names, outputs[1:])))
 
     def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
