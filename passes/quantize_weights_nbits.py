@@ -37,13 +37,23 @@ float table there. ``eight_bit_error``: 8 bits for every MatMul whose 4-bit rela
 error reaches it -- the threshold the ONNX Runtime graph's budget arrived at, applied to a graph whose
 MatMuls are not merged the same way.
 
+Blocks carried from the source (``source``, a ``SourceBlocks``): a GGUF file's symmetric 32-value blocks
+(``exporter/gguf_blocks.py``: Q8_0, Q5_0, Q4_0) are ``d * level`` exactly, so where every column of a weight is
+a row of them (found by value; merged q/k/v columns too) and the levels fit the bit width, the blocks go into
+MatMulNBits unchanged -- ``scale = d`` -- instead of being rounded a second time: relative error 0, and the
+weights llama.cpp computes with (rounding again gives Q5_0 and Q4_0 blocks back anyway; it moves Q8_0's, whose
+extreme is +-127 of 8 bits' -128..127). The ort target only (TensorRT's form wants positive scales and +-(2^(bits-1) -
+1)). A weight that differs from the source anywhere is quantized as usual.
+
 Skipped, with the reason logged: weights that are not constant, K not a multiple of the block size,
 K smaller than a block, batched (3-D) weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -116,20 +126,66 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, block_s
     return values.reshape(values.shape[0], -1).T
 
 
+class SourceBlocks:
+    """Rows of a source's symmetric blocks, found by value: ``tensors`` yields ``(name, values [rows, K],
+    scales [rows, K / block])`` with ``values = scale * integer`` per block (``exporter/gguf_blocks.py``).
+    Only each row's digest and scales are kept (the embedding's 262,144 rows: 21 MB of scales)."""
+
+    def __init__(self, tensors: Iterable[tuple[str, np.ndarray, np.ndarray]], block_size: int = 32):
+        self.block_size = block_size
+        self._rows: dict[bytes, np.ndarray] = {}
+        for _, values, scales in tensors:
+            for row, row_scales in zip(values, scales):
+                self._rows[_digest(row)] = row_scales
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def blocks(self, weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray] | str:
+        """(packed levels, scales) in MatMulNBits' form holding ``weight [K, N]`` exactly, or why not."""
+        if block_size != self.block_size:
+            return f"the source's blocks hold {self.block_size} values, not {block_size}"
+        columns = np.ascontiguousarray(weight.T, dtype=np.float32)
+        n, k = columns.shape
+        scales = np.empty((n, k // block_size), np.float32)
+        for j, column in enumerate(columns):
+            found = self._rows.get(_digest(column))
+            if found is None or found.shape != scales.shape[1:]:
+                return f"column {j} is not a row of the source's blocks"
+            scales[j] = found
+        values = columns.reshape(n, -1, block_size)
+        levels = np.rint(values / np.where(scales == 0, 1, scales)[..., None])
+        if not np.array_equal(levels * scales[..., None], values):
+            return "the values are not the source's scale x integer"
+        half = 2 ** (bits - 1)
+        if levels.min() < -half or levels.max() > half - 1:
+            return f"the source's levels {int(levels.min())}..{int(levels.max())} do not fit {bits} bits"
+        q = (levels + half).astype(np.uint8)
+        if bits == 4:
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+        return q, scales
+
+
+def _digest(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
+
+
 class QuantizeWeightsNBits(Pass):
     """MatMul with constant weights -> MatMulNBits (4 bits, or 8 where told); a tied embedding Gather ->
     GatherBlockQuantized on the same 4-bit table."""
 
     def __init__(self, block_size: int = 32, accuracy_level: int = 4, eight_bit: tuple[str, ...] = (),
                  keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None, rescore: int = 0,
-                 target: str = "ort", eight_bit_error: float | None = None):
+                 target: str = "ort", eight_bit_error: float | None = None, source: SourceBlocks | None = None):
         self.block_size, self.accuracy_level, self.symmetric = block_size, accuracy_level, symmetric
+        self.source = source
         self.rescore, self.target, self.eight_bit_error = rescore, target, eight_bit_error
         self.memo = memo if memo is not None else {}  # (node, bits) -> blocks: a budget search runs many times
         self.eight_bit, self.keep = set(eight_bit), set(keep)
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"4": 0, "8": 0}
+        carried = 0
         error: dict[str, float] = {}
         eight: list[str] = []
         self._scales3: dict[str, gs.Constant] = {}
@@ -153,7 +209,8 @@ class QuantizeWeightsNBits(Pass):
             if threshold is not None and self._error(node.name, weight, 4, symmetric) >= threshold:
                 bits = 8  # as 4 bits hold it no better than what the budget moved to 8 bits
             self._error(node.name, weight, bits, symmetric)
-            packed, scales, zero, error[node.name] = self.memo[node.name, bits, self.target]
+            packed, scales, zero, error[node.name], from_source = self.memo[node.name, bits, self.target]
+            carried += from_source
             if bits == 8:
                 eight.append(node.name)
             if self.target == "trt":
@@ -190,17 +247,24 @@ class QuantizeWeightsNBits(Pass):
         return PassResult(True, {"int4": counts["4"], "int8": counts["8"], "embedding_4bit": embeddings,
                                  "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                                  **({"rescored_head": rescored, "rescore": self.rescore} if rescored else {}),
-                                 "eight_bit": eight,
+                                 "eight_bit": eight, "carried": carried,
                                  "relative_error": error})
 
     def _error(self, name: str, weight: np.ndarray, bits: int, symmetric: bool) -> float:
         """The relative error of ``weight`` at ``bits`` (quantized once and kept in the memo)."""
         key = (name, bits, self.target)
         if key not in self.memo:
+            found = "only the ort target's symmetric form takes them" if self.source is None or \
+                self.target != "ort" or not symmetric else self.source.blocks(weight, bits, self.block_size)
+            if not isinstance(found, str):  # the source's own blocks: exact (module docstring)
+                self.memo[key] = (*found, None, 0.0, True)
+                return 0.0
+            if self.source is not None:
+                logger.debug("%s at %d bits not carried from the source: %s", name, bits, found)
             packed, scales, zero = quantize_blocks(weight, bits, self.block_size, symmetric, self.target == "trt")
             back = dequantize_blocks(packed, scales, bits, self.block_size, zero)
             self.memo[key] = (packed, scales, zero,
-                              float(np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)))
+                              float(np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)), False)
         return self.memo[key][3]
 
     def _dequantize_linear(self, graph: gs.Graph, node: gs.Node, packed: np.ndarray, scales: np.ndarray, bits: int,

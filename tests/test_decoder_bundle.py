@@ -151,6 +151,15 @@ def test_an_int4_bundle_holds_4_bit_weights_within_its_perplexity_budget(int4_bu
         assert len(runner.generate([[1, 5, 6, 7]], max_new_tokens=6)[0]) <= 6
 
 
+def test_inspect_says_how_an_int4_bundle_met_its_budget(int4_bundle, run_cli):
+    report = read_manifest(int4_bundle).accuracy.int4["ort"]
+    code, out, _ = run_cli("inspect", int4_bundle)
+    line = next(x for x in " ".join(out.split()).split("int4 ")[1:] if x.startswith("ort:"))
+    assert code == 0 and f"{report.int4} MatMuls at 4 bits, {len(report.int8)} at 8" in line
+    assert f"perplexity {report.result['perplexity']:.3f} (float {report.reference['perplexity']:.3f})" in line
+    assert "GGUF" not in line  # a Hugging Face directory has no blocks to carry
+
+
 @pytest.mark.parametrize("args, message", [
     (["--precision", "int8"], "--precision int8 is not available for decoders"),
     (["--precision", "int4", "--budget", "top1=0.9"], "decoder budget 'top1=0.9': expected perplexity=R"),

@@ -8,7 +8,9 @@ weight carries more than 16 levels per block, as a GGUF's 5-, 6- and 8-bit tenso
 the smallest such prefix that meets the budget, found by bisection over the ordered list (a handful of
 scored tries; each weight is quantized once per bit width and reused). An LM head at 8 bits runs rescored
 (a 4-bit pass over the vocabulary, its best candidates in 8 bits: ``passes/quantize_weights_nbits.py``).
-When even 8 bits everywhere break the budget, the build stops and says so. Block size and accuracy level: measured on this CPU
+When even 8 bits everywhere break the budget, the build stops and says so. A GGUF source's symmetric blocks
+(Q8_0, Q5_0, Q4_0: ``exporter/gguf_blocks.py``) are carried into the MatMulNBits that can hold them exactly
+instead of being rounded again (``source``). Block size and accuracy level: measured on this CPU
 (docs/decisions/009-int4-weights.md).
 """
 
@@ -31,7 +33,7 @@ from foundation.decoder import DecoderBudget, DecoderInfo
 from foundation.errors import BuildError
 from foundation.ort_session import create_session
 from passes import InferShapes, PassManager
-from passes.quantize_weights_nbits import QuantizeWeightsNBits
+from passes.quantize_weights_nbits import QuantizeWeightsNBits, SourceBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Int4Stage:
     threads: int | None = None
     reports: dict[str, Int4Report] = dataclasses.field(default_factory=dict)
     threshold: float | None = None  # the 4-bit relative error from which the ort graph's budget chose 8 bits
+    source: SourceBlocks | None = None  # the source file's own blocks, carried where they fit
 
     def quantize(self, graph: onnx.ModelProto, target: str = "ort") -> onnx.ModelProto:
         if target == "trt":
@@ -104,9 +107,10 @@ class Int4Stage:
         self.reports["ort"] = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(),
                                          result.to_json(), stats["int4"], chosen, tuple(tries),
                                          round(time.perf_counter() - start, 1), stats.get("rescored_head"),
-                                         RESCORE if stats.get("rescored_head") else 0)
-        logger.info("int4: %d MatMuls at 4 bits, %d at 8; perplexity %.3f (float %.3f), agreement %.3f",
-                    stats["int4"], len(chosen), result.perplexity, reference.perplexity, result.agreement)
+                                         RESCORE if stats.get("rescored_head") else 0, stats.get("carried", 0))
+        logger.info("int4: %d MatMuls at 4 bits, %d at 8 (%d as the source's own blocks); perplexity %.3f "
+                    "(float %.3f), agreement %.3f", stats["int4"], len(chosen), stats.get("carried", 0),
+                    result.perplexity, reference.perplexity, result.agreement)
         return candidate
 
     def _tensorrt(self, graph: onnx.ModelProto) -> onnx.ModelProto:
@@ -132,7 +136,7 @@ class Int4Stage:
 
     def _candidate(self, graph: onnx.ModelProto, eight: tuple[str, ...], memo: dict):
         passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, eight_bit=eight, memo=memo,
-                                                      rescore=RESCORE)]
+                                                      rescore=RESCORE, source=self.source)]
         quantized, records = PassManager(passes, quiet=True).run(graph)
         return quantized, records[-1].stats
 

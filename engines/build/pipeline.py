@@ -155,7 +155,8 @@ def _build_into(root: Path, request: BuildRequest, model, spec: InputSpec, profi
         if pruned:  # INT8 of a pruned graph is judged against the unpruned export: the final graph, end to end
             int8.reference = stages.int8_opset(unpruned, golden)
     if request.precision == "int4":
-        int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget))
+        int4 = Int4Stage(root, model.decoder, root, DecoderBudget.parse(request.int8.budget),
+                         source=stages.source_blocks(model.source))
     targets = ("ort", "trt") if int4 else TARGETS  # TensorRT's 4-bit graph takes the ort graph's budget outcome
     graphs = {t: stages.optimize(root, request, t, graph, frozen, golden, int8, on_stage, model.kind == "decoder",
                                  int4, pruned=prune is not None, sparsity=sparsity) for t in targets}

@@ -52,10 +52,12 @@ from foundation.decoder import (
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import compare_arrays, graph_tolerance
 from foundation.spec import InputSpec
+from exporter.gguf_blocks import symmetric_blocks
 from exporter.resolved import ResolvedModel
 from passes import PassManager, pipeline
 from passes.calibration import graph_sha256
 from passes.convert_fp16 import fp32_nodes as kept
+from passes.quantize_weights_nbits import SourceBlocks
 from passes.verify import run_graph, session
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,18 @@ def tokenizer(root: Path, model: ResolvedModel) -> list[str]:
             shutil.copyfile(Path(source) / name, root / name)
             copied.append(name)
     return copied
+
+
+def source_blocks(source: str) -> SourceBlocks | None:
+    """A GGUF source's symmetric blocks, for the 4-bit stage to carry over where they fit (None for any other
+    source; ``exporter/gguf_blocks.py``)."""
+    if not source.endswith(".gguf"):
+        return None
+    start = time.perf_counter()
+    blocks = SourceBlocks(symmetric_blocks(Path(source)))
+    logger.info("int4: %d rows of %s's Q8_0/Q5_0/Q4_0 blocks indexed in %.1f s", len(blocks), Path(source).name,
+                time.perf_counter() - start)
+    return blocks
 
 
 def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec) -> tuple[ExportInfo, onnx.ModelProto]:

@@ -230,6 +230,7 @@ class Int4Report:
     seconds: float
     rescored_head: str | None = None  # the LM head run as a 4-bit pass + its best candidates in 8 bits
     rescore: int = 0  # how many candidates
+    carried: int = 0  # MatMuls whose blocks came from the source file unchanged (a GGUF's Q8_0/Q5_0/Q4_0)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"int8": list(self.int8), "tries": list(self.tries)}

@@ -80,6 +80,14 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
                           f"{report.speedup:.2f}x (FP32 {report.fp32_latency_ms:.4g} ms, INT8 {report.latency_ms:.4g} "
                           "ms per held-out batch); the FP32 graph serves at least as fast without the INT8 error "
                           "(--precision fp32)")
+    for target, report in (manifest.accuracy.int4 or {}).items():
+        result, reference = report.result, report.reference
+        scored = (f"perplexity {result['perplexity']:.3f} (float {reference['perplexity']:.3f}), agreement "
+                  f"{result['agreement']:.3f}" if "perplexity" in result else "the ort graph's verdict applied")
+        console.print(f"int4 {target}: {report.int4} MatMuls at 4 bits, {len(report.int8)} at 8 (block "
+                      f"{report.block_size}); budget {report.budget}: {scored}"
+                      + (f"; {report.carried} hold the GGUF's own blocks" if report.carried else "")
+                      + (f"; LM head rescored ({report.rescore} candidates in 8 bits)" if report.rescored_head else ""))
     if manifest.trt_check:
         check = manifest.trt_check
         console.print(f"TensorRT {check['tensorrt_version']} compatibility: {check['nodes']} nodes, {check['refused']} "
