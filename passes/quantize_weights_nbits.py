@@ -153,14 +153,17 @@ class SourceBlocks:
             if found is None or found.shape != scales.shape[1:]:
                 return f"column {j} is not a row of the source's blocks"
             scales[j] = found
-        values = columns.reshape(n, -1, block_size)
-        levels = np.rint(values / np.where(scales == 0, 1, scales)[..., None])
-        if not np.array_equal(levels * scales[..., None], values):
-            return "the values are not the source's scale x integer"
         half = 2 ** (bits - 1)
-        if levels.min() < -half or levels.max() > half - 1:
-            return f"the source's levels {int(levels.min())}..{int(levels.max())} do not fit {bits} bits"
-        q = (levels + half).astype(np.uint8)
+        q = np.empty((n, k // block_size, block_size), np.uint8)
+        for start in range(0, n, 8192):  # a 262,144-column head in slices: a few float copies of it are GBs
+            part = slice(start, start + 8192)
+            values, part_scales = columns[part].reshape(-1, k // block_size, block_size), scales[part, :, None]
+            levels = np.rint(values / np.where(part_scales == 0, 1, part_scales))
+            if not np.array_equal(levels * part_scales, values):
+                return "the values are not the source's scale x integer"
+            if levels.min() < -half or levels.max() > half - 1:
+                return f"the source's levels {int(levels.min())}..{int(levels.max())} do not fit {bits} bits"
+            q[part] = levels + half
         if bits == 4:
             q = q[..., 0::2] | (q[..., 1::2] << 4)
         return q, scales
