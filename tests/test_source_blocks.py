@@ -7,19 +7,18 @@ not for Q8_0); what must not be carried is rounded as usual."""
 
 from __future__ import annotations
 
+import gguf  # a dev dependency
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from gguf import GGMLQuantizationType as Q
 from onnx import TensorProto, helper, numpy_helper
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
-from engines.bundle.manifest import Int4Report  # noqa: E402
-from exporter.gguf_blocks import symmetric_blocks  # noqa: E402
-from passes import InferShapes, PassManager  # noqa: E402
-from passes.quantize_weights_nbits import QuantizeWeightsNBits, SourceBlocks, dequantize_blocks  # noqa: E402
+from engines.bundle.manifest import Int4Report
+from exporter.gguf_blocks import symmetric_blocks
+from passes import InferShapes, PassManager
+from passes.quantize_weights_nbits import QuantizeWeightsNBits, SourceBlocks, dequantize_blocks
 
 VOCAB, HIDDEN, FF = 80, 64, 96
 KINDS = {"token_embd.weight": (Q.Q8_0, (VOCAB, HIDDEN)), "blk.0.ffn_up.weight": (Q.Q5_0, (FF, HIDDEN)),
