@@ -93,9 +93,13 @@ def quantize_blocks(weight: np.ndarray, bits: int, block_size: int, symmetric: b
         zero = np.clip(np.rint(-low / scales), 0, top).astype(np.float32)
     scales[scales == 0] = 1.0  # a constant block: any scale holds it
     q = np.clip(np.rint(blocks / scales[..., None] + zero[..., None]), 0, top).astype(np.uint8)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return q, scales.astype(np.float32), (None if symmetric else zero.astype(np.uint8))
+    return pack_levels(q, bits), scales.astype(np.float32), (None if symmetric else zero.astype(np.uint8))
+
+
+def pack_levels(q: np.ndarray, bits: int) -> np.ndarray:
+    """Levels ``[N, K/bs, bs]`` (uint8) as MatMulNBits stores them: 4-bit ones two per byte along K, the lower
+    nibble holding the even k (``unpack_levels`` undoes it)."""
+    return q[..., 0::2] | (q[..., 1::2] << 4) if bits == 4 else q
 
 
 def pack_zero_points(zero: np.ndarray, bits: int) -> np.ndarray:
@@ -164,9 +168,7 @@ class SourceBlocks:
             if levels.min() < -half or levels.max() > half - 1:
                 return f"the source's levels {int(levels.min())}..{int(levels.max())} do not fit {bits} bits"
             q[part] = levels + half
-        if bits == 4:
-            q = q[..., 0::2] | (q[..., 1::2] << 4)
-        return q, scales
+        return pack_levels(q, bits), scales
 
 
 def _digest(row: np.ndarray) -> bytes:
