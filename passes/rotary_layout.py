@@ -31,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.base import Pass, PassResult
-from passes.graph_utils import fresh_name, int_list, is_graph_output, producer, single_consumer
+from passes.graph_utils import fresh_name, int_list, is_graph_output, producer, replace_uses, single_consumer
 from passes.infer_shapes import InferShapes
 
 logger = logging.getLogger(__name__)
@@ -65,10 +65,7 @@ class RotaryLayout(Pass):
             rotary.attrs["num_heads"] = heads
             out = rotary.outputs[0]
             out.shape = None  # [B, S, N*H] now: inferred again
-            for consumer in list(flat.outputs[0].outputs):  # the readers of the old [B, S, N*H] read the rotary's
-                for i, t in enumerate(consumer.inputs):
-                    if t is flat.outputs[0]:
-                        consumer.inputs[i] = out
+            replace_uses(flat.outputs[0], out, graph)  # not a graph output (_match): the old [B, S, N*H]'s readers
             for node in (first, back, flat):
                 node.inputs.clear()
                 node.outputs.clear()
