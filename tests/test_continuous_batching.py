@@ -117,12 +117,13 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(family):
     name, info, session = family
     prompts, _ = _requests(3, 2)
     with GenerationServer(session, info, ContinuousBatching(max_sequences=1, max_length=MAX_LENGTH)) as server:
-        long = server.submit(prompts[0], MAX_LENGTH - len(prompts[0]), ignore_eos=True)
+        long, resume = _submit_held(server, prompts[0], MAX_LENGTH - len(prompts[0]))
         waiting = server.submit(prompts[1], 5, ignore_eos=True)
-        next(iter(long))  # it runs
         long.cancel()
+        resume.set()
         assert waiting.result(60) == _alone(session, info, prompts[1:], [5])[0]
-        assert long.finish_reason == "cancelled" and len(long.tokens) < MAX_LENGTH - len(prompts[0])
+        # the step that handed over the prompt's token also decodes one more; the next step frees the slot
+        assert long.finish_reason == "cancelled" and len(long.tokens) == 2
         queued = server.submit(prompts[1], 40, ignore_eos=True)
         queued.cancel()  # cancelled before it ran: it leaves the queue
         queued_done = _wait(lambda: queued.done)
@@ -136,11 +137,12 @@ def test_a_full_queue_refuses_and_a_request_past_its_deadline_is_not_run(family)
     prompts, _ = _requests(4, 3)
     options = ContinuousBatching(max_sequences=1, max_length=MAX_LENGTH, max_queue=1, prefix_cache_bytes=0)
     with GenerationServer(session, info, options) as server:
-        running = server.submit(prompts[0], MAX_LENGTH - len(prompts[0]), ignore_eos=True)
-        next(iter(running))
+        running, resume = _submit_held(server, prompts[0], MAX_LENGTH - len(prompts[0]))
         expires = server.submit(prompts[1], 5, timeout_ms=1)
         with pytest.raises(Overloaded, match="queue is full"):
             server.submit(prompts[2], 5)
+        time.sleep(0.01)
+        resume.set()
         with pytest.raises(DeadlineExceeded, match="deadline"):
             expires.result(60)
         running.result(60)
@@ -178,9 +180,9 @@ def test_a_long_prefill_is_cut_between_the_running_sequences_steps():
     session = create_session(path, 1, optimize=True)
     options = ContinuousBatching(max_sequences=2, max_length=MAX_LENGTH, prefill_chunk=4, prefix_cache_bytes=0)
     with GenerationServer(session, info, options) as server:
-        running = server.submit([1, 5, 6], 50, ignore_eos=True)
-        next(iter(running))
+        running, resume = _submit_held(server, [1, 5, 6], 50)
         late = server.submit([1] + list(range(10, 49)), 5, ignore_eos=True)
+        resume.set()
         late.result(60)
         during = [t for t in running.times if late.admitted <= t <= late.first_token_at]
         running.result(60)
@@ -209,6 +211,20 @@ def test_prompts_arriving_together_share_one_steps_prefill_budget(chunk):
         assert max(firsts) < min(seconds)
     else:
         assert max(firsts[:2]) < min(seconds) and firsts[2] > seconds[0]
+
+
+def _submit_held(server: GenerationServer, prompt: list[int], new: int):
+    """Submits ``prompt`` so that the worker, right after handing it its first token, waits until the returned
+    event is set: what the test does next happens while that request runs, however late this thread is scheduled
+    (a 2-core CI machine once let the worker finish a 40-token request before the test's thread woke up from
+    reading its first token). The hook is the one ``tokens_async`` wakes its loop with; the server's lock is held
+    until it is in place, so the worker cannot admit the request before."""
+    resume = threading.Event()
+    with server._cond:
+        stream = server.submit(prompt, new, ignore_eos=True)
+        stream._wakers.append(lambda: len(stream.tokens) == 1 and resume.wait(20))
+    assert _wait(lambda: stream.tokens)  # the worker is in the hook (or about to be) and stays there
+    return stream, resume
 
 
 def _wait(condition, timeout: float = 10.0) -> bool:
