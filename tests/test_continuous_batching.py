@@ -47,10 +47,11 @@ def test_interleaved_arrivals_get_what_one_at_a_time_generation_gives(family):
     reference = _alone(session, info, prompts, news)
     options = ContinuousBatching(max_sequences=3, max_length=MAX_LENGTH, prefill_chunk=7, prefix_cache_bytes=0)
     with GenerationServer(session, info, options) as server:
-        streams = []
-        for prompt, new in zip(prompts, news):
-            streams.append(server.submit(prompt, new, ignore_eos=True))
-            time.sleep(0.002)
+        streams, resume = [], None
+        for prompt, new in zip(prompts, news):  # each arrives while the one before is held at its first token
+            stream, resume = _submit_held(server, prompt, new, release=resume)
+            streams.append(stream)
+        resume.set()
         outputs = [s.result(60) for s in streams]
         stats = server.stats()
     assert outputs == reference
@@ -124,9 +125,10 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(family):
         assert waiting.result(60) == _alone(session, info, prompts[1:], [5])[0]
         # the step that handed over the prompt's token also decodes one more; the next step frees the slot
         assert long.finish_reason == "cancelled" and len(long.tokens) == 2
-        queued = server.submit(prompts[1], 40, ignore_eos=True)
-        queued.cancel()  # cancelled before it ran: it leaves the queue
-        queued_done = _wait(lambda: queued.done)
+        with server._cond:  # the worker cannot admit it in between
+            queued = server.submit(prompts[1], 40, ignore_eos=True)
+            queued.cancel()  # cancelled before it ran: it leaves the queue
+        queued_done = _wait(lambda: queued.done and server.stats()["cancelled"] == 2)
         stats = server.stats()
     assert queued_done and queued.finish_reason == "cancelled"
     assert stats["cancelled"] == 2 and stats["slots_in_use"] == 0
@@ -213,16 +215,19 @@ def test_prompts_arriving_together_share_one_steps_prefill_budget(chunk):
         assert max(firsts[:2]) < min(seconds) and firsts[2] > seconds[0]
 
 
-def _submit_held(server: GenerationServer, prompt: list[int], new: int):
+def _submit_held(server: GenerationServer, prompt: list[int], new: int, release: threading.Event | None = None):
     """Submits ``prompt`` so that the worker, right after handing it its first token, waits until the returned
     event is set: what the test does next happens while that request runs, however late this thread is scheduled
     (a 2-core CI machine once let the worker finish a 40-token request before the test's thread woke up from
     reading its first token). The hook is the one ``tokens_async`` wakes its loop with; the server's lock is held
-    until it is in place, so the worker cannot admit the request before."""
+    until it is in place, so the worker cannot admit the request before. ``release``: the event of a request held
+    before, set once this one is queued."""
     resume = threading.Event()
     with server._cond:
         stream = server.submit(prompt, new, ignore_eos=True)
         stream._wakers.append(lambda: len(stream.tokens) == 1 and resume.wait(20))
+    if release is not None:
+        release.set()
     assert _wait(lambda: stream.tokens)  # the worker is in the hook (or about to be) and stays there
     return stream, resume
 
