@@ -21,8 +21,9 @@ generated token ~190 MB of memory traffic, more than the rest of a small model t
 lose accuracy (Gemma 3 270M: perplexity +15 %). So the head runs as a 4-bit pass over the whole vocabulary
 (block 128) whose ``k`` best candidates (``TopK``) are computed again from the 8-bit table
 (``GatherBlockQuantized`` of k rows, a small MatMul) and written over the approximations
-(``ScatterElements``): greedy, top-k and top-p choices see 8-bit logits, the tail keeps 4-bit ones, and the
-8-bit table is only gathered from (it is the embedding's too). Measured in docs/decisions/009.
+(``ScatterElements``; in any order, so ``TopK`` does not sort them): greedy, top-k and top-p choices see
+8-bit logits, the tail keeps 4-bit ones, and the 8-bit table is only gathered from (it is the embedding's
+too). Measured in docs/decisions/009.
 
 Written here rather than with ``onnxruntime.quantization.MatMulNBitsQuantizer``: that tool works on whole
 models, skips a head whose weights are a Transpose (tied embeddings: the largest matrix of a small LLM),
@@ -322,7 +323,7 @@ class QuantizeWeightsNBits(Pass):
                     attrs={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": self.accuracy_level})
         values, index = var("candidate_logits"), var("candidates", np.int64)
         graph.layer(op="TopK", name=index.name, inputs=[approx, gs.Constant(fresh_name(graph, "rescore_k"),
-                    np.array([self.rescore], np.int64))], outputs=[values, index], attrs={"axis": -1})
+                    np.array([self.rescore], np.int64))], outputs=[values, index], attrs={"axis": -1, "sorted": 0})
         blocks = var("candidate_blocks")
         scales3 = self._blocks_scales(graph, scales)
         graph.layer(op="GatherBlockQuantized", name=blocks.name, domain=MS_DOMAIN, outputs=[blocks],
