@@ -6,6 +6,7 @@ asserted."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,7 @@ def test_bench_llm_rows_and_the_same_weights_perplexity_in_planforge_and_transfo
     assert code == 0, err
     rows = json.loads(out)
     assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in ("planforge", "transformers") for n in (1, 2)}
+    assert {r["backend"]: Path(r["model"]) for r in rows} == {"planforge": bundle, "transformers": directory}
     for row in rows:
         assert FIELDS <= set(row), row
         assert row["prompt_tokens"] == 16 and row["new_tokens"] == 8 and row["decode_tok_per_s"] > 0

@@ -10,8 +10,8 @@ import click
 from engines.cli.console import console, print_json
 from engines.cli.options import json_option
 
-COLUMNS = ("backend", "precision", "batch", "ttft_ms", "prompt_tok_per_s", "decode_tok_per_s", "p50_ms", "p99_ms",
-           "peak_rss_mb", "perplexity")
+COLUMNS = ("backend", "model", "precision", "batch", "ttft_ms", "prompt_tok_per_s", "decode_tok_per_s", "p50_ms",
+           "p99_ms", "peak_rss_mb", "perplexity")
 
 
 @click.command("bench-llm")
@@ -56,7 +56,9 @@ def bench_llm(bundles, hf_dir, genai_dirs, genai_python, gguf, llama_python, bat
         return
     from engines.cli.present import rows_table  # noqa: PLC0415 - per command: --help stays fast
 
-    rows_table(console, doc["rows"], COLUMNS, (json_path, png_path))
+    # the model's file or directory name: two bundles of one precision (two budgets) stay apart in the table
+    rows = [{**row, "model": Path(row["model"]).name} if row.get("model") else row for row in doc["rows"]]
+    rows_table(console, rows, COLUMNS, (json_path, png_path))
 
 
 COMMANDS = (bench_llm,)

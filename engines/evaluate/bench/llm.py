@@ -144,7 +144,7 @@ def plot(doc: dict, target) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rows = [r for r in doc["rows"] if "decode_tok_per_s" in r]
-    labels = [f"{r['backend']} {r['precision']}\nbatch {r['batch']}" for r in rows]
+    labels = [f"{r['backend']} {r['precision']}\n{Path(r.get('model', '')).name}, batch {r['batch']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows)), 4.5))
     for ax, key, title in ((axes[0], "decode_tok_per_s", "decode tokens/s"),
                            (axes[1], "prompt_tok_per_s", "prompt tokens/s")):
