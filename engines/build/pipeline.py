@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnx
 
@@ -19,9 +19,9 @@ from engines.build import stages
 from engines.build.int4 import Int4Stage
 from engines.build.int8 import Int8Stage
 from engines.build.prune import PruneStage, parse_prune
-from engines.build.sparsity import SparsityStage, parse_sparsity
 from engines.build.request import PRECISIONS, BuildRequest, BuildResult, default_out
 from engines.build.shapes import check_profiles, with_shape_values
+from engines.build.sparsity import SparsityStage, parse_sparsity
 from engines.bundle import MANIFEST, Manifest, StagedBundle, read_manifest
 from engines.profiles import Profile, envelope, profiles_for
 from foundation.decoder import DecoderBudget
@@ -57,7 +57,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
                          f"{model.kind} model: build int8, fp16 or fp32")
     spec = model.input_spec.override(request.inputs)
     check_assumed(spec, request.model)
-    profiles = [] if request.shapes.static else profiles_for(spec, request.shapes.profiles, request.shapes.profiles_auto)
+    profiles = [] if request.shapes.static else profiles_for(spec, request.shapes.profiles,
+                                                             request.shapes.profiles_auto)
     spec = envelope(spec, profiles)
     out = Path(request.out) if request.out else default_out(model.name, request.precision, request.build_root)
     key = request.key(model.source_sha256, spec)

@@ -36,8 +36,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from engines.build.int8 import run_target
-from engines.build.int8.forms import interleaved
 from engines.build.int8.data import load_calibration
+from engines.build.int8.forms import interleaved
 from engines.build.request import Int8Options
 from engines.bundle import PruneReport
 from engines.bundle.evaluation import EVALUATION_FILE, save_evaluation

@@ -117,7 +117,7 @@ def check_profiles(graph: onnx.ModelProto, profiles: list[Profile], spec: InputS
                      for n, s in shapes.items()}
             try:
                 run_graph(graph, feeds)
-            except Exception as exc:  # noqa: BLE001 - ORT's own error types
+            except Exception as exc:  # ONNX Runtime's own error types
                 raise UsageError(f"profile {profile.name}: the exported graph does not run at its {point} shapes "
                                  f"{ {k: list(v) for k, v in shapes.items()} }: {str(exc).splitlines()[0][:200]}; "
                                  "narrow the profile") from exc

@@ -84,7 +84,7 @@ def _call(source: str) -> list[dict]:
         batches = list(import_function(source, "--calib")())
     except (CalibrationError, UsageError):
         raise
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except Exception as exc:  # user code may raise anything
         raise CalibrationError(f"calibration function {source} failed: {type(exc).__name__}: {exc}") from exc
     if not all(isinstance(b, dict) for b in batches):
         raise CalibrationError(f"calibration function {source} must yield dicts of input name -> array")

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import onnx
 
@@ -82,7 +82,8 @@ def choose(forms: tuple[str, ...], isa: str, quantize: Callable[[str], onnx.Mode
         models[form] = quantize(form)
         sess = sessions[form] = session(models[form], optimize=True)
         names = [o.name for o in sess.get_outputs()]
-        outputs = run_sequence(lambda feed: sess.run(names, feed), names, batches, state)
+        outputs = run_sequence(lambda feed, sess=sess, names=names: sess.run(names, feed), names, batches,
+                               state)
         measured[form] = {"metric": score(outputs)}
     if fp32 is not None:
         sessions[FP32] = session(fp32, optimize=True)

@@ -31,14 +31,13 @@ import heapq
 import logging
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from engines.build.int8.forms import FormChoice, Speed, choose, speed
-from engines.build.int8.forms import candidates as form_candidates
+from engines.build.int8.forms import FormChoice, Speed, candidates as form_candidates, choose, speed
 from engines.bundle import Int8Report
 from engines.bundle.manifest import INT8_MIN_SPEEDUP
 from engines.runtime.cpu import detect
@@ -46,8 +45,7 @@ from foundation.numerics import Budget, budget_metric, kept_positions, relative_
 from foundation.sequence import StatePairs, judged_outputs, run_sequence, select
 from passes import InferShapes, PassManager
 from passes.quantization import Unit, trt_units
-from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime
-from passes.quantize_ort import units as ort_units
+from passes.quantize_ort import FORMS, QuantizeForOnnxRuntime, units as ort_units
 from passes.quantize_trt import QuantizeForTensorRT
 from passes.verify import session
 
