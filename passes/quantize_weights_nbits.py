@@ -38,13 +38,29 @@ float table there. ``eight_bit_error``: 8 bits for every MatMul whose 4-bit rela
 error reaches it -- the threshold the ONNX Runtime graph's budget arrived at, applied to a graph whose
 MatMuls are not merged the same way.
 
-Blocks carried from the source (``source``, a ``SourceBlocks``): a GGUF file's symmetric 32-value blocks
-(``exporter/gguf_blocks.py``: Q8_0, Q5_0, Q4_0) are ``d * level`` exactly, so where every column of a weight is
-a row of them (found by value; merged q/k/v columns too) and the levels fit the bit width, the blocks go into
-MatMulNBits unchanged -- ``scale = d`` -- instead of being rounded a second time: relative error 0, and the
-weights llama.cpp computes with (rounding again gives Q5_0 and Q4_0 blocks back anyway; it moves Q8_0's, whose
-extreme is +-127 of 8 bits' -128..127). The ort target only (TensorRT's form wants positive scales and +-(2^(bits-1) -
-1)). A weight that differs from the source anywhere is quantized as usual.
+Blocks carried from the source (``source``, a ``SourceBlocks``): a GGUF file's 32-value blocks
+(``exporter/gguf_blocks.py``) are exactly what the exported weights hold, so where every column of a weight is a
+row of them (found by value; merged q/k/v columns too) and the levels fit the bit width, the blocks go into
+MatMulNBits unchanged instead of being rounded a second time: relative error 0, and the weights llama.cpp
+computes with. Symmetric blocks (Q8_0, Q5_0, Q4_0: ``d * level``) take ``scale = d``. (Rounding again gives Q5_0
+and Q4_0 blocks back anyway; it moves Q8_0's, whose extreme is +-127 of 8 bits' -128..127.) Blocks with an
+offset (Q4_K, Q4_1: ``s * q - o``, q in 0..15) have no exact MatMulNBits form on their own -- its zero point is
+an integer level, and float zero points run ~40x slower on this CPU (decisions/009) -- so they are written as
+the levels ``q - c + h`` with ``scale = s`` and the kernel's default zero point ``h = 2^(bits-1)``, plus a
+correction from each block's sum of the input:
+
+    sum_k x[k] (s q[k] - o) = sum_k x[k] s (q[k] - c)  +  (sum_k x[k]) (c s - o)       (k over one block)
+
+that is ``MatMulNBits(x) + ReduceSum(Reshape(x, [..., K/bs, bs]), -1) @ C`` with ``C[j, n] = c s - o`` of block
+``j`` of column ``n`` (float, ``[K/bs, N]``: 4 bytes per block next to its 16 of levels and 4 of scale; llama.cpp's
+Q4_K dot product uses the same block sums for its mins). ``c`` is the level nearest ``o / s`` that the stored
+levels allow (8 for a block using all 16): accuracy level 4 rounds ``x`` to int8 per block, and that error is
+multiplied by ``s (q - c)``, which stays near the weight itself only when ``c`` is near ``o / s``. 4 bits only: 8
+bits round an offset block to within 1/17 of its step without a correction (every MatMul at 8 bits, Gemma 3:
+perplexity 21.924 carried, 21.844 rounded -- noise, but no gain for four more nodes a weight). Not for a tied
+table (GatherBlockQuantized reads it as it is) nor a head that may run rescored. The ort target only (TensorRT's
+form wants positive scales and +-(2^(bits-1) - 1)). A weight that differs from the source anywhere is quantized
+as usual.
 
 Skipped, with the reason logged: weights that are not constant, K not a multiple of the block size,
 K smaller than a block, batched (3-D) weights.
@@ -68,6 +84,7 @@ logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size
+EIGHT_BIT_OFFSETS = "8 bits round them to within 1/17 of their step without a correction (module docstring)"
 APPROX_BLOCK = 128  # the rescored head's 4-bit pass: measured fastest for a vocabulary-wide head (decisions/009)
 
 
@@ -132,44 +149,66 @@ def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int, block_s
 
 
 class SourceBlocks:
-    """Rows of a source's symmetric blocks, found by value: ``tensors`` yields ``(name, values [rows, K],
-    scales [rows, K / block])`` with ``values = scale * integer`` per block (``exporter/gguf_blocks.py``).
-    Only each row's digest and scales are kept (the embedding's 262,144 rows: 21 MB of scales)."""
+    """Rows of a source's blocks, found by value: ``tensors`` yields ``(name, values [rows, K], scales [rows, K /
+    block], offsets [rows, K / block] or None)`` with ``values = scale * integer`` per block, or ``scale *
+    integer - offset`` (``exporter/gguf_blocks.py``). Only each row's digest, scales and offsets are kept (the
+    embedding's 262,144 rows: 21 MB of scales)."""
 
-    def __init__(self, tensors: Iterable[tuple[str, np.ndarray, np.ndarray]], block_size: int = 32):
+    def __init__(self, tensors: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]],
+                 block_size: int = 32):
         self.block_size = block_size
-        self._rows: dict[bytes, np.ndarray] = {}
-        for _, values, scales in tensors:
-            for row, row_scales in zip(values, scales):
-                self._rows[_digest(row)] = row_scales
+        self._rows: dict[bytes, tuple[np.ndarray, np.ndarray | None]] = {}
+        for _, values, scales, offsets in tensors:
+            for i, row in enumerate(values):
+                self._rows[_digest(row)] = (scales[i], None if offsets is None else offsets[i])
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def blocks(self, weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray] | str:
-        """(packed levels, scales) in MatMulNBits' form holding ``weight [K, N]`` exactly, or why not."""
+    def blocks(self, weight: np.ndarray, bits: int, block_size: int, no_offsets: str = ""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | str:
+        """(packed levels, scales, block-sum correction ``[K/bs, N]`` or None) in MatMulNBits' form holding
+        ``weight [K, N]`` exactly (module docstring), or why not. ``no_offsets``: why offset blocks cannot be
+        taken here (empty: they can)."""
         if block_size != self.block_size:
             return f"the source's blocks hold {self.block_size} values, not {block_size}"
         columns = np.ascontiguousarray(weight.T, dtype=np.float32)
         n, k = columns.shape
         scales = np.empty((n, k // block_size), np.float32)
+        shift = None  # the offsets [N, K/bs] and which columns have them, made when one does
+        offset_columns = np.zeros(n, bool)
         for j, column in enumerate(columns):
             found = self._rows.get(_digest(column))
-            if found is None or found.shape != scales.shape[1:]:
+            if found is None or found[0].shape != scales.shape[1:]:
                 return f"column {j} is not a row of the source's blocks"
-            scales[j] = found
-        half = 2 ** (bits - 1)
+            scales[j] = found[0]
+            if found[1] is not None:
+                if no_offsets:
+                    return f"column {j} has offset blocks: {no_offsets}"
+                shift = np.zeros_like(scales) if shift is None else shift
+                shift[j], offset_columns[j] = found[1], True
+        half, top = 2 ** (bits - 1), 2 ** bits - 1
         q = np.empty((n, k // block_size, block_size), np.uint8)
+        centre = None if shift is None else np.zeros_like(scales)  # the level each offset block's zero point stands for
         for start in range(0, n, 8192):  # a 262,144-column head in slices: a few float copies of it are GBs
             part = slice(start, start + 8192)
             values, part_scales = columns[part].reshape(-1, k // block_size, block_size), scales[part, :, None]
-            levels = np.rint(values / np.where(part_scales == 0, 1, part_scales))
-            if not np.array_equal(levels * part_scales, values):
-                return "the values are not the source's scale x integer"
-            if levels.min() < -half or levels.max() > half - 1:
+            safe = np.where(part_scales == 0, 1, part_scales)
+            part_shift = 0 if shift is None else shift[part, :, None]
+            levels = np.rint((values + part_shift) / safe)
+            if not np.array_equal(levels * part_scales - part_shift, values):
+                return "the values are not the source's scale x integer (- offset)"
+            if centre is not None:  # as near the offset as the levels allow (module docstring): a small correction
+                low, high = levels.max(-1) + half - top, levels.min(-1) + half
+                wanted = np.clip(np.rint(shift[part] / safe[..., 0]), low, np.maximum(low, high))
+                centre[part] = np.where(offset_columns[part, None], wanted, 0)
+                levels = levels - centre[part, :, None]
+            if levels.min() < -half or levels.max() > top - half:
                 return f"the source's levels {int(levels.min())}..{int(levels.max())} do not fit {bits} bits"
             q[part] = levels + half
-        return pack_levels(q, bits), scales
+        correction = None if shift is None else np.ascontiguousarray(
+            np.where(offset_columns[:, None], centre * scales - shift, 0).T.astype(np.float32))
+        return pack_levels(q, bits), scales, correction
 
 
 def _digest(row: np.ndarray) -> bytes:
@@ -191,7 +230,7 @@ class QuantizeWeightsNBits(Pass):
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"4": 0, "8": 0}
-        carried = 0
+        carried = offset = 0
         error: dict[str, float] = {}
         eight: list[str] = []
         self._scales3: dict[str, gs.Constant] = {}
@@ -210,12 +249,16 @@ class QuantizeWeightsNBits(Pass):
                 tied = next((t for t in gathered.values() if t.values.shape == weight.shape[::-1]
                              and np.array_equal(t.values, weight.T)), None)
             symmetric = self.symmetric or tied is not None or self.target == "trt"  # no zero points there
+            # a source's offset blocks need a correction after the MatMulNBits (module docstring)
+            offsets = ("a tied table's other reader (GatherBlockQuantized) takes no correction" if tied is not None
+                       else "the head may run rescored, which takes no correction" if node is head
+                       else "the input's rank is unknown" if node.inputs[0].shape is None else "")
             bits = 8 if node.name in self.eight_bit else 4
             threshold = self.eight_bit_error
-            if threshold is not None and self._error(node.name, weight, 4, symmetric) >= threshold:
+            if threshold is not None and self._error(node.name, weight, 4, symmetric, offsets) >= threshold:
                 bits = 8  # as 4 bits hold it no better than what the budget moved to 8 bits
-            self._error(node.name, weight, bits, symmetric)
-            packed, scales, zero, error[node.name], from_source = self.memo[node.name, bits, self.target]
+            self._error(node.name, weight, bits, symmetric, offsets)
+            packed, scales, zero, error[node.name], from_source, correction = self.memo[node.name, bits, self.target]
             carried += from_source
             if bits == 8:
                 eight.append(node.name)
@@ -226,7 +269,7 @@ class QuantizeWeightsNBits(Pass):
             k, n = weight.shape
             packed_t = gs.Constant(fresh_name(graph, f"{node.name}_q{bits}"), packed)
             scales_t = gs.Constant(fresh_name(graph, f"{node.name}_scales"), scales)
-            out = node.outputs[0]
+            out, x = node.outputs[0], node.inputs[0]
             node.outputs.clear()
             if node is head and bits == 8 and self.rescore and n > 8 * self.rescore:
                 self._rescored_head(graph, node, weight, packed_t, scales_t, out)
@@ -236,12 +279,17 @@ class QuantizeWeightsNBits(Pass):
                     tables[id(tied)] = (packed_t, scales_t, bits)
                 rescored = node.name
                 continue
+            blocks_out = out if correction is None else gs.Variable(fresh_name(graph, f"{node.name}_blocks_out"),
+                                                                     dtype=np.float32)
             graph.layer(op="MatMulNBits", name=f"{node.name}_nbits", domain=MS_DOMAIN,
-                        inputs=[node.inputs[0], packed_t, scales_t] + ([] if zero is None else [
+                        inputs=[x, packed_t, scales_t] + ([] if zero is None else [
                             gs.Constant(fresh_name(graph, f"{node.name}_zero_points"), pack_zero_points(zero, bits))]),
-                        outputs=[out],
+                        outputs=[blocks_out],
                         attrs={"K": k, "N": n, "bits": bits, "block_size": self.block_size,
                                "accuracy_level": self.accuracy_level})
+            if correction is not None:
+                self._offset_correction(graph, node, x, blocks_out, out, correction)
+                offset += 1
             node.inputs.clear()
             counts[str(bits)] += 1
             if tied is not None:
@@ -253,25 +301,47 @@ class QuantizeWeightsNBits(Pass):
         return PassResult(True, {"int4": counts["4"], "int8": counts["8"], "embedding_4bit": embeddings,
                                  "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                                  **({"rescored_head": rescored, "rescore": self.rescore} if rescored else {}),
-                                 "eight_bit": eight, "carried": carried,
+                                 "eight_bit": eight, "carried": carried, "carried_offsets": offset,
                                  "relative_error": error})
 
-    def _error(self, name: str, weight: np.ndarray, bits: int, symmetric: bool) -> float:
-        """The relative error of ``weight`` at ``bits`` (quantized once and kept in the memo)."""
+    def _error(self, name: str, weight: np.ndarray, bits: int, symmetric: bool, no_offsets: str = "") -> float:
+        """The relative error of ``weight`` at ``bits`` (quantized once and kept in the memo as ``(packed,
+        scales, zero points, error, carried, correction)``)."""
         key = (name, bits, self.target)
         if key not in self.memo:
+            if bits == 8:
+                no_offsets = no_offsets or EIGHT_BIT_OFFSETS
             found = "only the ort target's symmetric form takes them" if self.source is None or \
-                self.target != "ort" or not symmetric else self.source.blocks(weight, bits, self.block_size)
+                self.target != "ort" or not symmetric else self.source.blocks(weight, bits, self.block_size,
+                                                                               no_offsets)
             if not isinstance(found, str):  # the source's own blocks: exact (module docstring)
-                self.memo[key] = (*found, None, 0.0, True)
+                packed, scales, correction = found
+                self.memo[key] = (packed, scales, None, 0.0, True, correction)
                 return 0.0
             if self.source is not None:
                 logger.debug("%s at %d bits not carried from the source: %s", name, bits, found)
             packed, scales, zero = quantize_blocks(weight, bits, self.block_size, symmetric, self.target == "trt")
             back = dequantize_blocks(packed, scales, bits, self.block_size, zero)
             self.memo[key] = (packed, scales, zero,
-                              float(np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)), False)
+                              float(np.linalg.norm(back - weight) / max(np.linalg.norm(weight), 1e-30)), False, None)
         return self.memo[key][3]
+
+    def _offset_correction(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor, blocks_out: gs.Tensor,
+                           out: gs.Tensor, correction: np.ndarray) -> None:
+        """``out = blocks_out + ReduceSum(Reshape(x, [..., K/bs, bs]), -1) @ correction``: each block's sum of
+        ``x`` times the block's ``2^(bits-1) * scale - offset`` (module docstring, "Blocks carried")."""
+        def var(base):
+            return gs.Variable(fresh_name(graph, f"{node.name}_{base}"), dtype=np.float32)
+
+        split, sums, shifted = var("input_blocks"), var("block_sums"), var("block_offsets")
+        shape = np.array([0] * (len(x.shape) - 1) + [correction.shape[0], self.block_size], np.int64)
+        graph.layer(op="Reshape", name=split.name, inputs=[x, gs.Constant(fresh_name(graph, "blocks_shape"), shape)],
+                    outputs=[split])
+        graph.layer(op="ReduceSum", name=sums.name, outputs=[sums], attrs={"keepdims": 0},
+                    inputs=[split, gs.Constant(fresh_name(graph, "last_axis"), np.array([-1], np.int64))])
+        graph.layer(op="MatMul", name=shifted.name, outputs=[shifted],
+                    inputs=[sums, gs.Constant(fresh_name(graph, f"{node.name}_block_correction"), correction)])
+        graph.layer(op="Add", name=f"{node.name}_offsets", inputs=[blocks_out, shifted], outputs=[out])
 
     def _dequantize_linear(self, graph: gs.Graph, node: gs.Node, packed: np.ndarray, scales: np.ndarray, bits: int,
                            shape: tuple[int, int]) -> None:

@@ -62,6 +62,8 @@ def test_gemma3_int4_perplexity_is_within_its_budget(gemma, gemma_int4):
     assert report.budget == DEFAULT_DECODER_BUDGET and report.int4 + len(report.int8) > 0
     # The GGUF's Q8_0 tensors at 8 bits -- the tied embedding / LM head and the v projections -- are its own blocks
     assert report.carried >= 1, report
+    # its Q4_K weights (o_proj, half the down projections) at 4 bits, exact: no 4-bit error, last to go to 8 bits
+    assert report.carried_offsets >= 1, report
     ids = evaluation_ids(Tokenizer(bundle).encode, manifest.decoder.bos, report.result["tokens"])
     with load(fp32_bundle) as runner:  # the float model, independently of the build's record
         reference, choices = score(runner.generator(), ids)
@@ -78,7 +80,7 @@ def test_gemma3_int4_perplexity_is_within_its_budget(gemma, gemma_int4):
                             "perplexity": round(ours.perplexity, 3), "fp32 perplexity": round(reference.perplexity, 3),
                             "agreement": round(ours.agreement, 4), "tokens": ours.tokens, "int4 MatMuls": report.int4,
                             "int8 MatMuls": len(report.int8), "rescored head": report.rescore,
-                            "carried from the GGUF": report.carried,
+                            "carried from the GGUF": report.carried, "with offsets (Q4_K)": report.carried_offsets,
                             "ort graph MB": round(graph_mb, 1)}) + "\n")
 
 

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.bundle.manifest import Int4Report
-from exporter.gguf_blocks import symmetric_blocks
+from exporter.gguf_blocks import blocked_tensors
 from passes import InferShapes, PassManager
 from passes.quantize_weights_nbits import QuantizeWeightsNBits, SourceBlocks, dequantize_blocks
 
@@ -97,7 +97,7 @@ def _blocks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def test_the_reader_gives_each_symmetric_tensors_values_and_block_scales(gguf_file):
     path, values = gguf_file
-    read = {name: (v, s) for name, v, s in symmetric_blocks(path)}
+    read = {name: (v, s) for name, v, s, offsets in blocked_tensors(path) if offsets is None}
     assert set(read) == set(KINDS)  # the F32 norm is not a blocked tensor
     for name, (v, s) in read.items():
         np.testing.assert_array_equal(v, values[name])
@@ -111,7 +111,7 @@ def test_the_reader_gives_each_symmetric_tensors_values_and_block_scales(gguf_fi
 def test_carried_blocks_stand_for_the_weights_exactly_where_plain_rounding_does_not(gguf_file, merged):
     path, values = gguf_file
     model = _graph(values, merged)
-    source = SourceBlocks(symmetric_blocks(path))
+    source = SourceBlocks(blocked_tensors(path))
     options = {"eight_bit": ("up", "head")}  # Q5_0 and Q8_0 need 8 bits; Q4_0 fits 4
     carried, stats = _quantize(model, source=source, **options)
     rounded, plain = _quantize(model, **options)
@@ -136,7 +136,7 @@ def test_carried_blocks_stand_for_the_weights_exactly_where_plain_rounding_does_
 
 def test_what_the_source_cannot_hold_exactly_is_rounded_as_usual(gguf_file, caplog):
     path, values = gguf_file
-    source = SourceBlocks(symmetric_blocks(path))
+    source = SourceBlocks(blocked_tensors(path))
     nudged = dict(values)
     nudged["blk.0.ffn_down.weight"] = values["blk.0.ffn_down.weight"].copy()
     nudged["blk.0.ffn_down.weight"][3, 7] = np.nextafter(nudged["blk.0.ffn_down.weight"][3, 7], np.float32(1))
@@ -157,3 +157,168 @@ def test_a_report_written_before_carried_blocks_loads_with_none_carried():
     report = Int4Report("perplexity=0.02", 32, 4, {}, {}, 3, ("a",), (), 1.0)
     old = {k: v for k, v in report.to_json().items() if k != "carried"}
     assert Int4Report.from_json(old).carried == 0 and Int4Report.from_json(report.to_json()) == report
+
+
+# Blocks with an offset: Q4_K (256-value super-blocks of eight 32-value sub-blocks, each with a 6-bit scale and
+# min) and Q4_1 (32 values, fp16 d and m). The gguf package has no Q4_K quantizer, so _q4_k writes its bytes
+# (a plain min/max one); what the values are is the gguf package's own dequantize of those bytes.
+K4, N4, N1 = 256, 64, 32
+
+
+def _q4_k(weights: np.ndarray) -> np.ndarray:
+    """ggml's ``block_q4_K`` bytes [rows, K / 256 * 144] of ``weights`` [rows, K]: per sub-block the range
+    [min(x, 0), max(x)] over levels 0..15, its scale and offset in 6 bits against the super-block's fp16 d/dmin."""
+    rows, k = weights.shape
+    sub = weights.reshape(-1, 8, 32)
+    low = np.minimum(sub.min(-1), 0)
+    scale, offset = (sub.max(-1) - low) / 15, -low
+    d = (scale.max(-1, keepdims=True) / 63).astype(np.float16)
+    dmin = (offset.max(-1, keepdims=True) / 63).astype(np.float16)
+    sc = np.clip(np.rint(scale / np.maximum(d.astype(np.float32), 1e-12)), 1, 63).astype(np.uint8)
+    m = np.clip(np.rint(offset / np.maximum(dmin.astype(np.float32), 1e-12)), 0, 63).astype(np.uint8)
+    step = d.astype(np.float32) * sc
+    q = np.clip(np.rint((sub + (dmin.astype(np.float32) * m)[..., None]) / step[..., None]), 0, 15).astype(np.uint8)
+    packed = np.concatenate([(sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6), (m[:, :4] & 0x3F) | ((m[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)], axis=-1)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)
+    return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), packed, qs], axis=-1).reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def offset_file(tmp_path_factory):
+    """A GGUF with a Q4_K, a Q4_0 (K = 256) and a Q4_1 tensor, and their values as gguf dequantizes them."""
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("gguf") / "offsets.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    weights = {"blk.0.ffn_up.weight": (Q.Q4_K, (N4, K4)), "blk.0.ffn_gate.weight": (Q.Q4_0, (N4, K4)),
+               "blk.0.ffn_down.weight": (Q.Q4_1, (N1, N4))}
+    values = {}
+    for name, (kind, shape) in weights.items():
+        w = (rng.standard_normal(shape) * 0.05 + 0.02).astype(np.float32)  # a mean away from 0: real offsets
+        raw = _q4_k(w) if kind == Q.Q4_K else gguf.quants.quantize(w, kind)
+        writer.add_tensor(name, raw, raw_dtype=kind)
+        values[name] = gguf.quants.dequantize(raw, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, values
+
+
+def _offset_graph(values: dict, merged: bool = False) -> onnx.ModelProto:
+    """x [b, s, 256] -> MatMul(up: Q4_K) [-> concat gate: Q4_0 columns] -> Relu -> slice 64 -> MatMul(down: Q4_1)."""
+    up = values["blk.0.ffn_up.weight"].T
+    if merged:
+        up = np.concatenate([up, values["blk.0.ffn_gate.weight"].T], axis=1)
+    down = values["blk.0.ffn_down.weight"].T  # [64, 32]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(up), "w_up"),
+             numpy_helper.from_array(np.ascontiguousarray(down), "w_down"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([down.shape[0]], np.int64), "width"),
+             numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    nodes = [helper.make_node("MatMul", ["x", "w_up"], ["h1"], name="up"),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("Slice", ["h2", "zero", "width", "last"], ["h3"]),
+             helper.make_node("MatMul", ["h3", "w_down"], ["y"], name="down")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", N1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_the_reader_gives_offset_blocks_scales_and_offsets_that_rebuild_the_values_bit_for_bit(offset_file):
+    path, values = offset_file
+    read = {name: (v, s, o) for name, v, s, o in blocked_tensors(path)}
+    assert read["blk.0.ffn_gate.weight"][2] is None  # Q4_0: symmetric
+    for name in ("blk.0.ffn_up.weight", "blk.0.ffn_down.weight"):
+        v, s, o = read[name]
+        np.testing.assert_array_equal(v, values[name])
+        assert s.shape == o.shape == (v.shape[0], v.shape[1] // 32)
+        blocks = v.reshape(s.shape + (32,))
+        levels = np.rint((blocks + o[..., None]) / s[..., None])
+        assert levels.min() >= 0 and levels.max() <= 15
+        np.testing.assert_array_equal(levels * s[..., None] - o[..., None], blocks)
+        assert np.abs(o).max() > 0  # the offsets are not all zero: the test data has them
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["separate", "offset-and-symmetric-columns"])
+def test_offset_blocks_are_carried_with_a_block_sum_correction_and_give_the_float_graphs_numbers(
+        offset_file, merged):
+    path, values = offset_file
+    model = _offset_graph(values, merged)
+    source = SourceBlocks(blocked_tensors(path))
+    carried, stats = _quantize(model, source=source)
+    rounded, plain = _quantize(model)
+    assert stats["carried"] == 2 and stats["carried_offsets"] == 2 and plain["carried"] == 0
+    assert stats["relative_error"] == {"up": 0.0, "down": 0.0}
+    assert plain["relative_error"]["up"] > 0.01 and plain["relative_error"]["down"] > 0.01
+    ops = [n.op_type for n in carried.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("ReduceSum") == 2 and ops.count("MatMul") == 2
+    onnx.checker.check_model(carried, full_check=True)
+    # the levels, scales and correction stand for the weights: MatMulNBits' blocks + each block's correction
+    inits = {t.name: numpy_helper.to_array(t) for t in carried.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in [n for n in carried.graph.node if n.op_type == "MatMulNBits"]:
+        name = node.name.removesuffix("_nbits")
+        add = next(n for n in carried.graph.node if n.op_type == "Add" and node.output[0] in n.input)
+        matmul = next(n for n in carried.graph.node if n.op_type == "MatMul" and n.output[0] in add.input)
+        correction = inits[matmul.input[1]]
+        rebuilt = dequantize_blocks(inits[node.input[1]], inits[node.input[2]], 4, 32) + np.repeat(
+            correction, 32, axis=0)
+        np.testing.assert_allclose(rebuilt, weights[f"w_{name}"], rtol=0, atol=1e-6)
+        if merged and name == "up":  # the Q4_0 columns need none
+            assert np.all(correction[:, N4:] == 0) and np.any(correction[:, :N4] != 0)
+    x = np.random.default_rng(2).standard_normal((2, 3, K4)).astype(np.float32)
+    expected = _run_x(model, x)
+    got = _run_x(carried, x)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert np.abs(_run_x(rounded, x) - expected).max() > 10 * np.abs(got - expected).max()
+
+
+def test_at_8_bits_offset_blocks_are_rounded_as_usual(offset_file, caplog):
+    path, values = offset_file
+    with caplog.at_level("DEBUG", logger="passes.quantize_weights_nbits"):
+        out, stats = _quantize(_offset_graph(values), source=SourceBlocks(blocked_tensors(path)),
+                               eight_bit=("up", "down"))
+    assert stats["carried"] == 0 and "ReduceSum" not in [n.op_type for n in out.graph.node]
+    assert 0 < stats["relative_error"]["up"] < 0.01 and 0 < stats["relative_error"]["down"] < 0.01
+    assert "has offset blocks: 8 bits round them" in caplog.text
+
+
+def test_with_int8_activations_carried_offset_blocks_are_no_worse_than_rounding(offset_file):
+    """Accuracy level 4 rounds the input to int8 per block, and that error is multiplied by what MatMulNBits
+    holds, ``s * (level - zero point)``, not by the weight: the correction cancels the difference only in exact
+    arithmetic. (With the zero point at 8 bits' 128 for levels 0..15 this graph was 25x worse than rounding.)"""
+    path, values = offset_file
+    model = _offset_graph(values)
+
+    def error(**options):
+        passes = [InferShapes(), QuantizeWeightsNBits(block_size=32, accuracy_level=4, **options)]
+        out, _ = PassManager(passes, quiet=True).run(model)
+        return np.abs(_run_x(out, x) - expected).max()
+
+    x = np.random.default_rng(3).standard_normal((2, 5, K4)).astype(np.float32)
+    expected = _run_x(model, x)
+    carried, rounded = error(source=SourceBlocks(blocked_tensors(path))), error()
+    assert carried <= rounded * 1.01, (carried, rounded)
+
+
+def test_offset_blocks_are_not_carried_into_a_tied_table(offset_file, caplog):
+    """A tied table is read by GatherBlockQuantized as well, which takes no correction: rounded as usual."""
+    path, values = offset_file
+    table = values["blk.0.ffn_down.weight"]  # Q4_1 [32 rows, 64]: a 32-token vocabulary of width 64
+    inits = [numpy_helper.from_array(table, "embed")]
+    nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"], name="embedding"),
+             helper.make_node("Transpose", ["embed"], ["embed_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "embed_t"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    with caplog.at_level("DEBUG", logger="passes.quantize_weights_nbits"):
+        _, stats = _quantize(model, source=SourceBlocks(blocked_tensors(path)))
+    assert stats["carried"] == 0 and stats["relative_error"]["head"] > 0
+    assert "has offset blocks: a tied table's other reader (GatherBlockQuantized) takes no correction" in caplog.text
+
+
+def _run_x(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]

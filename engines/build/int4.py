@@ -9,9 +9,10 @@ the smallest such prefix that meets the budget, found by bisection over the orde
 scored tries; each weight is quantized once per bit width and reused). An LM head at 8 bits runs rescored
 (a 4-bit pass over the vocabulary, its best candidates in 8 bits: ``passes/quantize_weights_nbits.py``).
 When even 8 bits everywhere break the budget, the build stops and says so. A GGUF source's symmetric blocks
-(Q8_0, Q5_0, Q4_0: ``exporter/gguf_blocks.py``) are carried into the MatMulNBits that can hold them exactly
-instead of being rounded again (``source``). Block size and accuracy level: measured on this CPU
-(docs/decisions/009-int4-weights.md).
+(Q8_0, Q5_0, Q4_0: ``exporter/gguf_blocks.py``) and its blocks with an offset (Q4_K, Q4_1, with a block-sum
+correction) are carried into the MatMulNBits that can hold them exactly instead of being rounded again
+(``source``): a weight carried at 4 bits has no 4-bit error and comes last in the order. Block size and
+accuracy level: measured on this CPU (docs/decisions/009-int4-weights.md).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Int4Stage:
         if target == "trt":
             return self._tensorrt(graph)
         start = time.perf_counter()
-        ids = evaluation_ids(Tokenizer(self.tokenizer_dir).encode, self.info.bos, min(self.tokens, self.info.max_length))
+        ids = evaluation_ids(Tokenizer(self.tokenizer_dir).encode, self.info.bos,
+                             min(self.tokens, self.info.max_length))
         if len(ids) < 16:
             raise BuildError(f"the held-out text gave {len(ids)} tokens with this tokenizer: too few to score")
         reference, choices = self._score(graph, ids)
@@ -107,9 +109,11 @@ class Int4Stage:
         self.reports["ort"] = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(),
                                          result.to_json(), stats["int4"], chosen, tuple(tries),
                                          round(time.perf_counter() - start, 1), stats.get("rescored_head"),
-                                         RESCORE if stats.get("rescored_head") else 0, stats.get("carried", 0))
-        logger.info("int4: %d MatMuls at 4 bits, %d at 8 (%d as the source's own blocks); perplexity %.3f "
-                    "(float %.3f), agreement %.3f", stats["int4"], len(chosen), stats.get("carried", 0),
+                                         RESCORE if stats.get("rescored_head") else 0, stats.get("carried", 0),
+                                         stats.get("carried_offsets", 0))
+        logger.info("int4: %d MatMuls at 4 bits, %d at 8 (%d as the source's own blocks, %d of them with offsets); "
+                    "perplexity %.3f (float %.3f), agreement %.3f", stats["int4"], len(chosen),
+                    stats.get("carried", 0), stats.get("carried_offsets", 0),
                     result.perplexity, reference.perplexity, result.agreement)
         return candidate
 

@@ -42,6 +42,8 @@ from engines.bundle import (
 from engines.profiles import Profile
 from engines.runtime.cpu import detect
 from engines.trt_build.cache import build_or_reuse
+from exporter.gguf_blocks import blocked_tensors
+from exporter.resolved import ResolvedModel
 from foundation.decoder import (
     DECODER_OPSET,
     LOGIT_POSITIONS,
@@ -52,8 +54,6 @@ from foundation.decoder import (
 from foundation.errors import BuildError, UsageError
 from foundation.numerics import compare_arrays, graph_tolerance
 from foundation.spec import InputSpec
-from exporter.gguf_blocks import symmetric_blocks
-from exporter.resolved import ResolvedModel
 from passes import PassManager, pipeline
 from passes.calibration import graph_sha256
 from passes.convert_fp16 import fp32_nodes as kept
@@ -89,18 +89,19 @@ def tokenizer(root: Path, model: ResolvedModel) -> list[str]:
 
 
 def source_blocks(source: str) -> SourceBlocks | None:
-    """A GGUF source's symmetric blocks, for the 4-bit stage to carry over where they fit (None for any other
+    """A GGUF source's 32-value blocks, for the 4-bit stage to carry over where they fit (None for any other
     source; ``exporter/gguf_blocks.py``)."""
     if not source.endswith(".gguf"):
         return None
     start = time.perf_counter()
-    blocks = SourceBlocks(symmetric_blocks(Path(source)))
-    logger.info("int4: %d rows of %s's Q8_0/Q5_0/Q4_0 blocks indexed in %.1f s", len(blocks), Path(source).name,
-                time.perf_counter() - start)
+    blocks = SourceBlocks(blocked_tensors(Path(source)))
+    logger.info("int4: %d rows of %s's Q8_0/Q5_0/Q4_0/Q4_K/Q4_1 blocks indexed in %.1f s", len(blocks),
+                Path(source).name, time.perf_counter() - start)
     return blocks
 
 
-def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec) -> tuple[ExportInfo, onnx.ModelProto]:
+def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputSpec
+           ) -> tuple[ExportInfo, onnx.ModelProto]:
     """``model.onnx`` in ``root``: exported from PyTorch, or the .onnx MODEL checked and copied. Returns the
     export record and the graph as loaded (weights not needed: for shape checks)."""
     exported = root / "model.onnx"
@@ -118,7 +119,8 @@ def export(root: Path, request: BuildRequest, model: ResolvedModel, spec: InputS
     if model.module is not None:
         from exporter.export import export_onnx  # noqa: PLC0415 - imports torch's exporter
 
-        result = export_onnx(model.module, spec, model.output_names, exported, request.export.opset, request.export.exporter)
+        result = export_onnx(model.module, spec, model.output_names, exported, request.export.opset,
+                             request.export.exporter)
         info = ExportInfo(result.exporter, result.fallback_reason, result.opset, round(result.seconds, 3),
                           result.external_data, "pytorch")
         return info, onnx.load(str(exported), load_external_data=False)
@@ -182,7 +184,7 @@ def _onnx_golden(path: Path, spec: InputSpec, static: bool) -> dict:
         feeds = spec.random_feeds(point, seed=0)
         try:
             outputs = run_graph(source, feeds)
-        except Exception as exc:  # noqa: BLE001 - ORT's own types
+        except Exception as exc:
             raise UsageError(
                 f"{path} does not run under ONNX Runtime at the {point} shapes "
                 f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0][:300]}. "
@@ -215,7 +217,7 @@ def int8_opset(graph: onnx.ModelProto, golden: dict) -> onnx.ModelProto:
                 err = compare_arrays(after[name], value, *graph_tolerance("fp32", value))
                 if not err.ok:
                     raise ValueError(f"output {name!r} at the {point} shapes differs by {err.max_abs:.3g}")
-    except Exception as exc:  # noqa: BLE001 - the converter and ONNX Runtime raise their own types
+    except Exception as exc:
         raise UsageError(f"INT8 needs opset {INT8_MIN_OPSET} or later (per-channel Q/DQ); the graph is opset {opset} "
                          f"and ONNX's version converter could not upgrade it: {str(exc).splitlines()[0][:200]}; "
                          f"{advice}") from exc
@@ -384,7 +386,8 @@ def manifest(request: BuildRequest, key: str, model: ResolvedModel, spec: InputS
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         build_key=key,
         model=ModelSource(model.name, model.kind, model.source, model.source_sha256, model.task),
-        inputs=spec, outputs=tuple(output_specs(graph, spec, golden)), profiles=tuple(profiles), precision=request.precision,
+        inputs=spec, outputs=tuple(output_specs(graph, spec, golden)), profiles=tuple(profiles),
+        precision=request.precision,
         int8_float_layers=tuple(k for t in graphs for k in (int8.results[t].kept_float if int8 else ())),
         fp16_fp32_nodes=tuple(n for g in graphs.values() for n in g.fp16_fp32_nodes),
         calibration=int8.calibration() if int8 else None, export=export_info,

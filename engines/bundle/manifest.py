@@ -230,7 +230,8 @@ class Int4Report:
     seconds: float
     rescored_head: str | None = None  # the LM head run as a 4-bit pass + its best candidates in 8 bits
     rescore: int = 0  # how many candidates
-    carried: int = 0  # MatMuls whose blocks came from the source file unchanged (a GGUF's Q8_0/Q5_0/Q4_0)
+    carried: int = 0  # MatMuls whose blocks came from the source file unchanged (a GGUF's Q8_0/Q5_0/Q4_0/Q4_K)
+    carried_offsets: int = 0  # of those, with offset blocks (Q4_K, Q4_1) and a block-sum correction
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"int8": list(self.int8), "tries": list(self.tries)}

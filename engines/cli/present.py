@@ -87,6 +87,7 @@ def build_summary(console: Console, out: Path, manifest: Manifest, reused: bool,
         console.print(f"int4 {target}: {report.int4} MatMuls at 4 bits, {len(report.int8)} at 8 (block "
                       f"{report.block_size}); budget {report.budget}: {scored}"
                       + (f"; {report.carried} hold the GGUF's own blocks" if report.carried else "")
+                      + (f" ({report.carried_offsets} with offsets)" if report.carried_offsets else "")
                       + (f"; LM head rescored ({report.rescore} candidates in 8 bits)" if report.rescored_head else ""))
     if manifest.trt_check:
         check = manifest.trt_check
