@@ -30,19 +30,25 @@ def gguf_file(tmp_path_factory):
     """A GGUF with Q8_0, Q5_0 and Q4_0 tensors (rows = output channels, as GGUF stores linear weights), an F32
     norm; and each quantized tensor's values as the gguf package dequantizes them."""
     rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    raw = {name: (gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, kind), kind)
+           for name, (kind, shape) in KINDS.items()}
+    norm = {"output_norm.weight": np.ones(HIDDEN, np.float32)}
+    path = _write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", raw, norm)
+    return path, {name: gguf.quants.dequantize(data, kind) for name, (data, kind) in raw.items()}
+
+
+def _write_gguf(path, quantized: dict, floats: dict | None = None):
+    """A GGUF file at ``path`` with ``quantized`` tensors (name -> (raw bytes, kind)) and ``floats``."""
     writer = gguf.GGUFWriter(str(path), "llama")
-    values = {}
-    for name, (kind, shape) in KINDS.items():
-        quantized = gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, kind)
-        writer.add_tensor(name, quantized, raw_dtype=kind)
-        values[name] = gguf.quants.dequantize(quantized, kind)
-    writer.add_tensor("output_norm.weight", np.ones(HIDDEN, np.float32))
+    for name, (data, kind) in quantized.items():
+        writer.add_tensor(name, data, raw_dtype=kind)
+    for name, value in (floats or {}).items():
+        writer.add_tensor(name, value)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path, values
+    return path
 
 
 def _graph(values: dict, merged: bool = False) -> onnx.ModelProto:
@@ -188,21 +194,14 @@ def _q4_k(weights: np.ndarray) -> np.ndarray:
 def offset_file(tmp_path_factory):
     """A GGUF with a Q4_K, a Q4_0 (K = 256) and a Q4_1 tensor, and their values as gguf dequantizes them."""
     rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("gguf") / "offsets.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
     weights = {"blk.0.ffn_up.weight": (Q.Q4_K, (N4, K4)), "blk.0.ffn_gate.weight": (Q.Q4_0, (N4, K4)),
                "blk.0.ffn_down.weight": (Q.Q4_1, (N1, N4))}
-    values = {}
+    raw = {}
     for name, (kind, shape) in weights.items():
         w = (rng.standard_normal(shape) * 0.05 + 0.02).astype(np.float32)  # a mean away from 0: real offsets
-        raw = _q4_k(w) if kind == Q.Q4_K else gguf.quants.quantize(w, kind)
-        writer.add_tensor(name, raw, raw_dtype=kind)
-        values[name] = gguf.quants.dequantize(raw, kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path, values
+        raw[name] = (_q4_k(w) if kind == Q.Q4_K else gguf.quants.quantize(w, kind), kind)
+    path = _write_gguf(tmp_path_factory.mktemp("gguf") / "offsets.gguf", raw)
+    return path, {name: gguf.quants.dequantize(data, kind) for name, (data, kind) in raw.items()}
 
 
 def _offset_graph(values: dict, merged: bool = False) -> onnx.ModelProto:
