@@ -211,6 +211,11 @@ class SourceBlocks:
         return pack_levels(q, bits), scales, correction
 
 
+def _variable(graph: gs.Graph, node: gs.Node, base: str, dtype=np.float32) -> gs.Variable:
+    """A new tensor named after ``node`` for what the pass writes in its place."""
+    return gs.Variable(fresh_name(graph, f"{node.name}_{base}"), dtype=dtype)
+
+
 def _digest(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
 
@@ -279,8 +284,7 @@ class QuantizeWeightsNBits(Pass):
                     tables[id(tied)] = (packed_t, scales_t, bits)
                 rescored = node.name
                 continue
-            blocks_out = out if correction is None else gs.Variable(fresh_name(graph, f"{node.name}_blocks_out"),
-                                                                     dtype=np.float32)
+            blocks_out = out if correction is None else _variable(graph, node, "blocks_out")
             graph.layer(op="MatMulNBits", name=f"{node.name}_nbits", domain=MS_DOMAIN,
                         inputs=[x, packed_t, scales_t] + ([] if zero is None else [
                             gs.Constant(fresh_name(graph, f"{node.name}_zero_points"), pack_zero_points(zero, bits))]),
@@ -329,11 +333,9 @@ class QuantizeWeightsNBits(Pass):
     def _offset_correction(self, graph: gs.Graph, node: gs.Node, x: gs.Tensor, blocks_out: gs.Tensor,
                            out: gs.Tensor, correction: np.ndarray) -> None:
         """``out = blocks_out + ReduceSum(Reshape(x, [..., K/bs, bs]), -1) @ correction``: each block's sum of
-        ``x`` times the block's ``2^(bits-1) * scale - offset`` (module docstring, "Blocks carried")."""
-        def var(base):
-            return gs.Variable(fresh_name(graph, f"{node.name}_{base}"), dtype=np.float32)
-
-        split, sums, shifted = var("input_blocks"), var("block_sums"), var("block_offsets")
+        ``x`` times the block's ``c * scale - offset`` (module docstring, "Blocks carried")."""
+        split, sums, shifted = (_variable(graph, node, base) for base in ("input_blocks", "block_sums",
+                                                                            "block_offsets"))
         shape = np.array([0] * (len(x.shape) - 1) + [correction.shape[0], self.block_size], np.int64)
         graph.layer(op="Reshape", name=split.name, inputs=[x, gs.Constant(fresh_name(graph, "blocks_shape"), shape)],
                     outputs=[split])
@@ -384,7 +386,7 @@ class QuantizeWeightsNBits(Pass):
         x = node.inputs[0]
 
         def var(base, dtype=np.float32):
-            return gs.Variable(fresh_name(graph, f"{node.name}_{base}"), dtype=dtype)
+            return _variable(graph, node, base, dtype)
 
         approx = var("approx_logits")
         graph.layer(op="MatMulNBits", name=approx.name, domain=MS_DOMAIN, outputs=[approx],

@@ -78,15 +78,17 @@ def _graph(values: dict, merged: bool = False) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
-def _quantize(model, **options):
-    out, records = PassManager([InferShapes(), QuantizeWeightsNBits(block_size=32, accuracy_level=0, **options)],
+def _quantize(model, accuracy_level=0, **options):
+    out, records = PassManager([InferShapes(), QuantizeWeightsNBits(block_size=32, accuracy_level=accuracy_level,
+                                                                    **options)],
                                quiet=True).run(model)
     return out, records[-1].stats
 
 
-def _run(model, ids):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"ids": ids})[0]
+def _run(model, ids=None, x=None):
+    """The graph's output under ONNX Runtime, fed ``ids`` (the LM graph) or ``x`` (the MLP graph)."""
+    feeds = {"ids": ids} if x is None else {"x": x}
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
 def _blocks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -267,10 +269,10 @@ def test_offset_blocks_are_carried_with_a_block_sum_correction_and_give_the_floa
         if merged and name == "up":  # the Q4_0 columns need none
             assert np.all(correction[:, N4:] == 0) and np.any(correction[:, :N4] != 0)
     x = np.random.default_rng(2).standard_normal((2, 3, K4)).astype(np.float32)
-    expected = _run_x(model, x)
-    got = _run_x(carried, x)
+    expected = _run(model, x=x)
+    got = _run(carried, x=x)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-    assert np.abs(_run_x(rounded, x) - expected).max() > 10 * np.abs(got - expected).max()
+    assert np.abs(_run(rounded, x=x) - expected).max() > 10 * np.abs(got - expected).max()
 
 
 def test_at_8_bits_offset_blocks_are_rounded_as_usual(offset_file, caplog):
@@ -291,12 +293,11 @@ def test_with_int8_activations_carried_offset_blocks_are_no_worse_than_rounding(
     model = _offset_graph(values)
 
     def error(**options):
-        passes = [InferShapes(), QuantizeWeightsNBits(block_size=32, accuracy_level=4, **options)]
-        out, _ = PassManager(passes, quiet=True).run(model)
-        return np.abs(_run_x(out, x) - expected).max()
+        out, _ = _quantize(model, accuracy_level=4, **options)
+        return np.abs(_run(out, x=x) - expected).max()
 
     x = np.random.default_rng(3).standard_normal((2, 5, K4)).astype(np.float32)
-    expected = _run_x(model, x)
+    expected = _run(model, x=x)
     carried, rounded = error(source=SourceBlocks(blocked_tensors(path))), error()
     assert carried <= rounded * 1.01, (carried, rounded)
 
@@ -316,8 +317,3 @@ def test_offset_blocks_are_not_carried_into_a_tied_table(offset_file, caplog):
         _, stats = _quantize(model, source=SourceBlocks(blocked_tensors(path)))
     assert stats["carried"] == 0 and stats["relative_error"]["head"] > 0
     assert "has offset blocks: a tied table's other reader (GatherBlockQuantized) takes no correction" in caplog.text
-
-
-def _run_x(model, x):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]

@@ -184,7 +184,7 @@ def _onnx_golden(path: Path, spec: InputSpec, static: bool) -> dict:
         feeds = spec.random_feeds(point, seed=0)
         try:
             outputs = run_graph(source, feeds)
-        except Exception as exc:
+        except Exception as exc:  # ONNX Runtime's own error types
             raise UsageError(
                 f"{path} does not run under ONNX Runtime at the {point} shapes "
                 f"{ {k: list(v.shape) for k, v in feeds.items()} }: {str(exc).splitlines()[0][:300]}. "
@@ -217,7 +217,7 @@ def int8_opset(graph: onnx.ModelProto, golden: dict) -> onnx.ModelProto:
                 err = compare_arrays(after[name], value, *graph_tolerance("fp32", value))
                 if not err.ok:
                     raise ValueError(f"output {name!r} at the {point} shapes differs by {err.max_abs:.3g}")
-    except Exception as exc:
+    except Exception as exc:  # the converter and ONNX Runtime raise their own types
         raise UsageError(f"INT8 needs opset {INT8_MIN_OPSET} or later (per-channel Q/DQ); the graph is opset {opset} "
                          f"and ONNX's version converter could not upgrade it: {str(exc).splitlines()[0][:200]}; "
                          f"{advice}") from exc
