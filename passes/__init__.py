@@ -15,6 +15,7 @@ from passes.cleanup import Cleanup
 from passes.convert_fp16 import ConvertToFp16
 from passes.deduplicate_constants import DeduplicateConstants
 from passes.eliminate_common_subexpressions import EliminateCommonSubexpressions
+from passes.fold_attention_scale import FoldAttentionScale
 from passes.fold_constants import FoldConstants
 from passes.fold_shapes import FoldShapes
 from passes.fuse_attention import FuseAttention
@@ -44,8 +45,8 @@ FUSE_COMMON = (FuseConvBatchNorm, FuseLinearAffine, FuseMatMulAdd, FuseGelu, Fus
 FUSE_TRT = FUSE_COMMON + (FuseStandardAttention, FuseStaticKVCache, SelectLogitPositions)
 # Attention for ONNX Runtime (docs/decisions/002-ort-attention-form.md); its other encoder fusions are not
 # emitted (docs/decisions/003-ort-encoder-fusions.md).
-FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, RotaryLayout, MergeParallelMatMuls,
-                          SelectLogitPositions, FuseSkipRmsNorm)
+FUSE_ORT = FUSE_COMMON + (FuseAttention, FuseGroupQueryAttention, RotaryLayout, FoldAttentionScale,
+                          MergeParallelMatMuls, SelectLogitPositions, FuseSkipRmsNorm)
 
 PIPELINES: dict[tuple[str, str], tuple] = {
     ("trt", "fp32"): (SIMPLIFY, FUSE_TRT, SIMPLIFY),
@@ -105,6 +106,7 @@ __all__ = [
     "Cleanup",
     "DeduplicateConstants",
     "EliminateCommonSubexpressions",
+    "FoldAttentionScale",
     "FoldConstants",
     "FoldShapes",
     "FuseAttention",

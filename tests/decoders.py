@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import transformers
 
@@ -110,6 +112,27 @@ def family_ort(family: str):
 # (transformers' apply_chat_template renders it the same way as planforge's server, which the tests check).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w1 {{ 'w3' if m['role'] == 'user' else 'w4' }} "
                  "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}")
+
+
+def assert_same_decoding(before: onnx.ModelProto, after: onnx.ModelProto, info, seed: int, prompt: int,
+                         atol: float = 1e-5, rtol: float = 1e-5, steps: int = 5) -> None:
+    """Two graphs of one decoder (unpadded, a growing cache) give the same logits and presents over a prefill of
+    ``prompt`` tokens for 2 rows and ``steps - 1`` greedy decode steps, under ONNX Runtime."""
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (before, after)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    rng = np.random.default_rng(seed)
+    pasts = {n: np.zeros((2, info.kv_heads, 24, info.head_dim), np.float32) for n in info.past_names}
+    ids, done = rng.integers(3, info.vocab, (2, prompt)), 0
+    for step in range(steps):
+        feeds = {"input_ids": ids, "attention_mask": np.ones((2, done + ids.shape[1]), np.int64),
+                 "position_ids": np.tile(np.arange(done, done + ids.shape[1]), (2, 1)), **pasts}
+        expected, got = (dict(zip(names, s.run(None, feeds))) for s in sessions)
+        for name in names:
+            np.testing.assert_allclose(got[name], expected[name], atol=atol, rtol=rtol, err_msg=f"{name} {step}")
+        done += ids.shape[1]
+        pasts = {p: expected[q] for p, q in zip(info.past_names, info.present_names)}
+        ids = expected["logits"][:, -1:].argmax(-1)
 
 
 def tiny_llama(root):

@@ -14,14 +14,17 @@ OPSET = 18
 IR_VERSION = 10  # onnx 1.23 writes IR 14 by default, which ONNX Runtime 1.31 refuses
 
 
-def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET) -> onnx.ModelProto:
-    """inputs/outputs: (name, numpy dtype, shape) triples; shape entries may be dim names."""
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, domains: tuple[str, ...] = ()
+               ) -> onnx.ModelProto:
+    """inputs/outputs: (name, numpy dtype, shape) triples; shape entries may be dim names. ``domains``: other
+    operator domains the nodes use (version 1, as ``com.microsoft`` has)."""
     def info(name, dtype, shape):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
 
     graph = helper.make_graph(list(nodes), "test", [info(*i) for i in inputs], [info(*o) for o in outputs],
                               [onnx.numpy_helper.from_array(v, k) for k, v in dict(initializers).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    *(helper.make_opsetid(d, 1) for d in domains)])
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model

@@ -10,13 +10,12 @@ import logging
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from helpers import assert_same_outputs, helper, make_model, ops, run_pass, seeded
 
 pytest.importorskip("transformers")
 
-from decoders import family_export
+from decoders import assert_same_decoding, family_export
 
 from passes import FuseGroupQueryAttention, InferShapes, MergeReshapes, MergeTransposes, PassManager, RotaryLayout
 
@@ -61,23 +60,7 @@ def test_every_rotary_feeds_group_query_attention_in_its_own_layout(graphs):
 
 def test_the_graph_computes_the_same_logits_and_cache_over_a_prefill_and_decode_steps(graphs):
     info, before, after, _ = graphs
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                for m in (before, after)]
-    names = [o.name for o in sessions[0].get_outputs()]
-    rng = np.random.default_rng(2)
-    length = 24
-    pasts = {n: np.zeros((2, info.kv_heads, length, info.head_dim), F32) for n in info.past_names}
-    ids = rng.integers(3, info.vocab, (2, 6))
-    done = 0
-    for step in range(5):
-        feeds = {"input_ids": ids, "attention_mask": np.ones((2, done + ids.shape[1]), np.int64),
-                 "position_ids": np.tile(np.arange(done, done + ids.shape[1]), (2, 1)), **pasts}
-        expected, got = (dict(zip(names, s.run(None, feeds))) for s in sessions)
-        for name in names:
-            np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=1e-5, err_msg=f"{name} {step}")
-        done += ids.shape[1]
-        pasts = {p: expected[q] for p, q in zip(info.past_names, info.present_names)}
-        ids = expected["logits"][:, -1:].argmax(-1)
+    assert_same_decoding(before, after, info, seed=2, prompt=6)
 
 
 def test_running_again_changes_nothing(graphs):
