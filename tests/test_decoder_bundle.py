@@ -171,6 +171,23 @@ def test_what_decoders_cannot_do_yet_is_refused_in_one_line(llm, run_cli, tmp_pa
     assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "b").exists()
 
 
+def test_a_budget_out_of_reach_tries_the_heads_floor_before_it_stops(llm, run_cli, tmp_path, monkeypatch):
+    """Every MatMul at 8 bits breaking the budget: the LM head takes more candidates, then runs whole in 8 bits,
+    and only then does the build stop, naming each try (the tiny vocabulary of 96 runs rescored with 4 or 8
+    candidates; agreement 1.01 is out of any graph's reach)."""
+    monkeypatch.setattr("engines.build.int4.RESCORE", (4, 8, 0))
+    root, _, _ = llm
+    code, _, err = run_cli("build", root / "tiny-llama", "-o", tmp_path / "b", "--max-length", "64",
+                           "--precision", "int4", "--budget", "agreement=1.01", "-q")
+    message = " ".join(err.split())
+    assert code != 0 and "Traceback" not in err and not (tmp_path / "b").exists()
+    assert "break the budget agreement=1.01 even with every MatMul at 8 bits" in message
+    tries = [message.index(t) for t in ("with the LM head's 4 best candidates in 8 bits",
+                                         "with the LM head's 8 best candidates in 8 bits",
+                                         "with the LM head whole in 8 bits")]
+    assert tries == sorted(tries)
+
+
 def test_bad_generation_requests_exit_with_the_reason(bundle, run_cli, tmp_path):
     code, _, err = run_cli("generate", bundle, "1," + ",".join(["7"] * 70), "--ids")
     assert code != 0 and "longer than the max length 64" in err

@@ -226,7 +226,7 @@ class Int4Report:
     result: dict  # Score of the chosen graph
     int4: int  # MatMuls at 4 bits
     int8: tuple[str, ...]  # MatMuls at 8 bits, the budget's choice
-    tries: tuple[dict, ...]  # {"int8": n, "perplexity", "agreement", "met"} in the order tried
+    tries: tuple[dict, ...]  # {"int8": n, "perplexity", "agreement", "met"[, "rescore": k]} in the order tried
     seconds: float
     rescored_head: str | None = None  # the LM head run as a 4-bit pass + its best candidates in 8 bits
     rescore: int = 0  # how many candidates
