@@ -16,7 +16,7 @@ they differ by one float rounding of ``s * w``.
 Why: ONNX Runtime's CPU kernel computes each (row, head)'s ``q . K^T`` with one MLAS SGEMM call, which takes its
 one-row kernel -- reading the keys where they lie in the cache -- only when alpha is 1. With any other scale a
 decode step goes through the general path, which first copies that row's keys into a packed panel, once per
-query head: the cost grows with rows, heads and context (docs/decisions/009-int4-weights.md, "Attention's scale").
+query head: the cost grows with rows, heads and context (docs/decisions/009-int4-weights.md, session 15).
 
 Skipped, with the reason logged: a scale already 1, a query read through anything but reshapes and a rotary
 (a packed q/k/v input, a projection with no norm after it: folding into a projection's weights would change the
