@@ -90,8 +90,7 @@ class Int4Stage:
                           "agreement": round(result.agreement, 4), "met": met,
                           **({"rescore": rescore} if eight and rescore != RESCORE[0] else {})})
             logger.info("int4: %d MatMuls at 8 bits%s: perplexity %.3f, agreement %.3f -> %s", len(eight),
-                        "" if not eight or rescore == RESCORE[0] else
-                        f" (LM head: {rescore} candidates)" if rescore else " (LM head whole in 8 bits)",
+                        "" if not eight or rescore == RESCORE[0] else f" ({_head_words(rescore)})",
                         result.perplexity, result.agreement, "within" if met else "outside")
             return stats, result, met
 
@@ -104,9 +103,8 @@ class Int4Stage:
             floors = []
             for rescore in RESCORE:  # the head's floor first (module docstring)
                 stats, result, met = attempt(order, rescore)
-                floors.append(f"{result.perplexity:.3f} " + (
-                    "with the LM head whole in 8 bits" if not stats.get("rescored_head") else
-                    f"with the LM head's {rescore} best candidates in 8 bits"))
+                floors.append(f"{result.perplexity:.3f} with "
+                              f"{_head_words(rescore if stats.get('rescored_head') else 0)}")
                 if met or not stats.get("rescored_head"):  # a head that cannot run rescored is tried once
                     break
             if not met:
@@ -127,8 +125,7 @@ class Int4Stage:
         self.reports["ort"] = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(),
                                          result.to_json(), stats["int4"], chosen, tuple(tries),
                                          round(time.perf_counter() - start, 1), stats.get("rescored_head"),
-                                         stats.get("rescore", 0) if stats.get("rescored_head") else 0,
-                                         stats.get("carried", 0),
+                                         stats.get("rescore", 0), stats.get("carried", 0),
                                          stats.get("carried_offsets", 0))
         logger.info("int4: %d MatMuls at 4 bits, %d at 8 (%d as the source's own blocks, %d of them with offsets); "
                     "perplexity %.3f (float %.3f), agreement %.3f", stats["int4"], len(chosen),
@@ -169,3 +166,8 @@ class Int4Stage:
             onnx.save_model(graph, str(path), save_as_external_data=graph.ByteSize() > 1_800_000_000)
             session = create_session(path, self.threads)
             return score(Generator(session, self.info), ids, choices)
+
+
+def _head_words(rescore: int) -> str:
+    """An 8-bit LM head's form in words (``rescore`` 0: no 4-bit pass), for the log and the budget's error."""
+    return f"the LM head's {rescore} best candidates in 8 bits" if rescore else "the LM head whole in 8 bits"
