@@ -34,9 +34,13 @@ those it kept in float.
 Target ``trt`` (TensorRT takes standard ONNX only): ``MatMul(A, DequantizeLinear(Wq, scale, axis=0,
 block_size))``, signed int4 / int8 weights with zero point 0 and positive scales (TensorRT takes no other):
 each block's largest magnitude onto +-7 (+-127), a level fewer than the ort form's; the embedding keeps its
-float table there. ``eight_bit_error``: 8 bits for every MatMul whose 4-bit relative
-error reaches it -- the threshold the ONNX Runtime graph's budget arrived at, applied to a graph whose
-MatMuls are not merged the same way.
+float table there. Which of its MatMuls take 8 bits is the ONNX Runtime graph's budget's choice, carried by
+value (``column_bits``): its MatMuls are merged differently (q/k/v, gate/up in one there), but every weight
+column is the same float column in both graphs, so ``record`` (a dict the ort graph's pass fills: each column's
+digest -> its bits) tells the trt graph's pass the bits of each of its weights (the most of its columns'). A
+MatMul none of whose columns was recorded falls back to ``eight_bit_error``: 8 bits where the 4-bit relative
+error reaches the threshold the budget arrived at. (That rule alone was wrong for a GGUF source: the ort
+graph's carried weights have 4-bit error 0, so the threshold fell to 0 and every trt MatMul took 8 bits.)
 
 Blocks carried from the source (``source``, a ``SourceBlocks``): a GGUF file's 32-value blocks
 (``exporter/gguf_blocks.py``) are exactly what the exported weights hold, so where every column of a weight is a
@@ -220,22 +224,28 @@ def _digest(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16).digest()
 
 
+def _column_digests(weight: np.ndarray) -> list[bytes]:
+    """The digest of each column of a ``[K, N]`` weight (a tied head's: each embedding row)."""
+    return [_digest(column) for column in np.ascontiguousarray(weight.T, dtype=np.float32)]
+
+
 class QuantizeWeightsNBits(Pass):
     """MatMul with constant weights -> MatMulNBits (4 bits, or 8 where told); a tied embedding Gather ->
     GatherBlockQuantized on the same 4-bit table."""
 
     def __init__(self, block_size: int = 32, accuracy_level: int = 4, eight_bit: tuple[str, ...] = (),
                  keep: tuple[str, ...] = (), symmetric: bool = True, memo: dict | None = None, rescore: int = 0,
-                 target: str = "ort", eight_bit_error: float | None = None, source: SourceBlocks | None = None):
+                 target: str = "ort", eight_bit_error: float | None = None, source: SourceBlocks | None = None,
+                 column_bits: dict[bytes, int] | None = None, record: dict[bytes, int] | None = None):
         self.block_size, self.accuracy_level, self.symmetric = block_size, accuracy_level, symmetric
-        self.source = source
+        self.source, self.column_bits, self.record = source, column_bits, record
         self.rescore, self.target, self.eight_bit_error = rescore, target, eight_bit_error
         self.memo = memo if memo is not None else {}  # (node, bits) -> blocks: a budget search runs many times
         self.eight_bit, self.keep = set(eight_bit), set(keep)
 
     def run(self, graph: gs.Graph) -> PassResult:
         counts = {"4": 0, "8": 0}
-        carried = offset = 0
+        carried = offset = matched = 0
         error: dict[str, float] = {}
         eight: list[str] = []
         self._scales3: dict[str, gs.Constant] = {}
@@ -259,9 +269,14 @@ class QuantizeWeightsNBits(Pass):
                        else "the head may run rescored, which takes no correction" if node is head
                        else "the input's rank is unknown" if node.inputs[0].shape is None else "")
             bits = 8 if node.name in self.eight_bit else 4
+            recorded = self._recorded_bits(weight) if self.column_bits else None
             threshold = self.eight_bit_error
-            if threshold is not None and self._error(node.name, weight, 4, symmetric, offsets) >= threshold:
+            if recorded is not None:
+                bits, matched = max(bits, recorded), matched + 1
+            elif threshold is not None and self._error(node.name, weight, 4, symmetric, offsets) >= threshold:
                 bits = 8  # as 4 bits hold it no better than what the budget moved to 8 bits
+            if self.record is not None:
+                self.record.update(dict.fromkeys(_column_digests(weight), bits))
             self._error(node.name, weight, bits, symmetric, offsets)
             packed, scales, zero, error[node.name], from_source, correction = self.memo[node.name, bits, self.target]
             carried += from_source
@@ -306,7 +321,12 @@ class QuantizeWeightsNBits(Pass):
                                  "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                                  **({"rescored_head": rescored, "rescore": self.rescore} if rescored else {}),
                                  "eight_bit": eight, "carried": carried, "carried_offsets": offset,
-                                 "relative_error": error})
+                                 **({"matched": matched} if self.column_bits else {}), "relative_error": error})
+
+    def _recorded_bits(self, weight: np.ndarray) -> int | None:
+        """The most bits ``column_bits`` gives any column of ``weight`` (None: no column recorded)."""
+        found = [b for b in map(self.column_bits.get, _column_digests(weight)) if b is not None]
+        return max(found, default=None)
 
     def _error(self, name: str, weight: np.ndarray, bits: int, symmetric: bool, no_offsets: str = "") -> float:
         """The relative error of ``weight`` at ``bits`` (quantized once and kept in the memo as ``(packed,

@@ -186,6 +186,57 @@ def test_tensorrts_form_is_blocked_dequantize_linear_with_zero_point_0_and_the_s
     assert check_model(trt).ok
 
 
+def _split_up(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its "up" MatMul cut into two MatMuls on column halves and a Concat: another graph's merging
+    of the same weights (the ort graph merges q/k/v and gate/up; TensorRT's does not)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    w1 = next(numpy_helper.to_array(t) for t in copy.graph.initializer if t.name == "w1")
+    half = w1.shape[1] // 2
+    copy.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(w1[:, :half]), "w1a"),
+                                   numpy_helper.from_array(np.ascontiguousarray(w1[:, half:]), "w1b")])
+    up = next(i for i, n in enumerate(copy.graph.node) if n.name == "up")
+    del copy.graph.node[up]
+    for node in [helper.make_node("Concat", ["h1b", "h1c"], ["h1"], axis=-1),  # inserted in reverse, at `up`
+                 helper.make_node("MatMul", ["h0", "w1b"], ["h1c"], name="up_b"),
+                 helper.make_node("MatMul", ["h0", "w1a"], ["h1b"], name="up_a")]:
+        copy.graph.node.insert(up, node)
+    return copy
+
+
+def test_another_graph_takes_the_budgets_bits_weight_by_weight_by_value():
+    """The ort graph's pass records each weight column's bits; TensorRT's graph, merged differently, gives each
+    of its MatMuls the bits of its columns -- even with a threshold of 0, which alone would put all at 8 bits
+    (a GGUF's carried weights have 4-bit error 0 in the ort graph)."""
+    model = _decoder_like()
+    record: dict = {}
+    _quantize(model, block_size=32, accuracy_level=0, eight_bit=("up",), record=record)
+    assert set(record.values()) == {4, 8} and len(record) == FF + HIDDEN + VOCAB
+    split = _split_up(model)
+    trt, stats = _quantize(split, block_size=32, accuracy_level=0, target="trt", column_bits=record,
+                           eight_bit_error=0.0)
+    assert stats.stats["matched"] == 4 and stats.stats["int8"] == 2 and stats.stats["int4"] == 2
+    assert sorted(stats.stats["eight_bit"]) == ["up_a", "up_b"]
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def back(w, bits):  # TensorRT's grid (test above)
+        packed, scales, _ = quantize_blocks(w, bits, 32, positive=True)
+        return dequantize_blocks(packed, scales, bits, 32)
+
+    ids = np.array([[1, 5, 79, 0]])
+    w1 = weights["w1"]
+    up = np.concatenate([back(w1[:, :FF // 2], 8), back(w1[:, FF // 2:], 8)], axis=1)
+    expected = np.maximum(weights["embed"][ids] @ up, 0) @ back(weights["w2"], 4) @ back(weights["embed"].T, 4)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(trt.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+    _, alone = _quantize(split, block_size=32, accuracy_level=0, target="trt", eight_bit_error=0.0,
+                                 column_bits={b"nothing": 8})  # no column recorded: the threshold decides
+    assert alone.stats["matched"] == 0 and alone.stats["int8"] == 4
+
+
 def test_a_threshold_from_the_budget_picks_the_same_8_bit_weights_in_another_graph():
     model = _decoder_like()
     _, record = _quantize(model, block_size=32, accuracy_level=0)

@@ -62,6 +62,7 @@ class Int4Stage:
     threads: int | None = None
     reports: dict[str, Int4Report] = dataclasses.field(default_factory=dict)
     threshold: float | None = None  # the 4-bit relative error from which the ort graph's budget chose 8 bits
+    columns: dict[bytes, int] = dataclasses.field(default_factory=dict)  # the ort graph's bits of each weight column
     source: SourceBlocks | None = None  # the source file's own blocks, carried where they fit
 
     def quantize(self, graph: onnx.ModelProto, target: str = "ort") -> onnx.ModelProto:
@@ -120,7 +121,8 @@ class Int4Stage:
                 else:
                     low = middle
             chosen = order[:high]
-        candidate, stats = self._candidate(graph, chosen, memo, rescore)  # the chosen one again, from the memo
+        self.columns.clear()  # filled by the chosen one, made again from the memo: what the trt graph follows
+        candidate, stats = self._candidate(graph, chosen, memo, rescore, self.columns)
         self.threshold = min((errors4[n] for n in chosen), default=float("inf"))
         self.reports["ort"] = Int4Report(str(self.budget), BLOCK_SIZE, ACCURACY_LEVEL, reference.to_json(),
                                          result.to_json(), stats["int4"], chosen, tuple(tries),
@@ -134,15 +136,16 @@ class Int4Stage:
         return candidate
 
     def _tensorrt(self, graph: onnx.ModelProto) -> onnx.ModelProto:
-        """TensorRT's graph: blocked DequantizeLinear weights, 8 bits for each MatMul whose 4-bit error reaches the
-        threshold the ort graph's budget arrived at (its MatMuls are merged differently; its static-cache form
-        has no CPU generation loop to score, so its numbers are checked against golden.npz as every trt graph's)."""
+        """TensorRT's graph: blocked DequantizeLinear weights, each MatMul at the bits the ort graph's budget gave
+        the same weight columns (its MatMuls are merged differently: matched by value, ``columns``); one matching
+        none, at 8 bits where its 4-bit error reaches the threshold the budget arrived at. Its static-cache form
+        has no CPU generation loop to score, so its numbers are checked against golden.npz as every trt graph's."""
         if self.threshold is None:
             raise BuildError("internal: TensorRT's 4-bit graph needs the ONNX Runtime graph's budget first")
         start = time.perf_counter()
         threshold = None if self.threshold == float("inf") else self.threshold
         passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, target="trt",
-                                                      eight_bit_error=threshold)]
+                                                      eight_bit_error=threshold, column_bits=self.columns)]
         gc.collect()  # the ort graph's tries, before a second copy of the weights is quantized
         quantized, records = PassManager(passes, quiet=True).run(graph)
         stats = records[-1].stats
@@ -150,13 +153,15 @@ class Int4Stage:
         self.reports["trt"] = Int4Report(ort.budget, BLOCK_SIZE, 0, ort.reference, {"scored": False},
                                          stats.get("int4", 0), tuple(stats.get("eight_bit", ())), (),
                                          round(time.perf_counter() - start, 1))
-        logger.info("int4 (trt): %d MatMuls at 4 bits, %d at 8 (4-bit error >= %s)", stats.get("int4", 0),
-                    stats.get("int8", 0), "none" if threshold is None else f"{threshold:.4f}")
+        logger.info("int4 (trt): %d MatMuls at 4 bits, %d at 8 (%d as the ort graph's same weights; the rest "
+                    "8 bits from a 4-bit error of %s)", stats.get("int4", 0), stats.get("int8", 0),
+                    stats.get("matched", 0), "none" if threshold is None else f"{threshold:.4f}")
         return quantized
 
-    def _candidate(self, graph: onnx.ModelProto, eight: tuple[str, ...], memo: dict, rescore: int):
+    def _candidate(self, graph: onnx.ModelProto, eight: tuple[str, ...], memo: dict, rescore: int,
+                   record: dict | None = None):
         passes = [InferShapes(), QuantizeWeightsNBits(BLOCK_SIZE, ACCURACY_LEVEL, eight_bit=eight, memo=memo,
-                                                      rescore=rescore, source=self.source)]
+                                                      rescore=rescore, source=self.source, record=record)]
         quantized, records = PassManager(passes, quiet=True).run(graph)
         return quantized, records[-1].stats
 
