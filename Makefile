@@ -123,10 +123,14 @@ $(PEERS)/genai/.installed:
 	$(PEERS)/genai/bin/python -m pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 torch==2.13.0 \
 	  transformers==5.25.0 gguf==0.19.0 accelerate==1.16.0 onnx onnx_ir numpy
 	touch $@
-# llama.cpp: every x86 SIMD level ggml has up to AVX-512 (VNNI, BF16, VBMI), without AMX: the native build
-# (GGML_NATIVE, which turns AMX on where the CPU flags it) segfaults in its first decode on this VM.
-LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+# llama.cpp: each x86 SIMD level ggml has, up to AVX-512 (VNNI, BF16, VBMI), ON where this CPU's flags have it
+# (an AVX2-only CPU dies with SIGILL in a build that assumes AVX-512), without AMX: the native build
+# (GGML_NATIVE, which turns AMX on where the CPU flags it) segfaults in its first decode on these VMs.
+cpu_has = $(if $(shell grep -m1 -w -o '$(1)' /proc/cpuinfo 2>/dev/null),ON,OFF)
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX_VNNI=$(call cpu_has,avx_vnni) -DGGML_AVX512=$(call cpu_has,avx512f) \
+	-DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX512_BF16=$(call cpu_has,avx512_bf16) \
+	-DGGML_AVX512_VBMI=$(call cpu_has,avx512vbmi) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
 	-DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 $(PEERS)/llama-cpp/.installed:
 	$(PYTHON) -m venv $(PEERS)/llama-cpp

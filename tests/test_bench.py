@@ -184,3 +184,22 @@ def test_bench_transformer_times_every_anchor_on_padded_real_text_and_writes_the
         "bench-transformer", build(BuildRequest("mlp", out=tmp_path / "mlp", build_root=build_root)).out
     )
     assert code == 2 and "Hugging Face text model" in err
+
+
+@pytest.mark.parametrize("code, stderr, expected", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGILL)", "", "killed by SIGILL: an instruction this CPU"),
+    ("import sys; sys.exit(3)", "", "exited 3 with no output"),
+    ("import sys; print('first'); sys.exit('llama_cpp: cannot load the model')", "cannot load",
+     "llama_cpp: cannot load the model"),
+])
+def test_a_peer_that_dies_is_named_by_its_last_words_or_its_signal(code, stderr, expected):
+    """A peer built for another CPU (llama.cpp with AVX-512 on an AVX2 machine) dies of SIGILL before it prints
+    anything: the row's ``skipped`` says so instead of 'no output'."""
+    import subprocess
+    import sys
+
+    from engines.evaluate.bench.environment import worker_failure
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and stderr in done.stderr
+    assert worker_failure(done).startswith(expected)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import signal
+import subprocess
 
 import onnxruntime
 
@@ -58,3 +60,18 @@ class LoadWatch:
         return {"machine": platform.machine(), "processor": platform.processor() or None, **self.cpu.to_json(),
                 "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                 "load_1min": {"start": self.start, "end": self.end}, "loaded": self.loaded}
+
+
+def worker_failure(done: subprocess.CompletedProcess) -> str:
+    """Why a benchmark's worker subprocess failed, in one line: its last line of stderr, or the signal that killed
+    it (a peer built for another CPU dies of SIGILL before it prints anything)."""
+    lines = (done.stderr or "").strip().splitlines()
+    if lines:
+        return lines[-1][:300]
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name if -done.returncode in signal.valid_signals() else \
+            f"signal {-done.returncode}"
+        hint = (f": an instruction this CPU ({detect().isa}) lacks -- rebuild the peer on this machine"
+                if name == "SIGILL" else "")
+        return f"killed by {name}{hint}"
+    return f"exited {done.returncode} with no output"

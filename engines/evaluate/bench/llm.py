@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from engines.bundle import read_manifest
-from engines.evaluate.bench.environment import LoadWatch
+from engines.evaluate.bench.environment import LoadWatch, worker_failure
 from engines.runtime.generate.perplexity import held_out_text, text_source
 from engines.runtime.generate.text import Tokenizer
 from foundation.errors import UsageError
@@ -120,7 +120,7 @@ def _run(python: Path, backend: str, model: Path, request_path: Path, request: L
     except subprocess.TimeoutExpired:
         return [{"backend": backend, "batch": batch, "skipped": f"timed out after {request.timeout_s:.0f} s"}]
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        last = worker_failure(done)
         logger.warning("bench-llm: %s on %s failed: %s", backend, model, last)
         return [{"backend": backend, "batch": batch, "skipped": last}]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -40,7 +40,7 @@ from engines.build.int8.data import load_calibration
 from engines.build.prune import ort_graph, params, prune_graph
 from engines.bundle.evaluation import load_evaluation
 from engines.bundle.store import read_manifest
-from engines.evaluate.bench.environment import LoadWatch
+from engines.evaluate.bench.environment import LoadWatch, worker_failure
 from engines.evaluate.bench.timing import ROUNDS
 from foundation.errors import UsageError
 from foundation.numerics import budget_metric
@@ -167,7 +167,7 @@ def _peer(method: str, bundle: Path, configs: list[dict], out: Path, request: Pr
         return [{"method": method, "ratio": c["ratio"], "allocation": c["allocation"],
                  "skipped": f"timed out after {request.timeout_s:.0f} s"} for c in configs]
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        last = worker_failure(done)
         if "No module named" in last:
             last += " (make bench-prune installs the peers into build/peers/prune; --peers-path DIR)"
         logger.warning("bench-prune: %s failed: %s", method, last)
