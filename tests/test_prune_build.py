@@ -60,7 +60,9 @@ def test_prune_then_int8_judges_both_and_records_both(in_tmp, tmp_path, run_cli)
     assert manifest.accuracy.prune.ratio == 0.25 and manifest.accuracy.prune.passed
     assert all(r.met for r in manifest.accuracy.int8.values())
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "b" / "model.ort.onnx")).graph.initializer]
-    assert any(w.dtype == np.int8 and 384 in w.shape for w in weights)  # the pruned hidden layer, quantized
+    # the pruned hidden layer's weights, quantized: int8, or uint8 where the build measured u8u8 the faster form
+    # (an AVX2 CPU's candidates: engines/build/int8/forms.py; which wins depends on the timings)
+    assert any(w.dtype in (np.int8, np.uint8) and w.ndim == 2 and 384 in w.shape for w in weights)
     # INT8 of the pruned graph was judged against the unpruned export: compare's verdict on the final graphs agrees
     result = compare(CompareRequest(tmp_path / "b", report=tmp_path / "r.json", cache_dir=tmp_path / ".cache"))
     finals = {p.target: p.budget["value"] for p in result.pairs if p.graph}
