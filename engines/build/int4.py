@@ -87,11 +87,12 @@ class Int4Stage:
             del candidate
             gc.collect()
             met = self.budget.met(result.perplexity, result.agreement, reference.perplexity)
+            other_head = bool(eight) and rescore != RESCORE[0]  # a fallback of the head's (module docstring)
             tries.append({"int8": len(eight), "perplexity": round(result.perplexity, 4),
                           "agreement": round(result.agreement, 4), "met": met,
-                          **({"rescore": rescore} if eight and rescore != RESCORE[0] else {})})
+                          **({"rescore": rescore} if other_head else {})})
             logger.info("int4: %d MatMuls at 8 bits%s: perplexity %.3f, agreement %.3f -> %s", len(eight),
-                        "" if not eight or rescore == RESCORE[0] else f" ({_head_words(rescore)})",
+                        f" ({_head_words(rescore)})" if other_head else "",
                         result.perplexity, result.agreement, "within" if met else "outside")
             return stats, result, met
 
