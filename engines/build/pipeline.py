@@ -55,6 +55,8 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if model.kind != "decoder" and request.precision == "int4":
         raise UsageError(f"--precision int4 (4-bit weights) is for language-model decoders; {request.model} is a "
                          f"{model.kind} model: build int8, fp16 or fp32")
+    if request.precision == "int4":  # a misspelled budget fails now, not after minutes of export
+        DecoderBudget.parse(request.int8.budget)
     spec = model.input_spec.override(request.inputs)
     check_assumed(spec, request.model)
     profiles = [] if request.shapes.static else profiles_for(spec, request.shapes.profiles,
