@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import fcntl
 import functools
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -86,24 +88,58 @@ def ort_pipeline(model: torch.nn.Module, info, path, out):
 
 _EXPORTS = Path(tempfile.mkdtemp(prefix="planforge-decoders-"))
 atexit.register(shutil.rmtree, _EXPORTS, ignore_errors=True)
+RUN_DIR = "PLANFORGE_TEST_RUN_DIR"  # set by conftest: a directory every worker of one pytest run shares
+
+
+def shared(name: str, make) -> Path:
+    """``name``'s directory in the test run's shared directory, made by ``make(directory)`` by the first
+    process of the run to ask, under a lock; the others wait, then read it. Complete once its ``.done``
+    marker exists (a process that died half-way leaves none, and the next one starts again). Made in place,
+    not renamed into place: a bundle records its source's path."""
+    root = Path(os.environ.get(RUN_DIR) or _EXPORTS) / "shared"
+    root.mkdir(parents=True, exist_ok=True)
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (directory / ".done").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            (directory / ".done").touch()
+    return directory
 
 
 @functools.cache
 def family_export(family: str):
-    """(model, DecoderInfo, model.onnx) of a family's seeded model, exported once per test process: the decoder
-    test files share it (an export takes seconds, and make test has ten minutes)."""
+    """(model, DecoderInfo, model.onnx) of a family's seeded model, exported once per test run: the decoder
+    test files share it (an export takes 10-25 s, and make test has ten minutes). The seeded weights are the
+    same in every process, so every pytest-xdist worker reads the first one's file."""
     model = seeded(family)
-    directory = _EXPORTS / family
-    directory.mkdir()
-    info, path = exported(model, directory)
-    return model, info, path
+    directory = shared(f"export-{family}", lambda d: exported(model, d))
+    return model, decoder_info(model.config, 64), directory / "model.onnx"
+
+
+@functools.cache
+def tiny_llama_bundle() -> tuple[Path, Path]:
+    """(bundle, Hugging Face directory): what ``planforge build DIR --max-length 64`` makes of ``tiny_llama``,
+    built once per test run and read by the tests that need an FP32 decoder bundle (copy it to change it)."""
+    def make(directory: Path) -> None:  # the build's API, not the CLI: the test that asks first captures stdout
+        from engines.build import BuildRequest, ExportOptions, build
+
+        tiny_llama(directory)
+        build(BuildRequest(str(directory / "tiny-llama"), out=directory / "bundle", build_root=directory,
+                           export=ExportOptions(max_length=64)))
+
+    directory = shared("tiny-llama-bundle", make)
+    return directory / "bundle", directory / "tiny-llama"
 
 
 @functools.cache
 def family_ort(family: str):
-    """(DecoderInfo, graph, pass records, model.ort.onnx) of the ``ort`` pipeline over ``family_export``."""
+    """(DecoderInfo, graph, pass records, model.ort.onnx) of the ``ort`` pipeline over ``family_export``, run in
+    each process (its records are objects) and written to the process's own directory."""
     model, info, path = family_export(family)
-    out = path.with_name("model.ort.onnx")
+    out = _EXPORTS / f"{family}.ort.onnx"
     shared, graph, records = ort_pipeline(model, info, path, out)
     return shared, graph, records, out
 

@@ -13,17 +13,14 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from decoders import tiny_llama
+from decoders import tiny_llama_bundle
 
 FIELDS = {"backend", "precision", "batch", "prompt_tokens", "new_tokens", "ttft_ms", "prompt_tok_per_s",
           "decode_tok_per_s", "p50_ms", "p99_ms", "peak_rss_mb", "perplexity"}
 
 
 def test_bench_llm_rows_and_the_same_weights_perplexity_in_planforge_and_transformers(tmp_path, run_cli):
-    directory, _, _ = tiny_llama(tmp_path)
-    bundle = tmp_path / "bundle"
-    code, _, err = run_cli("build", directory, "-o", bundle, "--max-length", "64", "-q")
-    assert code == 0, err
+    bundle, directory = tiny_llama_bundle()  # planforge build of tiny_llama, shared by the test run
     code, out, err = run_cli("bench-llm", bundle, "--transformers", directory, "--batch", "1", "--batch", "2",
                              "--prompt-tokens", "16", "--new-tokens", "8", "--perplexity-tokens", "32",
                              "-o", tmp_path / "bench", "--json")

@@ -14,12 +14,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from decoders import WORDS, tiny_llama  # noqa: E402
+from decoders import WORDS, tiny_llama, tiny_llama_bundle  # noqa: E402
 
 from engines.bundle import read_manifest  # noqa: E402
 from engines.runtime import load  # noqa: E402
 from foundation.decoder import DEFAULT_DECODER_BUDGET, DecoderBudget  # noqa: E402
 from foundation.errors import IntegrityError  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("decoder-bundle")  # one worker builds the module's bundles (--dist loadgroup)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +33,9 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(llm):
-    from engines.cli import main
-
-    root, _, _ = llm
-    out = root / "bundle"
-    assert main(["build", str(root / "tiny-llama"), "-o", str(out), "--max-length", "64", "-q"]) == 0
-    return out
+    """``planforge build`` of the same seeded weights (``tiny_llama``) at max length 64, made once per test run
+    and shared with the other files that read such a bundle."""
+    return tiny_llama_bundle()[0]
 
 
 def test_the_manifest_records_the_decoder_and_the_bundle_ships_its_tokenizer(bundle):
