@@ -19,8 +19,8 @@ def build_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def run_dir(tmp_path_factory) -> Path:
     """A directory every pytest-xdist worker of this run shares (the parent of each worker's base temporary
-    directory; pytest keeps the last three runs' and removes older ones): ``decoders.family_export`` writes
-    each seeded decoder's export there once per run."""
+    directory; pytest keeps the last three runs' and removes older ones): ``decoders.shared`` makes what the
+    run's workers share there once (the seeded decoders' exports, the tiny-LLaMA bundle)."""
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     os.environ["PLANFORGE_TEST_RUN_DIR"] = str(shared)

@@ -140,8 +140,8 @@ def family_ort(family: str):
     each process (its records are objects) and written to the process's own directory."""
     model, info, path = family_export(family)
     out = _EXPORTS / f"{family}.ort.onnx"
-    shared, graph, records = ort_pipeline(model, info, path, out)
-    return shared, graph, records, out
+    cache_info, graph, records = ort_pipeline(model, info, path, out)
+    return cache_info, graph, records, out
 
 
 # A chat template in the words of the tiny vocabulary: each message as "w1 <role word> <content>", then "w2"

@@ -158,7 +158,7 @@ def test_a_full_queue_refuses_and_a_late_request_misses_its_deadline(slow):
 def test_overload_degrades_to_a_lighter_bundle_of_the_same_model(slow, root, mlp):
     # a copy of the bundle stands in for a lighter build of the same model (its INT8 bundle in production)
     lighter = root / "resnet-copy"
-    shutil.copytree(slow, lighter, dirs_exist_ok=True)
+    shutil.copytree(slow, lighter)
     big = np.random.default_rng(0).standard_normal((8, 3, 128, 128)).astype(np.float32)
     with schedule(slow, batching=Batching(max_queue=1, max_delay_ms=0), degrade_to=lighter) as server:
         release = _hold_next_batch(server)

@@ -55,7 +55,7 @@ def build(request: BuildRequest, on_stage: Callable[[str], None] = lambda stage:
     if model.kind != "decoder" and request.precision == "int4":
         raise UsageError(f"--precision int4 (4-bit weights) is for language-model decoders; {request.model} is a "
                          f"{model.kind} model: build int8, fp16 or fp32")
-    if request.precision == "int4":  # a misspelled budget fails now, not after minutes of export
+    if request.precision == "int4":  # a misspelled budget fails now, not after the export
         DecoderBudget.parse(request.int8.budget)
     spec = model.input_spec.override(request.inputs)
     check_assumed(spec, request.model)
